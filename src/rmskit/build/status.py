@@ -1,0 +1,57 @@
+"""`rmskit status`: what a run directory holds, from its ledger alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rmskit.ledger import Ledger
+
+
+def run_status(run_dir: Path) -> dict[str, Any]:
+    ledger = Ledger(run_dir, readonly=True)
+    try:
+        counts = ledger.image_counts()
+        accepted = sum(counts.values())
+        rejections = ledger.rejections()
+        usage = ledger.usage_by_stage()
+        stages: dict[str, dict[str, Any]] = {}
+        for stage, by_status in ledger.stage_counts().items():
+            if stage in ("plan", "select"):
+                continue
+            stages[stage] = {"ok": by_status.get("ok", 0), "failed": by_status.get("failed", 0)}
+        for stage, u in usage.items():
+            stages.setdefault(stage, {"ok": 0, "failed": 0}).update(u)
+        samples = ledger.sample_counts()
+        kinds = dict(ledger.query("SELECT kind, COUNT(*) FROM samples WHERE status='ok' GROUP BY kind"))
+        failures = ledger.failures(limit=20)
+        return {
+            "images": {
+                "total": accepted + len(rejections),
+                "accepted": accepted,
+                "rejected": len(rejections),
+                "done": counts.get("done", 0),
+                "failed": counts.get("failed", 0),
+                "pending": counts.get("pending", 0),
+            },
+            "rejected": [{"path": r.path, "reason": r.reason} for r in rejections],
+            "failed_images": [
+                {"sha256": sha, "path": _path(ledger, sha), "reason": err}
+                for sha, err in ledger.query("SELECT sha256, error FROM images WHERE status='failed' ORDER BY seq")
+            ],
+            "stages": stages,
+            "samples": samples.get("ok", 0),
+            "samples_by_kind": kinds,
+            "samples_failed": samples.get("failed", 0),
+            "categories": ledger.category_counts(),
+            "recent_errors": [{k: f[k] for k in ("stage", "kind", "message")} for f in failures],
+            "started_at": ledger.get_meta("started_at"),
+            "finished_at": ledger.get_meta("finished_at"),
+        }
+    finally:
+        ledger.close()
+
+
+def _path(ledger: Ledger, sha: str) -> str | None:
+    rec = ledger.get_image(sha)
+    return rec.source_path if rec else None
