@@ -13,7 +13,7 @@ from rich.table import Table
 
 from rmskit.config import STAGES, BuildConfig, load_yaml_config
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # no hard wraps: messages stay greppable
 
 
 def _fail(msg: str) -> None:

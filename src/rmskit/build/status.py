@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ def run_status(run_dir: Path) -> dict[str, Any]:
             "samples_by_kind": kinds,
             "samples_failed": samples.get("failed", 0),
             "categories": ledger.category_counts(),
+            "dataset": _dataset_counts(Path(run_dir)),
             "recent_errors": [{k: f[k] for k in ("stage", "kind", "message")} for f in failures],
             "started_at": ledger.get_meta("started_at"),
             "finished_at": ledger.get_meta("finished_at"),
@@ -55,3 +57,19 @@ def run_status(run_dir: Path) -> dict[str, Any]:
 def _path(ledger: Ledger, sha: str) -> str | None:
     rec = ledger.get_image(sha)
     return rec.source_path if rec else None
+
+
+def _dataset_counts(run_dir: Path) -> dict[str, Any] | None:
+    """What the exported dataset holds (after curation and review), when it has been written."""
+    path = run_dir / "dataset" / "samples.jsonl"
+    if not path.is_file():
+        return None
+    splits: dict[str, int] = {}
+    n = 0
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                n += 1
+                split = json.loads(line).get("split") or "none"
+                splits[split] = splits.get(split, 0) + 1
+    return {"samples": n, "splits": splits}

@@ -1,0 +1,195 @@
+"""curate(): review state -> near-duplicate images -> near-duplicate queries -> optional balance -> split.
+
+Deterministic: samples are processed in id order and images in the order given (the ledger's ingest
+order), so rerunning on the same ledger gives the same result."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from rmskit.curate.dedup import near_duplicate_images, near_duplicate_queries
+from rmskit.curate.split import split_of, unit_hash
+from rmskit.records import ImageRecord, Sample
+
+EDITABLE = ("query", "response", "category")
+
+# rule names used in `dropped[*].rule` and in the dataset card
+RULE_REJECTED = "rejected in review"
+RULE_IMAGE_UNAVAILABLE = "image unavailable"
+RULE_NEAR_DUP_IMAGE = "near-duplicate image"
+RULE_NEAR_DUP_QUERY = "near-duplicate query"
+RULE_BALANCE = "category cap"
+
+
+class Dropped(BaseModel):
+    id: str
+    reason: str  # human-readable, names what it duplicates
+    rule: str  # one of the RULE_* names, for counting
+
+
+class CurateStats(BaseModel):
+    input: int = 0
+    kept: int = 0
+    dropped_by_rule: dict[str, int] = Field(default_factory=dict)
+    edited: int = 0
+    images: dict[str, int] = Field(default_factory=dict)  # split -> distinct images
+    samples: dict[str, int] = Field(default_factory=dict)  # split -> samples
+    by_kind: dict[str, dict[str, int]] = Field(default_factory=dict)  # split -> kind -> n
+    by_label: dict[str, dict[str, int]] = Field(default_factory=dict)
+    by_category: dict[str, dict[str, int]] = Field(default_factory=dict)
+
+
+class CurateResult(BaseModel):
+    kept: list[dict[str, Any]]  # Sample fields except `image`, with `split` (and `edited`) set
+    dropped: list[Dropped]
+    stats: CurateStats
+
+
+def _apply_review(sample: dict[str, Any], state: dict[str, Any] | None) -> dict[str, Any]:
+    """The sample with review edits applied and their provenance in `edited`."""
+    out = {k: v for k, v in sample.items() if k in Sample.model_fields and k != "image"}
+    edits = {k: v for k, v in ((state or {}).get("edits") or {}).items() if k in EDITABLE}
+    changed = {k: v for k, v in edits.items() if sample.get(k) != v}
+    if changed:
+        out["edited"] = {
+            "fields": sorted(changed),
+            "at": (state or {}).get("edited_at"),
+            "original": {k: sample.get(k) for k in sorted(changed)},
+        }
+        out.update(changed)
+    return out
+
+
+def _nested_counts(kept: list[dict[str, Any]], field: str) -> dict[str, dict[str, int]]:
+    out: dict[str, Counter[str]] = {}
+    for s in kept:
+        out.setdefault(s["split"], Counter())[str(s.get(field))] += 1
+    return {split: dict(sorted(c.items())) for split, c in sorted(out.items())}
+
+
+def curate(
+    samples: list[dict[str, Any]],
+    images: dict[str, ImageRecord],
+    *,
+    review: dict[str, dict[str, Any]] | None = None,
+    seed: int = 0,
+    test_fraction: float = 0.1,
+    phash_distance: int = 4,
+    query_dup_threshold: float = 0.8,
+    balance: int | None = None,
+) -> CurateResult:
+    """Curate ledger samples (status ok) into the exported set.
+
+    `images` maps sha256 -> ImageRecord in priority order (ledger ingest order): of two near-duplicate
+    images the earlier one is kept and every sample of the later one is dropped. `review` is
+    `Ledger.review_state()`. `balance` caps risky samples per category (seeded choice; controls are not
+    capped). Samples whose image is not in `images` are dropped as unavailable."""
+    dropped: list[Dropped] = []
+    review = review or {}
+    stats = CurateStats(input=len(samples))
+
+    # 1. review decisions and edits
+    live: list[dict[str, Any]] = []
+    seen_ids: set[str] = set()
+    for raw in sorted(samples, key=lambda s: s["id"]):
+        if raw["id"] in seen_ids:
+            raise ValueError(f"duplicate sample id {raw['id']!r}")
+        seen_ids.add(raw["id"])
+        state = review.get(raw["id"])
+        if state and state.get("decision") == "reject":
+            dropped.append(Dropped(id=raw["id"], reason="rejected in review", rule=RULE_REJECTED))
+            continue
+        if raw.get("image_sha256") not in images:
+            dropped.append(
+                Dropped(
+                    id=raw["id"],
+                    rule=RULE_IMAGE_UNAVAILABLE,
+                    reason=f"image {raw.get('image_sha256')} unavailable (not in the ledger "
+                    "or its file is missing)",
+                )
+            )
+            continue
+        live.append(_apply_review(raw, state))
+
+    # 2. perceptual near-duplicate images, among images that still have samples
+    used = {s["image_sha256"] for s in live}
+    ordered = [(sha, rec.phash) for sha, rec in images.items() if sha in used]
+    image_dups = near_duplicate_images(ordered, phash_distance)
+    after_images: list[dict[str, Any]] = []
+    for s in live:
+        hit = image_dups.get(s["image_sha256"])
+        if hit is None:
+            after_images.append(s)
+            continue
+        kept_sha, distance = hit
+        dropped.append(
+            Dropped(
+                id=s["id"],
+                rule=RULE_NEAR_DUP_IMAGE,
+                reason=f"near-duplicate image of {kept_sha}/{images[kept_sha].source_path} "
+                f"(distance {distance})",
+            )
+        )
+
+    # 3. near-duplicate queries, risky with risky and control with control
+    query_dups: dict[str, str] = {}
+    for kind in sorted({s.get("kind", "") for s in after_images}):
+        group = [(s["id"], str(s.get("query") or "")) for s in after_images if s.get("kind", "") == kind]
+        query_dups.update({k: v.of for k, v in near_duplicate_queries(group, query_dup_threshold).items()})
+    after_queries: list[dict[str, Any]] = []
+    for s in after_images:
+        if s["id"] in query_dups:
+            dropped.append(
+                Dropped(
+                    id=s["id"],
+                    rule=RULE_NEAR_DUP_QUERY,
+                    reason=f"near-duplicate query of {query_dups[s['id']]}",
+                )
+            )
+        else:
+            after_queries.append(s)
+
+    # 4. optional cap per risky category; a seeded order picks which samples stay
+    kept: list[dict[str, Any]] = after_queries
+    if balance is not None:
+        if balance < 1:
+            raise ValueError("balance must be >= 1")
+        taken: Counter[str] = Counter()
+        keep_ids: set[str] = set()
+        for s in sorted(after_queries, key=lambda s: (unit_hash(seed, "balance|" + s["id"]), s["id"])):
+            if s.get("kind") != "risky":
+                keep_ids.add(s["id"])
+                continue
+            cat = str(s.get("category"))
+            if taken[cat] < balance:
+                taken[cat] += 1
+                keep_ids.add(s["id"])
+            else:
+                dropped.append(
+                    Dropped(
+                        id=s["id"],
+                        rule=RULE_BALANCE,
+                        reason=f"category cap {balance} reached for {cat!r} (balance)",
+                    )
+                )
+        kept = [s for s in after_queries if s["id"] in keep_ids]
+
+    # 5. split by image
+    for s in kept:
+        s["split"] = split_of(s["image_sha256"], seed=seed, test_fraction=test_fraction)
+
+    dropped.sort(key=lambda d: d.id)
+    stats.kept = len(kept)
+    stats.dropped_by_rule = dict(sorted(Counter(d.rule for d in dropped).items()))
+    stats.edited = sum(1 for s in kept if s.get("edited"))
+    stats.samples = dict(sorted(Counter(s["split"] for s in kept).items()))
+    stats.images = dict(
+        sorted(Counter(split for split, _ in {(s["split"], s["image_sha256"]) for s in kept}).items())
+    )
+    stats.by_kind = _nested_counts(kept, "kind")
+    stats.by_label = _nested_counts(kept, "label")
+    stats.by_category = _nested_counts(kept, "category")
+    return CurateResult(kept=kept, dropped=dropped, stats=stats)

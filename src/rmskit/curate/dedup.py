@@ -1,0 +1,141 @@
+"""Near-duplicate detection for curate: perceptual image hashes and query text.
+
+Images: hex pHashes compared by Hamming distance through a multi-index (pigeonhole) table — split the
+hash into `distance + 1` bands; two hashes within `distance` bits agree exactly on at least one band,
+so only bucket-mates are compared. Exact, and far from O(n^2) for the small distances used (≤ 8 of 64).
+
+Queries: datasketch MinHash + MinHashLSH over word 2-shingles finds candidates; the exact Jaccard of the
+shingle sets confirms them, so the verdict does not depend on the LSH's estimate."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from datasketch import MinHash, MinHashLSH
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+NUM_PERM = 128
+
+
+class PhashIndex:
+    """Insert-and-query index of perceptual hashes (hex strings of equal bit length)."""
+
+    def __init__(self, max_distance: int) -> None:
+        if max_distance < 0:
+            raise ValueError("max_distance must be >= 0")
+        self.max_distance = max_distance
+        self._bits: int | None = None
+        self._bands: list[tuple[int, int]] = []  # (shift, mask) per band
+        self._tables: list[dict[int, list[int]]] = []
+        self._items: list[tuple[int, str]] = []  # (hash value, key)
+
+    def _setup(self, bits: int) -> None:
+        self._bits = bits
+        n = min(self.max_distance + 1, bits)  # more bands than bits is pointless; 1 bit each is exhaustive
+        width, extra = divmod(bits, n)
+        shift = 0
+        for i in range(n):
+            w = width + (1 if i < extra else 0)
+            self._bands.append((shift, (1 << w) - 1))
+            shift += w
+        self._tables = [{} for _ in self._bands]
+
+    @staticmethod
+    def parse(hex_hash: str) -> tuple[int, int]:
+        h = hex_hash.strip().lower()
+        return int(h, 16), len(h) * 4
+
+    def nearest(self, hex_hash: str) -> tuple[str, int] | None:
+        """The closest inserted key within max_distance as (key, distance), earliest inserted on ties."""
+        value, bits = self.parse(hex_hash)
+        if self._bits is None:
+            return None
+        if bits != self._bits:
+            raise ValueError(f"perceptual hashes of different lengths ({bits} vs {self._bits} bits)")
+        seen: set[int] = set()
+        best: tuple[int, int] | None = None  # (distance, item index)
+        for (shift, mask), table in zip(self._bands, self._tables, strict=True):
+            for idx in table.get((value >> shift) & mask, ()):
+                if idx in seen:
+                    continue
+                seen.add(idx)
+                d = (value ^ self._items[idx][0]).bit_count()
+                if d <= self.max_distance and (best is None or (d, idx) < best):
+                    best = (d, idx)
+        return None if best is None else (self._items[best[1]][1], best[0])
+
+    def add(self, hex_hash: str, key: str) -> None:
+        value, bits = self.parse(hex_hash)
+        if self._bits is None:
+            self._setup(bits)
+        elif bits != self._bits:
+            raise ValueError(f"perceptual hashes of different lengths ({bits} vs {self._bits} bits)")
+        idx = len(self._items)
+        self._items.append((value, key))
+        for (shift, mask), table in zip(self._bands, self._tables, strict=True):
+            table.setdefault((value >> shift) & mask, []).append(idx)
+
+
+def near_duplicate_images(
+    ordered: Sequence[tuple[str, str]], max_distance: int
+) -> dict[str, tuple[str, int]]:
+    """`ordered` = [(key, hex phash)] in priority order; returns {dropped key: (kept key, distance)}.
+    Each image is compared with the images kept so far, so the earlier one of a pair survives."""
+    index = PhashIndex(max_distance)
+    dropped: dict[str, tuple[str, int]] = {}
+    for key, phash in ordered:
+        hit = index.nearest(phash)
+        if hit is not None:
+            dropped[key] = hit
+        else:
+            index.add(phash, key)
+    return dropped
+
+
+def shingles(text: str, size: int = 2) -> set[str]:
+    """Lower-cased word n-grams; texts shorter than `size` words fall back to their words."""
+    words = _WORD.findall(text.lower())
+    if len(words) < size:
+        return set(words)
+    return {" ".join(words[i : i + size]) for i in range(len(words) - size + 1)}
+
+
+def jaccard(a: set[str], b: set[str]) -> float:
+    if not a and not b:
+        return 1.0
+    return len(a & b) / len(a | b)
+
+
+@dataclass(frozen=True)
+class QueryDup:
+    of: str
+    similarity: float
+
+
+def near_duplicate_queries(items: Iterable[tuple[str, str]], threshold: float) -> dict[str, QueryDup]:
+    """`items` = [(key, text)] in priority order; returns {dropped key: QueryDup(kept key, jaccard)}.
+    A later text whose shingle set has Jaccard >= threshold with an earlier kept one is dropped."""
+    items = list(items)
+    sets = [shingles(text) for _, text in items]
+    hashes = MinHash.bulk([[s.encode() for s in sorted(sh)] for sh in sets], num_perm=NUM_PERM)
+    lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
+    kept_sets: dict[str, set[str]] = {}
+    order: dict[str, int] = {}
+    dropped: dict[str, QueryDup] = {}
+    for i, ((key, _text), sh, mh) in enumerate(zip(items, sets, hashes, strict=True)):
+        best: tuple[float, int, str] | None = None  # (-jaccard, order, key): highest similarity, earliest
+        for cand in lsh.query(mh):
+            j = jaccard(sh, kept_sets[cand])
+            if j >= threshold and (best is None or (-j, order[cand], cand) < best):
+                best = (-j, order[cand], cand)
+        if best is not None:
+            dropped[key] = QueryDup(of=best[2], similarity=-best[0])
+            continue
+        if key in kept_sets:
+            raise ValueError(f"duplicate key {key!r}")
+        kept_sets[key] = sh
+        order[key] = i
+        lsh.insert(key, mh)
+    return dropped

@@ -1,0 +1,118 @@
+"""HF `datasets` parquet layout: data/<split>-NNNNN-of-MMMMM.parquet with an Image feature.
+
+Written with pyarrow in small row groups, streaming image bytes, so memory stays flat for tens of
+thousands of photos; the schema carries the `datasets` features metadata, so
+`load_dataset("parquet", ...)` decodes the image column to PIL images. Nested contract fields
+(checks, models, prompt_versions, scenario, edited) are JSON strings: their keys vary per sample."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rmskit.export.prepare import Prepared
+from rmskit.records import Sample
+
+SPLITS = ("train", "test")
+ROW_GROUP = 100  # rows per row group, as the Hub's own image datasets use
+SHARD_BYTES = 500_000_000  # start a new shard past this many image bytes
+JSON_FIELDS = ("checks", "models", "prompt_versions", "scenario", "edited")
+TEXT_FIELDS = (
+    "id",
+    "image_sha256",
+    "source_path",
+    "query",
+    "response",
+    "label",
+    "kind",
+    "category",
+    "license",
+    "source_url",
+)
+
+
+def features() -> Any:
+    from datasets import Features, Image, Value
+
+    cols: dict[str, Any] = {"id": Value("string"), "image": Image()}
+    cols.update({k: Value("string") for k in TEXT_FIELDS if k != "id"})
+    cols["rounds"] = Value("int32")
+    cols.update({k: Value("string") for k in JSON_FIELDS})
+    return Features(cols)
+
+
+def _row(sample: Sample, image_bytes: bytes, image_name: str) -> dict[str, Any]:
+    row: dict[str, Any] = {k: getattr(sample, k) for k in TEXT_FIELDS}
+    row["image"] = {"bytes": image_bytes, "path": image_name}
+    row["rounds"] = sample.rounds
+    for k in JSON_FIELDS:
+        val = getattr(sample, k)
+        row[k] = None if val is None else json.dumps(val, ensure_ascii=False, sort_keys=True)
+    return row
+
+
+class _SplitWriter:
+    """Shards of one split: row groups of ROW_GROUP rows, a new shard past SHARD_BYTES of images."""
+
+    def __init__(self, data_dir: Path, split: str, schema: Any) -> None:
+        import pyarrow.parquet as pq
+
+        self._pq = pq
+        self.data_dir, self.split, self.schema = data_dir, split, schema
+        self.shards: list[Path] = []
+        self.batch: list[dict[str, Any]] = []
+        self.shard_bytes = 0
+        self.writer = self._open()
+
+    def _open(self) -> Any:
+        path = self.data_dir / f".{self.split}-{len(self.shards):05d}.partial"
+        self.shards.append(path)
+        self.shard_bytes = 0
+        return self._pq.ParquetWriter(path, self.schema, compression="zstd")
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        if self.batch:
+            self.writer.write_table(pa.Table.from_pylist(self.batch, schema=self.schema))
+        self.batch = []
+
+    def add(self, row: dict[str, Any], nbytes: int) -> None:
+        if self.shard_bytes and self.shard_bytes + nbytes > SHARD_BYTES:
+            self._flush()
+            self.writer.close()
+            self.writer = self._open()
+        self.batch.append(row)
+        self.shard_bytes += nbytes
+        if len(self.batch) >= ROW_GROUP:
+            self._flush()
+
+    def close(self) -> list[str]:
+        """Finish and give the shards their final `<split>-NNNNN-of-MMMMM.parquet` names."""
+        self._flush()
+        self.writer.close()
+        names = []
+        for i, path in enumerate(self.shards):
+            final = self.data_dir / f"{self.split}-{i:05d}-of-{len(self.shards):05d}.parquet"
+            path.rename(final)
+            names.append(final.name)
+        return names
+
+
+def write_parquet(prep: Prepared, data_dir: Path) -> dict[str, list[str]]:
+    """Write the non-empty splits (`datasets` refuses to load a split with no rows, so an empty split
+    gets no file and no entry in the card's configs); returns split -> file names."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    schema = features().arrow_schema
+    written: dict[str, list[str]] = {}
+    for split in SPLITS:
+        samples = prep.by_split(split)
+        if not samples:
+            continue
+        out = _SplitWriter(data_dir, split, schema)
+        for sample in samples:
+            data = prep.image_files[sample.image_sha256].read_bytes()
+            out.add(_row(sample, data, prep.image_name(sample.image_sha256)), len(data))
+        written[split] = out.close()
+    return written

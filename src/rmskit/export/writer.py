@@ -1,0 +1,217 @@
+"""write_dataset() and export(): build the output in a temporary sibling folder, then swap it in, so a
+crash never leaves a half-written dataset where a complete one was (or was expected)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+import rmskit
+from rmskit.export.card import render_card
+from rmskit.export.convo import write_conversations
+from rmskit.export.parquet import write_parquet
+from rmskit.export.prepare import Prepared, prepare
+
+Format = Literal["jsonl", "hf", "llava", "sharegpt"]
+FORMATS: tuple[str, ...] = ("jsonl", "hf", "llava", "sharegpt")
+MARKER = ".rmskit-export.json"  # marks a folder this module wrote (and may replace)
+
+
+class DatasetSummary(BaseModel):
+    path: str
+    format: str  # "dataset" for <run>/dataset, else the export format
+    samples: int
+    splits: dict[str, int] = Field(default_factory=dict)
+    images: int = 0
+    dropped: dict[str, int] = Field(default_factory=dict)
+    edited: int = 0
+    files: list[str] = Field(default_factory=list)
+
+
+class ExportError(RuntimeError):
+    """The export cannot be written (e.g. the target is a folder rmskit did not write)."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_stale(parent: Path, name: str) -> None:
+    """Remove leftovers of crashed writes of `name` (temp folders of dead processes)."""
+    for leftover in parent.glob(f".{name}.*-*"):
+        try:
+            pid = int(leftover.name.rsplit("-", 2)[-2])
+        except (ValueError, IndexError):
+            continue
+        if not _pid_alive(pid) and leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield an empty temp folder beside `final`; on success it replaces `final` in two renames."""
+    final = Path(final)
+    parent = final.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    if final.exists() and any(final.iterdir()) and not (final / MARKER).is_file():
+        raise ExportError(f"{final} exists and was not written by rmskit export; refusing to replace it")
+    _clean_stale(parent, final.name)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = parent / f".{final.name}.tmp-{tag}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = parent / f".{final.name}.old-{tag}"
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _link_images(prep: Prepared, images_dir: Path) -> None:
+    """Content-addressed copies of the kept samples' images: hard links when on the same filesystem."""
+    images_dir.mkdir(parents=True, exist_ok=True)
+    for sha, src in prep.image_files.items():
+        dst = images_dir / prep.image_name(sha)
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copyfile(src, dst)
+
+
+def _write_jsonl(prep: Prepared, path: Path) -> None:
+    with path.open("w", encoding="utf-8") as fh:
+        for s in prep.samples:
+            fh.write(s.model_dump_json() + "\n")
+
+
+def _marker(root: Path, fmt: str, prep: Prepared) -> None:
+    (root / MARKER).write_text(
+        json.dumps(
+            {
+                "format": fmt,
+                "run_dir": str(prep.run_dir.resolve()),
+                "rmskit_version": rmskit.__version__,
+                "written_at": time.time(),
+            }
+        )
+        + "\n"
+    )
+
+
+def _files(root: Path) -> list[str]:
+    out = []
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and not rel.startswith("images/") and not p.name.startswith("."):
+            out.append(rel)
+    if (root / "images").is_dir():
+        out.append(f"images/ ({sum(1 for _ in (root / 'images').iterdir())} files)")
+    return out
+
+
+def _summary(prep: Prepared, root: Path, fmt: str) -> DatasetSummary:
+    st = prep.result.stats
+    return DatasetSummary(
+        path=str(root),
+        format=fmt,
+        samples=st.kept,
+        splits=st.samples,
+        images=len(prep.image_files),
+        dropped=st.dropped_by_rule,
+        edited=st.edited,
+        files=_files(root),
+    )
+
+
+def _card_files(data_files: dict[str, list[str]], with_jsonl: bool) -> list[str]:
+    files = ["README.md"]
+    files += [f"data/{name}" for names in data_files.values() for name in names]
+    if with_jsonl:
+        files += ["samples.jsonl", "images/<sha256>.<ext>"]
+    return files
+
+
+def _write_hf(prep: Prepared, root: Path, probes: dict[str, Any] | None, *, with_jsonl: bool) -> None:
+    data_files = write_parquet(prep, root / "data")
+    if with_jsonl:
+        _write_jsonl(prep, root / "samples.jsonl")
+        _link_images(prep, root / "images")
+    card = render_card(
+        prep,
+        data_files=data_files,
+        probes=probes,
+        files=_card_files(data_files, with_jsonl),
+        exported_at=time.time(),
+    )
+    (root / "README.md").write_text(card, encoding="utf-8")
+
+
+def write_dataset(
+    run_dir: Path, *, probes: dict[str, Any] | None = None, balance: int | None = None
+) -> DatasetSummary:
+    """Curate the run and (re)write `<run>/dataset/`: samples.jsonl, images/, data/*.parquet, README.md.
+    `probes` defaults to the run's stored probe numbers (ledger meta "probes")."""
+    prep = prepare(Path(run_dir), balance=balance)
+    if probes is None:
+        probes = prep.meta.get("probes")
+    final = prep.run_dir / "dataset"
+    with atomic_dir(final) as tmp:
+        _write_hf(prep, tmp, probes, with_jsonl=True)
+        _marker(tmp, "dataset", prep)
+    return _summary(prep, final, "dataset")
+
+
+def _export(prep: Prepared, fmt: str, out: Path | None) -> Path:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    final = Path(out) if out is not None else prep.run_dir / "exports" / fmt
+    with atomic_dir(final) as tmp:
+        if fmt == "jsonl":
+            _write_jsonl(prep, tmp / "samples.jsonl")
+            _link_images(prep, tmp / "images")
+        elif fmt == "hf":
+            _write_hf(prep, tmp, prep.meta.get("probes"), with_jsonl=False)
+        else:
+            write_conversations(prep.samples, fmt, tmp)  # type: ignore[arg-type]
+            _link_images(prep, tmp / "images")
+        _marker(tmp, fmt, prep)
+    return final
+
+
+def export(run_dir: Path, fmt: Format, out: Path | None = None, *, balance: int | None = None) -> Path:
+    """Write the curated run in `fmt` to `out` (default `<run>/exports/<fmt>`); returns the folder.
+    jsonl: samples.jsonl + images/; hf: data/*.parquet + README.md (`datasets.load_dataset(out)`);
+    llava / sharegpt: train.json, test.json, images/, dataset_info.json (LLaMA-Factory).
+    Review decisions are honoured: rejected samples are left out, edits are used."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    return _export(prepare(Path(run_dir), balance=balance), fmt, out)
+
+
+def export_summary(
+    run_dir: Path, fmt: Format, out: Path | None = None, *, balance: int | None = None
+) -> DatasetSummary:
+    """export() plus the counts the CLI prints."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    prep = prepare(Path(run_dir), balance=balance)
+    return _summary(prep, _export(prep, fmt, out), fmt)

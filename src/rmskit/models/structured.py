@@ -1,0 +1,253 @@
+"""Structured-output helpers shared by all backends.
+
+- `response_format_for(model)`: OpenAI `response_format` with a JSON schema generated from a pydantic
+  model, made strict-compatible (every object closed, every property required) when the schema allows.
+- `json_instruction` / `with_json_instruction`: the JSON-in-prompt fallback for servers that refuse
+  `response_format` (the schema is embedded in the system message).
+- `extract_json`: JSON out of model text (code fences, leading prose, trailing commas, single quotes,
+  ...). A cheap exact path first; then the `json-repair` library for the rest.
+- `parse_structured`: extract + validate against the model; `reask_message` quotes what went wrong.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from functools import lru_cache
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from rmskit.models.base import Message
+
+# Keywords OpenAI's strict mode rejects; they are dropped from the strict variant only (pydantic still
+# enforces them on our side, and a violation leads to a re-ask).
+_STRICT_UNSUPPORTED = (
+    "default",
+    "minLength",
+    "maxLength",
+    "minProperties",
+    "maxProperties",
+    "patternProperties",
+)
+_NAME_RE = re.compile(r"[^a-zA-Z0-9_-]")
+_FENCE_RE = re.compile(r"```[ \t]*(?:json5?|JSON5?|javascript|js)?[ \t]*\r?\n?(.*?)```", re.S)
+
+
+class _NotStrict(Exception):
+    pass
+
+
+def _strictify(node: Any) -> Any:
+    """Return a strict-mode copy of a schema node, or raise _NotStrict when it cannot be expressed."""
+    if isinstance(node, list):
+        return [_strictify(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    for key, val in node.items():
+        if key in _STRICT_UNSUPPORTED:
+            continue
+        if key in ("properties", "$defs", "definitions"):
+            out[key] = {k: _strictify(v) for k, v in val.items()}
+        elif key in ("items", "anyOf", "oneOf", "allOf", "prefixItems", "not"):
+            out[key] = _strictify(val)
+        elif key == "additionalProperties":
+            if val not in (False,):
+                raise _NotStrict("open object (dict-like field)")
+            out[key] = False
+        else:
+            out[key] = val
+    is_object = out.get("type") == "object" or "properties" in out
+    if is_object:
+        props = out.get("properties")
+        if not props:
+            raise _NotStrict("object without declared properties")
+        out["additionalProperties"] = False
+        out["required"] = list(props)
+    # A $ref with sibling keywords (e.g. description) is rejected by some strict validators: keep the ref.
+    if "$ref" in out and len(out) > 1:
+        out = {"$ref": out["$ref"]}
+    return out
+
+
+@lru_cache(maxsize=256)
+def schema_for(model: type[BaseModel]) -> tuple[dict[str, Any], bool]:
+    """(JSON schema, strict?) for `model`: the strict-compatible variant when possible, else pydantic's
+    own schema with strict False. Cached: schemas are built once per model class, not per request."""
+    base = model.model_json_schema()
+    try:
+        return _strictify(copy.deepcopy(base)), True
+    except _NotStrict:
+        return base, False
+
+
+def schema_name(model: type[BaseModel]) -> str:
+    return _NAME_RE.sub("_", model.__name__)[:64] or "output"
+
+
+@lru_cache(maxsize=256)
+def _response_format_json(model: type[BaseModel]) -> str:
+    schema, strict = schema_for(model)
+    return json.dumps(
+        {
+            "type": "json_schema",
+            "json_schema": {"name": schema_name(model), "schema": schema, "strict": strict},
+        }
+    )
+
+
+def response_format_for(model: type[BaseModel]) -> dict[str, Any]:
+    """`response_format={"type": "json_schema", "json_schema": {...}}` for `model` (a fresh dict)."""
+    return json.loads(_response_format_json(model))
+
+
+@lru_cache(maxsize=256)
+def json_instruction(model: type[BaseModel]) -> str:
+    """The JSON-in-prompt instruction: the full pydantic schema (with descriptions) embedded."""
+    schema = json.dumps(model.model_json_schema(), separators=(",", ":"), ensure_ascii=False)
+    return (
+        "Answer with one JSON object and nothing else: no prose before or after it, no markdown fences. "
+        "The object must validate against this JSON Schema:\n```json\n" + schema + "\n```"
+    )
+
+
+def with_json_instruction(messages: list[Message], model: type[BaseModel]) -> list[Message]:
+    """Messages with the JSON instruction appended to the system message (one is created if absent)."""
+    text = json_instruction(model)
+    if messages and messages[0].role == "system":
+        first = messages[0]
+        sep = "\n\n" if first.content else ""
+        return [first.model_copy(update={"content": first.content + sep + text}), *messages[1:]]
+    return [Message(role="system", content=text), *messages]
+
+
+class JSONExtractError(ValueError):
+    """No JSON value could be recovered from the text."""
+
+
+def _balanced_span(text: str, start: int) -> str | None:
+    """The bracket-balanced JSON-ish span starting at text[start] ('{' or '['), string-aware."""
+    depth = 0
+    in_str: str | None = None
+    esc = False
+    for i in range(start, len(text)):
+        ch = text[i]
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == in_str:
+                in_str = None
+        elif ch in "\"'":
+            in_str = ch
+        elif ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+            if depth == 0:
+                return text[start : i + 1]
+    return None
+
+
+def _candidates(text: str) -> list[str]:
+    out = [m.group(1).strip() for m in _FENCE_RE.finditer(text)]
+    body = text
+    if not out and "```" in text:  # an unclosed fence (truncated answer): take what follows it
+        body = text.split("```", 1)[1]
+        body = body.split("\n", 1)[1] if "\n" in body and not body.lstrip().startswith("{") else body
+        out.append(body.strip())
+    starts = [i for i in (body.find("{"), body.find("[")) if i >= 0]
+    if starts:
+        start = min(starts)
+        span = _balanced_span(body, start)
+        out.append(span if span is not None else body[start:].strip())
+    return out
+
+
+def extract_json(text: str, *, repair: bool = True) -> Any:
+    """Recover a JSON value from model text.
+
+    Tries, in order: the whole text; fenced blocks; the first bracket-balanced span after any leading
+    prose; then (if `repair`) json-repair on those candidates (trailing commas, single quotes, comments,
+    unquoted keys, missing closing brackets). Raises JSONExtractError when nothing usable is found."""
+    s = text.strip()
+    if not s:
+        raise JSONExtractError("the answer is empty")
+    try:
+        return json.loads(s)
+    except ValueError:
+        pass
+    cands = _candidates(s)
+    for c in cands:
+        try:
+            return json.loads(c)
+        except ValueError:
+            continue
+    if repair:
+        import json_repair  # light, pure Python; only needed on the repair path
+
+        for c in [*cands, s]:
+            if not c:
+                continue
+            try:
+                obj = json_repair.repair_json(c, return_objects=True, skip_json_loads=True)
+            except Exception:  # noqa: BLE001 - the repairer may raise anything on hostile input
+                continue
+            if isinstance(obj, (dict, list)) and obj:
+                return obj
+    snippet = s[:80].replace("\n", " ")
+    raise JSONExtractError(f"no JSON object found in the answer (starts: {snippet!r})")
+
+
+def format_validation_error(err: ValidationError, *, max_errors: int = 6) -> str:
+    """A short, model-readable rendering of a pydantic ValidationError."""
+    lines = []
+    for e in err.errors()[:max_errors]:
+        loc = ".".join(str(p) for p in e.get("loc", ())) or "(root)"
+        lines.append(f"- {loc}: {e.get('msg', 'invalid')}")
+    more = err.error_count() - max_errors
+    if more > 0:
+        lines.append(f"- ... and {more} more")
+    return "\n".join(lines)
+
+
+class ParseOutcome(BaseModel):
+    parsed: dict[str, Any] | None = None
+    error: str | None = None  # model-readable; None when parsed
+
+
+def parse_structured(text: str, model: type[BaseModel], *, truncated: bool = False) -> ParseOutcome:
+    """Extract JSON from `text` and validate it against `model`.
+
+    `truncated` (finish_reason "length"): no bracket-completing repair, since a repaired cut-off object
+    would silently lose content; a cut-off answer must be asked again instead."""
+    try:
+        obj = extract_json(text, repair=not truncated)
+    except JSONExtractError as e:
+        msg = str(e)
+        if truncated:
+            msg = "the answer was cut off before the JSON object was complete; answer more briefly"
+        return ParseOutcome(error=msg)
+    if not isinstance(obj, dict):
+        return ParseOutcome(error=f"expected a JSON object, got a JSON {type(obj).__name__}")
+    try:
+        inst = model.model_validate(obj)
+    except ValidationError as e:
+        return ParseOutcome(error="the JSON does not match the schema:\n" + format_validation_error(e))
+    return ParseOutcome(parsed=inst.model_dump(mode="json"))
+
+
+def reask_message(error: str, model: type[BaseModel] | None = None) -> Message:
+    """The user turn sent after an unusable answer: quotes the error and repeats the ask."""
+    name = f" ({model.__name__})" if model is not None else ""
+    return Message(
+        role="user",
+        content=(
+            f"Your previous answer could not be used: {error}\n"
+            f"Reply again with only the corrected JSON object{name} that validates against the schema. "
+            "No prose, no markdown fences."
+        ),
+    )
