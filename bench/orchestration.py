@@ -77,6 +77,41 @@ def _images(n: int):
                           path=f"/bench/img{i:06d}.jpg", width=640, height=480)
 
 
+def run_http(images: int, latency: float, capacity: int) -> dict:
+    """The same build through the real `openai:` backend against the HTTP test server running in
+    another process (so client CPU is the build process's alone)."""
+    import httpx
+    from PIL import Image
+    from skimage import data
+
+    photo = Path(tempfile.mkdtemp(prefix="rmskit-bench-img-")) / "coffee.jpg"
+    Image.fromarray(data.coffee()).resize((320, 213)).save(photo, quality=90)
+    server = subprocess.Popen([sys.executable, "-m", "rmskit.testing.openai_server", "--latency", str(latency),
+                               "--capacity", str(capacity), "--script", "rms"], stdout=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline().strip() if server.stdout else ""
+        base_url = line.split()[-1]
+        out = Path(tempfile.mkdtemp(prefix="rmskit-bench-"))
+        cfg = BuildConfig(sources=["/bench"], out=out, embedder="hashing", perceive="model",
+                          model=BackendConfig(spec="openai:test-model", base_url=base_url, concurrency=capacity,
+                                              image_max_side=320))
+        items = (r.model_copy(update={"path": str(photo)}) for r in _images(images))
+        c0 = time.process_time()
+        asyncio.run(run_build(cfg, quiet=True, items=items, export=False))
+        cpu = time.process_time() - c0
+        st = httpx.get(base_url.removesuffix("/v1") + "/stats").json()
+    finally:
+        server.terminate()
+        server.wait()
+    span = (st["last_end"] or 0) - (st["first_start"] or 0) or 1e-9
+    return {
+        "mode": "http", "images": images, "latency_s": latency, "capacity": capacity, "requests": st["requests"],
+        "requests_per_image": st["requests"] / images, "span_s": span,
+        "utilisation": st["busy_s"] / (span * capacity), "cpu_ms_per_request": 1000 * cpu / max(st["requests"], 1),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
 def run_one(images: int, latency: float, capacity: int) -> dict:
     out = Path(tempfile.mkdtemp(prefix="rmskit-bench-"))
     cfg = BuildConfig(sources=["/bench"], out=out, model=BackendConfig(spec="openai:sim", concurrency=capacity),
@@ -92,7 +127,7 @@ def run_one(images: int, latency: float, capacity: int) -> dict:
     ep, cpu, _ = asyncio.run(main())
     span = (ep.last - (ep.first or ep.last)) or 1e-9
     return {
-        "images": images, "latency_s": latency, "capacity": capacity, "requests": ep.requests,
+        "mode": "inproc", "images": images, "latency_s": latency, "capacity": capacity, "requests": ep.requests,
         "requests_per_image": ep.requests / images, "span_s": span,
         "utilisation": ep.busy / (span * capacity),
         "cpu_ms_per_request": 1000 * cpu / max(ep.requests, 1),
@@ -105,24 +140,27 @@ def main() -> None:
     ap.add_argument("--images", type=int)
     ap.add_argument("--latency", type=float, default=0.3)
     ap.add_argument("--capacity", type=int, default=64)
+    ap.add_argument("--http", action="store_true", help="through the openai backend + HTTP test server")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(run_one(args.images, args.latency, args.capacity)))
+        fn = run_http if args.http else run_one
+        print(json.dumps(fn(args.images, args.latency, args.capacity)))
         return
-    configs = ([(args.images, args.latency, args.capacity)] if args.images else
-               [(1000, 0.3, 64), (1000, 0.02, 64), (10000, 0.02, 64)])
+    configs = ([(args.images, args.latency, args.capacity, args.http)] if args.images else
+               [(1000, 0.3, 64, False), (1000, 0.3, 64, True), (1000, 0.02, 64, False), (10000, 0.02, 64, False)])
     rows = []
-    for n, lat, cap in configs:
+    for n, lat, cap, http in configs:
         proc = subprocess.run([sys.executable, __file__, "--child", "--images", str(n), "--latency", str(lat),
-                               "--capacity", str(cap)], capture_output=True, text=True, check=True)
+                               "--capacity", str(cap), *(["--http"] if http else [])],
+                              capture_output=True, text=True, check=True)
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         r = rows[-1]
-        print(f"images={r['images']:>6} L={r['latency_s']:.2f}s C={r['capacity']:>3} | "
+        print(f"{r['mode']:>6} images={r['images']:>6} L={r['latency_s']:.2f}s C={r['capacity']:>3} | "
               f"utilisation {r['utilisation']:.3f} | requests/image {r['requests_per_image']:.2f} | "
               f"CPU {r['cpu_ms_per_request']:.3f} ms/request | peak RSS {r['peak_rss_mb']:.0f} MB | "
               f"span {r['span_s']:.1f}s", flush=True)
-    by_n = {r["images"]: r for r in rows if r["latency_s"] == rows[-1]["latency_s"]}
+    by_n = {r["images"]: r for r in rows if r["latency_s"] == rows[-1]["latency_s"] and r["mode"] == "inproc"}
     if 1000 in by_n and 10000 in by_n:
         print(f"peak RSS ratio 10k/1k images: {by_n[10000]['peak_rss_mb'] / by_n[1000]['peak_rss_mb']:.2f}")
 
