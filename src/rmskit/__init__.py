@@ -13,10 +13,10 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = {
-    "build": ("rmskit.build.runner", "build"),
+    "build": ("rmskit.build", None),  # a callable package: rmskit.build(cfg)
     "BuildConfig": ("rmskit.config", "BuildConfig"),
     "BackendConfig": ("rmskit.config", "BackendConfig"),
-    "score": ("rmskit.score", "score"),
+    "score": ("rmskit.score", None),  # a callable package: rmskit.score(cfg)
     "ScoreConfig": ("rmskit.score", "ScoreConfig"),
     "probe": ("rmskit.score", "probe"),
     "run_probes": ("rmskit.score", "run_probes"),
@@ -32,5 +32,6 @@ __all__ = ["__version__", *sorted(_API)]
 def __getattr__(name: str) -> Any:
     if name in _API:
         module, attr = _API[name]
-        return getattr(importlib.import_module(module), attr)
+        mod = importlib.import_module(module)
+        return mod if attr is None else getattr(mod, attr)
     raise AttributeError(f"module 'rmskit' has no attribute {name!r}")
