@@ -17,7 +17,16 @@ from rmskit.build.stages import lexical_leak, perception_from_annotation
 from rmskit.build.taxonomy import Coverage, HashingEmbedder, Taxonomy
 from rmskit.config import BackendConfig, BuildConfig
 from rmskit.ledger import Ledger
-from rmskit.models.base import BackendError, Capabilities, ErrorKind, GenParams, ImageInput, Message, Result, Usage
+from rmskit.models.base import (
+    BackendError,
+    Capabilities,
+    ErrorKind,
+    GenParams,
+    ImageInput,
+    Message,
+    Result,
+    Usage,
+)
 from rmskit.records import Annotation, ImageRecord
 from rmskit.testing.rms_script import answer
 
@@ -34,19 +43,32 @@ class ScriptedBackend:
         self.requests: list[dict] = []
         self.fail_stage = fail_stage
 
-    async def generate(self, messages: list[Message], *, schema: type[BaseModel] | None = None,
-                       params: GenParams | None = None) -> Result:
+    async def generate(
+        self,
+        messages: list[Message],
+        *,
+        schema: type[BaseModel] | None = None,
+        params: GenParams | None = None,
+    ) -> Result:
         from rmskit.testing.rms_script import stage_of
 
         await asyncio.sleep(0)
-        body = {"messages": [{"role": m.role, "content": m.content + "".join(f" [{i.sha256}]" for i in m.images)}
-                             for m in messages]}
+        body = {
+            "messages": [
+                {"role": m.role, "content": m.content + "".join(f" [{i.sha256}]" for i in m.images)}
+                for m in messages
+            ]
+        }
         self.requests.append({"body": body, "images": sum(len(m.images) for m in messages)})
         if self.fail_stage and stage_of(messages[0].content) == self.fail_stage:
             raise BackendError(ErrorKind.server, "HTTP 503 after 6 attempts")
         content = answer(body)
-        return Result(text=json.dumps(content), parsed=schema.model_validate(content).model_dump() if schema else None,
-                      usage=Usage(prompt_tokens=10, completion_tokens=5), model=self.model_id)
+        return Result(
+            text=json.dumps(content),
+            parsed=schema.model_validate(content).model_dump() if schema else None,
+            usage=Usage(prompt_tokens=10, completion_tokens=5),
+            model=self.model_id,
+        )
 
     async def aclose(self) -> None:
         return None
@@ -56,21 +78,44 @@ def _images(n: int, annotated: bool = False) -> list[ImageRecord]:
     out = []
     for i in range(n):
         sha = hashlib.sha256(f"img-{i}".encode()).hexdigest()
-        ann = Annotation(captions=[f"A kitchen with a stove, photo {i}"], objects=["oven", "person", "knife"],
-                         license="CC0") if annotated else Annotation()
-        out.append(ImageRecord(sha256=sha, phash="0" * 16, source_root="/src", source_path=f"p{i}.jpg",
-                               path=f"/src/p{i}.jpg", width=640, height=480, annotation=ann))
+        ann = (
+            Annotation(
+                captions=[f"A kitchen with a stove, photo {i}"],
+                objects=["oven", "person", "knife"],
+                license="CC0",
+            )
+            if annotated
+            else Annotation()
+        )
+        out.append(
+            ImageRecord(
+                sha256=sha,
+                phash="0" * 16,
+                source_root="/src",
+                source_path=f"p{i}.jpg",
+                path=f"/src/p{i}.jpg",
+                width=640,
+                height=480,
+                annotation=ann,
+            )
+        )
     return out
 
 
 def _cfg(tmp_path: Path, **kw) -> BuildConfig:
-    return BuildConfig(sources=["/src"], out=tmp_path / "run", model=BackendConfig(spec="openai:scripted"),
-                       embedder="hashing", **kw)
+    return BuildConfig(
+        sources=["/src"],
+        out=tmp_path / "run",
+        model=BackendConfig(spec="openai:scripted"),
+        embedder="hashing",
+        **kw,
+    )
 
 
 def _run(cfg: BuildConfig, backend, images) -> object:
-    return asyncio.run(run_build(cfg, quiet=True, items=images, backends=dict.fromkeys(STAGES, backend),
-                                 export=False))
+    return asyncio.run(
+        run_build(cfg, quiet=True, items=images, backends=dict.fromkeys(STAGES, backend), export=False)
+    )
 
 
 def test_full_pipeline_keeps_verified_samples_and_every_round(tmp_path: Path) -> None:
@@ -150,7 +195,11 @@ def test_target_stops_the_run(tmp_path: Path) -> None:
 
 
 def test_per_category_target_steers_and_caps(tmp_path: Path) -> None:
-    _run(_cfg(tmp_path, perceive="model", per_category_target=2, image_window=1), ScriptedBackend(), _images(12))
+    _run(
+        _cfg(tmp_path, perceive="model", per_category_target=2, image_window=1),
+        ScriptedBackend(),
+        _images(12),
+    )
     led = Ledger(tmp_path / "run")
     counts = led.category_counts()
     assert counts and max(counts.values()) <= 2
@@ -178,7 +227,9 @@ def test_taxonomy_merges_by_similarity(tmp_path: Path) -> None:
     tax = Taxonomy(led, HashingEmbedder(), threshold=0.6)
 
     async def go() -> list[str]:
-        return [await tax.resolve(n) for n in ("Fire hazard", "fire hazards", "fall from height", "FIRE-HAZARD")]
+        return [
+            await tax.resolve(n) for n in ("Fire hazard", "fire hazards", "fall from height", "FIRE-HAZARD")
+        ]
 
     assert asyncio.run(go()) == ["fire hazard", "fire hazard", "fall from height", "fire hazard"]
     assert led.taxonomy()[0]["aliases"] == ["fire hazards"]
@@ -192,8 +243,12 @@ def test_cache_key_ignores_parser_but_not_inputs(tmp_path: Path) -> None:
     img = ImageInput(sha256="a" * 64, path=Path("/x.jpg"))
     msgs = [Message(role="user", content="hi", images=[img])]
     k = cache_key("m", msgs, None, GenParams())
-    assert k == cache_key("m", [Message(role="user", content="hi", images=[img.model_copy(update={"path": Path("/y")})])],
-                          None, GenParams())
+    assert k == cache_key(
+        "m",
+        [Message(role="user", content="hi", images=[img.model_copy(update={"path": Path("/y")})])],
+        None,
+        GenParams(),
+    )
     assert k != cache_key("m2", msgs, None, GenParams())
     assert k != cache_key("m", msgs, None, GenParams(temperature=0.1))
 
@@ -204,11 +259,18 @@ def test_concurrent_identical_requests_share_one_call(tmp_path: Path) -> None:
     backend = ScriptedBackend()
     led = Ledger(tmp_path)
     caller = Caller(backend, led, Stats(), GenParams())
-    msgs = [Message(role="system", content="You see ONLY a user's message"), Message(role="user", content='Message: "x"')]
+    msgs = [
+        Message(role="system", content="You see ONLY a user's message"),
+        Message(role="user", content='Message: "x"'),
+    ]
 
     async def go() -> list[dict]:
-        return await asyncio.gather(*(caller.ask("check_text_only", msgs, TextOnlyVerdict, image_sha=None, key=str(i))
-                                      for i in range(5)))
+        return await asyncio.gather(
+            *(
+                caller.ask("check_text_only", msgs, TextOnlyVerdict, image_sha=None, key=str(i))
+                for i in range(5)
+            )
+        )
 
     results = asyncio.run(go())
     assert len(backend.requests) == 1 and all(r == results[0] for r in results)
@@ -218,3 +280,23 @@ def test_concurrent_identical_requests_share_one_call(tmp_path: Path) -> None:
 def test_config_rejects_bad_values(bad: dict) -> None:
     with pytest.raises(ValueError):
         BuildConfig.model_validate(bad)
+
+
+def test_required_checks_gate_but_every_check_is_recorded(tmp_path: Path) -> None:
+    class Harsh(ScriptedBackend):
+        async def generate(self, messages, *, schema=None, params=None):  # the verifier rejects everything
+            from rmskit.testing.rms_script import stage_of
+
+            stage = stage_of(messages[0].content)
+            if stage == "check_response":
+                content = {"safe": False, "helpful": False, "grounded": False, "bare_refusal": True, "reason": "no"}
+                return Result(text=json.dumps(content), parsed=content, model=self.model_id)
+            return await super().generate(messages, schema=schema, params=params)
+
+    summary = _run(_cfg(tmp_path, perceive="model"), Harsh(), _images(2))
+    assert summary.samples_ok == 0 and summary.samples_failed == 6
+    cfg = _cfg(tmp_path / "b", perceive="model", required_checks=["lexical", "text_only"])
+    summary = _run(cfg, Harsh(), _images(2))
+    assert summary.samples_ok == 6
+    led = Ledger(tmp_path / "b" / "run")
+    assert all(s["checks"]["response"]["pass"] is False for s in led.iter_samples("ok"))

@@ -53,7 +53,7 @@ class BackendConfig(BaseModel):
     def name(self) -> str:
         """The model name without the backend prefix (`openai:gpt-4o` -> `gpt-4o`)."""
         prefix = self.kind + ":"
-        return self.spec[len(prefix):] if self.spec.startswith(prefix) else self.spec
+        return self.spec[len(prefix) :] if self.spec.startswith(prefix) else self.spec
 
 
 class IngestConfig(BaseModel):
@@ -80,6 +80,11 @@ class BuildConfig(BaseModel):
     scenarios_per_image: int = Field(2, ge=1, le=8)
     max_rounds: int = Field(3, ge=1, le=10)
     controls: bool = True
+    # Checks that gate a sample (all run and are recorded either way). Dropping model-verdict checks
+    # only makes sense with a verifier too weak to trust, e.g. the embedded smoke-test model.
+    required_checks: list[Literal["text_only", "combined", "leakage", "lexical", "response"]] = Field(
+        default_factory=lambda: ["text_only", "combined", "leakage", "lexical", "response"]
+    )
     target: int | None = Field(None, ge=1)
     per_category_target: int | None = Field(None, ge=1)
     taxonomy_merge_threshold: float = Field(0.6, gt=0, le=1)  # MiniLM cosine; see build/taxonomy.py
@@ -90,6 +95,14 @@ class BuildConfig(BaseModel):
     phash_distance: int = Field(4, ge=0)
     query_dup_threshold: float = Field(0.8, gt=0, le=1)
     limit_images: int | None = Field(None, ge=1)
+    # Output-token caps per prompt (the smaller of this and the backend's max_tokens applies).
+    stage_max_tokens: dict[str, int] = Field(
+        default_factory=lambda: {
+            "perceive": 700, "discover": 1200, "compose": 300, "control": 150, "check_text_only": 200,
+            "check_combined": 250, "check_leakage": 200, "respond": 700, "respond_control": 600,
+            "check_response": 250,
+        }
+    )
 
     @field_validator("stage_models")
     @classmethod

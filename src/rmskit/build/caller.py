@@ -25,7 +25,9 @@ def _schema_json(schema: type[BaseModel]) -> str:
     return json.dumps(schema.model_json_schema(), sort_keys=True, separators=(",", ":"))
 
 
-def cache_key(model_id: str, messages: list[Message], schema: type[BaseModel] | None, params: GenParams) -> str:
+def cache_key(
+    model_id: str, messages: list[Message], schema: type[BaseModel] | None, params: GenParams
+) -> str:
     payload = {
         "model": model_id,
         "messages": [[m.role, m.content, [i.sha256 for i in m.images]] for m in messages],
@@ -74,7 +76,9 @@ class Caller:
         max_tokens: int | None = None,
     ) -> dict[str, Any]:
         """Return the parsed output (a dict valid under `schema`), from the cache when possible."""
-        params = self.params if max_tokens is None else self.params.model_copy(update={"max_tokens": max_tokens})
+        params = (
+            self.params if max_tokens is None else self.params.model_copy(update={"max_tokens": max_tokens})
+        )
         ckey = cache_key(self.backend.model_id, messages, schema, params)
         pending = self._pending.get(ckey)
         if pending is not None:
@@ -86,7 +90,9 @@ class Caller:
             parsed = await self._ask(stage, messages, schema, params, ckey, image_sha=image_sha, key=key)
         except BaseException as exc:
             if not future.done():
-                future.set_exception(exc if isinstance(exc, Exception) else StageFailed(f"{stage}: cancelled"))
+                future.set_exception(
+                    exc if isinstance(exc, Exception) else StageFailed(f"{stage}: cancelled")
+                )
                 future.exception()  # mark retrieved: waiters may not exist
             raise
         finally:
@@ -94,8 +100,17 @@ class Caller:
         future.set_result(parsed)
         return parsed
 
-    async def _ask(self, stage: str, messages: list[Message], schema: type[BaseModel], params: GenParams,
-                   ckey: str, *, image_sha: str | None, key: str) -> dict[str, Any]:
+    async def _ask(
+        self,
+        stage: str,
+        messages: list[Message],
+        schema: type[BaseModel],
+        params: GenParams,
+        ckey: str,
+        *,
+        image_sha: str | None,
+        key: str,
+    ) -> dict[str, Any]:
         hit = self.ledger.cache_get(ckey)
         if hit is not None:
             parsed = parse_cached(hit["text"], schema)
@@ -120,11 +135,17 @@ class Caller:
         if parsed is None:
             parsed = parse_cached(result.text, schema)
         if parsed is None:
-            self.ledger.add_failure(image_sha, stage, key, ErrorKind.parse.value, "output does not match schema")
+            self.ledger.add_failure(
+                image_sha, stage, key, ErrorKind.parse.value, "output does not match schema"
+            )
             raise StageFailed(f"{stage}: model output does not match the {schema.__name__} schema")
         self.ledger.cache_put(
-            ckey, model=self.backend.model_id, stage=stage, text=result.text,
-            finish_reason=result.finish_reason, prompt_tokens=usage.prompt_tokens,
+            ckey,
+            model=self.backend.model_id,
+            stage=stage,
+            text=result.text,
+            finish_reason=result.finish_reason,
+            prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
         )
         return parsed

@@ -22,7 +22,10 @@ def _fail(msg: str) -> None:
 
 
 def resolve_config(
-    sources: list[str], config: Path | None, overrides: dict[str, Any], backend_overrides: dict[str, Any],
+    sources: list[str],
+    config: Path | None,
+    overrides: dict[str, Any],
+    backend_overrides: dict[str, Any],
     stage_specs: list[str],
 ) -> BuildConfig:
     """defaults < YAML (--config) < CLI flags. Unusable values exit 2 with the reason."""
@@ -51,8 +54,10 @@ def resolve_config(
     try:
         cfg = BuildConfig.model_validate(data)
     except ValidationError as exc:
-        _fail("invalid configuration:\n" + "\n".join(
-            f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()))
+        _fail(
+            "invalid configuration:\n"
+            + "\n".join(f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        )
         raise  # unreachable
     if not cfg.sources:
         _fail("no sources: give one or more folders, manifests, COCO files or datasets")
@@ -65,20 +70,31 @@ def resolve_config(
 def register(app: typer.Typer) -> None:
     @app.command("build")
     def build_cmd(
-        sources: Annotated[list[str] | None, typer.Argument(help="Folders, JSONL/CSV manifests, COCO files, "
-                                                            "parquet/HF datasets (hf://org/name).")] = None,
-        out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (ledger + dataset).")] = None,
-        model: Annotated[str | None, typer.Option(help="openai:NAME | hf:ORG/NAME | PATH | vllm:NAME | "
-                                                  "embedded (default).")] = None,
+        sources: Annotated[
+            list[str] | None,
+            typer.Argument(
+                help="Folders, JSONL/CSV manifests, COCO files, parquet/HF datasets (hf://org/name)."
+            ),
+        ] = None,
+        out: Annotated[
+            Path | None, typer.Option("--out", "-o", help="Run directory (ledger + dataset).")
+        ] = None,
+        model: Annotated[
+            str | None,
+            typer.Option(help="openai:NAME | hf:ORG/NAME | PATH | vllm:NAME | embedded (default)."),
+        ] = None,
         base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible server URL.")] = None,
-        api_key_env: Annotated[str | None, typer.Option(help="Env var holding the API key "
-                                                        "(default OPENAI_API_KEY).")] = None,
+        api_key_env: Annotated[
+            str | None, typer.Option(help="Env var holding the API key (default OPENAI_API_KEY).")
+        ] = None,
         concurrency: Annotated[int | None, typer.Option(help="Max concurrent requests per backend.")] = None,
         rpm: Annotated[float | None, typer.Option(help="Requests per minute limit.")] = None,
         tpm: Annotated[float | None, typer.Option(help="Tokens per minute limit.")] = None,
         timeout: Annotated[float | None, typer.Option(help="Per-request timeout (s).")] = None,
-        stage_model: Annotated[list[str] | None, typer.Option("--stage-model", help="STAGE=SPEC, e.g. "
-                                                              "verify=openai:other-model (repeatable).")] = None,
+        stage_model: Annotated[
+            list[str] | None,
+            typer.Option("--stage-model", help="STAGE=SPEC, e.g. verify=openai:other-model (repeatable)."),
+        ] = None,
         config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML BuildConfig.")] = None,
         target: Annotated[int | None, typer.Option(help="Stop when N samples are kept.")] = None,
         per_category_target: Annotated[int | None, typer.Option(help="Stop filling a category at N.")] = None,
@@ -88,18 +104,37 @@ def register(app: typer.Typer) -> None:
         embedder: Annotated[str | None, typer.Option(help="Taxonomy embedder: minilm | hashing.")] = None,
         limit: Annotated[int | None, typer.Option(help="Process at most N images.")] = None,
         seed: Annotated[int | None, typer.Option()] = None,
-        no_controls: Annotated[bool, typer.Option("--no-controls", help="Skip benign control queries.")] = False,
-        dry_run: Annotated[bool, typer.Option("--dry-run", help="Estimate requests/tokens; call nothing.")] = False,
+        no_controls: Annotated[
+            bool, typer.Option("--no-controls", help="Skip benign control queries.")
+        ] = False,
+        dry_run: Annotated[
+            bool, typer.Option("--dry-run", help="Estimate requests/tokens; call nothing.")
+        ] = False,
         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live progress.")] = False,
         json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     ) -> None:
         """Build (or resume) an RMS dataset from real photos."""
-        overrides = {"out": out, "target": target, "per_category_target": per_category_target,
-                     "scenarios_per_image": scenarios, "max_rounds": max_rounds, "perceive": perceive,
-                     "embedder": embedder, "limit_images": limit, "seed": seed,
-                     "controls": False if no_controls else None}
-        backend = {"spec": model, "base_url": base_url, "api_key_env": api_key_env, "concurrency": concurrency,
-                   "requests_per_minute": rpm, "tokens_per_minute": tpm, "timeout_s": timeout}
+        overrides = {
+            "out": out,
+            "target": target,
+            "per_category_target": per_category_target,
+            "scenarios_per_image": scenarios,
+            "max_rounds": max_rounds,
+            "perceive": perceive,
+            "embedder": embedder,
+            "limit_images": limit,
+            "seed": seed,
+            "controls": False if no_controls else None,
+        }
+        backend = {
+            "spec": model,
+            "base_url": base_url,
+            "api_key_env": api_key_env,
+            "concurrency": concurrency,
+            "requests_per_minute": rpm,
+            "tokens_per_minute": tpm,
+            "timeout_s": timeout,
+        }
         cfg = resolve_config(sources or [], config, overrides, backend, stage_model or [])
         if dry_run:
             from rmskit.build.estimate import estimate
@@ -112,7 +147,9 @@ def register(app: typer.Typer) -> None:
             for col in ("stage", "requests", "prompt tokens", "completion tokens"):
                 table.add_column(col, justify="left" if col == "stage" else "right")
             for name, s in est.stages.items():
-                table.add_row(name, f"{s.requests:,.0f}", f"{s.prompt_tokens:,.0f}", f"{s.completion_tokens:,.0f}")
+                table.add_row(
+                    name, f"{s.requests:,.0f}", f"{s.prompt_tokens:,.0f}", f"{s.completion_tokens:,.0f}"
+                )
             table.add_row("total", f"{est.total_requests:,.0f}", "", f"{est.total_tokens:,.0f} tokens in all")
             Console().print(table)
             Console().print(f"[dim]{est.assumptions}[/dim]")
@@ -153,15 +190,23 @@ def register(app: typer.Typer) -> None:
             return
         con = Console()
         im = st["images"]
-        con.print(f"images: {im['accepted']} accepted ({im['done']} done, {im['failed']} failed, "
-                  f"{im['pending']} pending), {im['rejected']} refused; samples kept: {st['samples']} "
-                  f"{st['samples_by_kind']}, failed: {st['samples_failed']}")
+        con.print(
+            f"images: {im['accepted']} accepted ({im['done']} done, {im['failed']} failed, "
+            f"{im['pending']} pending), {im['rejected']} refused; samples kept: {st['samples']} "
+            f"{st['samples_by_kind']}, failed: {st['samples_failed']}"
+        )
         table = Table(title="stages")
         for col in ("stage", "ok", "failed", "requests", "prompt tokens", "completion tokens"):
             table.add_column(col, justify="left" if col == "stage" else "right")
         for name, s in st["stages"].items():
-            table.add_row(name, str(s.get("ok", 0)), str(s.get("failed", 0)), str(s.get("requests", 0)),
-                          f"{s.get('prompt_tokens', 0):,}", f"{s.get('completion_tokens', 0):,}")
+            table.add_row(
+                name,
+                str(s.get("ok", 0)),
+                str(s.get("failed", 0)),
+                str(s.get("requests", 0)),
+                f"{s.get('prompt_tokens', 0):,}",
+                f"{s.get('completion_tokens', 0):,}",
+            )
         con.print(table)
         for r in st["rejected"][:20]:
             con.print(f"[yellow]refused[/yellow] {r['path']}: {r['reason']}")

@@ -9,8 +9,18 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-ORDER = ("perceive", "discover", "compose", "control", "check_text_only", "check_combined", "check_leakage",
-         "respond", "respond_control", "check_response")
+ORDER = (
+    "perceive",
+    "discover",
+    "compose",
+    "control",
+    "check_text_only",
+    "check_combined",
+    "check_leakage",
+    "respond",
+    "respond_control",
+    "check_response",
+)
 
 
 @dataclass
@@ -80,7 +90,9 @@ class Stats:
         names = [s for s in ORDER if s in self.stages] + sorted(set(self.stages) - set(ORDER))
         for name in names:
             st = self.stages[name]
-            table.add_row(name, str(st.done), str(st.failed), str(st.inflight), str(st.cached), f"{st.tokens:,}")
+            table.add_row(
+                name, str(st.done), str(st.failed), str(st.inflight), str(st.cached), f"{st.tokens:,}"
+            )
         return table
 
 
@@ -95,7 +107,10 @@ class ProgressView:
     def __enter__(self) -> ProgressView:
         if not self.quiet:
             self._live = Live(
-                get_renderable=self.stats.table, console=Console(stderr=True), refresh_per_second=4, transient=False
+                get_renderable=self.stats.table,
+                console=Console(stderr=True),
+                refresh_per_second=4,
+                transient=False,
             )
             self._live.__enter__()
         return self

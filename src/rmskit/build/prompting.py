@@ -61,7 +61,10 @@ def render(name: str, images: list[ImageInput] | None = None, **variables: Any) 
     system_t, user_t = _sections(version)
     system = system_t.render(**variables).strip()
     user = user_t.render(**variables).strip()
-    return [Message(role="system", content=system), Message(role="user", content=user, images=images or [])], version
+    return [
+        Message(role="system", content=system),
+        Message(role="user", content=user, images=images or []),
+    ], version
 
 
 def prompts_fingerprint() -> dict[str, str]:

@@ -34,9 +34,16 @@ from rmskit.records import ImageRecord, Rejection
 log = logging.getLogger("rmskit.build")
 
 _PROMPT_STAGE = {  # which configured model serves which prompt
-    "perceive": "perceive", "discover": "discover", "compose": "compose", "control": "compose",
-    "check_text_only": "verify", "check_combined": "verify", "check_leakage": "verify",
-    "respond": "respond", "respond_control": "respond", "check_response": "verify",
+    "perceive": "perceive",
+    "discover": "discover",
+    "compose": "compose",
+    "control": "compose",
+    "check_text_only": "verify",
+    "check_combined": "verify",
+    "check_leakage": "verify",
+    "respond": "respond",
+    "respond_control": "respond",
+    "check_response": "verify",
 }
 
 
@@ -61,8 +68,15 @@ class _Stop(Exception):
 
 
 class Pipeline:
-    def __init__(self, cfg: BuildConfig, ledger: Ledger, callers: dict[str, Caller], stats: Stats,
-                 taxonomy: Taxonomy, coverage: Coverage) -> None:
+    def __init__(
+        self,
+        cfg: BuildConfig,
+        ledger: Ledger,
+        callers: dict[str, Caller],
+        stats: Stats,
+        taxonomy: Taxonomy,
+        coverage: Coverage,
+    ) -> None:
         self.cfg = cfg
         self.ledger = ledger
         self.callers = callers
@@ -87,13 +101,13 @@ class Pipeline:
                 self.ledger.add_rejection(item)
                 self.stats.rejected += 1
                 continue
+            if self.cfg.limit_images and self.stats.images_total >= self.cfg.limit_images:
+                break
             self.ledger.add_image(item)
             self.stats.images_total += 1
             if self.ledger.image_status(item.sha256) == "done":
                 self.stats.images_skipped += 1
                 continue
-            if self.cfg.limit_images and self.stats.images_total > self.cfg.limit_images:
-                break
             await slots.acquire()
             if self.stop.is_set():
                 slots.release()
@@ -114,14 +128,18 @@ class Pipeline:
         return self.cfg.target is not None and self.kept >= self.cfg.target
 
     async def _image(self, rec: ImageRecord) -> None:
-        ctx = StageContext(rec, self.ledger, self.callers, self.cfg.perceive)
+        ctx = StageContext(rec, self.ledger, self.callers, self.cfg.perceive, self.cfg.stage_max_tokens)
         try:
             plan = self._plan(rec)
             perception = await ctx.perceive()
             discovery = await ctx.discover(perception, plan, self.cfg.scenarios_per_image)
             chosen = await self._select(rec, discovery)
-            jobs = [self._risky(ctx, perception, c["sample_id"], discovery["scenarios"][c["index"]], c["category"])
-                    for c in chosen]
+            jobs = [
+                self._risky(
+                    ctx, perception, c["sample_id"], discovery["scenarios"][c["index"]], c["category"]
+                )
+                for c in chosen
+            ]
             if self.cfg.controls:
                 jobs.append(self._control(ctx, perception))
             results = await asyncio.gather(*jobs, return_exceptions=True)
@@ -178,14 +196,22 @@ class Pipeline:
                 if len(chosen) >= self.cfg.scenarios_per_image:
                     dropped.append({"index": i, "reason": "enough scenarios for this image"})
                     continue
-                chosen.append({"index": i, "sample_id": sample_id(rec.sha256, "risky", i), "category": cat,
-                               "proposed": proposed})
+                chosen.append(
+                    {
+                        "index": i,
+                        "sample_id": sample_id(rec.sha256, "risky", i),
+                        "category": cat,
+                        "proposed": proposed,
+                    }
+                )
                 self.coverage.reserve(cat, 1)
             self.ledger.put_record(rec.sha256, "select", "", {"chosen": chosen, "dropped": dropped})
         return chosen
 
     # -- one risky sample ------------------------------------------------------------------------
-    async def _risky(self, ctx: StageContext, perception: dict, sid: str, scenario: dict, category: str) -> None:
+    async def _risky(
+        self, ctx: StageContext, perception: dict, sid: str, scenario: dict, category: str
+    ) -> None:
         existing = self.ledger.get_sample(sid)
         if existing is not None:
             return
@@ -194,8 +220,9 @@ class Pipeline:
         finally:
             self.coverage.reserve(category, -1)
 
-    async def _risky_inner(self, ctx: StageContext, perception: dict, sid: str, scenario: dict,
-                           category: str) -> None:
+    async def _risky_inner(
+        self, ctx: StageContext, perception: dict, sid: str, scenario: dict, category: str
+    ) -> None:
         rounds = self.cfg.max_rounds
         attempts: list[dict[str, Any]] = []
         query, checks, passed = "", {}, False
@@ -203,35 +230,65 @@ class Pipeline:
             for rnd in range(1, rounds + 1):
                 query = await ctx.compose(sid, rnd, perception, scenario, attempts)
                 checks = await self._verify_risky(ctx, sid, rnd, perception, scenario, query)
-                passed = all(c["pass"] for c in checks.values())
+                passed = self._passes(checks)
                 feedback = _feedback(checks)
-                self.ledger.put_round(sid, "query", rnd, passed, {"query": query, "checks": checks, "feedback": feedback})
+                self.ledger.put_round(
+                    sid, "query", rnd, passed, {"query": query, "checks": checks, "feedback": feedback}
+                )
                 if passed:
                     break
                 attempts.append({"query": query, "feedback": feedback})
             query_rounds = len(attempts) + (1 if passed else 0)
             if not passed:
-                self._fail_sample(ctx, sid, "risky", category, scenario, query, checks,
-                                  f"query failed checks after {rounds} rounds: {_feedback(checks)}")
+                self._fail_sample(
+                    ctx,
+                    sid,
+                    "risky",
+                    category,
+                    scenario,
+                    query,
+                    checks,
+                    f"query failed checks after {rounds} rounds: {_feedback(checks)}",
+                )
                 return
             response, rcheck, rrounds = await self._respond(ctx, sid, "risky", query, perception, scenario)
         except StageFailed as exc:
             self._fail_sample(ctx, sid, "risky", category, scenario, query, checks, str(exc))
             return
         if rcheck is None:
-            self._fail_sample(ctx, sid, "risky", category, scenario, query, checks,
-                              f"response failed checks after {rounds} rounds", response=response)
+            self._fail_sample(
+                ctx,
+                sid,
+                "risky",
+                category,
+                scenario,
+                query,
+                checks,
+                f"response failed checks after {rounds} rounds",
+                response=response,
+            )
             return
         checks = {**checks, "response": rcheck}
-        self._keep(ctx, sid, "risky", "unsafe", category, query, response, checks, query_rounds, rrounds, scenario)
+        self._keep(
+            ctx, sid, "risky", "unsafe", category, query, response, checks, query_rounds, rrounds, scenario
+        )
 
-    async def _verify_risky(self, ctx: StageContext, sid: str, rnd: int, perception: dict, scenario: dict,
-                            query: str) -> dict[str, dict[str, Any]]:
+    async def _verify_risky(
+        self, ctx: StageContext, sid: str, rnd: int, perception: dict, scenario: dict, query: str
+    ) -> dict[str, dict[str, Any]]:
         text_only, combined, leak = await asyncio.gather(
             ctx.check("check_text_only", schemas.TextOnlyVerdict, sid, rnd, perception, query=query),
             ctx.check("check_combined", schemas.CombinedVerdict, sid, rnd, perception, query=query),
-            ctx.check("check_leakage", schemas.LeakageVerdict, sid, rnd, perception, query=query,
-                      hazard=scenario.get("hazard", ""), trigger_objects=scenario.get("trigger_objects", [])),
+            ctx.check(
+                "check_leakage",
+                schemas.LeakageVerdict,
+                sid,
+                rnd,
+                perception,
+                query=query,
+                hazard=scenario.get("hazard", ""),
+                trigger_objects=scenario.get("trigger_objects", []),
+            ),
         )
         return {
             "text_only": {"pass": not text_only["harmful"], **text_only},
@@ -239,6 +296,9 @@ class Pipeline:
             "leakage": {"pass": not leak["leaks"], **leak},
             "lexical": lexical_leak(query, scenario),
         }
+
+    def _passes(self, checks: dict[str, dict[str, Any]]) -> bool:
+        return all(c["pass"] for name, c in checks.items() if name in self.cfg.required_checks)
 
     # -- the benign control ----------------------------------------------------------------------
     async def _control(self, ctx: StageContext, perception: dict) -> None:
@@ -259,70 +319,149 @@ class Pipeline:
                     "text_only": {"pass": not text_only["harmful"], **text_only},
                     "combined": {"pass": not combined["risky"], **combined},
                 }
-                passed = all(c["pass"] for c in checks.values())
+                passed = self._passes(checks)
                 feedback = _feedback(checks, control=True)
-                self.ledger.put_round(sid, "query", rnd, passed, {"query": query, "checks": checks, "feedback": feedback})
+                self.ledger.put_round(
+                    sid, "query", rnd, passed, {"query": query, "checks": checks, "feedback": feedback}
+                )
                 if passed:
                     break
                 attempts.append({"query": query, "feedback": feedback})
             if not passed:
-                self._fail_sample(ctx, sid, "control", "none", None, query, checks,
-                                  f"control query failed checks after {rounds} rounds: {_feedback(checks)}")
+                self._fail_sample(
+                    ctx,
+                    sid,
+                    "control",
+                    "none",
+                    None,
+                    query,
+                    checks,
+                    f"control query failed checks after {rounds} rounds: {_feedback(checks)}",
+                )
                 return
             response, rcheck, rrounds = await self._respond(ctx, sid, "control", query, perception, None)
         except StageFailed as exc:
             self._fail_sample(ctx, sid, "control", "none", None, query, checks, str(exc))
             return
         if rcheck is None:
-            self._fail_sample(ctx, sid, "control", "none", None, query, checks,
-                              f"response failed checks after {rounds} rounds", response=response)
+            self._fail_sample(
+                ctx,
+                sid,
+                "control",
+                "none",
+                None,
+                query,
+                checks,
+                f"response failed checks after {rounds} rounds",
+                response=response,
+            )
             return
-        self._keep(ctx, sid, "control", "safe", "none", query, response, {**checks, "response": rcheck},
-                   len(attempts) + 1, rrounds, None)
+        self._keep(
+            ctx,
+            sid,
+            "control",
+            "safe",
+            "none",
+            query,
+            response,
+            {**checks, "response": rcheck},
+            len(attempts) + 1,
+            rrounds,
+            None,
+        )
 
     # -- responses -------------------------------------------------------------------------------
-    async def _respond(self, ctx: StageContext, sid: str, kind: str, query: str, perception: dict,
-                       scenario: dict | None) -> tuple[str, dict | None, int]:
+    async def _respond(
+        self, ctx: StageContext, sid: str, kind: str, query: str, perception: dict, scenario: dict | None
+    ) -> tuple[str, dict | None, int]:
         attempts: list[dict[str, Any]] = []
         response = ""
         for rnd in range(1, self.cfg.max_rounds + 1):
             response = await ctx.respond(sid, rnd, kind, query, perception, attempts)
-            verdict = await ctx.check("check_response", schemas.ResponseVerdict, sid, rnd, perception,
-                                      query=query, response=response,
-                                      hazard=(scenario or {}).get("hazard", ""))
-            ok = bool(verdict["safe"] and verdict["helpful"] and not verdict["bare_refusal"]
-                      and (verdict["grounded"] or kind == "control"))
-            check = {"pass": ok, **verdict}
-            problems = [p for p, bad in (("unsafe", not verdict["safe"]), ("not helpful", not verdict["helpful"]),
-                                         ("bare refusal", verdict["bare_refusal"]),
-                                         ("not grounded in the photo", not verdict["grounded"] and kind == "risky"))
-                        if bad]
+            verdict = await ctx.check(
+                "check_response",
+                schemas.ResponseVerdict,
+                sid,
+                rnd,
+                perception,
+                query=query,
+                response=response,
+                hazard=(scenario or {}).get("hazard", ""),
+            )
+            good = bool(
+                verdict["safe"]
+                and verdict["helpful"]
+                and not verdict["bare_refusal"]
+                and (verdict["grounded"] or kind == "control")
+            )
+            check = {"pass": good, **verdict}
+            ok = good or "response" not in self.cfg.required_checks
+            problems = [
+                p
+                for p, bad in (
+                    ("unsafe", not verdict["safe"]),
+                    ("not helpful", not verdict["helpful"]),
+                    ("bare refusal", verdict["bare_refusal"]),
+                    ("not grounded in the photo", not verdict["grounded"] and kind == "risky"),
+                )
+                if bad
+            ]
             feedback = (", ".join(problems) + f" ({verdict['reason']})") if problems else ""
-            self.ledger.put_round(sid, "response", rnd, ok, {"response": response, "checks": {"response": check},
-                                                              "feedback": feedback})
+            self.ledger.put_round(
+                sid,
+                "response",
+                rnd,
+                ok,
+                {"response": response, "checks": {"response": check}, "feedback": feedback},
+            )
             if ok:
                 return response, check, rnd
             attempts.append({"feedback": feedback})
         return response, None, self.cfg.max_rounds
 
     # -- results ---------------------------------------------------------------------------------
-    def _base(self, ctx: StageContext, sid: str, kind: str, category: str, scenario: dict | None,
-              query: str) -> dict[str, Any]:
+    def _base(
+        self, ctx: StageContext, sid: str, kind: str, category: str, scenario: dict | None, query: str
+    ) -> dict[str, Any]:
         rec = ctx.rec
         names = ["perceive", "discover", "compose", "verify", "respond"]
         return {
-            "id": sid, "image_sha256": rec.sha256, "source_path": rec.source_path, "query": query,
-            "kind": kind, "category": category, "label": "unsafe" if kind == "risky" else "safe",
+            "id": sid,
+            "image_sha256": rec.sha256,
+            "source_path": rec.source_path,
+            "query": query,
+            "kind": kind,
+            "category": category,
+            "label": "unsafe" if kind == "risky" else "safe",
             "models": {s: self.callers[s].model_id for s in names},
             "prompt_versions": {p: prompt_version(p) for p in PROMPT_VERSIONS},
-            "license": rec.annotation.license, "source_url": rec.annotation.source_url,
+            "license": rec.annotation.license,
+            "source_url": rec.annotation.source_url,
             "scenario": scenario,
         }
 
-    def _keep(self, ctx: StageContext, sid: str, kind: str, label: str, category: str, query: str,
-              response: str, checks: dict, query_rounds: int, response_rounds: int, scenario: dict | None) -> None:
-        data = {**self._base(ctx, sid, kind, category, scenario, query), "response": response, "label": label,
-                "checks": checks, "rounds": query_rounds, "response_rounds": response_rounds}
+    def _keep(
+        self,
+        ctx: StageContext,
+        sid: str,
+        kind: str,
+        label: str,
+        category: str,
+        query: str,
+        response: str,
+        checks: dict,
+        query_rounds: int,
+        response_rounds: int,
+        scenario: dict | None,
+    ) -> None:
+        data = {
+            **self._base(ctx, sid, kind, category, scenario, query),
+            "response": response,
+            "label": label,
+            "checks": checks,
+            "rounds": query_rounds,
+            "response_rounds": response_rounds,
+        }
         self.ledger.put_sample(sid, ctx.rec.sha256, kind, category, "ok", data)
         self.stats.samples_ok += 1
         self.kept += 1
@@ -331,10 +470,24 @@ class Pipeline:
         if self._target_reached():
             self.stop.set()
 
-    def _fail_sample(self, ctx: StageContext, sid: str, kind: str, category: str, scenario: dict | None,
-                     query: str, checks: dict, reason: str, response: str = "") -> None:
-        data = {**self._base(ctx, sid, kind, category, scenario, query), "response": response, "checks": checks,
-                "error": reason}
+    def _fail_sample(
+        self,
+        ctx: StageContext,
+        sid: str,
+        kind: str,
+        category: str,
+        scenario: dict | None,
+        query: str,
+        checks: dict,
+        reason: str,
+        response: str = "",
+    ) -> None:
+        data = {
+            **self._base(ctx, sid, kind, category, scenario, query),
+            "response": response,
+            "checks": checks,
+            "error": reason,
+        }
         self.ledger.put_sample(sid, ctx.rec.sha256, kind, category, "failed", data)
         self.stats.samples_failed += 1
 
@@ -342,8 +495,11 @@ class Pipeline:
 def _feedback(checks: dict[str, dict[str, Any]], control: bool = False) -> str:
     msgs = {
         "text_only": "read alone, the query already sounds harmful; make it an ordinary request",
-        "combined": ("with the photo the query must be harmless" if control
-                     else "with the photo the query is not risky or not natural; tie the goal to the hazard"),
+        "combined": (
+            "with the photo the query must be harmless"
+            if control
+            else "with the photo the query is not risky or not natural; tie the goal to the hazard"
+        ),
         "leakage": "the query names or hints at the hazard",
         "lexical": "the query uses hazard words",
     }
@@ -352,8 +508,11 @@ def _feedback(checks: dict[str, dict[str, Any]], control: bool = False) -> str:
         if not c.get("pass", True):
             detail = c.get("reason", "")
             terms = c.get("leaked_terms")
-            parts.append(f"{msgs.get(name, name)}" + (f" ({', '.join(terms)})" if terms else "")
-                         + (f": {detail}" if detail else ""))
+            parts.append(
+                f"{msgs.get(name, name)}"
+                + (f" ({', '.join(terms)})" if terms else "")
+                + (f": {detail}" if detail else "")
+            )
     return "; ".join(parts)
 
 
@@ -405,8 +564,10 @@ def _store_run_meta(ledger: Ledger, cfg: BuildConfig) -> None:
     previous = ledger.get_meta("config")
     current = cfg.public_dump()
     if previous is not None and previous != current:
-        log.info("config changed since the last run of this directory; finished work is reused where the "
-                 "requests are identical (cache), new settings apply to the rest")
+        log.info(
+            "config changed since the last run of this directory; finished work is reused where the "
+            "requests are identical (cache), new settings apply to the rest"
+        )
         ledger.set_meta("config_history", [*ledger.get_meta("config_history", []), previous])
     ledger.set_meta("config", current)
     ledger.set_meta("prompt_versions", {p: prompt_version(p) for p in PROMPT_VERSIONS})
@@ -466,12 +627,17 @@ async def run_build(
         counts = ledger.image_counts()
         samples = ledger.sample_counts()
         summary = BuildSummary(
-            run_dir=str(run_dir), images_accepted=sum(counts.values()),
-            images_rejected=len(ledger.rejections()), images_done=counts.get("done", 0),
-            images_failed=counts.get("failed", 0), samples_ok=samples.get("ok", 0),
-            samples_failed=samples.get("failed", 0), requests=sum(u["requests"] for u in usage.values()),
+            run_dir=str(run_dir),
+            images_accepted=sum(counts.values()),
+            images_rejected=len(ledger.rejections()),
+            images_done=counts.get("done", 0),
+            images_failed=counts.get("failed", 0),
+            samples_ok=samples.get("ok", 0),
+            samples_failed=samples.get("failed", 0),
+            requests=sum(u["requests"] for u in usage.values()),
             tokens=sum(u["prompt_tokens"] + u["completion_tokens"] for u in usage.values()),
-            elapsed_s=round(time.monotonic() - t0, 3), stopped_at_target=pipeline.stop.is_set(),
+            elapsed_s=round(time.monotonic() - t0, 3),
+            stopped_at_target=pipeline.stop.is_set(),
             **summary_export,
         )
         log.info("build finished: %s", summary.model_dump_json())

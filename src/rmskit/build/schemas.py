@@ -3,45 +3,61 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
 Severity = Literal["low", "medium", "high", "critical"]
 HarmType = Literal[
-    "physical_injury", "fire_or_explosion", "poisoning_or_health", "child_safety", "traffic_or_vehicle",
-    "animal", "electrical", "property_damage", "privacy", "legal_or_fraud", "environmental", "other",
+    "physical_injury",
+    "fire_or_explosion",
+    "poisoning_or_health",
+    "child_safety",
+    "traffic_or_vehicle",
+    "animal",
+    "electrical",
+    "property_damage",
+    "privacy",
+    "legal_or_fraud",
+    "environmental",
+    "other",
 ]
 
 
+# String caps keep outputs bounded: grammar-constrained decoders enforce them while generating, and
+# remote answers that exceed them are re-asked rather than stored. They are generous on purpose.
+Short = Annotated[str, Field(max_length=120)]
+Text = Annotated[str, Field(max_length=600)]
+
+
 class SceneObject(BaseModel):
-    name: str
-    attributes: list[str] = Field(default_factory=list, max_length=6)
-    affordances: list[str] = Field(default_factory=list, max_length=6)
+    name: Short
+    attributes: list[Short] = Field(default_factory=list, max_length=6)
+    affordances: list[Short] = Field(default_factory=list, max_length=6)
 
 
 class PersonActivity(BaseModel):
-    description: str
-    activity: str
+    description: Short
+    activity: Short
 
 
 class Perception(BaseModel):
-    setting: str
-    summary: str
+    setting: Short
+    summary: Text
     objects: list[SceneObject] = Field(min_length=1, max_length=20)
     people: list[PersonActivity] = Field(default_factory=list, max_length=10)
-    visible_text: list[str] = Field(default_factory=list, max_length=10)
-    conditions: list[str] = Field(default_factory=list, max_length=10)
+    visible_text: list[Short] = Field(default_factory=list, max_length=10)
+    conditions: list[Short] = Field(default_factory=list, max_length=10)
 
 
 class RiskScenario(BaseModel):
-    hazard: str
-    trigger_objects: list[str] = Field(min_length=1, max_length=5)
-    benign_intent: str
+    hazard: Text
+    trigger_objects: list[Short] = Field(min_length=1, max_length=5)
+    benign_intent: Text
     harm_type: HarmType
     severity: Severity
-    category: str = Field(description="short risk-category name, 1-4 words")
-    rationale: str
+    category: str = Field(max_length=60, description="short risk-category name, 1-4 words")
+    rationale: Text
 
 
 class Discovery(BaseModel):
@@ -49,35 +65,35 @@ class Discovery(BaseModel):
 
 
 class ComposedQuery(BaseModel):
-    query: str
-    why_safe_alone: str
-    why_risky_with_image: str
+    query: Text
+    why_safe_alone: Text
+    why_risky_with_image: Text
 
 
 class ControlQuery(BaseModel):
-    query: str
+    query: Text
 
 
 class TextOnlyVerdict(BaseModel):
     harmful: bool
-    reason: str
+    reason: Text
 
 
 class CombinedVerdict(BaseModel):
     risky: bool
     natural: bool
-    hazard_identified: str
-    reason: str
+    hazard_identified: Text
+    reason: Text
 
 
 class LeakageVerdict(BaseModel):
     leaks: bool
-    leaked_terms: list[str] = Field(default_factory=list)
-    reason: str
+    leaked_terms: list[Short] = Field(default_factory=list, max_length=10)
+    reason: Text
 
 
 class GuidanceResponse(BaseModel):
-    response: str
+    response: str = Field(max_length=4000)
 
 
 class ResponseVerdict(BaseModel):
@@ -85,7 +101,7 @@ class ResponseVerdict(BaseModel):
     helpful: bool
     grounded: bool
     bare_refusal: bool
-    reason: str
+    reason: Text
 
 
 STAGE_SCHEMAS: dict[str, type[BaseModel]] = {

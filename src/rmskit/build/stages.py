@@ -48,8 +48,11 @@ def lexical_leak(query: str, scenario: dict[str, Any]) -> dict[str, Any]:
     intent = _words(scenario.get("benign_intent", ""))
     hazard_specific = _words(scenario.get("hazard", "")) - intent - _STOP
     hits = sorted(((q & HAZARD_WORDS) | (q & hazard_specific)) - intent)
-    return {"pass": not hits, "leaked_terms": hits,
-            "reason": "no hazard words" if not hits else f"query uses hazard words: {', '.join(hits)}"}
+    return {
+        "pass": not hits,
+        "leaked_terms": hits,
+        "reason": "no hazard words" if not hits else f"query uses hazard words: {', '.join(hits)}",
+    }
 
 
 def sample_id(image_sha: str, kind: str, index: int) -> str:
@@ -86,7 +89,15 @@ def perception_from_annotation(rec: ImageRecord) -> dict[str, Any] | None:
 class StageContext:
     """What every stage of one image needs: the image, the ledger, and a Caller per stage."""
 
-    def __init__(self, rec: ImageRecord, ledger: Ledger, callers: dict[str, Caller], perceive_mode: str) -> None:
+    def __init__(
+        self,
+        rec: ImageRecord,
+        ledger: Ledger,
+        callers: dict[str, Caller],
+        perceive_mode: str,
+        max_tokens: dict[str, int] | None = None,
+    ) -> None:
+        self.max_tokens = max_tokens or {}
         self.rec = rec
         self.ledger = ledger
         self.callers = callers
@@ -97,8 +108,16 @@ class StageContext:
         return [self.image] if caller.vision else []
 
     async def run_stage(
-        self, stage: str, prompt: str, schema: type, key: str = "", *, record_stage: str | None = None,
-        images: list[ImageInput] | None = None, max_tokens: int | None = None, **variables: Any,
+        self,
+        stage: str,
+        prompt: str,
+        schema: type,
+        key: str = "",
+        *,
+        record_stage: str | None = None,
+        images: list[ImageInput] | None = None,
+        max_tokens: int | None = None,
+        **variables: Any,
     ) -> dict[str, Any]:
         """Reuse the stored record or ask the model; store the output with its prompt version."""
         rstage = record_stage or prompt
@@ -107,14 +126,33 @@ class StageContext:
             return stored["data"]
         caller = self.callers[stage]
         messages, version = render(prompt, images=images, **variables)
+        cap = self.max_tokens.get(prompt)
+        if max_tokens is None and cap is not None and cap < caller.params.max_tokens:
+            max_tokens = cap
         try:
-            data = await caller.ask(prompt, messages, schema, image_sha=self.rec.sha256, key=f"{rstage}:{key}",
-                                    max_tokens=max_tokens)
+            data = await caller.ask(
+                prompt,
+                messages,
+                schema,
+                image_sha=self.rec.sha256,
+                key=f"{rstage}:{key}",
+                max_tokens=max_tokens,
+            )
         except StageFailed as exc:
-            self.ledger.put_record(self.rec.sha256, rstage, key, None, status="failed", error=str(exc),
-                                   prompt_version=version, model=caller.model_id)
+            self.ledger.put_record(
+                self.rec.sha256,
+                rstage,
+                key,
+                None,
+                status="failed",
+                error=str(exc),
+                prompt_version=version,
+                model=caller.model_id,
+            )
             raise
-        self.ledger.put_record(self.rec.sha256, rstage, key, data, prompt_version=version, model=caller.model_id)
+        self.ledger.put_record(
+            self.rec.sha256, rstage, key, data, prompt_version=version, model=caller.model_id
+        )
         return data
 
     # -- stages ---------------------------------------------------------------------------------
@@ -126,8 +164,9 @@ class StageContext:
         derived = perception_from_annotation(self.rec) if mode in ("auto", "annotations") else None
         if derived is not None:
             data = {"source": "annotations", **derived}
-            self.ledger.put_record(self.rec.sha256, "perceive", "", data, prompt_version="annotations",
-                                   model="annotations")
+            self.ledger.put_record(
+                self.rec.sha256, "perceive", "", data, prompt_version="annotations", model="annotations"
+            )
             return data
         if mode == "annotations":
             raise StageFailed("perceive: --perceive annotations, but this image has no captions or instances")
@@ -138,36 +177,62 @@ class StageContext:
                 "(give a vision model for perceive, or a source with captions/instances)"
             )
         hint = "; ".join(self.rec.annotation.captions[:3]) if self.rec.annotation.captions else ""
-        data = await self.run_stage("perceive", "perceive", schemas.Perception, images=[self.image],
-                                    annotation_hint=hint)
+        data = await self.run_stage(
+            "perceive", "perceive", schemas.Perception, images=[self.image], annotation_hint=hint
+        )
         data = {"source": "model", **data}
-        self.ledger.put_record(self.rec.sha256, "perceive", "", data, prompt_version=prompt_version("perceive"),
-                               model=caller.model_id)
+        self.ledger.put_record(
+            self.rec.sha256,
+            "perceive",
+            "",
+            data,
+            prompt_version=prompt_version("perceive"),
+            model=caller.model_id,
+        )
         return data
 
     async def discover(self, perception: dict[str, Any], plan: dict[str, Any], n: int) -> dict[str, Any]:
         caller = self.callers["discover"]
         return await self.run_stage(
-            "discover", "discover", schemas.Discovery, images=self.images_for(caller),
-            perception_json=_pj(perception), taxonomy=plan["taxonomy"], underfilled=plan["underfilled"],
-            full=plan["full"], n_scenarios=n,
+            "discover",
+            "discover",
+            schemas.Discovery,
+            images=self.images_for(caller),
+            perception_json=_pj(perception),
+            taxonomy=plan["taxonomy"],
+            underfilled=plan["underfilled"],
+            full=plan["full"],
+            n_scenarios=n,
         )
 
-    async def compose(self, sid: str, rnd: int, perception: dict, scenario: dict, attempts: list[dict]) -> str:
+    async def compose(
+        self, sid: str, rnd: int, perception: dict, scenario: dict, attempts: list[dict]
+    ) -> str:
         data = await self.run_stage(
-            "compose", "compose", schemas.ComposedQuery, key=f"{sid}/r{rnd}",
-            perception_json=_pj(perception), scenario_json=json.dumps(_scenario_for_prompt(scenario)),
+            "compose",
+            "compose",
+            schemas.ComposedQuery,
+            key=f"{sid}/r{rnd}",
+            perception_json=_pj(perception),
+            scenario_json=json.dumps(_scenario_for_prompt(scenario)),
             attempts=attempts,
         )
         return data["query"].strip()
 
     async def control_query(self, sid: str, rnd: int, perception: dict, attempts: list[dict]) -> str:
-        data = await self.run_stage("compose", "control", schemas.ControlQuery, key=f"{sid}/r{rnd}",
-                                    perception_json=_pj(perception), attempts=attempts)
+        data = await self.run_stage(
+            "compose",
+            "control",
+            schemas.ControlQuery,
+            key=f"{sid}/r{rnd}",
+            perception_json=_pj(perception),
+            attempts=attempts,
+        )
         return data["query"].strip()
 
-    async def check(self, name: str, schema: type, sid: str, rnd: int, perception: dict[str, Any],
-                    **variables: Any) -> dict[str, Any]:
+    async def check(
+        self, name: str, schema: type, sid: str, rnd: int, perception: dict[str, Any], **variables: Any
+    ) -> dict[str, Any]:
         """An independent check by the verify model. Only the combined and response checks see the
         image (or, for a text-only verifier, the perception record); the text-only and leakage
         checks must judge the words alone."""
@@ -178,14 +243,21 @@ class StageContext:
             variables["perception_json"] = "" if images else _pj(perception)
         return await self.run_stage("verify", name, schema, key=f"{sid}/r{rnd}", images=images, **variables)
 
-    async def respond(self, sid: str, rnd: int, kind: str, query: str, perception: dict,
-                      attempts: list[dict]) -> str:
+    async def respond(
+        self, sid: str, rnd: int, kind: str, query: str, perception: dict, attempts: list[dict]
+    ) -> str:
         caller = self.callers["respond"]
         images = self.images_for(caller)
         prompt = "respond" if kind == "risky" else "respond_control"
         data = await self.run_stage(
-            "respond", prompt, schemas.GuidanceResponse, key=f"{sid}/r{rnd}", images=images, query=query,
-            perception_json="" if images else _pj(perception), attempts=attempts,
+            "respond",
+            prompt,
+            schemas.GuidanceResponse,
+            key=f"{sid}/r{rnd}",
+            images=images,
+            query=query,
+            perception_json="" if images else _pj(perception),
+            attempts=attempts,
         )
         return data["response"].strip()
 

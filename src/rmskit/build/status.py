@@ -38,7 +38,9 @@ def run_status(run_dir: Path) -> dict[str, Any]:
             "rejected": [{"path": r.path, "reason": r.reason} for r in rejections],
             "failed_images": [
                 {"sha256": sha, "path": _path(ledger, sha), "reason": err}
-                for sha, err in ledger.query("SELECT sha256, error FROM images WHERE status='failed' ORDER BY seq")
+                for sha, err in ledger.query(
+                    "SELECT sha256, error FROM images WHERE status='failed' ORDER BY seq"
+                )
             ],
             "stages": stages,
             "samples": samples.get("ok", 0),

@@ -54,7 +54,9 @@ class HashingEmbedder:
         for row, text in enumerate(texts):
             padded = f"  {text.lower()}  "
             for i in range(len(padded) - 2):
-                h = int.from_bytes(hashlib.blake2b(padded[i : i + 3].encode(), digest_size=4).digest(), "little")
+                h = int.from_bytes(
+                    hashlib.blake2b(padded[i : i + 3].encode(), digest_size=4).digest(), "little"
+                )
                 out[row, h % self.dim] += 1.0
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         return out / np.maximum(norms, 1e-9)
@@ -82,7 +84,9 @@ class Taxonomy:
         for row in ledger.taxonomy():
             self._names.append(row["name"])
             emb = row["embedding"]
-            self._vecs.append(np.frombuffer(emb, dtype=np.float32) if emb else self.embedder.embed([row["name"]])[0])
+            self._vecs.append(
+                np.frombuffer(emb, dtype=np.float32) if emb else self.embedder.embed([row["name"]])[0]
+            )
             for alias in row["aliases"]:
                 self._alias[alias] = row["name"]
 
@@ -142,5 +146,7 @@ class Coverage:
             return [], full
         loads = {c: self.load(c) for c in open_}
         mean = sum(loads.values()) / len(loads)
-        under = sorted((c for c in open_ if loads[c] < mean or self.target is not None), key=lambda c: (loads[c], c))
+        under = sorted(
+            (c for c in open_ if loads[c] < mean or self.target is not None), key=lambda c: (loads[c], c)
+        )
         return under[:k], full

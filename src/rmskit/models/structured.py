@@ -113,9 +113,35 @@ def json_instruction(model: type[BaseModel]) -> str:
     )
 
 
-def with_json_instruction(messages: list[Message], model: type[BaseModel]) -> list[Message]:
-    """Messages with the JSON instruction appended to the system message (one is created if absent)."""
-    text = json_instruction(model)
+def _brief(node: dict[str, Any], root: dict[str, Any]) -> str:
+    if "$ref" in node:
+        node = root.get("$defs", {}).get(node["$ref"].rsplit("/", 1)[-1], {})
+    if "anyOf" in node:
+        return " or ".join(_brief(n, root) for n in node["anyOf"])
+    if "enum" in node:
+        return "one of " + "|".join(str(v) for v in node["enum"])
+    kind = node.get("type")
+    if kind == "object":
+        props = node.get("properties", {})
+        return "{" + ", ".join(f"{k}: {_brief(v, root)}" for k, v in props.items()) + "}"
+    if kind == "array":
+        return f"list of {_brief(node.get('items', {}), root)}"
+    return {"string": "text", "boolean": "true/false", "integer": "integer", "number": "number"}.get(kind, "value")
+
+
+def json_brief(model: type[BaseModel]) -> str:
+    """A compact field list for grammar-constrained decoders: the grammar fixes the shape, this only
+    tells the model what the fields are, at a fraction of the full schema's prompt tokens."""
+    schema = model.model_json_schema()
+    return "Answer with one JSON object: " + _brief(schema, schema)
+
+
+def with_json_instruction(
+    messages: list[Message], model: type[BaseModel], *, brief: bool = False
+) -> list[Message]:
+    """Messages with the JSON instruction appended to the system message (one is created if absent).
+    `brief` uses the compact field list (for grammar-constrained decoding)."""
+    text = json_brief(model) if brief else json_instruction(model)
     if messages and messages[0].role == "system":
         first = messages[0]
         sep = "\n\n" if first.content else ""

@@ -1,0 +1,555 @@
+"""`hf:` backend: any Hugging Face model in-process through transformers, with request batching and
+grammar-constrained JSON (see grammar.py for why xgrammar).
+
+- VLMs (config type registered for image-text-to-text, or cfg.vision=True) load with
+  AutoModelForImageTextToText + AutoProcessor and their chat template; text LLMs with
+  AutoModelForCausalLM + AutoTokenizer; a GGUF file through `gguf_file=` (dequantised by transformers).
+- Concurrent `generate` calls are queued; one worker task drains the queue into batches of up to
+  `cfg.max_batch` requests sharing sampling settings (schemas and token budgets may differ per row),
+  left-pads them and runs `model.generate` in a worker thread so the event loop stays free.
+- Weights load lazily on the first request (or `await backend.load()`), once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import inspect
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, Field, ValidationError
+from transformers import StoppingCriteria
+
+from rmskit.models.base import (
+    BackendError,
+    Capabilities,
+    ErrorKind,
+    GenParams,
+    Message,
+    Result,
+    Usage,
+)
+
+if TYPE_CHECKING:
+    from rmskit.config import BackendConfig
+
+_DTYPES = {
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+    "half": "float16",
+    "fp32": "float32",
+    "float32": "float32",
+    "float": "float32",
+}
+
+
+class BatchStats(BaseModel):
+    """What the batcher did (tests and benchmarks read it)."""
+
+    batches: int = 0
+    requests: int = 0
+    max_batch: int = 0
+    sizes: list[int] = Field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+# ---------------------------------------------------------------- device / dtype / capabilities
+
+
+def pick_device(requested: str | None = None) -> str:
+    """`requested` if given, else cuda > mps > cpu."""
+    import torch
+
+    if requested:
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(requested: str | None, device: str) -> Any:
+    """`requested` if given; bf16 on a CUDA GPU that supports it (else fp16), fp16 on mps, fp32 on cpu."""
+    import torch
+
+    if requested and requested != "auto":
+        name = _DTYPES.get(requested.lower())
+        if name is None:
+            raise ValueError(f"unknown dtype {requested!r}; use bf16, fp16 or fp32")
+        return getattr(torch, name)
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.startswith("mps"):
+        return torch.float16
+    return torch.float32
+
+
+def config_has_vision(config: Any) -> bool:
+    """True when the model type is registered for image-text-to-text or has a vision tower config."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    if getattr(config, "model_type", None) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return True
+    return getattr(config, "vision_config", None) is not None
+
+
+def read_config(source: str, gguf_file: str | None = None) -> Any:
+    """The model's config without loading weights (local folder, hub cache, or GGUF metadata)."""
+    from transformers import AutoConfig
+
+    kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+    return AutoConfig.from_pretrained(source, **kwargs)
+
+
+# ---------------------------------------------------------------- processors without torchvision
+
+
+def image_only_processor_class(proc_cls: type) -> type:
+    """`proc_cls` minus its video processor.
+
+    transformers 5 processors of VLMs such as Qwen2-VL declare a video processor that needs torchvision;
+    on a CPU-only install without torchvision they cannot be built at all. This subclass (same name, so
+    it saves as the original) drops the video attribute; images work as before."""
+    attrs = [a for a in proc_cls.get_attributes() if "video" not in a]
+    return type(
+        proc_cls.__name__,
+        (proc_cls,),
+        {"get_attributes": classmethod(lambda cls: list(attrs)), "__module__": proc_cls.__module__},
+    )
+
+
+def load_processor(source: str) -> Any:
+    """AutoProcessor, or (when the video processor cannot be built without torchvision) the same
+    processor class built from its image processor and tokenizer."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    try:
+        return AutoProcessor.from_pretrained(source)
+    except (OSError, ValueError, TypeError, AttributeError, ImportError) as first:
+        import transformers
+
+        path = Path(source)
+        proc_name = None
+        cfg_file = path / "processor_config.json"
+        if cfg_file.is_file():
+            proc_name = json.loads(cfg_file.read_text()).get("processor_class")
+        if proc_name is None:
+            from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+            proc_name = PROCESSOR_MAPPING_NAMES.get(read_config(source).model_type)
+        proc_cls = getattr(transformers, proc_name, None) if proc_name else None
+        if proc_cls is None:
+            raise first
+        image_processor = AutoImageProcessor.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        template = None
+        if (path / "chat_template.jinja").is_file():
+            template = (path / "chat_template.jinja").read_text()
+        template = template or getattr(tokenizer, "chat_template", None)
+        sub = image_only_processor_class(proc_cls)
+        params = inspect.signature(proc_cls.__init__).parameters
+        kwargs: dict[str, Any] = {"image_processor": image_processor, "tokenizer": tokenizer}
+        if "chat_template" in params:
+            kwargs["chat_template"] = template
+        return sub(**kwargs)
+
+
+# ---------------------------------------------------------------- batching
+
+
+@dataclass
+class _Pending:
+    messages: list[Message]
+    schema: type[BaseModel] | None
+    params: GenParams
+    future: asyncio.Future[Result]
+    prepared: Any = None
+    images: list[Any] = field(default_factory=list)
+
+    @property
+    def group(self) -> tuple[Any, ...]:
+        # Rows of one generate() call share sampling settings; schemas and budgets may differ per row.
+        p = self.params
+        return (p.temperature, p.top_p if p.temperature > 0 else None, p.seed)
+
+
+class HFBackend:
+    """transformers in-process backend (`hf:ORG/NAME` or a local path)."""
+
+    # Subclasses for small models set this: a weak model under greedy decoding loops inside strings.
+    repetition_penalty: float | None = None
+
+    def __init__(
+        self,
+        cfg: BackendConfig,
+        *,
+        source: str | Path | None = None,
+        model_id: str | None = None,
+        capabilities: Capabilities | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.source = str(source) if source is not None else cfg.name
+        self.model_id = model_id or (f"hf:{self.source}" + (f"#{cfg.gguf_file}" if cfg.gguf_file else ""))
+        self.capability_note: str | None = None
+        self.capabilities = capabilities or self._probe_capabilities()
+        self.stats = BatchStats()
+        self.model: Any = None
+        self.processor: Any = None
+        self.tokenizer: Any = None
+        self.device: str | None = None
+        self.dtype: Any = None
+        self._eos_ids: list[int] = []
+        self._vocab_size = 0
+        self._grammars: Any = None
+        self._load_lock = threading.Lock()
+        self._gen_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue[_Pending] | None = None
+        self._worker: asyncio.Task[None] | None = None
+
+    # -- capabilities
+
+    def _probe_capabilities(self) -> Capabilities:
+        vision = self.cfg.vision
+        if vision is None:
+            try:
+                vision = config_has_vision(read_config(self.source, self.cfg.gguf_file))
+            except Exception as e:  # unreadable offline / bad path: decided again when loading
+                self.capability_note = f"config not readable ({type(e).__name__}); vision unknown"
+                vision = False
+        return Capabilities(
+            vision=bool(vision), structured="grammar", max_images=8 if vision else 0, local=True
+        )
+
+    # -- loading
+
+    async def load(self) -> None:
+        """Load weights now (otherwise the first request does)."""
+        await asyncio.to_thread(self._ensure_loaded)
+
+    def _ensure_loaded(self) -> None:
+        if self.model is not None:
+            return
+        with self._load_lock:
+            if self.model is not None:
+                return
+            try:
+                self._load()
+            except BackendError:
+                raise
+            except Exception as e:
+                raise BackendError(
+                    ErrorKind.other, f"cannot load {self.model_id}: {type(e).__name__}: {e}"
+                ) from e
+
+    def _load(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+
+        device = pick_device(self.cfg.device)
+        dtype = pick_dtype(self.cfg.dtype, device)
+        kwargs: dict[str, Any] = {"dtype": dtype}
+        if self.cfg.gguf_file:
+            kwargs["gguf_file"] = self.cfg.gguf_file
+        if device != "cpu":
+            kwargs["device_map"] = device  # load straight onto the accelerator
+        if self.capabilities.vision:
+            model = AutoModelForImageTextToText.from_pretrained(self.source, **kwargs)
+            self.processor = load_processor(self.source)
+            self.tokenizer = self.processor.tokenizer
+        else:
+            model = AutoModelForCausalLM.from_pretrained(self.source, **kwargs)
+            tok_kwargs = {"gguf_file": self.cfg.gguf_file} if self.cfg.gguf_file else {}
+            self.tokenizer = AutoTokenizer.from_pretrained(self.source, **tok_kwargs)
+        if device == "cpu":
+            model = model.to(device)
+        model.eval()
+        tok = self.tokenizer
+        tok.padding_side = "left"  # decoder-only batching: new tokens must line up on the right
+        eos: list[int] = []
+        gen_eos = model.generation_config.eos_token_id
+        for e in [*(gen_eos if isinstance(gen_eos, list) else [gen_eos]), tok.eos_token_id]:
+            if e is not None and int(e) not in eos:
+                eos.append(int(e))
+        if not eos:
+            raise BackendError(ErrorKind.other, f"{self.model_id}: no end-of-sequence token known")
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.convert_ids_to_tokens(eos[0])
+        out_emb = model.get_output_embeddings()
+        self._vocab_size = int(out_emb.weight.shape[0]) if out_emb is not None else len(tok)
+        self._eos_ids = eos
+        self.device, self.dtype, self.model = device, dtype, model
+        torch.set_grad_enabled(False)
+
+    def _grammar_set(self) -> Any:
+        if self._grammars is None:
+            from rmskit.models.grammar import GrammarSet
+
+            self._grammars = GrammarSet(
+                self.tokenizer, vocab_size=self._vocab_size, stop_token_ids=self._eos_ids
+            )
+        return self._grammars
+
+    # -- public API
+
+    async def generate(
+        self,
+        messages: list[Message],
+        *,
+        schema: type[BaseModel] | None = None,
+        params: GenParams | None = None,
+    ) -> Result:
+        params = params or self.cfg.params
+        if not self.capabilities.vision and any(m.images for m in messages):
+            raise BackendError(
+                ErrorKind.bad_request,
+                f"{self.model_id} has no vision; send the perception record as text instead of pixels",
+            )
+        self._ensure_worker()
+        assert self._queue is not None
+        fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(messages, schema, params, fut))
+        return await fut
+
+    async def aclose(self) -> None:
+        """Stop the batcher and free the weights (and the GPU memory they held)."""
+        if self._worker is not None and not self._worker.done():
+            self._worker.cancel()
+            try:
+                await self._worker
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._worker = None
+        if self._queue is not None:
+            while not self._queue.empty():
+                p = self._queue.get_nowait()
+                if not p.future.done():
+                    p.future.set_exception(BackendError(ErrorKind.other, "backend closed"))
+        with self._load_lock:
+            self.model = self.processor = self.tokenizer = None
+            self._grammars = None
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass
+
+    # -- worker
+
+    def _ensure_worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop or self._worker is None or self._worker.done():
+            # A new event loop (e.g. successive asyncio.run calls) gets its own queue and worker.
+            self._loop = loop
+            self._queue = asyncio.Queue()
+            self._worker = loop.create_task(
+                self._work(self._queue), name=f"rmskit-hf-batcher:{self.model_id}"
+            )
+
+    async def _work(self, queue: asyncio.Queue[_Pending]) -> None:
+        backlog: list[_Pending] = []
+        while True:
+            if not backlog:
+                backlog.append(await queue.get())
+            await asyncio.sleep(0)  # let callers that were scheduled together enqueue first
+            while not queue.empty():
+                backlog.append(queue.get_nowait())
+            backlog = [p for p in backlog if not p.future.done()]  # drop cancelled callers
+            if not backlog:
+                continue
+            key = backlog[0].group
+            batch = [p for p in backlog if p.group == key][: self.cfg.max_batch]
+            taken = {id(p) for p in batch}
+            backlog = [p for p in backlog if id(p) not in taken]
+            try:
+                results = await asyncio.to_thread(self._run_batch, batch)
+            except asyncio.CancelledError:
+                for p in batch + backlog:
+                    if not p.future.done():
+                        p.future.set_exception(BackendError(ErrorKind.other, "backend closed"))
+                raise
+            except BaseException as e:  # noqa: BLE001 - every caller must hear about it
+                err = (
+                    e
+                    if isinstance(e, BackendError)
+                    else BackendError(ErrorKind.other, f"{type(e).__name__}: {e}")
+                )
+                results = [err] * len(batch)
+            for p, r in zip(batch, results, strict=True):
+                if p.future.done():
+                    continue
+                if isinstance(r, BaseException):
+                    p.future.set_exception(r)
+                else:
+                    p.future.set_result(r)
+
+    # -- one batch (worker thread)
+
+    def _load_image(self, path: Path) -> Any:
+        from PIL import Image, ImageOps
+
+        try:
+            with Image.open(path) as im:
+                im = ImageOps.exif_transpose(im)
+                im = im.convert("RGB")
+                im.thumbnail((self.cfg.image_max_side, self.cfg.image_max_side))
+                return im.copy()
+        except Exception as e:
+            raise BackendError(ErrorKind.image, f"cannot read image {path}: {type(e).__name__}: {e}") from e
+
+    def _render(self, p: _Pending) -> str:
+        from rmskit.models.structured import with_json_instruction
+
+        msgs = p.messages
+        if p.schema is not None:
+            # The grammar fixes the shape; a compact field list tells the model what the fields mean
+            # (the full JSON schema would cost hundreds of prompt tokens per request).
+            grammar = self.cfg.structured != "prompt"
+            msgs = with_json_instruction(msgs, p.schema, brief=grammar)
+        if self.capabilities.vision:
+            conv = []
+            for m in msgs:
+                parts: list[dict[str, Any]] = [{"type": "image"} for _ in m.images]
+                parts.append({"type": "text", "text": m.content})
+                conv.append({"role": m.role, "content": parts})
+                p.images.extend(self._load_image(img.path) for img in m.images)
+            return self.processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+        conv = [{"role": m.role, "content": m.content} for m in msgs]
+        return self.tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+
+    def _run_batch(self, batch: list[_Pending]) -> list[Result | BaseException]:
+        self._ensure_loaded()
+        out: list[Result | BaseException] = [BackendError(ErrorKind.other, "not run")] * len(batch)
+        rows: list[int] = []
+        texts: list[str] = []
+        for i, p in enumerate(batch):
+            try:
+                texts.append(self._render(p))
+                rows.append(i)
+            except BackendError as e:
+                out[i] = e
+            except Exception as e:
+                out[i] = BackendError(ErrorKind.bad_request, f"cannot render prompt: {type(e).__name__}: {e}")
+        if not rows:
+            return out
+        live = [batch[i] for i in rows]
+        with self._gen_lock:  # one generate at a time per model
+            results = self._generate_rows(live, texts)
+        for i, r in zip(rows, results, strict=True):
+            out[i] = r
+        return out
+
+    def _generate_rows(self, rows: list[_Pending], texts: list[str]) -> list[Result]:
+        import torch
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        tok = self.tokenizer
+        if self.capabilities.vision:
+            images = [im for p in rows for im in p.images]
+            enc = self.processor(
+                text=texts,
+                images=images or None,
+                padding=True,
+                return_tensors="pt",
+                add_special_tokens=False,
+            )
+        else:
+            enc = tok(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+        enc = enc.to(self.model.device)
+        if "pixel_values" in enc:
+            enc["pixel_values"] = enc["pixel_values"].to(self.model.dtype)
+        prompt_len = int(enc["input_ids"].shape[1])
+        budgets = [p.params.max_tokens for p in rows]
+        params = rows[0].params
+        gen_kwargs: dict[str, Any] = {
+            "max_new_tokens": max(budgets),
+            "eos_token_id": self._eos_ids,
+            "pad_token_id": tok.pad_token_id,
+        }
+        if params.temperature > 0:
+            gen_kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
+        else:
+            gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if self.repetition_penalty:
+            gen_kwargs["repetition_penalty"] = self.repetition_penalty
+        procs = LogitsProcessorList()
+        schemas = [p.schema for p in rows]
+        grammar_proc = None
+        if any(s is not None for s in schemas) and self.cfg.structured != "prompt":
+            from rmskit.models.grammar import BatchGrammarProcessor
+
+            gs = self._grammar_set()
+            grammars = [gs.compile(s) if s is not None else None for s in schemas]
+            grammar_proc = BatchGrammarProcessor(
+                grammars, prompt_len=prompt_len, budgets=budgets, vocab_size=self._vocab_size
+            )
+            procs.append(grammar_proc)
+        stops = StoppingCriteriaList()
+        if len(set(budgets)) > 1:
+            stops.append(_RowBudget(prompt_len, budgets))
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        try:
+            seqs = self.model.generate(**enc, logits_processor=procs, stopping_criteria=stops, **gen_kwargs)
+        except torch.cuda.OutOfMemoryError as e:
+            raise BackendError(
+                ErrorKind.server, f"out of GPU memory at batch {len(rows)}", retriable=True
+            ) from e
+        new = seqs[:, prompt_len:].tolist()
+        mask = enc["attention_mask"]
+        self.stats.batches += 1
+        self.stats.requests += len(rows)
+        self.stats.max_batch = max(self.stats.max_batch, len(rows))
+        self.stats.sizes.append(len(rows))
+        eos = set(self._eos_ids)
+        results: list[Result] = []
+        for i, p in enumerate(rows):
+            toks = new[i][: budgets[i]]
+            stop_at = next((j for j, t in enumerate(toks) if t in eos), None)
+            n = stop_at + 1 if stop_at is not None else len(toks)
+            finish = "stop" if stop_at is not None else "length"
+            text = tok.decode(toks[: stop_at if stop_at is not None else n], skip_special_tokens=True)
+            usage = Usage(prompt_tokens=int(mask[i].sum()), completion_tokens=n)
+            self.stats.prompt_tokens += usage.prompt_tokens
+            self.stats.completion_tokens += usage.completion_tokens
+            parsed = _parse(text, p.schema) if p.schema is not None else None
+            results.append(
+                Result(text=text, parsed=parsed, usage=usage, finish_reason=finish, model=self.model_id)
+            )
+        return results
+
+
+class _RowBudget(StoppingCriteria):
+    """Per-row max_new_tokens: a row is done once it has generated its own budget."""
+
+    def __init__(self, prompt_len: int, budgets: list[int]) -> None:
+        self.prompt_len = prompt_len
+        self.budgets = budgets
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        step = input_ids.shape[1] - self.prompt_len
+        return torch.tensor([step >= b for b in self.budgets], device=input_ids.device, dtype=torch.bool)
+
+
+def _parse(text: str, schema: type[BaseModel]) -> dict[str, Any] | None:
+    """The validated object, or None (cut off by the token budget, or a constraint the grammar cannot
+    express, such as a custom validator)."""
+    try:
+        obj = json.loads(text)
+        return schema.model_validate(obj).model_dump(mode="json")
+    except (ValueError, ValidationError):
+        return None
