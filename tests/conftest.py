@@ -17,8 +17,12 @@ def _real_photos() -> dict[str, np.ndarray]:
     from skimage import data
     from sklearn.datasets import load_sample_images
 
-    photos = {"astronaut": data.astronaut(), "coffee": data.coffee(), "chelsea": data.chelsea(),
-              "rocket": data.rocket()}
+    photos = {
+        "astronaut": data.astronaut(),
+        "coffee": data.coffee(),
+        "chelsea": data.chelsea(),
+        "rocket": data.rocket(),
+    }
     for name, img in zip(("china", "flower"), load_sample_images().images, strict=True):
         photos[name] = img
     return photos

@@ -18,15 +18,46 @@ from rmskit.testing.openai_server import OpenAITestServer
 from rmskit.testing.rms_script import responder
 
 SECRET = "sk-test-" + "S3cr3tValue0123456789abcdef"  # must never land in a run directory
-CONTRACT = {"id", "image", "image_sha256", "source_path", "query", "response", "label", "kind", "category",
-            "checks", "rounds", "models", "prompt_versions", "license"}
+CONTRACT = {
+    "id",
+    "image",
+    "image_sha256",
+    "source_path",
+    "query",
+    "response",
+    "label",
+    "kind",
+    "category",
+    "checks",
+    "rounds",
+    "models",
+    "prompt_versions",
+    "license",
+}
 
 
 def _build(src: Path, out: Path, url: str, *extra: str, env: dict | None = None, **popen) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "rmskit.cli", "build", str(src), "--out", str(out), "--model", "openai:test-model",
-           "--base-url", url, "--concurrency", "4", "--quiet", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rmskit.cli",
+        "build",
+        str(src),
+        "--out",
+        str(out),
+        "--model",
+        "openai:test-model",
+        "--base-url",
+        url,
+        "--concurrency",
+        "4",
+        "--quiet",
+        *extra,
+    ]
     full_env = {**os.environ, "OPENAI_API_KEY": SECRET, **(env or {})}
-    return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    return subprocess.Popen(
+        cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen
+    )
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]:
@@ -40,7 +71,9 @@ def _samples(run: Path) -> list[dict]:
 
 
 def _status(run: Path) -> dict:
-    out = subprocess.check_output([sys.executable, "-m", "rmskit.cli", "status", str(run), "--json"], text=True)
+    out = subprocess.check_output(
+        [sys.executable, "-m", "rmskit.cli", "status", str(run), "--json"], text=True
+    )
     return json.loads(out)
 
 
@@ -65,7 +98,10 @@ def test_build_contract_bad_inputs_and_no_secret(tmp_path: Path, photo_dir: Path
             assert SECRET.encode() not in f.read_bytes(), f"API key leaked into {f}"
     st = _status(out)
     assert set(st) >= {"images", "rejected", "stages", "samples"}
-    assert st["images"]["accepted"] == 6 and st["images"]["total"] == st["images"]["accepted"] + st["images"]["rejected"]
+    assert (
+        st["images"]["accepted"] == 6
+        and st["images"]["total"] == st["images"]["accepted"] + st["images"]["rejected"]
+    )
     reasons = {r["path"]: r["reason"] for r in st["rejected"]}
     assert {"notes.txt", "fake.jpg", "copy of coffee.JPG"} <= set(reasons)
     assert all(r for r in reasons.values())
@@ -87,21 +123,38 @@ def test_build_contract_bad_inputs_and_no_secret(tmp_path: Path, photo_dir: Path
 
 
 def test_unusable_arguments_exit_nonzero(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "rmskit.cli", "build", str(tmp_path / "missing"), "--out",
-                        str(tmp_path / "o")], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rmskit.cli",
+            "build",
+            str(tmp_path / "missing"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode != 0 and "does not exist" in r.stderr
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("max_rounds: 0\n")
-    r = subprocess.run([sys.executable, "-m", "rmskit.cli", "build", str(tmp_path), "--config", str(cfg)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "rmskit.cli", "build", str(tmp_path), "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "max_rounds" in r.stderr
 
 
 def test_ten_percent_faults_complete(tmp_path: Path, photo_dir: Path) -> None:
-    with OpenAITestServer(responder=responder, latency=0.01, fault_rate=0.1, retry_after=0.05, stall_s=3,
-                          seed=7) as srv:
+    with OpenAITestServer(
+        responder=responder, latency=0.01, fault_rate=0.1, retry_after=0.05, stall_s=3, seed=7
+    ) as srv:
         out = tmp_path / "run"
-        rc, _, stderr = _finish(_build(photo_dir, out, srv.base_url, "--timeout", "1", "--embedder", "hashing"))
+        rc, _, stderr = _finish(
+            _build(photo_dir, out, srv.base_url, "--timeout", "1", "--embedder", "hashing")
+        )
         assert rc == 0, stderr
         st = srv.stats()
         assert sum(st.faults.values()) > 0
@@ -115,7 +168,9 @@ def test_ten_percent_faults_complete(tmp_path: Path, photo_dir: Path) -> None:
 def test_sigkill_at_several_points_then_resume_matches_uninterrupted(tmp_path: Path, photo_dir: Path) -> None:
     with OpenAITestServer(responder=responder, latency=0.03) as srv:
         ref = tmp_path / "ref"
-        rc, _, err = _finish(_build(photo_dir, ref, srv.base_url, "--embedder", "hashing", "--scenarios", "3"))
+        rc, _, err = _finish(
+            _build(photo_dir, ref, srv.base_url, "--embedder", "hashing", "--scenarios", "3")
+        )
         assert rc == 0, err
         srv.reset()
         run = tmp_path / "crash"
@@ -124,13 +179,19 @@ def test_sigkill_at_several_points_then_resume_matches_uninterrupted(tmp_path: P
             start = srv.stats().delivered
             proc = _build(photo_dir, run, srv.base_url, "--embedder", "hashing", "--scenarios", "3")
             deadline = time.monotonic() + 120
-            while proc.poll() is None and srv.stats().delivered - start < kill_after and time.monotonic() < deadline:
+            while (
+                proc.poll() is None
+                and srv.stats().delivered - start < kill_after
+                and time.monotonic() < deadline
+            ):
                 time.sleep(0.01)
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
                 kills += 1
-        rc, _, err = _finish(_build(photo_dir, run, srv.base_url, "--embedder", "hashing", "--scenarios", "3"))
+        rc, _, err = _finish(
+            _build(photo_dir, run, srv.base_url, "--embedder", "hashing", "--scenarios", "3")
+        )
         assert rc == 0, err
         records = srv.chat_records()
     assert kills >= 2
@@ -140,8 +201,11 @@ def test_sigkill_at_several_points_then_resume_matches_uninterrupted(tmp_path: P
     assert {s["id"] for s in a} == set(ids_b), "samples lost or invented by crash/resume"
     by_id = {s["id"]: s for s in a}
     for s in b:
-        assert (s["query"], s["response"], s["label"]) == (by_id[s["id"]]["query"], by_id[s["id"]]["response"],
-                                                          by_id[s["id"]]["label"])
+        assert (s["query"], s["response"], s["label"]) == (
+            by_id[s["id"]]["query"],
+            by_id[s["id"]]["response"],
+            by_id[s["id"]]["label"],
+        )
     # Only requests in flight at a kill may be sent again: at most concurrency (4) per kill.
     delivered = Counter(r.messages_hash for r in records if r.delivered)
     resent = sum(n - 1 for n in delivered.values() if n > 1)

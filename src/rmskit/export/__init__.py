@@ -9,9 +9,17 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "NotARunError": "prepare", "Prepared": "prepare", "is_run_dir": "prepare", "prepare": "prepare",
-    "FORMATS": "writer", "DatasetSummary": "writer", "ExportError": "writer", "Format": "writer",
-    "export": "writer", "export_summary": "writer", "write_dataset": "writer",
+    "NotARunError": "prepare",
+    "Prepared": "prepare",
+    "is_run_dir": "prepare",
+    "prepare": "prepare",
+    "FORMATS": "writer",
+    "DatasetSummary": "writer",
+    "ExportError": "writer",
+    "Format": "writer",
+    "export": "writer",
+    "export_summary": "writer",
+    "write_dataset": "writer",
 }
 
 __all__ = sorted(_EXPORTS)

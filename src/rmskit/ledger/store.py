@@ -133,7 +133,8 @@ class Ledger:
             )
             if cur.rowcount:  # a previously refused path that is now fine is no longer a refusal
                 self._con.execute(
-                    "DELETE FROM rejections WHERE source_root=? AND path=?", (rec.source_root, rec.source_path)
+                    "DELETE FROM rejections WHERE source_root=? AND path=?",
+                    (rec.source_root, rec.source_path),
                 )
             return cur.rowcount == 1
 
@@ -196,8 +197,13 @@ class Ledger:
         if not rows:
             return None
         status, data, error, pv, model = rows[0]
-        return {"status": status, "data": json.loads(data) if data else None, "error": error,
-                "prompt_version": pv, "model": model}
+        return {
+            "status": status,
+            "data": json.loads(data) if data else None,
+            "error": error,
+            "prompt_version": pv,
+            "model": model,
+        }
 
     def records_for(self, image_sha: str) -> list[dict[str, Any]]:
         rows = self.query(
@@ -206,14 +212,23 @@ class Ledger:
             (image_sha,),
         )
         return [
-            {"stage": s, "key": k, "status": st, "data": json.loads(d) if d else None, "error": e,
-             "prompt_version": pv, "model": m}
+            {
+                "stage": s,
+                "key": k,
+                "status": st,
+                "data": json.loads(d) if d else None,
+                "error": e,
+                "prompt_version": pv,
+                "model": m,
+            }
             for s, k, st, d, e, pv, m in rows
         ]
 
     def stage_counts(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
-        for stage, status, n in self.query("SELECT stage, status, COUNT(*) FROM records GROUP BY stage, status"):
+        for stage, status, n in self.query(
+            "SELECT stage, status, COUNT(*) FROM records GROUP BY stage, status"
+        ):
             out.setdefault(stage, {})[status] = n
         return out
 
@@ -234,8 +249,15 @@ class Ledger:
         return [{"phase": p, "round": r, "passed": bool(ok), "data": json.loads(d)} for p, r, ok, d in rows]
 
     # -- samples --------------------------------------------------------------------------------
-    def put_sample(self, sample_id: str, image_sha: str, kind: str, category: str | None, status: str,
-                   data: dict[str, Any]) -> None:
+    def put_sample(
+        self,
+        sample_id: str,
+        image_sha: str,
+        kind: str,
+        category: str | None,
+        status: str,
+        data: dict[str, Any],
+    ) -> None:
         self.execute(
             "INSERT OR REPLACE INTO samples(id, image_sha, kind, category, status, data, created)"
             " VALUES(?,?,?,?,?,?,?)",
@@ -249,7 +271,11 @@ class Ledger:
         return {"status": rows[0][0], **json.loads(rows[0][1])}
 
     def iter_samples(self, status: str | None = "ok") -> Iterator[dict[str, Any]]:
-        sql = "SELECT status, data FROM samples" + (" WHERE status=?" if status else "") + " ORDER BY created, id"
+        sql = (
+            "SELECT status, data FROM samples"
+            + (" WHERE status=?" if status else "")
+            + " ORDER BY created, id"
+        )
         for st, data in self.query(sql, (status,) if status else ()):
             yield {"status": st, **json.loads(data)}
 
@@ -257,22 +283,41 @@ class Ledger:
         return dict(self.query("SELECT status, COUNT(*) FROM samples GROUP BY status"))
 
     def category_counts(self, status: str = "ok") -> dict[str, int]:
-        return dict(self.query(
-            "SELECT category, COUNT(*) FROM samples WHERE status=? AND kind='risky' GROUP BY category", (status,)
-        ))
+        return dict(
+            self.query(
+                "SELECT category, COUNT(*) FROM samples WHERE status=? AND kind='risky' GROUP BY category",
+                (status,),
+            )
+        )
 
     # -- request cache ----------------------------------------------------------------------------
     def cache_get(self, key: str) -> dict[str, Any] | None:
         rows = self.query(
-            "SELECT text, finish_reason, prompt_tokens, completion_tokens, model FROM cache WHERE key=?", (key,)
+            "SELECT text, finish_reason, prompt_tokens, completion_tokens, model FROM cache WHERE key=?",
+            (key,),
         )
         if not rows:
             return None
         text, finish, pt, ct, model = rows[0]
-        return {"text": text, "finish_reason": finish, "prompt_tokens": pt, "completion_tokens": ct, "model": model}
+        return {
+            "text": text,
+            "finish_reason": finish,
+            "prompt_tokens": pt,
+            "completion_tokens": ct,
+            "model": model,
+        }
 
-    def cache_put(self, key: str, *, model: str, stage: str | None, text: str, finish_reason: str | None,
-                  prompt_tokens: int, completion_tokens: int) -> None:
+    def cache_put(
+        self,
+        key: str,
+        *,
+        model: str,
+        stage: str | None,
+        text: str,
+        finish_reason: str | None,
+        prompt_tokens: int,
+        completion_tokens: int,
+    ) -> None:
         self.execute(
             "INSERT OR REPLACE INTO cache(key, model, stage, text, finish_reason, prompt_tokens,"
             " completion_tokens, created) VALUES(?,?,?,?,?,?,?,?)",
@@ -286,7 +331,10 @@ class Ledger:
         rows = self.query(
             "SELECT COALESCE(stage, '?'), COUNT(*), SUM(prompt_tokens), SUM(completion_tokens) FROM cache GROUP BY stage"
         )
-        return {s: {"requests": n, "prompt_tokens": pt or 0, "completion_tokens": ct or 0} for s, n, pt, ct in rows}
+        return {
+            s: {"requests": n, "prompt_tokens": pt or 0, "completion_tokens": ct or 0}
+            for s, n, pt, ct in rows
+        }
 
     # -- failures (per-item error log, kept even when a retry later succeeds) ------------------
     def add_failure(self, image_sha: str | None, stage: str, key: str, kind: str, message: str) -> None:
@@ -298,7 +346,10 @@ class Ledger:
     def failures(self, limit: int | None = None) -> list[dict[str, Any]]:
         sql = "SELECT image_sha, stage, key, kind, message, created FROM failures ORDER BY id"
         rows = self.query(sql + (f" LIMIT {int(limit)}" if limit else ""))
-        return [dict(zip(("image_sha", "stage", "key", "kind", "message", "created"), r, strict=True)) for r in rows]
+        return [
+            dict(zip(("image_sha", "stage", "key", "kind", "message", "created"), r, strict=True))
+            for r in rows
+        ]
 
     # -- review decisions (append-only) ---------------------------------------------------------
     def add_decision(self, sample_id: str, action: str, payload: dict[str, Any] | None = None) -> int:
@@ -315,15 +366,19 @@ class Ledger:
             sql += " WHERE sample_id=?"
             params = (sample_id,)
         rows = self.query(sql + " ORDER BY id", params)
-        return [{"id": i, "sample_id": s, "action": a, "payload": json.loads(p or "{}"), "created": c}
-                for i, s, a, p, c in rows]
+        return [
+            {"id": i, "sample_id": s, "action": a, "payload": json.loads(p or "{}"), "created": c}
+            for i, s, a, p, c in rows
+        ]
 
     def review_state(self) -> dict[str, dict[str, Any]]:
         """Fold the append-only decision log into the current state per sample:
         {"decision": "accept"|"reject"|None, "edits": {field: value}, "edited_at": ts, "history": [...]}."""
         state: dict[str, dict[str, Any]] = {}
         for d in self.decisions():
-            st = state.setdefault(d["sample_id"], {"decision": None, "edits": {}, "edited_at": None, "history": []})
+            st = state.setdefault(
+                d["sample_id"], {"decision": None, "edits": {}, "edited_at": None, "history": []}
+            )
             st["history"].append(d)
             if d["action"] in ("accept", "reject"):
                 st["decision"] = d["action"]
@@ -334,9 +389,13 @@ class Ledger:
 
     # -- taxonomy ---------------------------------------------------------------------------------
     def taxonomy(self) -> list[dict[str, Any]]:
-        rows = self.query("SELECT name, seq, description, embedding, aliases, created FROM taxonomy ORDER BY seq")
-        return [{"name": n, "seq": s, "description": d, "embedding": e, "aliases": json.loads(a), "created": c}
-                for n, s, d, e, a, c in rows]
+        rows = self.query(
+            "SELECT name, seq, description, embedding, aliases, created FROM taxonomy ORDER BY seq"
+        )
+        return [
+            {"name": n, "seq": s, "description": d, "embedding": e, "aliases": json.loads(a), "created": c}
+            for n, s, d, e, a, c in rows
+        ]
 
     def add_category(self, name: str, description: str | None, embedding: bytes | None) -> None:
         with self._lock:
