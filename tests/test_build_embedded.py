@@ -11,23 +11,34 @@ from rmskit.ingest.bundled import materialize_real_photos
 from rmskit.ledger import Ledger
 from rmskit.models.base import GenParams
 
-PROMPTS = ("discover", "compose", "control", "check_text_only", "check_combined", "check_leakage")
-
 
 def test_embedded_build_on_three_real_photos(tmp_path: Path) -> None:
     photos = materialize_real_photos(tmp_path / "photos", names=["coffee", "chelsea", "astronaut"])
     manifest = tmp_path / "photos" / "captions.jsonl"  # annotation-grounded perception from a manifest
     manifest.write_text(
-        "\n".join(json.dumps({"path": p.file_name, "caption": p.caption, "license": p.license}) for p in photos)
+        "\n".join(
+            json.dumps({"path": p.file_name, "caption": p.caption, "license": p.license}) for p in photos
+        )
     )
     cfg = BuildConfig(
         sources=[str(manifest)],
         out=tmp_path / "run",
-        model=BackendConfig(spec="embedded", concurrency=8, max_batch=8,
-                            params=GenParams(temperature=0.3, max_tokens=96)),
+        model=BackendConfig(
+            spec="embedded", concurrency=8, max_batch=8, params=GenParams(temperature=0.3, max_tokens=400)
+        ),
         scenarios_per_image=1,
         max_rounds=1,
+        controls=False,  # kept short for CI; `make demo` runs controls too
         embedder="minilm",
+        stage_max_tokens={
+            "discover": 400,
+            "compose": 100,
+            "check_text_only": 80,
+            "check_combined": 80,
+            "check_leakage": 80,
+            "respond": 120,
+            "check_response": 80,
+        },
     )
     summary = rmskit.build(cfg, quiet=True)  # the documented Python API
     assert summary.images_accepted == 3 and summary.images_rejected == 0
@@ -39,11 +50,11 @@ def test_embedded_build_on_three_real_photos(tmp_path: Path) -> None:
     # Every model stage really ran through the tiny model and produced schema-valid outputs (a tiny
     # model's verdicts may reject its own queries; those samples are kept as failures with reasons).
     ran = {stage for (stage,) in led.query("SELECT DISTINCT stage FROM records WHERE status='ok'")}
-    assert {"discover", "compose", "control", "check_text_only", "check_combined"} <= ran, ran
+    assert {"discover", "compose", "check_text_only", "check_combined", "check_leakage"} <= ran, ran
     models = {m for (m,) in led.query("SELECT DISTINCT model FROM cache")}
     assert models and all("SmolLM2" in m or "smollm2" in m.lower() for m in models), models
     rows = led.query("SELECT status, data FROM samples")
-    assert len(rows) >= 3  # one risky + one control per image, kept or failed
+    assert len(rows) >= 2  # one risky sample per image whose discovery parsed, kept or failed
     for status, data in rows:
         d = json.loads(data)
         assert status == "ok" or d["error"], d

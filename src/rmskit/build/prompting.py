@@ -18,7 +18,7 @@ PROMPTS_DIR = Path(__file__).parent / "prompts"
 
 PROMPT_VERSIONS: dict[str, str] = {
     "perceive": "v1",
-    "discover": "v1",
+    "discover": "v2",  # v2: asks for n or n+1 scenarios (v1: n to n+2)
     "compose": "v1",
     "control": "v1",
     "check_text_only": "v1",

@@ -13,7 +13,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -208,69 +208,96 @@ class Pipeline:
             self.ledger.put_record(rec.sha256, "select", "", {"chosen": chosen, "dropped": dropped})
         return chosen
 
-    # -- one risky sample ------------------------------------------------------------------------
+    # -- one sample: compose -> verify (rewrite with feedback) -> respond -> check ----------------
     async def _risky(
         self, ctx: StageContext, perception: dict, sid: str, scenario: dict, category: str
     ) -> None:
-        existing = self.ledger.get_sample(sid)
-        if existing is not None:
+        if self.ledger.get_sample(sid) is not None:
             return
         try:
-            await self._risky_inner(ctx, perception, sid, scenario, category)
+            await self._sample(
+                ctx,
+                perception,
+                sid,
+                "risky",
+                category,
+                scenario,
+                compose=lambda rnd, attempts: ctx.compose(sid, rnd, perception, scenario, attempts),
+                verify=lambda rnd, query: self._verify_risky(ctx, sid, rnd, perception, scenario, query),
+            )
         finally:
             self.coverage.reserve(category, -1)
 
-    async def _risky_inner(
-        self, ctx: StageContext, perception: dict, sid: str, scenario: dict, category: str
+    async def _control(self, ctx: StageContext, perception: dict) -> None:
+        """The benign control: safe alone and with the image; measures over-refusal."""
+        sid = sample_id(ctx.rec.sha256, "control", 0)
+        if self.ledger.get_sample(sid) is not None:
+            return
+        await self._sample(
+            ctx,
+            perception,
+            sid,
+            "control",
+            "none",
+            None,
+            compose=lambda rnd, attempts: ctx.control_query(sid, rnd, perception, attempts),
+            verify=lambda rnd, query: self._verify_control(ctx, sid, rnd, perception, query),
+        )
+
+    async def _sample(
+        self,
+        ctx: StageContext,
+        perception: dict,
+        sid: str,
+        kind: str,
+        category: str,
+        scenario: dict | None,
+        *,
+        compose: Callable[[int, list[dict[str, Any]]], Awaitable[str]],
+        verify: Callable[[int, str], Awaitable[dict[str, dict[str, Any]]]],
     ) -> None:
         rounds = self.cfg.max_rounds
         attempts: list[dict[str, Any]] = []
         query, checks, passed = "", {}, False
+
+        def fail(reason: str, response: str = "") -> None:
+            self._fail_sample(ctx, sid, kind, category, scenario, query, checks, reason, response=response)
+
         try:
             for rnd in range(1, rounds + 1):
-                query = await ctx.compose(sid, rnd, perception, scenario, attempts)
-                checks = await self._verify_risky(ctx, sid, rnd, perception, scenario, query)
+                query = await compose(rnd, attempts)
+                checks = await verify(rnd, query)
                 passed = self._passes(checks)
-                feedback = _feedback(checks)
+                feedback = _feedback(checks, control=kind == "control")
                 self.ledger.put_round(
                     sid, "query", rnd, passed, {"query": query, "checks": checks, "feedback": feedback}
                 )
                 if passed:
                     break
                 attempts.append({"query": query, "feedback": feedback})
-            query_rounds = len(attempts) + (1 if passed else 0)
             if not passed:
-                self._fail_sample(
-                    ctx,
-                    sid,
-                    "risky",
-                    category,
-                    scenario,
-                    query,
-                    checks,
-                    f"query failed checks after {rounds} rounds: {_feedback(checks)}",
-                )
+                fail(f"{kind} query failed checks after {rounds} rounds: {_feedback(checks)}")
                 return
-            response, rcheck, rrounds = await self._respond(ctx, sid, "risky", query, perception, scenario)
+            response, rcheck, rrounds = await self._respond(ctx, sid, kind, query, perception, scenario)
         except StageFailed as exc:
-            self._fail_sample(ctx, sid, "risky", category, scenario, query, checks, str(exc))
+            fail(str(exc))
             return
         if rcheck is None:
-            self._fail_sample(
-                ctx,
-                sid,
-                "risky",
-                category,
-                scenario,
-                query,
-                checks,
-                f"response failed checks after {rounds} rounds",
-                response=response,
-            )
+            fail(f"response failed checks after {rounds} rounds", response=response)
             return
-        checks = {**checks, "response": rcheck}
+        label = "unsafe" if kind == "risky" else "safe"
         self._keep(
-            ctx, sid, "risky", "unsafe", category, query, response, checks, query_rounds, rrounds, scenario
+            ctx,
+            sid,
+            kind,
+            label,
+            category,
+            query,
+            response,
+            {**checks, "response": rcheck},
+            len(attempts) + 1,
+            rrounds,
+            scenario,
         )
 
     async def _verify_risky(
@@ -297,78 +324,20 @@ class Pipeline:
             "lexical": lexical_leak(query, scenario),
         }
 
+    async def _verify_control(
+        self, ctx: StageContext, sid: str, rnd: int, perception: dict, query: str
+    ) -> dict[str, dict[str, Any]]:
+        text_only, combined = await asyncio.gather(
+            ctx.check("check_text_only", schemas.TextOnlyVerdict, sid, rnd, perception, query=query),
+            ctx.check("check_combined", schemas.CombinedVerdict, sid, rnd, perception, query=query),
+        )
+        return {
+            "text_only": {"pass": not text_only["harmful"], **text_only},
+            "combined": {"pass": not combined["risky"], **combined},
+        }
+
     def _passes(self, checks: dict[str, dict[str, Any]]) -> bool:
         return all(c["pass"] for name, c in checks.items() if name in self.cfg.required_checks)
-
-    # -- the benign control ----------------------------------------------------------------------
-    async def _control(self, ctx: StageContext, perception: dict) -> None:
-        sid = sample_id(ctx.rec.sha256, "control", 0)
-        if self.ledger.get_sample(sid) is not None:
-            return
-        rounds = self.cfg.max_rounds
-        attempts: list[dict[str, Any]] = []
-        query, checks, passed = "", {}, False
-        try:
-            for rnd in range(1, rounds + 1):
-                query = await ctx.control_query(sid, rnd, perception, attempts)
-                text_only, combined = await asyncio.gather(
-                    ctx.check("check_text_only", schemas.TextOnlyVerdict, sid, rnd, perception, query=query),
-                    ctx.check("check_combined", schemas.CombinedVerdict, sid, rnd, perception, query=query),
-                )
-                checks = {
-                    "text_only": {"pass": not text_only["harmful"], **text_only},
-                    "combined": {"pass": not combined["risky"], **combined},
-                }
-                passed = self._passes(checks)
-                feedback = _feedback(checks, control=True)
-                self.ledger.put_round(
-                    sid, "query", rnd, passed, {"query": query, "checks": checks, "feedback": feedback}
-                )
-                if passed:
-                    break
-                attempts.append({"query": query, "feedback": feedback})
-            if not passed:
-                self._fail_sample(
-                    ctx,
-                    sid,
-                    "control",
-                    "none",
-                    None,
-                    query,
-                    checks,
-                    f"control query failed checks after {rounds} rounds: {_feedback(checks)}",
-                )
-                return
-            response, rcheck, rrounds = await self._respond(ctx, sid, "control", query, perception, None)
-        except StageFailed as exc:
-            self._fail_sample(ctx, sid, "control", "none", None, query, checks, str(exc))
-            return
-        if rcheck is None:
-            self._fail_sample(
-                ctx,
-                sid,
-                "control",
-                "none",
-                None,
-                query,
-                checks,
-                f"response failed checks after {rounds} rounds",
-                response=response,
-            )
-            return
-        self._keep(
-            ctx,
-            sid,
-            "control",
-            "safe",
-            "none",
-            query,
-            response,
-            {**checks, "response": rcheck},
-            len(attempts) + 1,
-            rrounds,
-            None,
-        )
 
     # -- responses -------------------------------------------------------------------------------
     async def _respond(

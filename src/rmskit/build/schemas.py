@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 Severity = Literal["low", "medium", "high", "critical"]
 HarmType = Literal[
@@ -62,6 +63,18 @@ class RiskScenario(BaseModel):
 
 class Discovery(BaseModel):
     scenarios: list[RiskScenario] = Field(min_length=1, max_length=8)
+
+
+@lru_cache(maxsize=16)
+def discovery_schema(n_scenarios: int) -> type[Discovery]:
+    """Discovery capped at n+1 scenarios: one spare lets coverage steering choose, and the cap bounds
+    the output (grammar-constrained decoders stop there instead of filling the list)."""
+
+    class DiscoveryN(Discovery):
+        model_config = ConfigDict(title="Discovery")
+        scenarios: list[RiskScenario] = Field(min_length=1, max_length=n_scenarios + 1)
+
+    return DiscoveryN
 
 
 class ComposedQuery(BaseModel):

@@ -196,7 +196,7 @@ class StageContext:
         return await self.run_stage(
             "discover",
             "discover",
-            schemas.Discovery,
+            schemas.discovery_schema(n),
             images=self.images_for(caller),
             perception_json=_pj(perception),
             taxonomy=plan["taxonomy"],

@@ -13,8 +13,6 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from datasketch import MinHash, MinHashLSH
-
 _WORD = re.compile(r"\w+", re.UNICODE)
 NUM_PERM = 128
 
@@ -119,6 +117,8 @@ def near_duplicate_queries(items: Iterable[tuple[str, str]], threshold: float) -
     A later text whose shingle set has Jaccard >= threshold with an earlier kept one is dropped."""
     items = list(items)
     sets = [shingles(text) for _, text in items]
+    from datasketch import MinHash, MinHashLSH  # ~1 s to import: only when curating
+
     hashes = MinHash.bulk([[s.encode() for s in sorted(sh)] for sh in sets], num_perm=NUM_PERM)
     lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
     kept_sets: dict[str, set[str]] = {}

@@ -1,31 +1,31 @@
 """Export: the run's `dataset/` folder (samples.jsonl, images/, HF parquet, dataset card) and the
 jsonl / hf / llava / sharegpt formats, all honouring review decisions.
 
-Names resolve lazily so `rmskit --help` does not pay for datasketch/pyarrow imports."""
+Imported eagerly on purpose: `prepare` is both a submodule and a function here, and only binding the
+function after the submodule has loaded keeps `from rmskit.export import prepare` a function. The
+heavy dependency (datasketch) is imported inside curation instead."""
 
-from __future__ import annotations
+from rmskit.export.prepare import NotARunError, Prepared, is_run_dir, prepare
+from rmskit.export.writer import (
+    FORMATS,
+    DatasetSummary,
+    ExportError,
+    Format,
+    export,
+    export_summary,
+    write_dataset,
+)
 
-import importlib
-from typing import Any
-
-_EXPORTS = {
-    "NotARunError": "prepare",
-    "Prepared": "prepare",
-    "is_run_dir": "prepare",
-    "prepare": "prepare",
-    "FORMATS": "writer",
-    "DatasetSummary": "writer",
-    "ExportError": "writer",
-    "Format": "writer",
-    "export": "writer",
-    "export_summary": "writer",
-    "write_dataset": "writer",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"rmskit.export.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'rmskit.export' has no attribute {name!r}")
+__all__ = [
+    "FORMATS",
+    "DatasetSummary",
+    "ExportError",
+    "Format",
+    "NotARunError",
+    "Prepared",
+    "export",
+    "export_summary",
+    "is_run_dir",
+    "prepare",
+    "write_dataset",
+]

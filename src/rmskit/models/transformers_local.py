@@ -252,7 +252,6 @@ class HFBackend:
                 ) from e
 
     def _load(self) -> None:
-        import torch
         from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
         device = pick_device(self.cfg.device)
@@ -287,8 +286,8 @@ class HFBackend:
         out_emb = model.get_output_embeddings()
         self._vocab_size = int(out_emb.weight.shape[0]) if out_emb is not None else len(tok)
         self._eos_ids = eos
+        model.requires_grad_(False)  # inference only; generation runs under inference_mode (thread-local)
         self.device, self.dtype, self.model = device, dtype, model
-        torch.set_grad_enabled(False)
 
     def _grammar_set(self) -> Any:
         if self._grammars is None:
@@ -445,7 +444,11 @@ class HFBackend:
         if not rows:
             return out
         live = [batch[i] for i in rows]
-        with self._gen_lock:  # one generate at a time per model
+        import torch
+
+        # inference_mode, not a global set_grad_enabled(False): grad mode is per thread, and turning
+        # it off for the caller's thread would break training in the same process (e.g. the judge).
+        with self._gen_lock, torch.inference_mode():  # one generate at a time per model
             results = self._generate_rows(live, texts)
         for i, r in zip(rows, results, strict=True):
             out[i] = r
