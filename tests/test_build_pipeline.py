@@ -289,7 +289,13 @@ def test_required_checks_gate_but_every_check_is_recorded(tmp_path: Path) -> Non
 
             stage = stage_of(messages[0].content)
             if stage == "check_response":
-                content = {"safe": False, "helpful": False, "grounded": False, "bare_refusal": True, "reason": "no"}
+                content = {
+                    "safe": False,
+                    "helpful": False,
+                    "grounded": False,
+                    "bare_refusal": True,
+                    "reason": "no",
+                }
                 return Result(text=json.dumps(content), parsed=content, model=self.model_id)
             return await super().generate(messages, schema=schema, params=params)
 

@@ -98,8 +98,15 @@ class BuildConfig(BaseModel):
     # Output-token caps per prompt (the smaller of this and the backend's max_tokens applies).
     stage_max_tokens: dict[str, int] = Field(
         default_factory=lambda: {
-            "perceive": 700, "discover": 1200, "compose": 300, "control": 150, "check_text_only": 200,
-            "check_combined": 250, "check_leakage": 200, "respond": 700, "respond_control": 600,
+            "perceive": 700,
+            "discover": 1200,
+            "compose": 300,
+            "control": 150,
+            "check_text_only": 200,
+            "check_combined": 250,
+            "check_leakage": 200,
+            "respond": 700,
+            "respond_control": 600,
             "check_response": 250,
         }
     )

@@ -160,7 +160,10 @@ class _Failure:
 # ------------------------------------------------------------------ images
 
 _IMAGE_CACHE: OrderedDict[tuple[str, int], str] = OrderedDict()
-_IMAGE_CACHE_MAX = 64  # data URLs of recently used images (~100-400 KB each): bounded memory
+# Data URLs of recently used images, bounded by bytes: every image in the build's window (default
+# 2x concurrency) stays encoded while its stages run, so each image is encoded once, not per request.
+_IMAGE_CACHE_MAX_BYTES = 256 * 1024 * 1024
+_image_cache_bytes = 0
 _IMAGE_CACHE_LOCK = threading.Lock()
 
 
@@ -173,11 +176,14 @@ def _cache_get(key: tuple[str, int]) -> str | None:
 
 
 def _cache_put(key: tuple[str, int], url: str) -> None:
+    global _image_cache_bytes
     with _IMAGE_CACHE_LOCK:
+        old = _IMAGE_CACHE.pop(key, None)
+        _image_cache_bytes += len(url) - (len(old) if old else 0)
         _IMAGE_CACHE[key] = url
-        _IMAGE_CACHE.move_to_end(key)
-        while len(_IMAGE_CACHE) > _IMAGE_CACHE_MAX:
-            _IMAGE_CACHE.popitem(last=False)
+        while _image_cache_bytes > _IMAGE_CACHE_MAX_BYTES and len(_IMAGE_CACHE) > 1:
+            _, evicted = _IMAGE_CACHE.popitem(last=False)
+            _image_cache_bytes -= len(evicted)
 
 
 def encode_image_data_url(path: Path, max_side: int, quality: int = 90) -> str:

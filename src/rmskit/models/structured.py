@@ -126,7 +126,9 @@ def _brief(node: dict[str, Any], root: dict[str, Any]) -> str:
         return "{" + ", ".join(f"{k}: {_brief(v, root)}" for k, v in props.items()) + "}"
     if kind == "array":
         return f"list of {_brief(node.get('items', {}), root)}"
-    return {"string": "text", "boolean": "true/false", "integer": "integer", "number": "number"}.get(kind, "value")
+    return {"string": "text", "boolean": "true/false", "integer": "integer", "number": "number"}.get(
+        kind, "value"
+    )
 
 
 def json_brief(model: type[BaseModel]) -> str:

@@ -765,8 +765,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--refuse-response-format", action="store_true")
     p.add_argument("--model", default="test-model")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--script", choices=["schema", "rms"], default="schema",
-                   help="schema: any schema-valid JSON; rms: rmskit's scripted stage answers (rms_script)")
+    p.add_argument(
+        "--script",
+        choices=["schema", "rms"],
+        default="schema",
+        help="schema: any schema-valid JSON; rms: rmskit's scripted stage answers (rms_script)",
+    )
     args = p.parse_args(argv)
     responder: Responder | None = None
     if args.script == "rms":
