@@ -166,6 +166,21 @@ def load_processor(source: str) -> Any:
 # ---------------------------------------------------------------- batching
 
 
+def as_backend_error(e: BaseException) -> BackendError:
+    return e if isinstance(e, BackendError) else BackendError(ErrorKind.other, f"{type(e).__name__}: {e}")
+
+
+def settle(futures: list[asyncio.Future[Any]], results: list[Any]) -> None:
+    """Resolve each caller's future with its result or error (callers that gave up are skipped)."""
+    for fut, r in zip(futures, results, strict=True):
+        if fut.done():
+            continue
+        if isinstance(r, BaseException):
+            fut.set_exception(r)
+        else:
+            fut.set_result(r)
+
+
 @dataclass
 class _Pending:
     messages: list[Message]
@@ -380,19 +395,8 @@ class HFBackend:
                         p.future.set_exception(BackendError(ErrorKind.other, "backend closed"))
                 raise
             except BaseException as e:  # noqa: BLE001 - every caller must hear about it
-                err = (
-                    e
-                    if isinstance(e, BackendError)
-                    else BackendError(ErrorKind.other, f"{type(e).__name__}: {e}")
-                )
-                results = [err] * len(batch)
-            for p, r in zip(batch, results, strict=True):
-                if p.future.done():
-                    continue
-                if isinstance(r, BaseException):
-                    p.future.set_exception(r)
-                else:
-                    p.future.set_result(r)
+                results = [as_backend_error(e)] * len(batch)
+            settle([p.future for p in batch], results)
 
     # -- one batch (worker thread)
 

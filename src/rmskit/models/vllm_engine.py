@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ValidationError
 
 from rmskit.models.base import BackendError, Capabilities, ErrorKind, GenParams, Message, Result, Usage
+from rmskit.models.transformers_local import as_backend_error, settle
 
 if TYPE_CHECKING:
     from rmskit.config import BackendConfig
@@ -199,19 +200,8 @@ class VLLMBackend:
             try:
                 results = await asyncio.to_thread(self._run, batch)
             except Exception as e:
-                err = (
-                    e
-                    if isinstance(e, BackendError)
-                    else BackendError(ErrorKind.other, f"{type(e).__name__}: {e}")
-                )
-                results = [err] * len(batch)
-            for p, r in zip(batch, results, strict=True):
-                if p.future.done():
-                    continue
-                if isinstance(r, BaseException):
-                    p.future.set_exception(r)
-                else:
-                    p.future.set_result(r)
+                results = [as_backend_error(e)] * len(batch)
+            settle([p.future for p in batch], results)
 
     async def aclose(self) -> None:
         if self._worker is not None:
