@@ -68,6 +68,8 @@ def resolve_config(
 
 
 def register(app: typer.Typer) -> None:
+    _register_prompts(app)
+
     @app.command("build")
     def build_cmd(
         sources: Annotated[
@@ -210,3 +212,56 @@ def register(app: typer.Typer) -> None:
         con.print(table)
         for r in st["rejected"][:20]:
             con.print(f"[yellow]refused[/yellow] {r['path']}: {r['reason']}")
+
+
+def _register_prompts(app: typer.Typer) -> None:
+    prompts_app = typer.Typer(
+        help="Versioned prompts: regression checks of the verify prompts.", no_args_is_help=True
+    )
+    app.add_typer(prompts_app, name="prompts")
+
+    @prompts_app.command("regress")
+    def regress_cmd(
+        model: Annotated[str, typer.Option(help="Model spec, as for build.")] = "embedded",
+        base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible server URL.")] = None,
+        api_key_env: Annotated[str, typer.Option(help="Env var holding the API key.")] = "OPENAI_API_KEY",
+        json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    ) -> None:
+        """Run the verify prompts on cases with known verdicts; print agreement per check."""
+        import asyncio
+
+        from rmskit.build.regression import dumps, run_regression
+        from rmskit.config import BackendConfig
+        from rmskit.models import load_backend
+
+        try:
+            cfg = BackendConfig(spec=model, base_url=base_url, api_key_env=api_key_env)
+        except ValidationError as exc:
+            _fail(str(exc))
+            return
+
+        async def go():
+            backend = load_backend(cfg)
+            try:
+                return await run_regression(backend)
+            finally:
+                await backend.aclose()
+
+        report = asyncio.run(go())
+        if json_out:
+            typer.echo(dumps(report))
+            return
+        table = Table(title=f"verify-prompt regression: {report.model} ({report.n} cases)")
+        table.add_column("check")
+        table.add_column("prompt")
+        table.add_column("agreement", justify="right")
+        for check, agree in report.by_check.items():
+            table.add_row(check, report.prompt_versions[check], f"{agree:.0%}")
+        table.add_row("all", "", f"{report.agreement:.0%}")
+        Console().print(table)
+        for case in report.cases:
+            if not case.agree:
+                Console().print(
+                    f"[yellow]disagree[/yellow] {case.id}: expected {case.expect}, got "
+                    f"{case.error or {k: (case.got or {}).get(k) for k in case.expect}}"
+                )
