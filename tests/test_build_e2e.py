@@ -13,27 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from rmskit.records import Sample
+from rmskit.records import CONTRACT_FIELDS, Sample
 from rmskit.testing.openai_server import OpenAITestServer
 from rmskit.testing.rms_script import responder
 
 SECRET = "sk-test-" + "S3cr3tValue0123456789abcdef"  # must never land in a run directory
-CONTRACT = {
-    "id",
-    "image",
-    "image_sha256",
-    "source_path",
-    "query",
-    "response",
-    "label",
-    "kind",
-    "category",
-    "checks",
-    "rounds",
-    "models",
-    "prompt_versions",
-    "license",
-}
+CONTRACT = set(CONTRACT_FIELDS)
 
 
 def _build(src: Path, out: Path, url: str, *extra: str, env: dict | None = None, **popen) -> subprocess.Popen:

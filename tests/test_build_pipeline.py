@@ -306,3 +306,35 @@ def test_required_checks_gate_but_every_check_is_recorded(tmp_path: Path) -> Non
     assert summary.samples_ok == 6
     led = Ledger(tmp_path / "b" / "run")
     assert all(s["checks"]["response"]["pass"] is False for s in led.iter_samples("ok"))
+
+
+def test_dry_run_estimates_without_calling_anything(tmp_path: Path, photo_dir: Path) -> None:
+    from typer.testing import CliRunner
+
+    from rmskit.cli import app
+
+    res = CliRunner().invoke(
+        app,
+        [
+            "build",
+            str(photo_dir),
+            "--out",
+            str(tmp_path / "run"),
+            "--model",
+            "openai:x",
+            "--base-url",
+            "http://127.0.0.1:9/v1",
+            "--scenarios",
+            "2",
+            "--dry-run",
+            "--json",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    est = json.loads(res.output)
+    n = len(list(photo_dir.iterdir()))
+    assert est["candidate_images"] == n
+    assert est["stages"]["discover"]["requests"] == n
+    assert est["stages"]["compose"]["requests"] > 2 * n  # scenarios x expected rewrite rounds
+    assert est["total_tokens"] > 0
+    assert not (tmp_path / "run").exists()  # nothing was started

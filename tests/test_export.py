@@ -25,7 +25,7 @@ from rmskit.curate import split_of
 from rmskit.export import ExportError, export, prepare, write_dataset
 from rmskit.export import cli as export_cli
 from rmskit.ledger.store import Ledger
-from rmskit.records import Annotation, ImageRecord, Sample
+from rmskit.records import CONTRACT_FIELDS, Annotation, ImageRecord, Sample
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -33,22 +33,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 SECRET = "sk-rmskit-test-" + "9f3c2a71d0e84b56" * 2
 URL_PASSWORD = "pw-very-private-5521"
 PROBES = {"text_only_leakage": {"accuracy": 0.5833, "chance": 0.5}}
-CONTRACT = (
-    "id",
-    "image",
-    "image_sha256",
-    "source_path",
-    "query",
-    "response",
-    "label",
-    "kind",
-    "category",
-    "checks",
-    "rounds",
-    "models",
-    "prompt_versions",
-    "license",
-)
+CONTRACT = CONTRACT_FIELDS
 
 # name -> [(kind, category, query, response)]
 PHOTOS: dict[str, list[tuple[str, str, str, str]]] = {

@@ -38,6 +38,25 @@ class Rejection(BaseModel):
     reason: str  # human-readable
 
 
+# The fields every line of dataset/samples.jsonl must carry (issue contract); Sample adds optional ones.
+CONTRACT_FIELDS = (
+    "id",
+    "image",
+    "image_sha256",
+    "source_path",
+    "query",
+    "response",
+    "label",
+    "kind",
+    "category",
+    "checks",
+    "rounds",
+    "models",
+    "prompt_versions",
+    "license",
+)
+
+
 class Sample(BaseModel):
     """One line of dataset/samples.jsonl (the export contract)."""
 

@@ -48,17 +48,17 @@ def count_candidates(source: str) -> int:
     if p.is_dir():
         return sum(1 for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
     if p.is_file():
-        head = p.read_bytes()[:4096].lstrip()
+        with p.open("rb") as fh:
+            head = fh.read(4096).lstrip()
         if head.startswith(b"{"):
-            try:
+            try:  # a COCO file is one JSON object with an "images" list
                 data = json.loads(p.read_text())
                 if isinstance(data, dict) and "images" in data:
                     return len(data["images"])
-            except ValueError:
+            except ValueError:  # JSONL: one record per line
                 pass
-        return max(sum(1 for line in p.open(encoding="utf-8", errors="replace") if line.strip()) - 1, 0) + (
-            1 if head.startswith(b"{") else 0
-        )
+        lines = sum(1 for line in p.open(encoding="utf-8", errors="replace") if line.strip())
+        return lines if head.startswith(b"{") else max(lines - 1, 0)  # CSV: minus the header
     return 0
 
 

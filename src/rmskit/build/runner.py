@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import threading
 import time
@@ -61,10 +60,6 @@ class BuildSummary(BaseModel):
     stopped_at_target: bool = False
     dataset_dir: str | None = None
     export_error: str | None = None
-
-
-class _Stop(Exception):
-    pass
 
 
 class Pipeline:
@@ -144,7 +139,7 @@ class Pipeline:
                 jobs.append(self._control(ctx, perception))
             results = await asyncio.gather(*jobs, return_exceptions=True)
             for r in results:
-                if isinstance(r, BaseException) and not isinstance(r, StageFailed | _Stop):
+                if isinstance(r, BaseException) and not isinstance(r, StageFailed):
                     raise r
             self.ledger.set_image_status(rec.sha256, "done")
             self.stats.images_done += 1
@@ -645,7 +640,3 @@ def _finish_dataset(run_dir: Path, ledger: Ledger) -> dict[str, Any]:
 def build(cfg: BuildConfig, *, quiet: bool = False) -> BuildSummary:
     """Python API: run or resume a build described by `cfg` (same config the CLI takes)."""
     return asyncio.run(run_build(cfg, quiet=quiet))
-
-
-def dump_json(obj: Any) -> str:
-    return json.dumps(obj, indent=2, ensure_ascii=False)

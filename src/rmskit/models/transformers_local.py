@@ -17,7 +17,6 @@ import gc
 import inspect
 import json
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +32,7 @@ from rmskit.models.base import (
     Result,
     Usage,
 )
+from rmskit.models.batching import Batcher, Pending, take_same_sampling
 
 if TYPE_CHECKING:
     from rmskit.config import BackendConfig
@@ -166,37 +166,6 @@ def load_processor(source: str) -> Any:
 # ---------------------------------------------------------------- batching
 
 
-def as_backend_error(e: BaseException) -> BackendError:
-    return e if isinstance(e, BackendError) else BackendError(ErrorKind.other, f"{type(e).__name__}: {e}")
-
-
-def settle(futures: list[asyncio.Future[Any]], results: list[Any]) -> None:
-    """Resolve each caller's future with its result or error (callers that gave up are skipped)."""
-    for fut, r in zip(futures, results, strict=True):
-        if fut.done():
-            continue
-        if isinstance(r, BaseException):
-            fut.set_exception(r)
-        else:
-            fut.set_result(r)
-
-
-@dataclass
-class _Pending:
-    messages: list[Message]
-    schema: type[BaseModel] | None
-    params: GenParams
-    future: asyncio.Future[Result]
-    prepared: Any = None
-    images: list[Any] = field(default_factory=list)
-
-    @property
-    def group(self) -> tuple[Any, ...]:
-        # Rows of one generate() call share sampling settings; schemas and budgets may differ per row.
-        p = self.params
-        return (p.temperature, p.top_p if p.temperature > 0 else None, p.seed)
-
-
 class HFBackend:
     """transformers in-process backend (`hf:ORG/NAME` or a local path)."""
 
@@ -227,9 +196,12 @@ class HFBackend:
         self._grammars: Any = None
         self._load_lock = threading.Lock()
         self._gen_lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._queue: asyncio.Queue[_Pending] | None = None
-        self._worker: asyncio.Task[None] | None = None
+        self._batcher = Batcher(
+            self._run_batch,
+            max_batch=cfg.max_batch,
+            select=take_same_sampling,
+            name=f"rmskit-hf:{self.model_id}",
+        )
 
     # -- capabilities
 
@@ -328,26 +300,11 @@ class HFBackend:
                 ErrorKind.bad_request,
                 f"{self.model_id} has no vision; send the perception record as text instead of pixels",
             )
-        self._ensure_worker()
-        assert self._queue is not None
-        fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(messages, schema, params, fut))
-        return await fut
+        return await self._batcher.submit(messages, schema, params)
 
     async def aclose(self) -> None:
         """Stop the batcher and free the weights (and the GPU memory they held)."""
-        if self._worker is not None and not self._worker.done():
-            self._worker.cancel()
-            try:
-                await self._worker
-            except (asyncio.CancelledError, Exception):
-                pass
-        self._worker = None
-        if self._queue is not None:
-            while not self._queue.empty():
-                p = self._queue.get_nowait()
-                if not p.future.done():
-                    p.future.set_exception(BackendError(ErrorKind.other, "backend closed"))
+        await self._batcher.close()
         with self._load_lock:
             self.model = self.processor = self.tokenizer = None
             self._grammars = None
@@ -359,44 +316,6 @@ class HFBackend:
                 torch.cuda.empty_cache()
         except ImportError:
             pass
-
-    # -- worker
-
-    def _ensure_worker(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self._loop is not loop or self._worker is None or self._worker.done():
-            # A new event loop (e.g. successive asyncio.run calls) gets its own queue and worker.
-            self._loop = loop
-            self._queue = asyncio.Queue()
-            self._worker = loop.create_task(
-                self._work(self._queue), name=f"rmskit-hf-batcher:{self.model_id}"
-            )
-
-    async def _work(self, queue: asyncio.Queue[_Pending]) -> None:
-        backlog: list[_Pending] = []
-        while True:
-            if not backlog:
-                backlog.append(await queue.get())
-            await asyncio.sleep(0)  # let callers that were scheduled together enqueue first
-            while not queue.empty():
-                backlog.append(queue.get_nowait())
-            backlog = [p for p in backlog if not p.future.done()]  # drop cancelled callers
-            if not backlog:
-                continue
-            key = backlog[0].group
-            batch = [p for p in backlog if p.group == key][: self.cfg.max_batch]
-            taken = {id(p) for p in batch}
-            backlog = [p for p in backlog if id(p) not in taken]
-            try:
-                results = await asyncio.to_thread(self._run_batch, batch)
-            except asyncio.CancelledError:
-                for p in batch + backlog:
-                    if not p.future.done():
-                        p.future.set_exception(BackendError(ErrorKind.other, "backend closed"))
-                raise
-            except BaseException as e:  # noqa: BLE001 - every caller must hear about it
-                results = [as_backend_error(e)] * len(batch)
-            settle([p.future for p in batch], results)
 
     # -- one batch (worker thread)
 
@@ -412,7 +331,7 @@ class HFBackend:
         except Exception as e:
             raise BackendError(ErrorKind.image, f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
-    def _render(self, p: _Pending) -> str:
+    def _render(self, p: Pending) -> str:
         from rmskit.models.structured import with_json_instruction
 
         msgs = p.messages
@@ -432,7 +351,7 @@ class HFBackend:
         conv = [{"role": m.role, "content": m.content} for m in msgs]
         return self.tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
 
-    def _run_batch(self, batch: list[_Pending]) -> list[Result | BaseException]:
+    def _run_batch(self, batch: list[Pending]) -> list[Result | BaseException]:
         self._ensure_loaded()
         out: list[Result | BaseException] = [BackendError(ErrorKind.other, "not run")] * len(batch)
         rows: list[int] = []
@@ -458,7 +377,7 @@ class HFBackend:
             out[i] = r
         return out
 
-    def _generate_rows(self, rows: list[_Pending], texts: list[str]) -> list[Result]:
+    def _generate_rows(self, rows: list[Pending], texts: list[str]) -> list[Result]:
         import torch
         from transformers import LogitsProcessorList, StoppingCriteriaList
 

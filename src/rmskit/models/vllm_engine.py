@@ -12,14 +12,13 @@ import asyncio
 import base64
 import io
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
 from rmskit.models.base import BackendError, Capabilities, ErrorKind, GenParams, Message, Result, Usage
-from rmskit.models.transformers_local import as_backend_error, settle
+from rmskit.models.batching import Batcher, Pending
 
 if TYPE_CHECKING:
     from rmskit.config import BackendConfig
@@ -35,14 +34,6 @@ def vllm_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("vllm") is not None
-
-
-@dataclass
-class _Pending:
-    messages: list[Message]
-    schema: type[BaseModel] | None
-    params: GenParams
-    future: asyncio.Future[Result]
 
 
 class VLLMBackend:
@@ -64,9 +55,7 @@ class VLLMBackend:
                 vision = False
         self.capabilities = Capabilities(vision=bool(vision), structured="grammar", max_images=8, local=True)
         self._llm: Any = None
-        self._queue: asyncio.Queue[_Pending] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._worker: asyncio.Task[None] | None = None
+        self._batcher = Batcher(self._run, max_batch=cfg.max_batch, name=f"rmskit-vllm:{cfg.name}")
 
     def _ensure_llm(self) -> Any:
         if self._llm is None:
@@ -130,7 +119,7 @@ class VLLMBackend:
                 kwargs["guided_decoding"] = GuidedDecodingParams(json=js)
         return SamplingParams(**kwargs)
 
-    def _run(self, batch: list[_Pending]) -> list[Result | BaseException]:
+    def _run(self, batch: list[Pending]) -> list[Result | BaseException]:
         llm = self._ensure_llm()
         out: list[Result | BaseException] = [BackendError(ErrorKind.other, "not run")] * len(batch)
         convs, sps, idx = [], [], []
@@ -179,38 +168,10 @@ class VLLMBackend:
         params = params or self.cfg.params
         if not self.capabilities.vision and any(m.images for m in messages):
             raise BackendError(ErrorKind.bad_request, f"{self.model_id} has no vision; send text instead")
-        loop = asyncio.get_running_loop()
-        if self._loop is not loop or self._worker is None or self._worker.done():
-            self._loop, self._queue = loop, asyncio.Queue()
-            self._worker = loop.create_task(self._work(self._queue))
-        assert self._queue is not None
-        fut: asyncio.Future[Result] = loop.create_future()
-        await self._queue.put(_Pending(messages, schema, params, fut))
-        return await fut
-
-    async def _work(self, queue: asyncio.Queue[_Pending]) -> None:
-        while True:
-            batch = [await queue.get()]
-            await asyncio.sleep(0)
-            while not queue.empty():
-                batch.append(queue.get_nowait())
-            batch = [p for p in batch if not p.future.done()]
-            if not batch:
-                continue
-            try:
-                results = await asyncio.to_thread(self._run, batch)
-            except Exception as e:
-                results = [as_backend_error(e)] * len(batch)
-            settle([p.future for p in batch], results)
+        return await self._batcher.submit(messages, schema, params)
 
     async def aclose(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            try:
-                await self._worker
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._worker = None
+        await self._batcher.close()
         self._llm = None
         import gc
 
