@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from rmskit.build.runner import run_build
+from rmskit.pipeline.runner import run_build
 from rmskit.config import BackendConfig, BuildConfig
 from rmskit.models.base import Capabilities, GenParams, Message, Result, Usage
 from rmskit.records import ImageRecord

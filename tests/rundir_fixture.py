@@ -517,7 +517,7 @@ def build_run(run_dir: Path, *, review: bool = True) -> RunInfo:
         led.add_decision(info.accepted_id, "accept", {})
     led.close()
 
-    # score.json in the shape `rmskit score` writes for one training set (rmskit.score.api.ScoreReport)
+    # score.json in the shape `rmskit score` writes for one training set (rmskit.scoring.api.ScoreReport)
     score_dir = run_dir / "score"
     score_dir.mkdir(exist_ok=True)
     metrics = ("accuracy", "macro_f1", "unsafe_recall", "false_refusal_rate", "auroc")

@@ -13,8 +13,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from rmskit.cli import app
-from rmskit.score.adapters import MissingImagesError, detect_format, load_benchmark
-from rmskit.score.adapters.base import AdapterError, parse_label
+from rmskit.scoring.adapters import MissingImagesError, detect_format, load_benchmark
+from rmskit.scoring.adapters.base import AdapterError, parse_label
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from rmskit.build.caller import Caller, cache_key
-from rmskit.build.progress import Stats
-from rmskit.build.runner import run_build
-from rmskit.build.stages import lexical_leak, perception_from_annotation
-from rmskit.build.taxonomy import Coverage, HashingEmbedder, Taxonomy
+from rmskit.pipeline.caller import Caller, cache_key
+from rmskit.pipeline.progress import Stats
+from rmskit.pipeline.runner import run_build
+from rmskit.pipeline.stages import lexical_leak, perception_from_annotation
+from rmskit.pipeline.taxonomy import Coverage, HashingEmbedder, Taxonomy
 from rmskit.config import BackendConfig, BuildConfig
 from rmskit.ledger import Ledger
 from rmskit.models.base import (
@@ -254,7 +254,7 @@ def test_cache_key_ignores_parser_but_not_inputs(tmp_path: Path) -> None:
 
 
 def test_concurrent_identical_requests_share_one_call(tmp_path: Path) -> None:
-    from rmskit.build.schemas import TextOnlyVerdict
+    from rmskit.pipeline.schemas import TextOnlyVerdict
 
     backend = ScriptedBackend()
     led = Ledger(tmp_path)

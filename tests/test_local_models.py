@@ -214,7 +214,7 @@ def _stage_schemas() -> list[tuple[type[BaseModel], int]]:
     """(schema, max_tokens): this file's schemas plus the lead's stage schemas when present."""
     out: list[tuple[type[BaseModel], int]] = [(Verdict, 64), (Findings, 96)]
     try:
-        from rmskit.build import schemas as stage
+        from rmskit.pipeline import schemas as stage
     except ImportError:
         return out
     # Discovery is left out: this 135M model fills its 8-scenario list past any small budget.

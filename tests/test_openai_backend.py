@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from rmskit.build.schemas import STAGE_SCHEMAS, ComposedQuery, Perception
+from rmskit.pipeline.schemas import STAGE_SCHEMAS, ComposedQuery, Perception
 from rmskit.config import BackendConfig
 from rmskit.models import openai_compat
 from rmskit.models.base import BackendError, ErrorKind, GenParams, ImageInput, Message

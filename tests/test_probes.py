@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from rmskit.score.probes import mean_cosine_distance, near_duplicate_rate, run_probes, vendi_score
+from rmskit.scoring.probes import mean_cosine_distance, near_duplicate_rate, run_probes, vendi_score
 
 HAZARDS = [
     "knife",

@@ -165,8 +165,8 @@ def test_score_cli_end_to_end(tmp_path: Path, tiny_judge: Path, real_photos: dic
 def test_judge_scores_match_generation_and_training_moves_them(
     tmp_path: Path, tiny_judge: Path, real_photos: dict[str, np.ndarray]
 ) -> None:
-    from rmskit.score.adapters import load_benchmark
-    from rmskit.score.judge import Judge, parse_verdict
+    from rmskit.scoring.adapters import load_benchmark
+    from rmskit.scoring.judge import Judge, parse_verdict
 
     samples = load_benchmark("rmskit", _rmskit_run(tmp_path, real_photos)).samples
     judge = Judge(str(tiny_judge), image_max_side=56, seed=0)
@@ -208,7 +208,7 @@ def test_judge_scores_match_generation_and_training_moves_them(
 def test_score_matrix_two_training_sets(
     tmp_path: Path, tiny_judge: Path, real_photos: dict[str, np.ndarray]
 ) -> None:
-    from rmskit.score import DatasetSpec, MatrixReport, ScoreConfig, score
+    from rmskit.scoring import DatasetSpec, MatrixReport, ScoreConfig, score
 
     run = _rmskit_run(tmp_path, real_photos)
     mss = _mssbench(tmp_path, real_photos)

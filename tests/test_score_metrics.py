@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rmskit.score.metrics import compute_metrics
+from rmskit.scoring.metrics import compute_metrics
 
 
 def test_mixed_labels_hand_computed() -> None:

@@ -15,12 +15,12 @@ app = typer.Typer(
 
 def _register_subcommands() -> None:
     # Each area owns its commands; heavy imports stay inside the command bodies.
-    from rmskit.build import cli as build_cli
+    from rmskit.pipeline import cli as build_cli
     from rmskit.export import cli as export_cli
     from rmskit.models import cli as models_cli
     from rmskit.report import cli as report_cli
     from rmskit.review import cli as review_cli
-    from rmskit.score import cli as score_cli
+    from rmskit.scoring import cli as score_cli
 
     for module in (build_cli, export_cli, models_cli, score_cli, review_cli, report_cli):
         module.register(app)

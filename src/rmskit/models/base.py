@@ -67,7 +67,16 @@ class ErrorKind(StrEnum):
     auth = "auth"
     parse = "parse"
     image = "image"
+    format_refused = "format_refused"  # the server refused the structured-output mode
+    too_large = "too_large"  # response body over the configured cap
     other = "other"
+
+
+# Failures of the transport or the server, not of the item: the item stays pending and a re-run
+# retries it. Everything else (bad request, unparsable output after re-asks, a bad image) is final.
+TRANSIENT_KINDS = frozenset(
+    {ErrorKind.rate_limit, ErrorKind.server, ErrorKind.timeout, ErrorKind.connection}
+)
 
 
 class BackendError(Exception):
@@ -82,6 +91,11 @@ class BackendError(Exception):
 
     def __str__(self) -> str:
         return f"{self.kind.value}: {self.args[0]}"
+
+    @property
+    def transient(self) -> bool:
+        """True when the item should stay pending for a re-run (see TRANSIENT_KINDS)."""
+        return self.kind in TRANSIENT_KINDS
 
 
 @runtime_checkable

@@ -194,7 +194,7 @@ def probe(
     dup_threshold: float = 0.8,
 ) -> ProbeReport:
     """Load a dataset (any adapter; images need not exist: probes read text only) and probe it."""
-    from rmskit.score.adapters import load_benchmark
+    from rmskit.scoring.adapters import load_benchmark
 
     loaded = load_benchmark(fmt, path, count_missing_only=True, options=options)
     return run_probes(loaded.samples, folds=folds, seed=seed, dup_threshold=dup_threshold)

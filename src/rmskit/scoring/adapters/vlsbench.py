@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from rmskit.score.adapters.base import BaseAdapter, read_json, require_file, resolve_image, snapshot
-from rmskit.score.sample import BenchSample
+from rmskit.scoring.adapters.base import BaseAdapter, read_json, require_file, resolve_image, snapshot
+from rmskit.scoring.sample import BenchSample
 
 
 class VLSBench(BaseAdapter):

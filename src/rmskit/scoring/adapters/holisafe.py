@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from rmskit.score.adapters.base import (
+from rmskit.scoring.adapters.base import (
     AdapterError,
     BaseAdapter,
     load_hf,
@@ -22,7 +22,7 @@ from rmskit.score.adapters.base import (
     require_file,
     resolve_image,
 )
-from rmskit.score.sample import BenchSample, Label
+from rmskit.scoring.sample import BenchSample, Label
 
 
 def label_from_type(code: Any) -> Label:

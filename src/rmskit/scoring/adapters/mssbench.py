@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from rmskit.score.adapters.base import (
+from rmskit.scoring.adapters.base import (
     AdapterError,
     BaseAdapter,
     read_json,
@@ -24,7 +24,7 @@ from rmskit.score.adapters.base import (
     resolve_image,
     snapshot,
 )
-from rmskit.score.sample import BenchSample
+from rmskit.scoring.sample import BenchSample
 
 
 def _as_list(v: Any) -> list[str]:

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from rmskit.score.adapters.base import (
+from rmskit.scoring.adapters.base import (
     AdapterError,
     BaseAdapter,
     find_file,
@@ -25,7 +25,7 @@ from rmskit.score.adapters.base import (
     resolve_image,
     snapshot,
 )
-from rmskit.score.sample import BenchSample
+from rmskit.scoring.sample import BenchSample
 
 
 class VLGuard(BaseAdapter):

@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from rmskit.score.adapters.base import AdapterError, BaseAdapter, load_hf, materialize_image, parse_label
-from rmskit.score.sample import BenchSample
+from rmskit.scoring.adapters.base import AdapterError, BaseAdapter, load_hf, materialize_image, parse_label
+from rmskit.scoring.sample import BenchSample
 
 
 def _shard_split(path: Path) -> str:

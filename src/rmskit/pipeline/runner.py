@@ -19,18 +19,18 @@ from typing import Any
 from pydantic import BaseModel
 
 import rmskit
-from rmskit.build import schemas
-from rmskit.build.caller import Caller, StageFailed
-from rmskit.build.progress import ProgressView, Stats
-from rmskit.build.prompting import PROMPT_VERSIONS, prompt_version, prompts_fingerprint
-from rmskit.build.stages import StageContext, lexical_leak, sample_id
-from rmskit.build.taxonomy import Coverage, Taxonomy, make_embedder
+from rmskit.pipeline import schemas
+from rmskit.pipeline.caller import Caller, StageFailed
+from rmskit.pipeline.progress import ProgressView, Stats
+from rmskit.pipeline.prompting import PROMPT_VERSIONS, prompt_version, prompts_fingerprint
+from rmskit.pipeline.stages import StageContext, lexical_leak, sample_id
+from rmskit.pipeline.taxonomy import Coverage, Taxonomy, make_embedder
 from rmskit.config import STAGES, BuildConfig
 from rmskit.ledger import Ledger
 from rmskit.models import ModelBackend, load_backend
 from rmskit.records import ImageRecord, Rejection
 
-log = logging.getLogger("rmskit.build")
+log = logging.getLogger("rmskit.pipeline")
 
 _PROMPT_STAGE = {  # which configured model serves which prompt
     "perceive": "perceive",
@@ -619,7 +619,7 @@ def _finish_dataset(run_dir: Path, ledger: Ledger) -> dict[str, Any]:
     """Probes + dataset export. Failures here are reported, never lose the ledger's work."""
     probes: dict[str, Any] | None = None
     try:
-        from rmskit.score.probes import run_probes
+        from rmskit.scoring.probes import run_probes
 
         samples = list(ledger.iter_samples("ok"))
         if samples:

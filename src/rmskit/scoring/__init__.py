@@ -8,15 +8,12 @@ Heavy imports (torch, transformers, sentence-transformers) happen inside the fun
 
 from __future__ import annotations
 
-from rmskit._callable import make_callable
-from rmskit.score.adapters import ADAPTERS, AdapterError, MissingImagesError, load_benchmark
-from rmskit.score.api import DatasetSpec, MatrixReport, ScoreConfig, ScoreReport, score
-from rmskit.score.metrics import Metrics, compute_metrics
-from rmskit.score.probes import ProbeReport, probe, run_probes
-from rmskit.score.sample import BenchSample, Inspection, LoadedBenchmark
+from rmskit.scoring.adapters import ADAPTERS, AdapterError, MissingImagesError, load_benchmark
+from rmskit.scoring.api import DatasetSpec, MatrixReport, ScoreConfig, ScoreReport, score
+from rmskit.scoring.metrics import Metrics, compute_metrics
+from rmskit.scoring.probes import ProbeReport, probe, run_probes
+from rmskit.scoring.sample import BenchSample, Inspection, LoadedBenchmark
 
-# `rmskit.score(cfg)` calls score(cfg) although rmskit.score is this package.
-make_callable(__name__, "rmskit.score.api:score")
 
 __all__ = [
     "ADAPTERS",

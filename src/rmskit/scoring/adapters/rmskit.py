@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from rmskit.records import Sample
-from rmskit.score.adapters.base import AdapterError, BaseAdapter, read_jsonl, resolve_image
-from rmskit.score.sample import BenchSample
+from rmskit.scoring.adapters.base import AdapterError, BaseAdapter, read_jsonl, resolve_image
+from rmskit.scoring.sample import BenchSample
 
 
 def dataset_dir(root: Path) -> Path:

@@ -100,8 +100,8 @@ def register(app: typer.Typer) -> None:
         """Fine-tune a judge on TRAIN and evaluate it zero-shot and tuned on every --bench."""
         from pydantic import ValidationError
 
-        from rmskit.score.adapters import AdapterError
-        from rmskit.score.api import DatasetSpec, ScoreConfig, score
+        from rmskit.scoring.adapters import AdapterError
+        from rmskit.scoring.api import DatasetSpec, ScoreConfig, score
 
         formats = _pairs(bench_format, "--format")
         opts = _options(columns, label_default)
@@ -160,8 +160,8 @@ def register(app: typer.Typer) -> None:
         label_default: LabelDefaultOpt = None,
     ) -> None:
         """CPU probes: text-only leakage, diversity, near-duplicates, category entropy."""
-        from rmskit.score.adapters import AdapterError
-        from rmskit.score.probes import probe
+        from rmskit.scoring.adapters import AdapterError
+        from rmskit.scoring.probes import probe
 
         try:
             rep = probe(dataset, fmt, options=_options(columns, label_default), folds=folds, seed=seed)
@@ -201,7 +201,7 @@ def register(app: typer.Typer) -> None:
             _list()
 
     def _list() -> None:
-        from rmskit.score.adapters import ADAPTERS
+        from rmskit.scoring.adapters import ADAPTERS
 
         t = Table(title="benchmark formats")
         t.add_column("name")
@@ -229,7 +229,7 @@ def register(app: typer.Typer) -> None:
         label_default: LabelDefaultOpt = None,
     ) -> None:
         """Count samples, labels, categories and missing image files of a benchmark copy."""
-        from rmskit.score.adapters import AdapterError, load_benchmark
+        from rmskit.scoring.adapters import AdapterError, load_benchmark
 
         try:
             loaded = load_benchmark(

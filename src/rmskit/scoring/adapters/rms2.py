@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from rmskit.score.adapters.base import AdapterError, BaseAdapter, load_hf, read_table, rows_to_samples
-from rmskit.score.sample import BenchSample
+from rmskit.scoring.adapters.base import AdapterError, BaseAdapter, load_hf, read_table, rows_to_samples
+from rmskit.scoring.sample import BenchSample
 
 TABLE_EXT = (".parquet", ".jsonl", ".json", ".csv", ".tsv")
 

@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from rmskit.score.adapters.base import AdapterError, BaseAdapter, read_json, resolve_image
-from rmskit.score.sample import BenchSample
+from rmskit.scoring.adapters.base import AdapterError, BaseAdapter, read_json, resolve_image
+from rmskit.scoring.sample import BenchSample
 
 QUERY_KEY = {"SD": "Rephrased Question(SD)", "SD_TYPO": "Rephrased Question", "TYPO": "Rephrased Question"}
 

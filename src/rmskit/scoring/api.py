@@ -1,4 +1,4 @@
-"""`rmskit.score.score(cfg)`: fine-tune a judge on each training set, evaluate it zero-shot and tuned on
+"""`rmskit.scoring.score(cfg)`: fine-tune a judge on each training set, evaluate it zero-shot and tuned on
 every benchmark, write score.json (+ per-train files for a matrix) and the heatmap."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rmskit.score.adapters import load_benchmark
-from rmskit.score.metrics import Metrics, compute_metrics
-from rmskit.score.prompts import DEFAULT_PROMPT
-from rmskit.score.sample import BenchSample, LoadedBenchmark
+from rmskit.scoring.adapters import load_benchmark
+from rmskit.scoring.metrics import Metrics, compute_metrics
+from rmskit.scoring.prompts import DEFAULT_PROMPT
+from rmskit.scoring.sample import BenchSample, LoadedBenchmark
 
 
 class DatasetSpec(BaseModel):
@@ -33,7 +33,7 @@ class DatasetSpec(BaseModel):
         cls, spec: str, formats: dict[str, str] | None = None, options: dict[str, Any] | None = None
     ) -> DatasetSpec:
         """`NAME=PATH` (NAME doubles as the format when it names an adapter) or a bare PATH."""
-        from rmskit.score.adapters import ADAPTERS, ALIASES
+        from rmskit.scoring.adapters import ADAPTERS, ALIASES
 
         name, sep, path = spec.partition("=")
         if not sep:
@@ -157,8 +157,8 @@ def _card(
 def score(cfg: ScoreConfig, log: Callable[[str], None] | None = None) -> ScoreReport | MatrixReport:
     """Run the whole evaluation. One training set returns its ScoreReport (DIR/score.json); several
     return a MatrixReport (DIR/score.json for the matrix, DIR/runs/<train>/score.json each)."""
-    from rmskit.score.judge import Judge
-    from rmskit.score.matrix import write_heatmap
+    from rmskit.scoring.judge import Judge
+    from rmskit.scoring.matrix import write_heatmap
 
     say = log or (lambda _m: None)
     cfg.out.mkdir(parents=True, exist_ok=True)

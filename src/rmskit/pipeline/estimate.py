@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from rmskit.build.prompting import render
+from rmskit.pipeline.prompting import render
 from rmskit.config import BuildConfig
 
 # Typical output lengths (tokens) per prompt, and the expected number of rounds when checks fail

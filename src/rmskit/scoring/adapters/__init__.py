@@ -9,25 +9,25 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from rmskit.score.adapters.base import (
+from rmskit.scoring.adapters.base import (
     Adapter,
     AdapterError,
     MissingImagesError,
     is_hf_id,
     strip_hf,
 )
-from rmskit.score.adapters.generic import Generic
-from rmskit.score.adapters.holisafe import HoliSafe
-from rmskit.score.adapters.mis import MIS
-from rmskit.score.adapters.mmsafetybench import MMSafetyBench
-from rmskit.score.adapters.mssbench import MSSBench
-from rmskit.score.adapters.rms2 import RMS2
-from rmskit.score.adapters.rmskit import RmskitDataset
-from rmskit.score.adapters.siuo import SIUO
-from rmskit.score.adapters.spavl import SPAVL
-from rmskit.score.adapters.vlguard import VLGuard
-from rmskit.score.adapters.vlsbench import VLSBench
-from rmskit.score.sample import LoadedBenchmark
+from rmskit.scoring.adapters.generic import Generic
+from rmskit.scoring.adapters.holisafe import HoliSafe
+from rmskit.scoring.adapters.mis import MIS
+from rmskit.scoring.adapters.mmsafetybench import MMSafetyBench
+from rmskit.scoring.adapters.mssbench import MSSBench
+from rmskit.scoring.adapters.rms2 import RMS2
+from rmskit.scoring.adapters.rmskit import RmskitDataset
+from rmskit.scoring.adapters.siuo import SIUO
+from rmskit.scoring.adapters.spavl import SPAVL
+from rmskit.scoring.adapters.vlguard import VLGuard
+from rmskit.scoring.adapters.vlsbench import VLSBench
+from rmskit.scoring.sample import LoadedBenchmark
 
 ADAPTERS: dict[str, Adapter] = {
     a.name: a

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rmskit.score.prompts import DEFAULT_PROMPT, load_prompt
-from rmskit.score.sample import BenchSample, Label
+from rmskit.scoring.prompts import DEFAULT_PROMPT, load_prompt
+from rmskit.scoring.sample import BenchSample, Label
 
 IGNORE = -100
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -15,9 +15,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from rmskit.score.adapters.base import AdapterError, BaseAdapter, read_table, rows_to_samples
-from rmskit.score.adapters.rms2 import table_files
-from rmskit.score.sample import BenchSample
+from rmskit.scoring.adapters.base import AdapterError, BaseAdapter, read_table, rows_to_samples
+from rmskit.scoring.adapters.rms2 import table_files
+from rmskit.scoring.sample import BenchSample
 
 
 class Generic(BaseAdapter):

@@ -13,9 +13,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from rmskit.build import schemas
-from rmskit.build.caller import Caller, StageFailed
-from rmskit.build.prompting import prompt_version, render
+from rmskit.pipeline import schemas
+from rmskit.pipeline.caller import Caller, StageFailed
+from rmskit.pipeline.prompting import prompt_version, render
 from rmskit.ledger import Ledger
 from rmskit.models.base import ImageInput
 from rmskit.records import ImageRecord

@@ -139,7 +139,7 @@ def register(app: typer.Typer) -> None:
         }
         cfg = resolve_config(sources or [], config, overrides, backend, stage_model or [])
         if dry_run:
-            from rmskit.build.estimate import estimate
+            from rmskit.pipeline.estimate import estimate
 
             est = estimate(cfg)
             if json_out:
@@ -156,7 +156,7 @@ def register(app: typer.Typer) -> None:
             Console().print(table)
             Console().print(f"[dim]{est.assumptions}[/dim]")
             return
-        from rmskit.build.runner import build
+        from rmskit.pipeline.runner import build
 
         try:
             summary = build(cfg, quiet=quiet)
@@ -180,7 +180,7 @@ def register(app: typer.Typer) -> None:
         json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     ) -> None:
         """What a run holds: images, refusals, stage counts, samples, tokens."""
-        from rmskit.build.status import run_status
+        from rmskit.pipeline.status import run_status
 
         try:
             st = run_status(run_dir)
@@ -230,7 +230,7 @@ def _register_prompts(app: typer.Typer) -> None:
         """Run the verify prompts on cases with known verdicts; print agreement per check."""
         import asyncio
 
-        from rmskit.build.regression import dumps, run_regression
+        from rmskit.pipeline.regression import dumps, run_regression
         from rmskit.config import BackendConfig
         from rmskit.models import load_backend
 
