@@ -25,9 +25,9 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from rmskit.pipeline.runner import run_build
 from rmskit.config import BackendConfig, BuildConfig
 from rmskit.models.base import Capabilities, GenParams, Message, Result, Usage
+from rmskit.pipeline.runner import run_build
 from rmskit.records import ImageRecord
 from rmskit.testing.rms_script import answer
 

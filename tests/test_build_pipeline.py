@@ -10,11 +10,6 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from rmskit.pipeline.caller import Caller, cache_key
-from rmskit.pipeline.progress import Stats
-from rmskit.pipeline.runner import run_build
-from rmskit.pipeline.stages import lexical_leak, perception_from_annotation
-from rmskit.pipeline.taxonomy import Coverage, HashingEmbedder, Taxonomy
 from rmskit.config import BackendConfig, BuildConfig
 from rmskit.ledger import Ledger
 from rmskit.models.base import (
@@ -27,6 +22,11 @@ from rmskit.models.base import (
     Result,
     Usage,
 )
+from rmskit.pipeline.caller import Caller, cache_key
+from rmskit.pipeline.progress import Stats
+from rmskit.pipeline.runner import run_build
+from rmskit.pipeline.stages import lexical_leak, perception_from_annotation
+from rmskit.pipeline.taxonomy import Coverage, HashingEmbedder, Taxonomy
 from rmskit.records import Annotation, ImageRecord
 from rmskit.testing.rms_script import answer
 

@@ -19,7 +19,6 @@ import pytest
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from rmskit.pipeline.schemas import STAGE_SCHEMAS, ComposedQuery, Perception
 from rmskit.config import BackendConfig
 from rmskit.models import openai_compat
 from rmskit.models.base import BackendError, ErrorKind, GenParams, ImageInput, Message
@@ -32,6 +31,7 @@ from rmskit.models.structured import (
     response_format_for,
     schema_for,
 )
+from rmskit.pipeline.schemas import STAGE_SCHEMAS, ComposedQuery, Perception
 from rmskit.testing.openai_server import OpenAITestServer, Reply, instance_from_schema
 
 T = TypeVar("T")

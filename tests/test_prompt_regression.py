@@ -7,9 +7,9 @@ import json
 import subprocess
 import sys
 
+from rmskit.models.base import Capabilities, Result
 from rmskit.pipeline.regression import load_cases, run_regression
 from rmskit.pipeline.stages import lexical_leak
-from rmskit.models.base import Capabilities, Result
 from rmskit.testing.openai_server import OpenAITestServer
 from rmskit.testing.rms_script import responder, stage_of
 

@@ -272,8 +272,8 @@ def real_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A real build over real photos against the scripted OpenAI-compatible test server, then the real
     export. (The runner's own export step also runs the probes, which load MiniLM: ~10 s more.)"""
     try:
-        from rmskit.pipeline.runner import run_build
         from rmskit.export import write_dataset
+        from rmskit.pipeline.runner import run_build
         from rmskit.testing.openai_server import OpenAITestServer
         from rmskit.testing.rms_script import responder
     except ImportError as e:

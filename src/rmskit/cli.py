@@ -15,9 +15,9 @@ app = typer.Typer(
 
 def _register_subcommands() -> None:
     # Each area owns its commands; heavy imports stay inside the command bodies.
-    from rmskit.pipeline import cli as build_cli
     from rmskit.export import cli as export_cli
     from rmskit.models import cli as models_cli
+    from rmskit.pipeline import cli as build_cli
     from rmskit.report import cli as report_cli
     from rmskit.review import cli as review_cli
     from rmskit.scoring import cli as score_cli

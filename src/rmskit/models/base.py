@@ -74,9 +74,7 @@ class ErrorKind(StrEnum):
 
 # Failures of the transport or the server, not of the item: the item stays pending and a re-run
 # retries it. Everything else (bad request, unparsable output after re-asks, a bad image) is final.
-TRANSIENT_KINDS = frozenset(
-    {ErrorKind.rate_limit, ErrorKind.server, ErrorKind.timeout, ErrorKind.connection}
-)
+TRANSIENT_KINDS = frozenset({ErrorKind.rate_limit, ErrorKind.server, ErrorKind.timeout, ErrorKind.connection})
 
 
 class BackendError(Exception):

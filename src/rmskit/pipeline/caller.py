@@ -14,10 +14,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from rmskit.pipeline.progress import Stats
 from rmskit.ledger import Ledger
 from rmskit.models.base import BackendError, ErrorKind, GenParams, Message, ModelBackend, Result, Usage
 from rmskit.models.structured import parse_structured
+from rmskit.pipeline.progress import Stats
 
 
 @lru_cache(maxsize=64)

@@ -230,9 +230,9 @@ def _register_prompts(app: typer.Typer) -> None:
         """Run the verify prompts on cases with known verdicts; print agreement per check."""
         import asyncio
 
-        from rmskit.pipeline.regression import dumps, run_regression
         from rmskit.config import BackendConfig
         from rmskit.models import load_backend
+        from rmskit.pipeline.regression import dumps, run_regression
 
         try:
             cfg = BackendConfig(spec=model, base_url=base_url, api_key_env=api_key_env)

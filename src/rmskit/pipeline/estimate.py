@@ -7,8 +7,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from rmskit.pipeline.prompting import render
 from rmskit.config import BuildConfig
+from rmskit.pipeline.prompting import render
 
 # Typical output lengths (tokens) per prompt, and the expected number of rounds when checks fail
 # sometimes; both are deliberately conservative (budgets are real money).

@@ -13,9 +13,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from rmskit.models.base import BackendError, GenParams, ModelBackend
 from rmskit.pipeline import schemas
 from rmskit.pipeline.prompting import PROMPTS_DIR, prompt_version, render
-from rmskit.models.base import BackendError, GenParams, ModelBackend
 
 REGRESSION_FILE = PROMPTS_DIR / "regression.v1.jsonl"
 _SCHEMAS: dict[str, type[BaseModel]] = {

@@ -19,15 +19,15 @@ from typing import Any
 from pydantic import BaseModel
 
 import rmskit
+from rmskit.config import STAGES, BuildConfig
+from rmskit.ledger import Ledger
+from rmskit.models import ModelBackend, load_backend
 from rmskit.pipeline import schemas
 from rmskit.pipeline.caller import Caller, StageFailed
 from rmskit.pipeline.progress import ProgressView, Stats
 from rmskit.pipeline.prompting import PROMPT_VERSIONS, prompt_version, prompts_fingerprint
 from rmskit.pipeline.stages import StageContext, lexical_leak, sample_id
 from rmskit.pipeline.taxonomy import Coverage, Taxonomy, make_embedder
-from rmskit.config import STAGES, BuildConfig
-from rmskit.ledger import Ledger
-from rmskit.models import ModelBackend, load_backend
 from rmskit.records import ImageRecord, Rejection
 
 log = logging.getLogger("rmskit.pipeline")

@@ -13,11 +13,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from rmskit.ledger import Ledger
+from rmskit.models.base import ImageInput
 from rmskit.pipeline import schemas
 from rmskit.pipeline.caller import Caller, StageFailed
 from rmskit.pipeline.prompting import prompt_version, render
-from rmskit.ledger import Ledger
-from rmskit.models.base import ImageInput
 from rmskit.records import ImageRecord
 
 # Words that name a hazard or harmful outcome outright; a query containing one leaks (cheap

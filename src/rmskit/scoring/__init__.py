@@ -14,7 +14,6 @@ from rmskit.scoring.metrics import Metrics, compute_metrics
 from rmskit.scoring.probes import ProbeReport, probe, run_probes
 from rmskit.scoring.sample import BenchSample, Inspection, LoadedBenchmark
 
-
 __all__ = [
     "ADAPTERS",
     "AdapterError",
