@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint bench demo clean
+.PHONY: setup test test-fast lint typecheck bench demo mutate clean
 
 setup: $(VENV)/.installed
 
@@ -22,9 +22,17 @@ $(VENV)/.installed: pyproject.toml
 test: setup
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
+# Everything but the tests marked slow (the long end-to-end and kill tests).
+test-fast: setup
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
 lint: setup
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench
+
+# pyright in basic mode over src/ (settings in pyproject.toml).
+typecheck: setup
+	$(VENV)/bin/pyright
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(PY) bench/orchestration.py

@@ -126,7 +126,8 @@ def near_duplicate_queries(items: Iterable[tuple[str, str]], threshold: float) -
     dropped: dict[str, QueryDup] = {}
     for i, ((key, _text), sh, mh) in enumerate(zip(items, sets, hashes, strict=True)):
         best: tuple[float, int, str] | None = None  # (-jaccard, order, key): highest similarity, earliest
-        for cand in lsh.query(mh):
+        for hit in lsh.query(mh):
+            cand = str(hit)  # keys were inserted as str
             j = jaccard(sh, kept_sets[cand])
             if j >= threshold and (best is None or (-j, order[cand], cand) < best):
                 best = (-j, order[cand], cand)

@@ -132,7 +132,7 @@ def _qwen_config(arch: str, tok: Any, preset: str) -> Any:
     mrope = [t, hw, half - t - hw]
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": mrope}
     ids = tok.convert_tokens_to_ids if tok is not None else None
-    special = {
+    special: dict[str, Any] = {
         "image_token_id": ids("<|image_pad|>") if ids else 151655,
         "video_token_id": ids("<|video_pad|>") if ids else 151656,
         "vision_start_token_id": ids("<|vision_start|>") if ids else 151652,
@@ -190,7 +190,7 @@ def _llava_config(tok: Any) -> Any:
     return LlavaConfig(
         text_config=text,
         vision_config=vision,
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
     )
