@@ -140,10 +140,6 @@ _PHOTOS: list[BundledPhoto] = [
 PHOTO_NAMES: tuple[str, ...] = tuple(p.name for p in _PHOTOS)
 
 
-def bundled_photos() -> list[BundledPhoto]:
-    return [p.model_copy() for p in _PHOTOS]
-
-
 def package_file(photo: BundledPhoto) -> Path | None:
     """Where the original file lives in the installed package, or None if the package is missing."""
     try:
