@@ -43,6 +43,11 @@ class Source(Protocol):
 
     def items(self, cfg: IngestConfig) -> Iterator[Item]: ...
 
+    def count(self) -> int | None:
+        """How many items the source may yield, found without decoding anything (for dry runs);
+        None when it cannot be known without downloading (hub streams)."""
+        ...
+
 
 class JSONTooDeep(ValueError):
     """JSON nested deeper than the parser's recursion limit (a hostile or broken document)."""

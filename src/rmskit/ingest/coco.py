@@ -135,6 +135,9 @@ class CocoSource:
             for k in ("license", "source_url", "attribution"):
                 m[k] = m[k] or entry[k]
 
+    def count(self) -> int:
+        return len(self.table)
+
     def items(self, cfg: IngestConfig) -> Iterator[Item]:
         root_s = str(self.root)
         for fn, entry in self.table.items():

@@ -12,8 +12,10 @@ Order of work for one file (each step can refuse with a human-readable reason):
 
 Cache file format: sources with a lossy codec (JPEG, MPO, WebP) are re-encoded as `<sha256>.jpg`
 (quality 95); lossless sources (PNG, GIF, BMP, TIFF, ...) up to 4 megapixels become `<sha256>.png`
-so no generation loss is added, larger ones `.jpg` q95 to keep the cache small. Re-encoding also strips
-EXIF/GPS metadata from everything the pipeline and the exported dataset carry. A `<sha256>.json`
+so no generation loss is added, larger ones `.jpg` q95 to keep the cache small. The copy carries pixels
+only: EXIF/GPS, XMP, ICC profiles, JPEG comments (COM) and PNG text chunks (tEXt/iTXt/zTXt) are all
+dropped, so nothing a camera or an attacker wrote reaches the pipeline or the exported dataset (a JPEG
+copy has only the JFIF APP0 header, a PNG copy only IHDR/IDAT/IEND). A `<sha256>.json`
 sidecar records the result so a resumed run does not decode the same bytes again."""
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from rmskit.config import IngestConfig
 _SAFE_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "DIB", "TIFF", "PPM", "AVIF", "QOI")
 _LOSSY_FORMATS = {"JPEG", "MPO", "WEBP", "AVIF"}
 _PNG_MAX_PIXELS = 4_000_000
-_SIDECAR_VERSION = 1
+_SIDECAR_VERSION = 2  # 2: copies carry no metadata (v1 copies kept JPEG comments)
 
 
 class ImageRefused(Exception):
@@ -326,15 +328,18 @@ def _decode_uncached(data: bytes, sha: str, cfg: IngestConfig, cache_dir: Path, 
         rgb = normalise_to_rgb(oriented if oriented is not None else im)
     if rgb.mode != "RGB":
         rgb = rgb.convert("RGB")
+    # Nothing but pixels reaches the copy: Pillow would carry a JPEG comment, an ICC profile (its
+    # description is text) and other `info` entries into the saved file (privacy: README promise).
+    rgb.info = {}
     phash = str(imagehash.phash(rgb))
     lossless = orig_format not in _LOSSY_FORMATS and rgb.width * rgb.height <= _PNG_MAX_PIXELS
     cache_dir.mkdir(parents=True, exist_ok=True)
     out = (cache_dir / f"{sha}.{'png' if lossless else 'jpg'}").absolute()
-    if not out.is_file():
-        if lossless:
-            _atomic_write(out, lambda p: rgb.save(p, format="PNG", compress_level=4))
-        else:
-            _atomic_write(out, lambda p: rgb.save(p, format="JPEG", quality=95))
+    # Always (re)written: a copy left by an older version may still carry metadata.
+    if lossless:
+        _atomic_write(out, lambda p: rgb.save(p, format="PNG", compress_level=4))
+    else:
+        _atomic_write(out, lambda p: rgb.save(p, format="JPEG", quality=95))
     dec = Decoded(
         sha256=sha,
         phash=phash,

@@ -34,6 +34,9 @@ class FolderSource:
     root: Path
     max_depth: int = MAX_FOLDER_DEPTH
 
+    def count(self) -> int:
+        return sum(1 for it in self.items(IngestConfig()) if it.file is not None)
+
     def items(self, cfg: IngestConfig) -> Iterator[Item]:
         root, root_s = self.root, str(self.root)
         first, err = _listing(root)
@@ -114,6 +117,9 @@ class ImageFileSource:
     @classmethod
     def sniff(cls, spec: str, path: Path, head: bytes) -> ImageFileSource | None:
         return cls(spec, path) if looks_like_image(path) else None
+
+    def count(self) -> int:
+        return 1
 
     def items(self, cfg: IngestConfig) -> Iterator[Item]:
         yield Item(str(self.path.parent), self.path.name, file=self.path)

@@ -80,6 +80,9 @@ class ManifestSource:
             clean = {str(k).strip().lower(): v for k, v in row.items() if k is not None}
             yield f"{name}:{n}", clean, None
 
+    def count(self) -> int:
+        return sum(1 for _ in self.rows())
+
     def items(self, cfg: IngestConfig) -> Iterator[Item]:
         root_s = str(self.root)
         for loc, row, reason in self.rows():

@@ -58,6 +58,9 @@ class RefusedSource:
     path: Path
     reason: str
 
+    def count(self) -> int:
+        return 0
+
     def items(self, cfg: IngestConfig) -> Iterator[Item]:
         yield Item(str(self.path.parent), self.path.name, refused=self.reason)
 

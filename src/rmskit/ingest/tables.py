@@ -147,6 +147,18 @@ class ParquetSource:
     spec: str
     path: Path
 
+    def count(self) -> int:
+        import pyarrow.parquet as pq
+
+        files = [self.path] if self.path.is_file() else [f for f, _, _ in walk_files(self.path) if f]
+        n = 0
+        for f in files:
+            try:
+                n += pq.ParquetFile(f).metadata.num_rows if _is_parquet(f) else 0
+            except Exception:  # a corrupt shard: one refusal when ingested
+                n += 1
+        return n
+
     def items(self, cfg: IngestConfig) -> Iterator[Item]:
         if self.path.is_file():
             yield from parquet_file_items(self.path, self.path.name, self.path.parent, cfg)
@@ -186,6 +198,15 @@ class HFDiskSource:
         except Exception as exc:
             raise _load_error(self.spec, exc) from None
 
+    def count(self) -> int:
+        import datasets
+
+        if self.dataset is None:
+            self.open()
+        obj = self.dataset
+        parts = [obj[n] for n in obj] if isinstance(obj, datasets.DatasetDict) else [obj]
+        return sum(len(p) for p in parts)
+
     def items(self, cfg: IngestConfig) -> Iterator[Item]:
         import datasets
 
@@ -220,6 +241,9 @@ class HFHubSource:
             self.dataset = datasets.load_dataset(self.repo, split=self.split, streaming=True)
         except Exception as exc:
             raise _load_error(self.spec, exc) from None
+
+    def count(self) -> None:
+        return None  # a stream: unknown until read
 
     def items(self, cfg: IngestConfig) -> Iterator[Item]:
         import datasets

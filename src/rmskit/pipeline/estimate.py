@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from pydantic import BaseModel
 
 from rmskit.config import BuildConfig
+from rmskit.ingest.sources import resolve_source
 from rmskit.pipeline.prompting import render
 
 # Typical output lengths (tokens) per prompt, and the expected number of rounds when checks fail
@@ -43,23 +41,15 @@ class Estimate(BaseModel):
 
 
 def count_candidates(source: str) -> int:
-    """Files a source may yield (no decoding); manifests count their lines."""
-    p = Path(source)
-    if p.is_dir():
-        return sum(1 for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
-    if p.is_file():
-        with p.open("rb") as fh:
-            head = fh.read(4096).lstrip()
-        if head.startswith(b"{"):
-            try:  # a COCO file is one JSON object with an "images" list
-                data = json.loads(p.read_text())
-                if isinstance(data, dict) and "images" in data:
-                    return len(data["images"])
-            except ValueError:  # JSONL: one record per line
-                pass
-        lines = sum(1 for line in p.open(encoding="utf-8", errors="replace") if line.strip())
-        return lines if head.startswith(b"{") else max(lines - 1, 0)  # CSV: minus the header
-    return 0
+    """Items a source may yield, without decoding any image: files in a folder, records in a JSONL /
+    JSON / CSV manifest (quoted multi-line CSV fields count once), images listed in a COCO file, rows
+    of parquet shards and saved datasets. The source is classified by the same sniffer as the build
+    (so `FILE::IMAGE_DIR` works); an unusable source or a hub stream counts 0."""
+    try:
+        src = resolve_source(source)
+        return src.count() or 0
+    except ValueError:
+        return 0
 
 
 def _prompt_tokens(name: str, image_tokens: int, **variables: object) -> int:
