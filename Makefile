@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast lint typecheck bench demo mutate clean
+.PHONY: setup test test-fast lint typecheck bench demo mutate clean fuzz
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,11 @@ test: setup
 # Everything but the tests marked slow (the long end-to-end and kill tests).
 test-fast: setup
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Property-based tests of every untrusted-input parser, run long (not in CI): FUZZ_EXAMPLES per property.
+fuzz: setup
+	HYPOTHESIS_PROFILE=fuzz FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-3000} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+		$(PY) -m pytest -q -o timeout=0 tests/test_fuzz_*.py $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench

@@ -42,7 +42,16 @@ def _image_column_from_features(features: Any) -> str | None:
 def row_item(
     row: dict[str, Any], col: str, root_s: str, rel: str, root: Path | None, cfg: IngestConfig
 ) -> Item:
-    """One table row -> an Item; never raises for a hostile row (the caller's guard is the last line)."""
+    """One table row -> an Item; never raises: a row of unexpected shape is one refusal."""
+    try:
+        return _row_item(row, col, root_s, rel, root, cfg)
+    except Exception as exc:  # any type can sit in any column of a custom dataset
+        return Item(root_s, rel, refused=f"unusable row: {type(exc).__name__}: {exc}")
+
+
+def _row_item(
+    row: dict[str, Any], col: str, root_s: str, rel: str, root: Path | None, cfg: IngestConfig
+) -> Item:
     value = row.get(col)
     try:
         ann = row_annotation({k: v for k, v in row.items() if k != col})
@@ -50,8 +59,12 @@ def row_item(
         return Item(root_s, rel, refused="unusable annotation columns in this row")
     if isinstance(value, dict):
         data = value.get("bytes")
-        if data:
+        if isinstance(data, (bytes, bytearray, memoryview)) and data:
             return Item(root_s, rel, data=bytes(data), annotation=ann)
+        if data not in (None, b"", ""):
+            return Item(
+                root_s, rel, refused=f"image bytes are a {type(data).__name__}, not bytes", annotation=ann
+            )
         value = value.get("path")
     if isinstance(value, (bytes, bytearray, memoryview)):
         return Item(root_s, rel, data=bytes(value), annotation=ann)
