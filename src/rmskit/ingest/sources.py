@@ -13,7 +13,8 @@ ingest/manifest.py), `CocoSource` (ingest/coco.py), `ParquetSource`, `HFDiskSour
 - `SCHEMES`: `hf://ORG/NAME[:SPLIT]`, a hub dataset streamed with `datasets`;
 - `DIR_SNIFFERS`, in order: an HF `save_to_disk` dataset (dataset_info.json + state.json, or
   dataset_dict.json), a folder of parquet files, else a folder of images walked recursively;
-- `FILE_SNIFFERS`, in order: parquet (PAR1 magic), an image, JSON (a COCO object with an "images"
+- a brace pattern over shards (`shards/{000..099}.tar`): `ShardsSource` (ingest/shards.py), lazy;
+- `FILE_SNIFFERS`, in order: parquet (PAR1 magic), a WebDataset tar shard, an image, JSON (a COCO object with an "images"
   list, a JSONL manifest, a JSON array manifest), a CSV/TSV manifest whose header names a path
   column (path, image, file_name, filename, file, image_path, img).
 
@@ -40,6 +41,7 @@ from rmskit.ingest.decode import ImageRefused, decode_bytes, looks_like_text, re
 from rmskit.ingest.folder import FolderSource, ImageFileSource
 from rmskit.ingest.manifest import ManifestSource, header_columns
 from rmskit.ingest.rows import PATH_KEYS
+from rmskit.ingest.shards import ShardsSource, is_shard_pattern, is_tar, require_webdataset
 from rmskit.ingest.tables import HFDiskSource, HFHubSource, ParquetSource, is_parquet_folder
 from rmskit.records import Annotation, ImageRecord, Rejection
 from rmskit.textsafe import safe_text
@@ -71,6 +73,13 @@ class RefusedSource:
 
 def _sniff_parquet_file(spec: str, path: Path, head: bytes, root: Path | None) -> Source | None:
     return ParquetSource(spec, path) if head.startswith(b"PAR1") else None
+
+
+def _sniff_tar(spec: str, path: Path, head: bytes, root: Path | None) -> Source | None:
+    if not is_tar(head):
+        return None
+    require_webdataset(spec)
+    return ShardsSource(spec, [path], path.parent)
 
 
 def _sniff_image(spec: str, path: Path, head: bytes, root: Path | None) -> Source | None:
@@ -147,7 +156,7 @@ def _sniff_csv(spec: str, path: Path, head: bytes, root: Path | None) -> Source 
 
 
 FileSniffer = Callable[[str, Path, bytes, "Path | None"], "Source | None"]
-FILE_SNIFFERS: list[FileSniffer] = [_sniff_parquet_file, _sniff_image, _sniff_json, _sniff_csv]
+FILE_SNIFFERS: list[FileSniffer] = [_sniff_parquet_file, _sniff_tar, _sniff_image, _sniff_json, _sniff_csv]
 
 
 def _sniff_hf_disk(spec: str, path: Path) -> Source | None:
@@ -194,6 +203,11 @@ def source_exists(spec: str) -> bool:
     if any(spec.startswith(s) for s in SCHEMES):
         return True
     target, root = split_spec(spec)
+    if not os.path.lexists(target) and is_shard_pattern(target):
+        try:
+            return ShardsSource.from_pattern(target) is not None
+        except ValueError:
+            return False
     return Path(target).expanduser().exists() and (root is None or root.is_dir())
 
 
@@ -203,6 +217,8 @@ def resolve_source(spec: str) -> Source:
         if spec.startswith(scheme):
             return make(spec)
     target, root_arg = split_spec(spec)
+    if root_arg is None and not os.path.lexists(target) and is_shard_pattern(target):
+        return ShardsSource.from_pattern(target)
     root = root_arg.resolve() if root_arg is not None else None
     if root is not None and not root.is_dir():
         raise ValueError(f"source {spec}: image root {root_arg} is not a directory")
