@@ -114,6 +114,7 @@ def _write(root: Path, suffix: str, data: bytes) -> Path:
     crlf=st.booleans(),
 )
 @example(lines=['{"path": "ok.jpg"}', '{"a":' * 50_000 + "1" + "}" * 50_000], crlf=False)
+@example(lines=["path\rx", "ok.jpg"], crlf=False)  # found by `make fuzz`: csv.Error escaped the sniffer
 def test_fuzz_jsonl_manifest(tree, lines, crlf):
     sep = "\r\n" if crlf else "\n"
     p = _write(tree, ".jsonl", sep.join(lines).encode("utf-8", "surrogateescape"))

@@ -20,7 +20,10 @@ Row = tuple[str, dict[str, Any] | None, str | None]  # (location, row or None, r
 
 def header_columns(first_line: str) -> tuple[list[str], str]:
     delim = max((",", "\t", ";", "|"), key=first_line.count)
-    cols = next(csv.reader([first_line], delimiter=delim), [])
+    try:
+        cols = next(csv.reader([first_line], delimiter=delim), [])
+    except csv.Error:  # e.g. a lone '\r' inside the line: not a header worth quoting rules
+        cols = first_line.split(delim)
     return [c.strip().strip("\ufeff").lower() for c in cols], delim
 
 
