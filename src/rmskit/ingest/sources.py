@@ -258,7 +258,7 @@ def _guarded(src: Source, cfg: IngestConfig) -> Iterator[Item]:
     try:
         yield from src.items(cfg)
     except Exception as exc:
-        log.exception("reading source %s failed", src.spec)
+        log.exception("reading source %s failed", safe_text(src.spec))
         where = getattr(src, "path", None) or getattr(src, "root", None)
         root = str(where.parent if where is not None and where.is_file() else where or src.spec)
         reason = f"reading this source stopped: {type(exc).__name__}: {exc}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from rmskit.config import BuildConfig
-from rmskit.ingest.sources import resolve_source
 from rmskit.pipeline.prompting import render
 
 # Typical output lengths (tokens) per prompt, and the expected number of rounds when checks fail
@@ -45,6 +44,8 @@ def count_candidates(source: str) -> int:
     JSON / CSV manifest (quoted multi-line CSV fields count once), images listed in a COCO file, rows
     of parquet shards and saved datasets. The source is classified by the same sniffer as the build
     (so `FILE::IMAGE_DIR` works); an unusable source or a hub stream counts 0."""
+    from rmskit.ingest.sources import resolve_source  # Pillow and friends load only for a dry run
+
     try:
         src = resolve_source(source)
         return src.count() or 0
