@@ -35,7 +35,7 @@ class FolderSource:
     max_depth: int = MAX_FOLDER_DEPTH
 
     def count(self) -> int:
-        return sum(1 for it in self.items(IngestConfig()) if it.file is not None)
+        return sum(1 for it in self.items(IngestConfig.model_validate({})) if it.file is not None)
 
     def items(self, cfg: IngestConfig) -> Iterator[Item]:
         root, root_s = self.root, str(self.root)

@@ -216,7 +216,7 @@ class HFDiskSource:
 
         if self.dataset is None:
             self.open()
-        obj = self.dataset
+        obj: Any = self.dataset
         parts = [obj[n] for n in obj] if isinstance(obj, datasets.DatasetDict) else [obj]
         return sum(len(p) for p in parts)
 
