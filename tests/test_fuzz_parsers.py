@@ -2,8 +2,8 @@
 repair and schema validation in rmskit.models.structured) and config YAML (load_yaml_config, then
 BuildConfig validation). Each must return a result or a clear error, never raise anything else.
 
-Two known crashes sit outside the ingest area and are kept as strict xfails naming the fix, so they
-turn into failures (XPASS) the moment the fix lands and the marker must be removed."""
+Deeply nested answers and YAML documents once crashed with RecursionError (found by fuzzing);
+their tests below keep them errors, not crashes."""
 
 from __future__ import annotations
 
@@ -68,12 +68,6 @@ def test_fuzz_model_answers(text, model, truncated):
         assert str(exc)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RecursionError,
-    reason="models/structured.py extract_json: json.loads raises RecursionError on deep nesting; "
-    "catch (ValueError, RecursionError) there (owner: models)",
-)
 @pytest.mark.parametrize("text", ["[" * 100_000, "x " + '{"a":' * 5_000])
 def test_model_answer_nested_too_deeply_is_an_error_not_a_crash(text):
     out = parse_structured(text, schemas.Perception)
@@ -127,11 +121,5 @@ def test_fuzz_config_yaml(cfg_dir, text, raw):
     _load(cfg_dir, text, raw)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RecursionError,
-    reason="config.py load_yaml_config: yaml.safe_load raises RecursionError on deep nesting; "
-    "catch it and raise ValueError (owner: config)",
-)
 def test_config_yaml_nested_too_deeply_is_an_error_not_a_crash(tmp_path):
     _load(tmp_path, "[" * 100_000 + "]" * 100_000)

@@ -128,7 +128,10 @@ class BuildConfig(BaseModel):
 
 
 def load_yaml_config(path: Path) -> dict:
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except RecursionError:  # a document nested thousands deep is refused, not a crash
+        raise ValueError(f"{path}: config is nested too deeply") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: config must be a mapping")
     return data

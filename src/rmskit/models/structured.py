@@ -204,15 +204,16 @@ def extract_json(text: str, *, repair: bool = True) -> Any:
     s = text.strip()
     if not s:
         raise JSONExtractError("the answer is empty")
+    # RecursionError: a hostile or broken answer nested thousands deep is a bad answer, not a crash.
     try:
         return json.loads(s)
-    except ValueError:
+    except (ValueError, RecursionError):
         pass
     cands = _candidates(s)
     for c in cands:
         try:
             return json.loads(c)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
     if repair:
         import json_repair  # light, pure Python; only needed on the repair path
