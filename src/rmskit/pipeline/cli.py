@@ -114,8 +114,30 @@ def register(app: typer.Typer) -> None:
         ] = False,
         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live progress.")] = False,
         json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+        executor: Annotated[
+            str, typer.Option(help="local (asyncio, default) | ray (worker actors).")
+        ] = "local",
+        ray_address: Annotated[
+            str | None,
+            typer.Option(
+                help="Ray cluster to join ('auto' or the head's host:port); default: start a local one."
+            ),
+        ] = None,
+        workers: Annotated[int, typer.Option(help="Ray worker actors (images sharded by sha256).")] = 2,
+        num_gpus: Annotated[
+            float | None, typer.Option(help="GPUs per Ray worker (default: 1 for in-process models on GPU).")
+        ] = None,
     ) -> None:
         """Build (or resume) an RMS dataset from real photos."""
+        from rmskit.executors import ExecutorConfig
+
+        try:
+            exec_cfg = ExecutorConfig(
+                kind=executor, ray_address=ray_address, workers=workers, num_gpus=num_gpus
+            )
+        except ValidationError as exc:
+            _fail(f"executor options: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}")
+            return
         overrides = {
             "out": out,
             "target": target,
@@ -159,7 +181,7 @@ def register(app: typer.Typer) -> None:
         from rmskit.pipeline.runner import build
 
         try:
-            summary = build(cfg, quiet=quiet)
+            summary = build(cfg, quiet=quiet, executor=exec_cfg)
         except (ValueError, FileNotFoundError) as exc:  # unusable source/model arguments
             _fail(str(exc))
             return

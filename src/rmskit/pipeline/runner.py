@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 import rmskit
 from rmskit.config import STAGES, BuildConfig
+from rmskit.executors import ExecutorConfig
 from rmskit.ledger import Ledger
 from rmskit.models import ModelBackend, load_backend
 from rmskit.pipeline import schemas
@@ -637,6 +638,10 @@ def _finish_dataset(run_dir: Path, ledger: Ledger) -> dict[str, Any]:
         return {"export_error": f"{type(exc).__name__}: {exc}"}
 
 
-def build(cfg: BuildConfig, *, quiet: bool = False) -> BuildSummary:
+def build(cfg: BuildConfig, *, quiet: bool = False, executor: ExecutorConfig | None = None) -> BuildSummary:
     """Python API: run or resume a build described by `cfg` (same config the CLI takes)."""
+    if executor is not None and executor.kind == "ray":  # same stages, on Ray worker actors
+        from rmskit.executors.ray import run_build_ray
+
+        return asyncio.run(run_build_ray(cfg, executor, quiet=quiet))
     return asyncio.run(run_build(cfg, quiet=quiet))
