@@ -217,6 +217,7 @@ def test_killed_worker_is_restarted_and_only_in_flight_work_is_redone(
     # restart) times the requests one image can take (2 + 3 risky x 10 + control 5 = 37).
     resent = sum(n - 1 for n in requests.values())
     reshipped = meta["shipped"] - 18
+    print(f"worker kill: {resent} request(s) re-sent, {reshipped} image(s) re-shipped")
     assert 0 <= resent <= 37 * reshipped
     assert sum(u["requests"] for u in unique_answers.values()) == len(requests)  # one cache row each
 
@@ -280,3 +281,15 @@ def test_killed_driver_resumes_without_redoing_committed_work(
     assert all(after[k] == t for k, t in records.items())
     assert all(samples_after[k] == t for k, t in samples.items())
     assert len(samples_after) == 18 * 4
+
+
+@pytest.mark.slow  # a local Ray cluster takes ~10 s to start on a small machine
+def test_target_is_global_across_workers(tmp_path: Path, photos: Path, ray_cluster: str) -> None:
+    with OpenAITestServer(responder=responder, latency=0.02) as srv:
+        cfg = _cfg(photos, tmp_path / "run", srv.base_url, scenarios_per_image=3, target=12)
+        ex = ExecutorConfig(kind="ray", workers=2)
+        summary = asyncio.run(run_build_ray(cfg, ex, quiet=True, export=False))
+    # The driver stops every worker once the committed total (over all workers) reaches the target.
+    assert summary.stopped_at_target
+    assert 12 <= summary.samples_ok < 18 * 4
+    assert summary.images_done < 18

@@ -160,16 +160,33 @@ class RayDriver:
             for q in self.inputs.values():
                 await q.put(None)
 
-    def _payload(self, recs: list[ImageRecord]) -> tuple[list[str], list[bytes], RowBatch]:
-        blobs = [Path(r.path).read_bytes() for r in recs]
-        return [r.model_dump_json() for r in recs], blobs, seed_rows(self.ledger, [r.sha256 for r in recs])
+    def _payload(self, w: str, recs: list[ImageRecord]) -> tuple[list[str], list[bytes], RowBatch]:
+        ok, blobs = [], []
+        for r in recs:
+            try:
+                blobs.append(Path(r.path).read_bytes())
+                ok.append(r)
+            except OSError as exc:  # the decoded copy vanished: this image fails, the run goes on
+                self.ledger.set_image_status(r.sha256, "failed", f"cannot read {r.path}: {exc}")
+                self.sent[w].pop(r.sha256, None)
+        return [r.model_dump_json() for r in ok], blobs, seed_rows(self.ledger, [r.sha256 for r in ok])
 
     async def _feed(self, w: str, resend: list[ImageRecord]) -> None:
+        try:
+            await self._feed_all(w, resend)
+        except _actor_errors():
+            raise  # the supervisor sees the death on the stream too
+        except Exception:  # a driver-side bug must not hang the worker: end its input
+            log.exception("feeding worker %s failed; its unsent images stay pending", w)
+            self.closed[w] = True
+            await self.handles[w].close_input.remote()
+
+    async def _feed_all(self, w: str, resend: list[ImageRecord]) -> None:
         handle = self.handles[w]
         for i in range(0, len(resend), self.ex.chunk):
             chunk = resend[i : i + self.ex.chunk]
             self.shipped += len(chunk)
-            await handle.feed.remote(*self._payload(chunk))
+            await handle.feed.remote(*self._payload(w, chunk))
         while not self.closed[w]:
             chunk: list[ImageRecord] = []
             item = await self.inputs[w].get()
@@ -184,7 +201,7 @@ class RayDriver:
                 for rec in chunk:
                     self.sent[w][rec.sha256] = rec
                 self.shipped += len(chunk)
-                await handle.feed.remote(*self._payload(chunk))
+                await handle.feed.remote(*self._payload(w, chunk))
         await handle.close_input.remote()
 
     # -- one worker: ship, commit, recover ------------------------------------------------------

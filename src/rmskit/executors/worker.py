@@ -98,6 +98,8 @@ class ShardWorker:
     async def feed(self, records: list[str], blobs: list[bytes], seed: RowBatch) -> int:
         """Take images (their bytes travel through Ray's object store) and the rows the run's
         ledger already has for them; returns once they fit in the input queue (backpressure)."""
+        if self._closed:  # stopped at the target: nothing new starts
+            return 0
         self.outbox.seed(seed)
         recs = []
         for raw, blob in zip(records, blobs, strict=True):
@@ -110,7 +112,10 @@ class ShardWorker:
 
     def _put_all(self, recs: list[ImageRecord | None]) -> None:
         for rec in recs:
-            self.inbox.put(rec)
+            while not self.pipeline.stop.is_set():  # a stop drains the queue; never block past it
+                with contextlib.suppress(queue.Full):
+                    self.inbox.put(rec, timeout=0.2)
+                    break
 
     async def close_input(self) -> None:
         if not self._closed:
@@ -120,11 +125,14 @@ class ShardWorker:
     async def stop(self) -> None:
         """The global target is reached: finish nothing new (as the local executor does)."""
         self.pipeline.stop.set()
-        with contextlib.suppress(queue.Empty):
-            while True:
-                self.inbox.get_nowait()
         self._closed = True
-        self.inbox.put_nowait(_END)
+        while True:  # a feed thread may slip one item in between: drain until the end marker fits
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    self.inbox.get_nowait()
+            with contextlib.suppress(queue.Full):
+                self.inbox.put_nowait(_END)
+                return
 
     async def run(self) -> AsyncIterator[dict[str, Any]]:
         """Run the pipeline over everything fed until close_input(); stream rows and counters."""
@@ -147,11 +155,10 @@ class ShardWorker:
                 with contextlib.suppress(Exception):
                     await backend.aclose()
             self.backends = []
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self.ledger.close()
-            shutil.rmtree(self.dir, ignore_errors=True)
+            if task.done():  # everything went out to the driver: the temp ledger is spent
+                with contextlib.suppress(Exception):
+                    self.ledger.close()
+                shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def callers_cfgs(cfg: BuildConfig) -> list[BackendConfig]:
