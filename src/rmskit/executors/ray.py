@@ -95,7 +95,7 @@ class RayDriver:
     async def run(self, items: Iterable[ImageRecord | Rejection]) -> None:
         ray = _ray()
         ex = self.ex
-        self.state = (
+        self.state: Any = (
             ray.remote(_state_cls())
             .options(num_cpus=0, max_restarts=0)
             .remote(
@@ -117,7 +117,7 @@ class RayDriver:
         cfg_json = self.cfg.model_dump_json()
         # Named, so operators (and the kill test) can find a worker: ray.util.list_named_actors().
         token = uuid.uuid4().hex[:8]
-        self.handles = {
+        self.handles: dict[str, Any] = {
             w: worker_cls.options(name=f"rmskit-{token}-{w}", **opts).remote(
                 cfg_json, w, ex.workers, self.state, ex.flush_s
             )

@@ -132,8 +132,8 @@ def register(app: typer.Typer) -> None:
         from rmskit.executors import ExecutorConfig
 
         try:
-            exec_cfg = ExecutorConfig(
-                kind=executor, ray_address=ray_address, workers=workers, num_gpus=num_gpus
+            exec_cfg = ExecutorConfig.model_validate(
+                {"kind": executor, "ray_address": ray_address, "workers": workers, "num_gpus": num_gpus}
             )
         except ValidationError as exc:
             _fail(f"executor options: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}")
