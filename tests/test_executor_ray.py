@@ -293,3 +293,50 @@ def test_target_is_global_across_workers(tmp_path: Path, photos: Path, ray_clust
     assert summary.stopped_at_target
     assert 12 <= summary.samples_ok < 18 * 4
     assert summary.images_done < 18
+
+
+def test_openai_workers_split_limits_and_in_process_models_do_not() -> None:
+    from rmskit.executors.worker import split_backend
+
+    remote = BackendConfig(spec="openai:m", concurrency=16, requests_per_minute=600)
+    part = split_backend(remote, 3)
+    assert part.concurrency == 6 and part.requests_per_minute == 200 and part.tokens_per_minute is None
+    local = BackendConfig(spec="hf:org/model", concurrency=16)
+    assert split_backend(local, 3) == local  # one replica per worker, each at full settings
+
+
+@pytest.mark.slow  # needs the module's local Ray
+def test_gpus_per_worker(ray_cluster: str) -> None:
+    from rmskit.executors.ray import _gpus_per_worker
+
+    hf = BuildConfig(sources=["/x"], model=BackendConfig(spec="hf:org/model"))
+    remote = BuildConfig(sources=["/x"], model=BackendConfig(spec="openai:m"))
+    assert _gpus_per_worker(hf, ExecutorConfig(kind="ray", num_gpus=0.5)) == 0.5
+    assert _gpus_per_worker(remote, ExecutorConfig(kind="ray")) == 0.0
+    assert _gpus_per_worker(hf, ExecutorConfig(kind="ray")) == (
+        1.0 if ray.cluster_resources().get("GPU") else 0.0
+    )
+
+
+def test_progress_sums_workers_and_keeps_a_dead_workers_counts() -> None:
+    from rmskit.executors.progress import ClusterStats
+    from rmskit.executors.worker import stats_dict
+    from rmskit.pipeline.progress import Stats
+
+    def snap(done: int, requests: int) -> dict:
+        st = Stats(images_done=done, samples_ok=2 * done)
+        for _ in range(requests):
+            st.start("perceive")
+            st.finish("perceive", ok=True, tokens=10)
+        return stats_dict(st)
+
+    cs = ClusterStats()
+    cs.absorb("w0", snap(3, 5))
+    cs.absorb("w1", snap(2, 4))
+    cs.retire("w0")  # died: its 3 images stay counted, the restarted incarnation starts at 0
+    cs.absorb("w0", snap(1, 2))
+    assert cs.images_done == 6 and cs.samples_ok == 12
+    assert cs.stages["perceive"].done == 11 and cs.stages["perceive"].tokens == 110
+    rows = {r["worker"]: r for r in cs.worker_rows()}
+    assert rows["w0"]["images"] == 4 and rows["w0"]["restarts"] == 1 and rows["w1"]["requests"] == 4
+    cs.table()  # renders
