@@ -32,7 +32,28 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 SECRET = "sk-rmskit-test-" + "9f3c2a71d0e84b56" * 2
 URL_PASSWORD = "pw-very-private-5521"
-PROBES = {"text_only_leakage": {"accuracy": 0.5833, "chance": 0.5}}
+PROBES = {
+    "text_only_leakage": {"accuracy": 0.5833, "chance": 0.5},
+    # an rmskit.stats Estimate, as run_probes writes them
+    "leakage": {
+        "balanced_accuracy": {
+            "metric": "balanced_accuracy",
+            "value": 0.6123,
+            "low": 0.5012,
+            "high": 0.7234,
+            "n": 48,
+            "n_per_class": {"risky": 24, "control": 24},
+        },
+        "auroc": {
+            "metric": "auroc",
+            "value": None,
+            "n": 13,
+            "n_per_class": {"risky": 3, "control": 10},
+            "insufficient": True,
+            "reason": "insufficient: risky 3 < 20 per class",
+        },
+    },
+}
 CONTRACT = CONTRACT_FIELDS
 
 # name -> [(kind, category, query, response)]
@@ -287,7 +308,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     try:
         r = build_ledger(tmp_path_factory.mktemp("run") / "run")
         write_dataset(r.run_dir, probes=PROBES)
-        for fmt in ("jsonl", "hf", "llava", "sharegpt"):
+        for fmt in ("jsonl", "hf", "llava", "sharegpt", "judge"):
             r.exports[fmt] = export(r.run_dir, fmt)  # type: ignore[arg-type]
     finally:
         mp.undo()
@@ -392,6 +413,8 @@ def test_dataset_card(run: Run) -> None:
         "test_fraction: 0.4",
         "0.5833",
         "/photos",
+        "leakage.balanced_accuracy | 0.612 [0.501, 0.723], n=48",
+        "leakage.auroc | insufficient (risky 3, control 10), n=13",
     ):
         assert needle in text, needle
     assert "eye injury" in text  # a kept category missing from the taxonomy table is still listed

@@ -80,14 +80,19 @@ def synthetic_queries(n: int, *, leaky: bool, seed: int = 0) -> list[dict]:
 
 def test_leaky_queries_show_high_leakage() -> None:
     rep = run_probes(synthetic_queries(160, leaky=True))
-    assert rep.leakage.accuracy is not None and rep.leakage.accuracy > 0.9
-    assert rep.leakage.auroc is not None and rep.leakage.auroc > 0.95
+    ba, auc = rep.leakage.balanced_accuracy, rep.leakage.auroc
+    assert ba.value is not None and ba.value > 0.9 and ba.low is not None and ba.low > 0.8
+    assert auc.value is not None and auc.value > 0.95 and ba.n == 160
+    assert ba.n_per_class == {"risky": 80, "control": 80}
+    assert rep.leakage.majority_baseline.value == 0.5 and rep.leakage.accuracy.value > 0.9
 
 
 def test_matched_queries_sit_near_chance() -> None:
     rep = run_probes(synthetic_queries(160, leaky=False, seed=1))
-    assert rep.leakage.accuracy is not None and abs(rep.leakage.accuracy - 0.5) <= 0.15
-    assert rep.leakage.auroc is not None and abs(rep.leakage.auroc - 0.5) <= 0.15
+    ba, auc = rep.leakage.balanced_accuracy, rep.leakage.auroc
+    assert ba.value is not None and abs(ba.value - 0.5) <= 0.15
+    assert auc.value is not None and abs(auc.value - 0.5) <= 0.15
+    assert ba.low is not None and ba.low < 0.5  # the interval does not claim leakage
     assert rep.n_categories == 3 and rep.category_entropy_normalized is not None
     assert rep.category_entropy_normalized > 0.9
 
@@ -115,7 +120,20 @@ def test_kernel_math_on_known_vectors() -> None:
 
 def test_single_class_leakage_is_undefined() -> None:
     rep = run_probes([{"query": f"question {i}", "label": "unsafe"} for i in range(6)])
-    assert rep.leakage.accuracy is None and rep.leakage.note
+    assert rep.leakage.balanced_accuracy.value is None and rep.leakage.auroc.value is None
+    assert rep.leakage.note and rep.vendi.insufficient  # 6 queries: below the floor
+
+
+def test_three_risky_of_thirteen_is_insufficient_not_a_number() -> None:
+    """The issue-14 case: 3 risky, 10 control; accuracy 0.77 was only the majority baseline."""
+    rows = synthetic_queries(13, leaky=True, seed=5)
+    for i, r in enumerate(rows):
+        r["kind"] = "risky" if i < 3 else "control"
+    rep = run_probes(rows, folds=3)
+    lk = rep.leakage
+    assert lk.balanced_accuracy.value is None and lk.auroc.value is None
+    assert lk.auroc.n_per_class == {"risky": 3, "control": 10} and lk.auroc.insufficient
+    assert lk.majority_baseline.value == pytest.approx(10 / 13)
 
 
 def test_probe_cli_json(tmp_path: Path) -> None:
@@ -127,4 +145,7 @@ def test_probe_cli_json(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["probe", str(f), "--format", "generic", "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
-    assert out["n"] == 40 and out["leakage"]["accuracy"] > 0.8
+    assert out["n"] == 40 and out["leakage"]["balanced_accuracy"]["value"] > 0.8
+    assert out["leakage"]["balanced_accuracy"]["n_per_class"] == {"risky": 20, "control": 20}
+    res = CliRunner().invoke(app, ["probe", str(f), "--format", "generic"], env={"COLUMNS": "250"})
+    assert res.exit_code == 0 and "n=40" in res.stdout and "majority baseline" in res.stdout

@@ -131,28 +131,42 @@ def test_score_cli_end_to_end(tmp_path: Path, tiny_judge: Path, real_photos: dic
             "56",
             "--seed",
             "0",
+            "--min-per-class",
+            "2",
             "--json",
         ],
     )
     assert res.exit_code == 0, res.output
+    assert "plan:" in res.output and "benign pool for siuo: 2 of 3 safe items" in res.output
     report = json.loads((out / "score.json").read_text())
-    assert set(report) == {"train", "judge", "benchmarks", "score"}
+    assert set(report) == {"train", "judge", "benchmarks", "score", "score_estimate"}
     assert report["train"]["name"] == "run" and report["train"]["n"] == 8
     assert report["train"]["labels"] == {"unsafe": 4, "safe": 4}
     assert set(report["benchmarks"]) == {"siuo", "mss"}
-    for name, n in (("siuo", 3), ("mss", 4)):
+    # siuo (3 unsafe) is pooled with the 2 safe items of the other benchmark (mss), drawn by seed
+    pool = report["benchmarks"]["siuo"]["benign_pool"]
+    assert pool["sources"] == {"mss": 2} and pool["n"] == 2 and pool["requested"] == 3
+    assert pool["origin"] == "other benchmarks" and pool["seed"] == "0:siuo" and len(pool["ids_sha256"]) == 64
+    assert report["benchmarks"]["mss"]["benign_pool"] is None
+    for name, n in (("siuo", 5), ("mss", 4)):
         b = report["benchmarks"][name]
-        assert set(b) == {"n", "zero_shot", "tuned"} and b["n"] == n
+        assert set(b) == {"n", "benign_pool", "zero_shot", "tuned"} and b["n"] == n
         for phase in ("zero_shot", "tuned"):
             m = b[phase]
-            assert {"accuracy", "macro_f1", "unsafe_recall", "false_refusal_rate", "auroc"} <= set(m)
+            for key in ("balanced_accuracy", "macro_f1", "unsafe_recall", "false_refusal_rate", "auroc"):
+                e = m[key]
+                assert e["value"] is not None and e["low"] <= e["value"] <= e["high"] and e["n"] > 0, key
+            assert m["balanced_accuracy"]["n_per_class"] == (
+                {"unsafe": 3, "safe": 2} if name == "siuo" else {"unsafe": 2, "safe": 2}
+            )
     siuo = report["benchmarks"]["siuo"]["tuned"]
-    assert siuo["macro_f1"] is None and siuo["auroc"] is None and "single-class" in siuo["undefined"]["auroc"]
-    assert siuo["unsafe_recall"] is not None
     mss = report["benchmarks"]["mss"]["tuned"]
-    assert mss["macro_f1"] is not None and mss["auroc"] is not None and mss["false_refusal_rate"] is not None
-    # score = mean tuned headline (macro-F1, else unsafe recall) over benchmarks other than the train set
-    assert report["score"] == pytest.approx((siuo["unsafe_recall"] + mss["macro_f1"]) / 2)
+    # score = mean tuned balanced accuracy over benchmarks other than the train set
+    assert report["score"] == pytest.approx(
+        (siuo["balanced_accuracy"]["value"] + mss["balanced_accuracy"]["value"]) / 2
+    )
+    est = report["score_estimate"]
+    assert est["value"] == report["score"] and est["low"] <= est["value"] <= est["high"] and est["n"] == 9
     assert report["judge"]["steps"] == 2 and report["judge"]["final_loss"] > 0
     png = (out / "heatmap.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
@@ -221,20 +235,32 @@ def test_score_matrix_two_training_sets(
         max_samples=4,
         batch_size=4,
         image_max_side=56,
+        min_per_class=2,
     )
     rep = score(cfg)
     assert isinstance(rep, MatrixReport) and [r.train["name"] for r in rep.runs] == ["ours", "siuo"]
     assert all(r.train["n"] <= 4 for r in rep.runs)
     # the siuo-trained judge is not scored on siuo itself
     siuo_run = rep.runs[1]
-    assert siuo_run.score == pytest.approx(siuo_run.benchmarks["mssbench"].tuned.macro_f1)
+    assert siuo_run.score == pytest.approx(siuo_run.benchmarks["mssbench"].tuned.balanced_accuracy.value)
     summary = json.loads((tmp_path / "m" / "score.json").read_text())
-    assert set(summary) == {"train", "judge", "benchmarks", "score"} and set(summary["score"]) == {
-        "ours",
-        "siuo",
-    }
+    assert set(summary) == {"train", "judge", "benchmarks", "score", "score_estimate", "comparisons"}
+    assert set(summary["score"]) == {"ours", "siuo"}
+    # paired differences on the same items: each benchmark, then the score over benchmarks neither trained on
+    comps = summary["comparisons"]
+    assert [(c["a"], c["b"], c["metric"]) for c in comps] == [
+        ("ours", "siuo", "balanced_accuracy on mssbench"),
+        ("ours", "siuo", "balanced_accuracy on siuo"),
+        ("ours", "siuo", "mean balanced accuracy (score)"),
+    ]
+    for c in comps:
+        e = c["estimate"]
+        assert e["low"] <= e["value"] <= e["high"]
+        assert c["excludes_zero"] == (e["low"] > 0 or e["high"] < 0)
+    ours = rep.runs[0].benchmarks["mssbench"].tuned.balanced_accuracy.value
+    assert comps[2]["estimate"]["value"] == pytest.approx(ours - siuo_run.score)
     assert set(summary["benchmarks"]["mssbench"]["tuned"]) == {"ours", "siuo"}
     for name in ("ours", "siuo"):
         one = json.loads((tmp_path / "m" / "runs" / name / "score.json").read_text())
-        assert set(one) == {"train", "judge", "benchmarks", "score"}
+        assert set(one) == {"train", "judge", "benchmarks", "score", "score_estimate"}
     assert (tmp_path / "m" / "heatmap.png").is_file()

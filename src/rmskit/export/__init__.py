@@ -1,5 +1,5 @@
 """Export: the run's `dataset/` folder (samples.jsonl, images/, HF parquet, dataset card) and the
-jsonl / hf / llava / sharegpt formats, all honouring review decisions.
+jsonl / hf / llava / sharegpt / judge formats, all honouring review decisions.
 
 Imported eagerly on purpose: `prepare` is both a submodule and a function here, and only binding the
 function after the submodule has loaded keeps `from rmskit.export import prepare` a function. The

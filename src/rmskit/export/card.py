@@ -152,7 +152,17 @@ def _prompt_versions(prep: Prepared) -> list[list[Any]]:
     return rows
 
 
+def _is_estimate(obj: Any) -> bool:
+    return isinstance(obj, dict) and {"metric", "value", "n"} <= obj.keys()
+
+
 def _flatten(obj: Any, prefix: str = "") -> list[list[Any]]:
+    """Nested probe numbers as (name, value) rows; an rmskit.stats Estimate is one row that reads
+    `0.71 [0.64, 0.78], n=412` (or `insufficient (...)`), never a bare number."""
+    if _is_estimate(obj):
+        from rmskit.stats import fmt_estimate
+
+        return [[prefix.rstrip("."), fmt_estimate(obj, 3)]]
     if isinstance(obj, dict):
         rows: list[list[Any]] = []
         for k, v in obj.items():
@@ -323,7 +333,9 @@ def render_card(
         out.append("\n## Probes\n\n")
         out.append(
             "CPU probes measured on this dataset (text-only leakage: a classifier on the queries "
-            "alone; accuracy near chance means the text does not give the risk away).\n\n"
+            "alone; balanced accuracy near 0.5 means the text does not give the risk away; plain "
+            "accuracy is only meaningful against the majority baseline). Figures read `value [95% "
+            "interval], n=items`; below 20 items per class a figure is withheld as `insufficient`.\n\n"
         )
         out.append(_table(["probe", "value"], _flatten(probes)))
 

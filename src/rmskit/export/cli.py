@@ -17,6 +17,7 @@ class ExportFormat(StrEnum):
     hf = "hf"
     llava = "llava"
     sharegpt = "sharegpt"
+    judge = "judge"
 
 
 def register(app: typer.Typer) -> None:
@@ -28,7 +29,7 @@ def register(app: typer.Typer) -> None:
             typer.Option(
                 "--format",
                 "-f",
-                help="jsonl | hf | llava | sharegpt. Without it, rewrites DIR/dataset/ "
+                help="jsonl | hf | llava | sharegpt | judge. Without it, rewrites DIR/dataset/ "
                 "(samples.jsonl, images, parquet, card) from the ledger and review log.",
             ),
         ] = None,

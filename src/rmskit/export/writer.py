@@ -18,11 +18,12 @@ from pydantic import BaseModel, Field
 import rmskit
 from rmskit.export.card import render_card
 from rmskit.export.convo import write_conversations
+from rmskit.export.judge import write_judge
 from rmskit.export.parquet import write_parquet
 from rmskit.export.prepare import Prepared, prepare
 
-Format = Literal["jsonl", "hf", "llava", "sharegpt"]
-FORMATS: tuple[str, ...] = ("jsonl", "hf", "llava", "sharegpt")
+Format = Literal["jsonl", "hf", "llava", "sharegpt", "judge"]
+FORMATS: tuple[str, ...] = ("jsonl", "hf", "llava", "sharegpt", "judge")
 MARKER = ".rmskit-export.json"  # marks a folder this module wrote (and may replace)
 
 
@@ -190,6 +191,9 @@ def _export(prep: Prepared, fmt: str, out: Path | None) -> Path:
             _link_images(prep, tmp / "images")
         elif fmt == "hf":
             _write_hf(prep, tmp, prep.meta.get("probes"), with_jsonl=False)
+        elif fmt == "judge":
+            write_judge(prep.samples, tmp)
+            _link_images(prep, tmp / "images")
         else:
             write_conversations(prep.samples, fmt, tmp)  # type: ignore[arg-type]
             _link_images(prep, tmp / "images")
@@ -200,7 +204,8 @@ def _export(prep: Prepared, fmt: str, out: Path | None) -> Path:
 def export(run_dir: Path, fmt: Format, out: Path | None = None, *, balance: int | None = None) -> Path:
     """Write the curated run in `fmt` to `out` (default `<run>/exports/<fmt>`); returns the folder.
     jsonl: samples.jsonl + images/; hf: data/*.parquet + README.md (`datasets.load_dataset(out)`);
-    llava / sharegpt: train.json, test.json, images/, dataset_info.json (LLaMA-Factory).
+    llava / sharegpt: train.json, test.json, images/, dataset_info.json (LLaMA-Factory);
+    judge: the same layout holding safety-judge items (guard prompt + verdict), as `score` trains on.
     Review decisions are honoured: rejected samples are left out, edits are used."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")

@@ -4,7 +4,6 @@ every benchmark, write score.json (+ per-train files for a matrix) and the heatm
 from __future__ import annotations
 
 import json
-import random
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -12,10 +11,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rmskit.scoring.adapters import load_benchmark
-from rmskit.scoring.metrics import Metrics, compute_metrics
+from rmskit import stats
+from rmskit.scoring.metrics import Metrics, compute_metrics, predictions
+from rmskit.scoring.plan import BenignPool, preflight, subsample
 from rmskit.scoring.prompts import DEFAULT_PROMPT
 from rmskit.scoring.sample import BenchSample, LoadedBenchmark
+from rmskit.stats import Difference, Estimate
 
 
 class DatasetSpec(BaseModel):
@@ -49,6 +50,7 @@ class ScoreConfig(BaseModel):
 
     train: list[DatasetSpec] = Field(min_length=1)
     benchmarks: list[DatasetSpec] = Field(min_length=1)
+    benign: list[DatasetSpec] = Field(default_factory=list)  # safe pools for single-class benchmarks
     judge: str
     out: Path
     epochs: int = Field(1, ge=1)
@@ -63,34 +65,33 @@ class ScoreConfig(BaseModel):
     threshold: float = Field(0.5, gt=0, lt=1)
     device: str | None = None
     prompt_version: str = DEFAULT_PROMPT
+    min_per_class: int = Field(stats.MIN_PER_CLASS, ge=1)  # floor below which a metric is withheld
+    n_resamples: int = Field(stats.N_RESAMPLES, ge=100)
 
 
 class BenchResult(BaseModel):
-    n: int
+    n: int  # evaluation items: the benchmark's own plus its benign pool
+    benign_pool: BenignPool | None = None  # set for single-class benchmarks
     zero_shot: Metrics
     tuned: Metrics
 
 
 class ScoreReport(BaseModel):
-    """One training set's score.json: exactly train / judge / benchmarks / score."""
+    """One training set's score.json. `score` = mean tuned balanced accuracy over the benchmarks
+    other than the training set (those clearing the floor); `score_estimate` adds its interval."""
 
     train: dict[str, Any]
     judge: dict[str, Any]
     benchmarks: dict[str, BenchResult]
     score: float | None
+    score_estimate: Estimate
 
 
 class MatrixReport(BaseModel):
     runs: list[ScoreReport]
     heatmap: str
     zero_shot: dict[str, Metrics]
-
-
-def _subsample(samples: list[BenchSample], k: int | None, seed: int) -> list[BenchSample]:
-    if k is None or len(samples) <= k:
-        return samples
-    idx = sorted(random.Random(seed).sample(range(len(samples)), k))
-    return [samples[i] for i in idx]
+    comparisons: list[Difference] = Field(default_factory=list)
 
 
 def _same_dataset(a: DatasetSpec, b: DatasetSpec) -> bool:
@@ -106,11 +107,12 @@ def _card(
     cfg: ScoreConfig,
     n_train: int,
     trainable: int,
-    stats: Any,
+    stats_: Any,
     results: dict[str, BenchResult],
-    score: float | None,
+    score: Estimate,
 ) -> str:
     labels = Counter(s.label for s in loaded.samples)
+    f = stats.fmt_estimate
     lines = [
         "---",
         "library_name: peft",
@@ -133,75 +135,96 @@ def _card(
         f"- trainable parameters: {trainable}",
         f"- epochs {cfg.epochs}, lr {cfg.lr}, batch size {cfg.batch_size}, seed {cfg.seed}, "
         f"image max side {cfg.image_max_side}",
-        f"- steps {stats.steps}, final loss {stats.losses[-1]:.4f}" if stats.losses else "- steps 0",
+        f"- steps {stats_.steps}, final loss {stats_.losses[-1]:.4f}" if stats_.losses else "- steps 0",
         "",
-        "## Metrics (threshold 0.5 on P(unsafe))",
+        f"## Metrics (threshold {cfg.threshold} on P(unsafe); 95% intervals; n = items)",
         "",
-        "| benchmark | n | zero-shot macro-F1 | tuned macro-F1 | tuned unsafe recall | tuned FRR "
-        "| tuned AUROC |",
+        "| benchmark | zero-shot balanced acc. | tuned balanced acc. | tuned macro-F1 | tuned unsafe recall "
+        "| tuned FRR | tuned AUROC |",
         "|---|---|---|---|---|---|---|",
     ]
-
-    def f(v: float | None) -> str:
-        return "n/a" if v is None else f"{v:.3f}"
-
     for name, r in results.items():
+        t = r.tuned
         lines.append(
-            f"| {name} | {r.n} | {f(r.zero_shot.macro_f1)} | {f(r.tuned.macro_f1)} | "
-            f"{f(r.tuned.unsafe_recall)} | {f(r.tuned.false_refusal_rate)} | {f(r.tuned.auroc)} |"
+            f"| {name} | {f(r.zero_shot.balanced_accuracy)} | {f(t.balanced_accuracy)} | {f(t.macro_f1)} | "
+            f"{f(t.unsafe_recall)} | {f(t.false_refusal_rate)} | {f(t.auroc)} |"
         )
-    lines += ["", f"Dataset score (mean tuned headline metric off the training set): {f(score)}", ""]
+    lines += ["", f"Dataset score (mean tuned balanced accuracy off the training set): {f(score)}", ""]
     return "\n".join(lines)
 
 
-def score(cfg: ScoreConfig, log: Callable[[str], None] | None = None) -> ScoreReport | MatrixReport:
-    """Run the whole evaluation. One training set returns its ScoreReport (DIR/score.json); several
-    return a MatrixReport (DIR/score.json for the matrix, DIR/runs/<train>/score.json each)."""
+def _fresh_judge(cfg: ScoreConfig) -> Any:
     from rmskit.scoring.judge import Judge
-    from rmskit.scoring.matrix import write_heatmap
 
-    say = log or (lambda _m: None)
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    benches: dict[str, list[BenchSample]] = {}
-    for b in cfg.benchmarks:
-        loaded = load_benchmark(
-            b.format, b.path, split="test", skip_missing_images=cfg.skip_missing_images, options=b.options
-        )
-        benches[b.name] = _subsample(loaded.samples, cfg.max_eval_samples, cfg.seed)
-        say(f"benchmark {b.name}: {len(benches[b.name])} samples ({loaded.name})")
-
-    judge = Judge(
+    return Judge(
         cfg.judge,
         device=cfg.device,
         image_max_side=cfg.image_max_side,
         prompt_version=cfg.prompt_version,
         seed=cfg.seed,
     )
+
+
+def _metrics(cfg: ScoreConfig, labels: list[str], scores: list[float]) -> Metrics:
+    return compute_metrics(
+        labels,
+        scores,
+        cfg.threshold,
+        min_per_class=cfg.min_per_class,
+        n_resamples=cfg.n_resamples,
+        seed=cfg.seed,
+    )
+
+
+def _headline(
+    cfg: ScoreConfig,
+    names: list[str],
+    labels: dict[str, list[str]],
+    preds: list[dict[str, list[bool]]],
+    results: list[dict[str, BenchResult]],
+) -> Estimate | Difference:
+    """Mean balanced accuracy over `names` that clear the floor in every result (one result: the
+    score; two: their paired difference)."""
+    keep = [b for b in names if all(r[b].tuned.balanced_accuracy.ok for r in results)]
+    ys = [[lab == "unsafe" for lab in labels[b]] for b in keep]
+    return stats.mean_balanced_accuracy(
+        ys,
+        [preds[0][b] for b in keep],
+        [preds[1][b] for b in keep] if len(preds) > 1 else None,
+        names=("a", "b"),
+        n_resamples=cfg.n_resamples,
+        seed=cfg.seed,
+    )
+
+
+def score(cfg: ScoreConfig, log: Callable[[str], None] | None = None) -> ScoreReport | MatrixReport:
+    """Run the whole evaluation. One training set returns its ScoreReport (DIR/score.json); several
+    return a MatrixReport (DIR/score.json for the matrix, DIR/runs/<train>/score.json each).
+    Every dataset is checked (`plan.preflight`) before the judge model is loaded."""
+    from rmskit.scoring.matrix import write_heatmap
+
+    say = log or (lambda _m: None)
+    plan, trains, benches = preflight(cfg)
+    for line in plan.lines():
+        say(line)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    judge = _fresh_judge(cfg)
     labels = {name: [s.label for s in ss] for name, ss in benches.items()}
     zero: dict[str, Metrics] = {}
     for name, ss in benches.items():
-        zero[name] = compute_metrics(labels[name], judge.score(ss, cfg.batch_size), cfg.threshold)
-        say(f"zero-shot {name}: {zero[name].model_dump(exclude={'undefined'})}")
+        zero[name] = _metrics(cfg, labels[name], judge.score(ss, cfg.batch_size))
+        say(f"zero-shot {name}: balanced accuracy {stats.fmt_estimate(zero[name].balanced_accuracy)}")
 
     runs: list[ScoreReport] = []
+    all_preds: dict[str, dict[str, list[bool]]] = {}
     for k, t in enumerate(cfg.train):
-        loaded = load_benchmark(
-            t.format, t.path, split="train", skip_missing_images=cfg.skip_missing_images, options=t.options
-        )
-        train_samples = _subsample(loaded.samples, cfg.max_samples, cfg.seed)
-        if not train_samples:
-            raise ValueError(f"training set {t.name} has no samples")
+        loaded = trains[t.name]
+        train_samples = subsample(loaded.samples, cfg.max_samples, cfg.seed)
         if k > 0:  # a fresh base model for every training set
-            judge = Judge(
-                cfg.judge,
-                device=cfg.device,
-                image_max_side=cfg.image_max_side,
-                prompt_version=cfg.prompt_version,
-                seed=cfg.seed,
-            )
+            judge = _fresh_judge(cfg)
         trainable = judge.add_lora(cfg.lora_r)
         say(f"training on {t.name}: {len(train_samples)} samples, {trainable} trainable parameters")
-        stats = judge.train(
+        st = judge.train(
             train_samples,
             epochs=cfg.epochs,
             lr=cfg.lr,
@@ -211,17 +234,23 @@ def score(cfg: ScoreConfig, log: Callable[[str], None] | None = None) -> ScoreRe
             log=say,
         )
         results: dict[str, BenchResult] = {}
+        preds: dict[str, list[bool]] = {}
         for name, ss in benches.items():
-            tuned = compute_metrics(labels[name], judge.score(ss, cfg.batch_size), cfg.threshold)
-            results[name] = BenchResult(n=len(ss), zero_shot=zero[name], tuned=tuned)
-            say(f"tuned on {t.name}, {name}: {tuned.model_dump(exclude={'undefined'})}")
-        heads = [results[b.name].tuned.headline() for b in cfg.benchmarks if not _same_dataset(b, t)]
-        heads = [h for h in heads if h is not None]
-        value = sum(heads) / len(heads) if heads else None
+            sc = judge.score(ss, cfg.batch_size)
+            preds[name] = predictions(sc, cfg.threshold)
+            tuned = _metrics(cfg, labels[name], sc)
+            results[name] = BenchResult(
+                n=len(ss), benign_pool=plan.pools.get(name), zero_shot=zero[name], tuned=tuned
+            )
+            say(f"tuned on {t.name}, {name}: balanced accuracy {stats.fmt_estimate(tuned.balanced_accuracy)}")
+        all_preds[t.name] = preds
+        off = [b.name for b in cfg.benchmarks if not _same_dataset(b, t)]
+        head = _headline(cfg, off, labels, [preds], [results])
+        assert isinstance(head, Estimate)
         run_dir = cfg.out if len(cfg.train) == 1 else cfg.out / "runs" / t.name
         adapter_dir = run_dir / "adapter"
         judge.save_adapter(
-            adapter_dir, _card(t, loaded, cfg, len(train_samples), trainable, stats, results, value)
+            adapter_dir, _card(t, loaded, cfg, len(train_samples), trainable, st, results, head)
         )
         report = ScoreReport(
             train={
@@ -239,20 +268,75 @@ def score(cfg: ScoreConfig, log: Callable[[str], None] | None = None) -> ScoreRe
                 "lr": cfg.lr,
                 "batch_size": cfg.batch_size,
                 "seed": cfg.seed,
+                "threshold": cfg.threshold,
+                "min_per_class": cfg.min_per_class,
                 "device": judge.device,
-                "steps": stats.steps,
-                "train_seconds": round(stats.seconds, 3),
-                "final_loss": stats.losses[-1] if stats.losses else None,
+                "steps": st.steps,
+                "train_seconds": round(st.seconds, 3),
+                "final_loss": st.losses[-1] if st.losses else None,
                 "adapter": str(adapter_dir),
             },
             benchmarks=results,
-            score=value,
+            score=head.value,
+            score_estimate=head,
         )
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "score.json").write_text(report.model_dump_json(indent=2) + "\n", encoding="utf-8")
         runs.append(report)
-        say(f"score of {t.name}: {value}")
+        say(f"score of {t.name}: {stats.fmt_estimate(head)}")
+    return _finish(cfg, runs, zero, benches, labels, all_preds, write_heatmap)
 
+
+def _comparisons(
+    cfg: ScoreConfig,
+    runs: list[ScoreReport],
+    labels: dict[str, list[str]],
+    all_preds: dict[str, dict[str, list[bool]]],
+) -> list[Difference]:
+    """Every pair of training sets on the same items: per benchmark, and the mean over the
+    benchmarks that are neither's training set."""
+    out: list[Difference] = []
+    specs = {t.name: t for t in cfg.train}
+    for i, ra in enumerate(runs):
+        for rb in runs[i + 1 :]:
+            a, b = ra.train["name"], rb.train["name"]
+            for bench in labels:
+                y = [lab == "unsafe" for lab in labels[bench]]
+                d = stats.paired_difference(
+                    "balanced_accuracy",
+                    y,
+                    all_preds[a][bench],
+                    all_preds[b][bench],
+                    names=(a, b),
+                    min_per_class=cfg.min_per_class,
+                    n_resamples=cfg.n_resamples,
+                    seed=cfg.seed,
+                    classes=("unsafe", "safe"),
+                )
+                d.metric = f"balanced_accuracy on {bench}"
+                out.append(d)
+            off = [
+                x.name
+                for x in cfg.benchmarks
+                if not _same_dataset(x, specs[a]) and not _same_dataset(x, specs[b])
+            ]
+            d = _headline(cfg, off, labels, [all_preds[a], all_preds[b]], [ra.benchmarks, rb.benchmarks])
+            assert isinstance(d, Difference)
+            d.a, d.b = a, b
+            d.metric = "mean balanced accuracy (score)"
+            out.append(d)
+    return out
+
+
+def _finish(
+    cfg: ScoreConfig,
+    runs: list[ScoreReport],
+    zero: dict[str, Metrics],
+    benches: dict[str, list[BenchSample]],
+    labels: dict[str, list[str]],
+    all_preds: dict[str, dict[str, list[bool]]],
+    write_heatmap: Any,
+) -> ScoreReport | MatrixReport:
     cols = [b.name for b in cfg.benchmarks]
     rows = ["zero-shot"] + [t.name for t in cfg.train]
     values = [[zero[c].headline() for c in cols]] + [
@@ -261,19 +345,25 @@ def score(cfg: ScoreConfig, log: Callable[[str], None] | None = None) -> ScoreRe
     heatmap = write_heatmap(rows, cols, values, cfg.out / "heatmap.png")
     if len(runs) == 1:
         return runs[0]
-    matrix = MatrixReport(runs=runs, heatmap=str(heatmap), zero_shot=zero)
+    comparisons = _comparisons(cfg, runs, labels, all_preds)
+    matrix = MatrixReport(runs=runs, heatmap=str(heatmap), zero_shot=zero, comparisons=comparisons)
     summary = {
         "train": [r.train for r in runs],
         "judge": runs[0].judge | {"adapter": None},
         "benchmarks": {
             c: {
                 "n": len(benches[c]),
+                "benign_pool": runs[0].benchmarks[c].benign_pool.model_dump()
+                if runs[0].benchmarks[c].benign_pool
+                else None,
                 "zero_shot": zero[c].model_dump(),
                 "tuned": {r.train["name"]: r.benchmarks[c].tuned.model_dump() for r in runs},
             }
             for c in cols
         },
         "score": {r.train["name"]: r.score for r in runs},
+        "score_estimate": {r.train["name"]: r.score_estimate.model_dump() for r in runs},
+        "comparisons": [d.model_dump() for d in comparisons],
     }
     (cfg.out / "score.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return matrix

@@ -75,6 +75,22 @@ def register(app: typer.Typer) -> None:
             list[str],
             typer.Option("--format", help="NAME=FORMAT for a --bench/--train whose name is not its format."),
         ] = [],  # noqa: B006
+        benign: Annotated[
+            list[str],
+            typer.Option(
+                "--benign",
+                help="Safe pool NAME=PATH for single-class benchmarks (default: the safe items of the "
+                "other benchmarks, else the training run's controls).",
+            ),
+        ] = [],  # noqa: B006
+        min_per_class: Annotated[
+            int,
+            typer.Option(
+                "--min-per-class",
+                min=1,
+                help="Below this many items per class a metric is reported as insufficient.",
+            ),
+        ] = 20,
         judge: Annotated[
             str, typer.Option("--judge", help="HF VLM id or local path (hf: prefix allowed).")
         ] = ("hf:Qwen/Qwen2-VL-2B-Instruct"),
@@ -120,6 +136,8 @@ def register(app: typer.Typer) -> None:
             cfg = ScoreConfig(
                 train=train_specs,
                 benchmarks=[DatasetSpec.parse(b, formats, opts) for b in bench],
+                benign=[DatasetSpec.parse(g, formats, opts) for g in benign],
+                min_per_class=min_per_class,
                 judge=judge,
                 out=out,
                 epochs=epochs,
@@ -177,12 +195,20 @@ def register(app: typer.Typer) -> None:
         def f(v: float | None) -> str:
             return "n/a" if v is None else f"{v:.3f}"
 
+        from rmskit.stats import fmt_estimate
+
+        lk = rep.leakage
         t.add_row(
-            "text-only leakage accuracy",
-            f(rep.leakage.accuracy) + (f"  ({rep.leakage.note})" if rep.leakage.note else ""),
+            "text-only leakage balanced accuracy",
+            fmt_estimate(lk.balanced_accuracy) + (f"  ({lk.note})" if lk.note else ""),
         )
-        t.add_row("text-only leakage AUROC", f(rep.leakage.auroc))
-        t.add_row("Vendi score (normalised)", f"{f(rep.vendi_score)} ({f(rep.vendi_normalized)})")
+        t.add_row("text-only leakage AUROC", fmt_estimate(lk.auroc))
+        t.add_row(
+            "text-only leakage accuracy (secondary)",
+            f"{fmt_estimate(lk.accuracy)}; majority baseline {fmt_estimate(lk.majority_baseline)}",
+        )
+        t.add_row("Vendi score", fmt_estimate(rep.vendi, 1))
+        t.add_row("Vendi score normalised (/n)", f(rep.vendi_normalized))
         t.add_row("mean pairwise cosine distance", f(rep.mean_pairwise_cosine_distance))
         t.add_row("near-duplicate rate", f(rep.near_duplicate_rate))
         t.add_row(

