@@ -104,6 +104,8 @@ def test_diversity_and_near_duplicates() -> None:
         + [{"query": "What is in the pot?", "label": "safe", "category": "fire"}] * 30
     )
     assert repeated.near_duplicate_rate == 1.0
+    nd = repeated.near_duplicates
+    assert nd.value == 1.0 and nd.n == 60 and nd.low is not None and 0.9 < nd.low < 1.0 and nd.high == 1.0
     assert varied.near_duplicate_rate < repeated.near_duplicate_rate
     assert repeated.vendi_score is not None and 1.0 < repeated.vendi_score < 2.0  # two clusters
     assert varied.vendi_score is not None and varied.vendi_score > 5

@@ -139,7 +139,7 @@ def test_score_cli_end_to_end(tmp_path: Path, tiny_judge: Path, real_photos: dic
     assert res.exit_code == 0, res.output
     assert "plan:" in res.output and "benign pool for siuo: 2 of 3 safe items" in res.output
     report = json.loads((out / "score.json").read_text())
-    assert set(report) == {"train", "judge", "benchmarks", "score", "score_estimate"}
+    assert set(report) == {"train", "judge", "benchmarks", "score", "score_estimate", "score_over"}
     assert report["train"]["name"] == "run" and report["train"]["n"] == 8
     assert report["train"]["labels"] == {"unsafe": 4, "safe": 4}
     assert set(report["benchmarks"]) == {"siuo", "mss"}
@@ -165,6 +165,7 @@ def test_score_cli_end_to_end(tmp_path: Path, tiny_judge: Path, real_photos: dic
     assert report["score"] == pytest.approx(
         (siuo["balanced_accuracy"]["value"] + mss["balanced_accuracy"]["value"]) / 2
     )
+    assert report["score_over"] == ["siuo", "mss"]
     est = report["score_estimate"]
     assert est["value"] == report["score"] and est["low"] <= est["value"] <= est["high"] and est["n"] == 9
     assert report["judge"]["steps"] == 2 and report["judge"]["final_loss"] > 0
@@ -262,5 +263,5 @@ def test_score_matrix_two_training_sets(
     assert set(summary["benchmarks"]["mssbench"]["tuned"]) == {"ours", "siuo"}
     for name in ("ours", "siuo"):
         one = json.loads((tmp_path / "m" / "runs" / name / "score.json").read_text())
-        assert set(one) == {"train", "judge", "benchmarks", "score", "score_estimate"}
+        assert set(one) == {"train", "judge", "benchmarks", "score", "score_estimate", "score_over"}
     assert (tmp_path / "m" / "heatmap.png").is_file()

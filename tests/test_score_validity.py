@@ -100,6 +100,7 @@ def test_constant_and_random_judges_score_one_half(
     pool = rep.benchmarks["unsafe_only"].benign_pool
     assert pool is not None and pool.sources == {"mixed": 60} and pool.n == 60
     assert rep.benchmarks["unsafe_only"].n == 120
+    assert rep.score_over == ["unsafe_only", "mixed"]
     assert rep.score is not None and abs(rep.score - 0.5) < (0.12 if mode == "random" else 1e-9)
     saved = json.loads((tmp_path / "out" / "score.json").read_text())
     assert saved["benchmarks"]["unsafe_only"]["benign_pool"]["ids_sha256"] == pool.ids_sha256
@@ -177,3 +178,38 @@ def test_missing_images_fail_in_preflight(tmp_path: Path, sets: dict[str, Path])
     plan, _, items = preflight(cfg.model_copy(update={"benchmarks": [cfg.train[0]]}))
     assert plan.train_steps == {"train": 10} and plan.eval_items == 40 and plan.judge_passes == 80
     assert any("train" in line for line in plan.lines())
+
+
+def test_score_cli_prints_plan_then_score_with_interval(
+    tmp_path: Path, sets: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import rmskit.scoring.judge as judge_mod
+    from rmskit.cli import app
+
+    monkeypatch.setattr(judge_mod, "Judge", ScriptedJudge)
+    monkeypatch.setattr(ScriptedJudge, "mode", "unsafe")
+    res = CliRunner().invoke(
+        app,
+        [
+            "score",
+            f"train={sets['train']}",
+            "--bench",
+            f"only={sets['unsafe_only']}",
+            "--benign",
+            f"pool={sets['mixed']}",
+            "--format",
+            "train=generic",
+            "--format",
+            "only=generic",
+            "--format",
+            "pool=generic",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        env={"COLUMNS": "250"},
+    )
+    assert res.exit_code == 0, res.output
+    text = res.output
+    assert text.index("plan:") < text.index("training on train")
+    assert "benign pool for only: 60 of 60 safe items (--benign: pool 60)" in text
+    assert "score of train (mean balanced accuracy): 0.50 [0.50, 0.50], n=120" in text

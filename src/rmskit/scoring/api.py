@@ -85,6 +85,7 @@ class ScoreReport(BaseModel):
     benchmarks: dict[str, BenchResult]
     score: float | None
     score_estimate: Estimate
+    score_over: list[str] = Field(default_factory=list)  # benchmarks the score averages
 
 
 class MatrixReport(BaseModel):
@@ -176,6 +177,10 @@ def _metrics(cfg: ScoreConfig, labels: list[str], scores: list[float]) -> Metric
     )
 
 
+def _counted(names: list[str], results: list[dict[str, BenchResult]]) -> list[str]:
+    return [b for b in names if all(r[b].tuned.balanced_accuracy.ok for r in results)]
+
+
 def _headline(
     cfg: ScoreConfig,
     names: list[str],
@@ -185,7 +190,7 @@ def _headline(
 ) -> Estimate | Difference:
     """Mean balanced accuracy over `names` that clear the floor in every result (one result: the
     score; two: their paired difference)."""
-    keep = [b for b in names if all(r[b].tuned.balanced_accuracy.ok for r in results)]
+    keep = _counted(names, results)
     ys = [[lab == "unsafe" for lab in labels[b]] for b in keep]
     return stats.mean_balanced_accuracy(
         ys,
@@ -279,6 +284,7 @@ def score(cfg: ScoreConfig, log: Callable[[str], None] | None = None) -> ScoreRe
             benchmarks=results,
             score=head.value,
             score_estimate=head,
+            score_over=_counted(off, [results]),
         )
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "score.json").write_text(report.model_dump_json(indent=2) + "\n", encoding="utf-8")

@@ -161,9 +161,16 @@ def register(app: typer.Typer) -> None:
         if as_json:
             typer.echo(text)
         else:
-            err.print(
-                f"wrote {out / 'score.json'} and {out / 'heatmap.png'}; score = {json.loads(text)['score']}"
-            )
+            from rmskit.stats import fmt_difference, fmt_estimate
+
+            data = json.loads(text)
+            est = data["score_estimate"]
+            per = est.items() if "metric" not in est else [(data["train"]["name"], est)]
+            for name, e in per:
+                err.print(f"score of {name} (mean balanced accuracy): {fmt_estimate(e)}", highlight=False)
+            for d in data.get("comparisons", []):
+                err.print(f"{d['metric']}: {fmt_difference(d)}", highlight=False)
+            err.print(f"wrote {out / 'score.json'} and {out / 'heatmap.png'}")
 
     @app.command("probe")
     def probe_cmd(
@@ -210,7 +217,7 @@ def register(app: typer.Typer) -> None:
         t.add_row("Vendi score", fmt_estimate(rep.vendi, 1))
         t.add_row("Vendi score normalised (/n)", f(rep.vendi_normalized))
         t.add_row("mean pairwise cosine distance", f(rep.mean_pairwise_cosine_distance))
-        t.add_row("near-duplicate rate", f(rep.near_duplicate_rate))
+        t.add_row("near-duplicate rate", fmt_estimate(rep.near_duplicates, 3))
         t.add_row(
             "category entropy bits (normalised)",
             f"{rep.category_entropy_bits:.3f} ({f(rep.category_entropy_normalized)}) over {rep.n_categories}",

@@ -48,6 +48,7 @@ class ProbeReport(BaseModel):
     vendi_normalized: float | None  # vendi / n: 1.0 = all queries distinct, 1/n = all identical
     mean_pairwise_cosine_distance: float | None
     near_duplicate_rate: float
+    near_duplicates: Estimate  # the same rate with its Wilson interval
     near_duplicate_threshold: float
     n_categories: int
     category_entropy_bits: float
@@ -192,6 +193,7 @@ def run_probes(
     ent = -sum((v / total) * math.log2(v / total) for v in cats.values())
     n = len(rows)
     vendi = vendi_score(x) if n >= 2 else None
+    dup = near_duplicate_rate(texts, dup_threshold)
     return ProbeReport(
         n=n,
         leakage=leakage(x, [r for _, r, _ in rows], folds=folds, seed=seed, min_per_class=min_per_class),
@@ -199,7 +201,8 @@ def run_probes(
         vendi_score=vendi,
         vendi_normalized=vendi / n if vendi is not None else None,
         mean_pairwise_cosine_distance=mean_cosine_distance(x) if n >= 2 else None,
-        near_duplicate_rate=near_duplicate_rate(texts, dup_threshold),
+        near_duplicate_rate=dup,
+        near_duplicates=stats.wilson(round(dup * n), n, "near_duplicate_rate"),
         near_duplicate_threshold=dup_threshold,
         n_categories=len(cats),
         category_entropy_bits=ent,
