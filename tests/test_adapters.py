@@ -396,3 +396,9 @@ def test_benchmarks_cli_inspect_json_shape(tmp_path: Path, photo: Image.Image) -
         assert res.exit_code == 0 and "vlguard" in res.stdout and "mssbench" in res.stdout
     res = runner.invoke(app, ["benchmarks", "inspect", "nope", str(tmp_path), "--json"])
     assert res.exit_code == 2
+
+
+def test_every_adapter_satisfies_the_protocol() -> None:
+    from rmskit.scoring.adapters import ADAPTERS, Adapter
+
+    assert ADAPTERS and all(isinstance(a, Adapter) and a.name == k for k, a in ADAPTERS.items())

@@ -24,6 +24,9 @@ MIN_PER_CLASS = 20
 N_RESAMPLES = 1000
 CONFIDENCE = 0.95
 
+Bools = Sequence[bool] | np.ndarray  # labels / predictions
+Floats = Sequence[float] | np.ndarray  # scores
+
 
 class Estimate(BaseModel):
     """One reported figure. `value` is None when `insufficient` (then `reason` says why)."""
@@ -97,7 +100,7 @@ def wilson(k: int, n: int, metric: str = "proportion", confidence: float = CONFI
     )
 
 
-def majority_baseline(y: Sequence[bool]) -> Estimate:
+def majority_baseline(y: Bools) -> Estimate:
     """Accuracy of always predicting the larger class (Wilson interval): plain accuracy at or below
     this is no skill at all. Its balanced accuracy is 0.5 by construction."""
     yy = np.asarray(y, dtype=bool)
@@ -178,8 +181,8 @@ def _strata(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def classifier_metric(
     metric: str,
-    y: Sequence[bool],
-    pred: Sequence[bool],
+    y: Bools,
+    pred: Bools,
     *,
     min_per_class: int = MIN_PER_CLASS,
     n_resamples: int = N_RESAMPLES,
@@ -218,8 +221,8 @@ def classifier_metric(
 
 
 def auroc(
-    y: Sequence[bool],
-    scores: Sequence[float],
+    y: Bools,
+    scores: Floats,
     *,
     min_per_class: int = MIN_PER_CLASS,
     n_resamples: int = N_RESAMPLES,
@@ -255,9 +258,9 @@ def auroc(
 
 def paired_difference(
     metric: str,
-    y: Sequence[bool],
-    pred_a: Sequence[bool],
-    pred_b: Sequence[bool],
+    y: Bools,
+    pred_a: Bools,
+    pred_b: Bools,
     *,
     names: tuple[str, str] = ("a", "b"),
     min_per_class: int = MIN_PER_CLASS,
@@ -395,9 +398,9 @@ def fmt_difference(d: Difference | dict[str, Any], digits: int = 2) -> str:
 
 
 def mean_balanced_accuracy(
-    ys: Sequence[Sequence[bool]],
-    preds: Sequence[Sequence[bool]],
-    preds_b: Sequence[Sequence[bool]] | None = None,
+    ys: Sequence[Bools],
+    preds: Sequence[Bools],
+    preds_b: Sequence[Bools] | None = None,
     *,
     names: tuple[str, str] = ("a", "b"),
     n_resamples: int = N_RESAMPLES,

@@ -241,7 +241,8 @@ def render_card(
     out.append(_table(["category", *splits, "total"], cat_rows))
     lic, lic_counts = license_of(prep)
     out.append("\n### Licenses\n\n")
-    out.append(_table(["license", "samples"], sorted(lic_counts.items(), key=lambda kv: (-kv[1], kv[0]))))
+    lic_rows = [[k, v] for k, v in sorted(lic_counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    out.append(_table(["license", "samples"], lic_rows))
     out.append("\n### Curation\n\n")
     funnel = [
         ["images accepted at ingest", prep.ingest.get("accepted", 0)],

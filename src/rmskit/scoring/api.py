@@ -62,11 +62,11 @@ class ScoreConfig(BaseModel):
     seed: int = 0
     image_max_side: int = Field(448, ge=28)
     skip_missing_images: bool = False
-    threshold: float = Field(0.5, gt=0, lt=1)
+    threshold: float = Field(default=0.5, gt=0, lt=1)
     device: str | None = None
     prompt_version: str = DEFAULT_PROMPT
-    min_per_class: int = Field(stats.MIN_PER_CLASS, ge=1)  # floor below which a metric is withheld
-    n_resamples: int = Field(stats.N_RESAMPLES, ge=100)
+    min_per_class: int = Field(default=stats.MIN_PER_CLASS, ge=1)  # floor below which a metric is withheld
+    n_resamples: int = Field(default=stats.N_RESAMPLES, ge=100)
 
 
 class BenchResult(BaseModel):
@@ -334,6 +334,10 @@ def _comparisons(
     return out
 
 
+def _dump(model: BaseModel | None) -> dict[str, Any] | None:
+    return None if model is None else model.model_dump()
+
+
 def _finish(
     cfg: ScoreConfig,
     runs: list[ScoreReport],
@@ -359,9 +363,7 @@ def _finish(
         "benchmarks": {
             c: {
                 "n": len(benches[c]),
-                "benign_pool": runs[0].benchmarks[c].benign_pool.model_dump()
-                if runs[0].benchmarks[c].benign_pool
-                else None,
+                "benign_pool": _dump(runs[0].benchmarks[c].benign_pool),
                 "zero_shot": zero[c].model_dump(),
                 "tuned": {r.train["name"]: r.benchmarks[c].tuned.model_dump() for r in runs},
             }

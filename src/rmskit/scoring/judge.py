@@ -100,7 +100,8 @@ class Judge:
         seed_everything(seed)
         self.io = load_io(self.path)
         self.tokenizer = getattr(self.io, "tokenizer", self.io)
-        self.model = AutoModelForImageTextToText.from_pretrained(self.path, dtype=self.dtype).to(self.device)
+        model: Any = AutoModelForImageTextToText.from_pretrained(self.path, dtype=self.dtype)
+        self.model: Any = model.to(self.device)
         self.model.eval()
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
@@ -312,6 +313,6 @@ class Judge:
         if not self.lora:
             raise JudgeError("no LoRA adapter to save (train first)")
         out.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(out)
+        self.model.save_pretrained(str(out))
         (out / "README.md").write_text(card, encoding="utf-8")
         return out

@@ -92,10 +92,9 @@ def leakage(
     n_c = len(y) - n_r
     k = min(folds, n_r, n_c)
     classes = ("risky", "control")
-    kw: dict[str, Any] = {"min_per_class": min_per_class, "seed": seed, "classes": classes}
     base = stats.majority_baseline(y)
     if k < 2:
-        nothing = stats.auroc(y, [0.0] * len(y), **(kw | {"min_per_class": max(min_per_class, 2)}))
+        nothing = stats.auroc(y, [0.0] * len(y), min_per_class=max(min_per_class, 2), classes=classes)
         return LeakageResult(
             n=len(y),
             n_risky=n_r,
@@ -108,12 +107,15 @@ def leakage(
             note="needs at least 2 risky and 2 control/safe queries",
         )
     yy = np.array(y, dtype=int)
-    proba = cross_val_predict(
-        LogisticRegression(max_iter=2000),
-        x,
-        yy,
-        cv=StratifiedKFold(n_splits=k, shuffle=True, random_state=seed),
-        method="predict_proba",
+    proba = np.asarray(
+        cross_val_predict(
+            LogisticRegression(max_iter=2000),
+            x,
+            yy,
+            cv=StratifiedKFold(n_splits=k, shuffle=True, random_state=seed),
+            method="predict_proba",
+        ),
+        dtype=float,
     )[:, 1]
     pred = proba >= 0.5
     return LeakageResult(
@@ -121,9 +123,11 @@ def leakage(
         n_risky=n_r,
         n_control=n_c,
         folds=k,
-        balanced_accuracy=stats.classifier_metric("balanced_accuracy", y, pred, **kw),
-        auroc=stats.auroc(y, proba, **kw),
-        accuracy=stats.wilson(int((pred == yy).sum()), len(y), "accuracy"),
+        balanced_accuracy=stats.classifier_metric(
+            "balanced_accuracy", y, pred, min_per_class=min_per_class, seed=seed, classes=classes
+        ),
+        auroc=stats.auroc(y, proba.tolist(), min_per_class=min_per_class, seed=seed, classes=classes),
+        accuracy=stats.wilson(int(np.sum(pred == yy)), len(y), "accuracy"),
         majority_baseline=base,
     )
 
@@ -167,7 +171,7 @@ def near_duplicate_rate(texts: list[str], threshold: float = 0.8, num_perm: int 
         hashes.append(m)
     dup = 0
     for i, m in enumerate(hashes):
-        if any(j != str(i) and hashes[int(j)].jaccard(m) >= threshold for j in lsh.query(m)):
+        if any(str(j) != str(i) and hashes[int(str(j))].jaccard(m) >= threshold for j in lsh.query(m)):
             dup += 1
     return dup / len(texts) if texts else 0.0
 

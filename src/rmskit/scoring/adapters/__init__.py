@@ -29,22 +29,20 @@ from rmskit.scoring.adapters.vlguard import VLGuard
 from rmskit.scoring.adapters.vlsbench import VLSBench
 from rmskit.scoring.sample import LoadedBenchmark
 
-ADAPTERS: dict[str, Adapter] = {
-    a.name: a
-    for a in (
-        RmskitDataset(),
-        VLGuard(),
-        SIUO(),
-        VLSBench(),
-        MSSBench(),
-        HoliSafe(),
-        SPAVL(),
-        MMSafetyBench(),
-        MIS(),
-        RMS2(),
-        Generic(),
-    )
-}
+_ALL: tuple[Any, ...] = (  # each satisfies the Adapter protocol (checked at runtime in tests)
+    RmskitDataset(),
+    VLGuard(),
+    SIUO(),
+    VLSBench(),
+    MSSBench(),
+    HoliSafe(),
+    SPAVL(),
+    MMSafetyBench(),
+    MIS(),
+    RMS2(),
+    Generic(),
+)
+ADAPTERS: dict[str, Adapter] = {a.name: a for a in _ALL}
 ALIASES = {
     "spa-vl": "spavl",
     "mm-safetybench": "mmsafetybench",

@@ -24,7 +24,7 @@ from rmskit.scoring.adapters.base import (
     resolve_image,
     snapshot,
 )
-from rmskit.scoring.sample import BenchSample
+from rmskit.scoring.sample import BenchSample, Label
 
 
 def _as_list(v: Any) -> list[str]:
@@ -53,7 +53,8 @@ class MSSBench(BaseAdapter):
                 unsafe_img = resolve_image(d["unsafe_image_path"], base / "chat", base)
                 cat = d.get("Type") or d.get("category") or "uncategorized"
                 for j, q in enumerate(_as_list(d.get("queries")) or _as_list(d.get("intent"))):
-                    for label, img in (("safe", safe_img), ("unsafe", unsafe_img)):
+                    pairs: tuple[tuple[Label, str], ...] = (("safe", safe_img), ("unsafe", unsafe_img))
+                    for label, img in pairs:
                         out.append(
                             BenchSample(
                                 id=f"chat{i}.{j}.{label}",
