@@ -27,7 +27,7 @@ def test_embedded_build_on_three_real_photos(tmp_path: Path) -> None:
             spec="embedded", concurrency=8, max_batch=8, params=GenParams(temperature=0.3, max_tokens=400)
         ),
         scenarios_per_image=1,
-        max_rounds=2,
+        max_rounds=1,
         # Gate on the deterministic check only (like `make demo`): a 135M model's verdicts are noise,
         # but every model check still runs and is recorded.
         required_checks=["lexical"],

