@@ -74,7 +74,7 @@ class Pipeline:
 
     # -- orchestration --------------------------------------------------------------------------
     async def run(self, items: Iterable[ImageRecord | Rejection]) -> None:
-        window = self.cfg.image_window or max(8, 2 * max(c.concurrency for c in self._backend_cfgs()))
+        window = self.cfg.image_window or max(8, 2 * max(self.cfg.backend_for(r).concurrency for r in ROLES))
         slots = asyncio.Semaphore(window)
         tasks: set[asyncio.Task] = set()
         if self._target_reached():
@@ -105,9 +105,6 @@ class Pipeline:
             for t in tasks:
                 t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-    def _backend_cfgs(self) -> list:
-        return [self.cfg.backend_for(role) for role in ROLES]
 
     def _target_reached(self) -> bool:
         return self.cfg.target is not None and self.kept >= self.cfg.target
