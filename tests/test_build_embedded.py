@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 import rmskit
 from rmskit.config import BackendConfig, BuildConfig
 from rmskit.ingest.bundled import materialize_real_photos
@@ -12,6 +14,7 @@ from rmskit.ledger import Ledger
 from rmskit.models.base import GenParams
 
 
+@pytest.mark.slow  # a real 135M model on CPU: minutes on a loaded machine
 def test_embedded_build_on_three_real_photos(tmp_path: Path) -> None:
     photos = materialize_real_photos(tmp_path / "photos", names=["coffee", "chelsea", "astronaut"])
     manifest = tmp_path / "photos" / "captions.jsonl"  # annotation-grounded perception from a manifest
