@@ -184,3 +184,23 @@ def test_annotation_perception_is_recorded_as_such(tmp_path: Path) -> None:
     samples = list(led.iter_samples("ok"))
     assert samples and all(s["models"]["perceive"] == "scripted" for s in samples)
     assert all(s["prompt_versions"]["perceive"] == "perceive.v1" for s in samples)
+
+
+def test_a_resumed_selection_holds_its_category_reservations(tmp_path: Path) -> None:
+    """A pending image resumes with its stored selection: its scenarios count against a full
+    category again (each sample releases its reservation when it ends)."""
+    import asyncio
+
+    from rmskit.pipeline.progress import Stats
+    from rmskit.pipeline.runner import Pipeline
+    from rmskit.pipeline.taxonomy import Coverage, HashingEmbedder, Taxonomy
+
+    led = Ledger(tmp_path)
+    (rec,) = _images(1)
+    chosen = [{"index": 0, "sample_id": "s0", "category": "fire hazard", "proposed": "fire"}]
+    led.put_record(rec.sha256, "select", "", {"chosen": chosen, "dropped": []})
+    coverage = Coverage(led, per_category_target=1)
+    cfg = _cfg(tmp_path, per_category_target=1)
+    pipeline = Pipeline(cfg, led, {}, Stats(), Taxonomy(led, HashingEmbedder(), 0.6), coverage)
+    assert asyncio.run(pipeline._select(rec, {"scenarios": []})) == chosen
+    assert coverage.is_full("fire hazard")

@@ -160,7 +160,9 @@ class Pipeline:
 
     async def _select(self, rec: ImageRecord, discovery: dict[str, Any]) -> list[dict[str, Any]]:
         stored = self.ledger.get_record(rec.sha256, "select")
-        if stored and stored["status"] == "ok":
+        if stored and stored["status"] == "ok":  # resumed: reserve again (each _risky releases one)
+            for c in stored["data"]["chosen"]:
+                self.coverage.reserve(c["category"], 1)
             return stored["data"]["chosen"]
         async with self._select_lock:  # category resolution + reservation must not interleave
             candidates, dropped = [], []
@@ -170,9 +172,7 @@ class Pipeline:
                     dropped.append({"index": i, "reason": f"category '{cat}' is full"})
                     continue
                 candidates.append((i, cat, sc.get("category", "")))
-            # Discovery order, one scenario per category first: given the discovery output (and which
-            # categories are full), the choice never depends on how other images are progressing,
-            # so sample ids are the same in every run over the same photos.
+            # Discovery order, one per category first: never load order, so ids are the same per run.
             seen: set[str] = set()
             first, rest = [], []
             for c in candidates:
