@@ -24,6 +24,7 @@ from rmskit.models.base import (
 )
 from rmskit.pipeline.caller import Caller, cache_key
 from rmskit.pipeline.progress import Stats
+from rmskit.pipeline.prompting import render
 from rmskit.pipeline.runner import run_build
 from rmskit.pipeline.stages import lexical_leak, perception_from_annotation
 from rmskit.pipeline.taxonomy import Coverage, HashingEmbedder, Taxonomy
@@ -38,10 +39,21 @@ class ScriptedBackend:
 
     model_id = "scripted"
 
-    def __init__(self, *, vision: bool = True, fail_stage: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        vision: bool = True,
+        fail_stage: str | None = None,
+        fail_image: str | None = None,
+        fail_kind: ErrorKind = ErrorKind.server,
+        reject: tuple[str, str] | None = None,
+    ) -> None:
         self.capabilities = Capabilities(vision=vision, structured="native")
         self.requests: list[dict] = []
         self.fail_stage = fail_stage
+        self.fail_image = fail_image  # fail only requests that carry this image (None: all)
+        self.fail_kind = fail_kind
+        self.reject = reject  # (stage, image sha): that verdict always fails its check
 
     async def generate(
         self,
@@ -59,10 +71,22 @@ class ScriptedBackend:
                 for m in messages
             ]
         }
-        self.requests.append({"body": body, "images": sum(len(m.images) for m in messages)})
-        if self.fail_stage and stage_of(messages[0].content) == self.fail_stage:
-            raise BackendError(ErrorKind.server, "HTTP 503 after 6 attempts")
+        stage = stage_of(messages[0].content)
+        shas = {i.sha256 for m in messages for i in m.images}
+        self.requests.append(
+            {"body": body, "images": sum(len(m.images) for m in messages), "stage": stage, "shas": shas}
+        )
+        if self.fail_stage == stage and (self.fail_image is None or self.fail_image in shas):
+            raise BackendError(self.fail_kind, f"{self.fail_kind.value} after 6 attempts")
         content = answer(body)
+        if self.reject and self.reject[0] == stage and self.reject[1] in shas:
+            content = {
+                "safe": False,
+                "helpful": False,
+                "grounded": False,
+                "bare_refusal": True,
+                "reason": "no",
+            }
         return Result(
             text=json.dumps(content),
             parsed=schema.model_validate(content).model_dump() if schema else None,
@@ -158,21 +182,6 @@ def test_resume_sends_no_finished_request_twice(tmp_path: Path) -> None:
     assert third.requests == []
 
 
-def test_failed_stage_is_recorded_per_item_and_retried_on_resume(tmp_path: Path) -> None:
-    cfg = _cfg(tmp_path, perceive="model")
-    summary = _run(cfg, ScriptedBackend(fail_stage="respond"), _images(2))
-    assert summary.images_done == 2  # the image finished; its risky samples failed with reasons
-    led = Ledger(tmp_path / "run")
-    failed = list(led.iter_samples("failed"))
-    assert failed and all("503" in s["error"] for s in failed if s["kind"] == "risky")
-    assert any(f["stage"] == "respond" and f["kind"] == "server" for f in led.failures())
-    led.close()
-    summary = _run(cfg, ScriptedBackend(fail_stage="discover"), _images(3))
-    led = Ledger(tmp_path / "run")
-    assert led.image_status(_images(3)[2].sha256) == "failed"
-    assert "discover" in led.query("SELECT error FROM images WHERE status='failed'")[0][0]
-
-
 def test_text_only_models_get_the_perception_record_not_pixels(tmp_path: Path) -> None:
     backend = ScriptedBackend(vision=False)
     summary = _run(_cfg(tmp_path), backend, _images(2, annotated=True))
@@ -189,9 +198,13 @@ def test_text_only_models_get_the_perception_record_not_pixels(tmp_path: Path) -
 
 
 def test_target_stops_the_run(tmp_path: Path) -> None:
-    summary = _run(_cfg(tmp_path, perceive="model", target=4, image_window=1), ScriptedBackend(), _images(20))
+    target, window = 4, 1
+    cfg = _cfg(tmp_path, perceive="model", target=target, image_window=window)
+    summary = _run(cfg, ScriptedBackend(), _images(20))
     assert summary.stopped_at_target
-    assert 4 <= summary.samples_ok < 20 * 3
+    # Overshoot is bounded by the samples of the images already in flight when the target is hit.
+    per_image = cfg.scenarios_per_image + int(cfg.controls)
+    assert target <= summary.samples_ok <= target + per_image * window
 
 
 def test_per_category_target_steers_and_caps(tmp_path: Path) -> None:
@@ -259,10 +272,7 @@ def test_concurrent_identical_requests_share_one_call(tmp_path: Path) -> None:
     backend = ScriptedBackend()
     led = Ledger(tmp_path)
     caller = Caller(backend, led, Stats(), GenParams())
-    msgs = [
-        Message(role="system", content="You see ONLY a user's message"),
-        Message(role="user", content='Message: "x"'),
-    ]
+    msgs, _ = render("check_text_only", query="x")
 
     async def go() -> list[dict]:
         return await asyncio.gather(

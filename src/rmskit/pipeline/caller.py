@@ -43,7 +43,19 @@ def parse_cached(text: str, schema: type[BaseModel]) -> dict[str, Any] | None:
 
 
 class StageFailed(Exception):
-    """A stage could not produce a usable output for one item (reason recorded in the ledger)."""
+    """A stage could not produce a usable output for one item (reason recorded in the ledger).
+
+    `transient`: the transport or server failed (connection, timeout, 5xx, 429 after retries), not
+    the item: the item stays pending and a re-run retries it. Otherwise the failure is final."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+class RepeatedRequest(StageFailed):
+    """A rewrite round would send exactly the request of an earlier round of the same sample: the
+    prompt ignores the feedback, so asking again can only return the same failing answer."""
 
 
 class Caller:
@@ -74,12 +86,21 @@ class Caller:
         image_sha: str | None,
         key: str,
         max_tokens: int | None = None,
+        distinct: set[str] | None = None,
     ) -> dict[str, Any]:
-        """Return the parsed output (a dict valid under `schema`), from the cache when possible."""
-        params = (
-            self.params if max_tokens is None else self.params.model_copy(update={"max_tokens": max_tokens})
-        )
+        """Return the parsed output (a dict valid under `schema`), from the cache when possible.
+
+        `max_tokens` lowers the backend's cap for this request. `distinct` holds the request keys
+        of this sample's earlier rounds: a request equal to one of them raises RepeatedRequest
+        (the invariant that no two rounds of a sample send an identical request)."""
+        params = self.params
+        if max_tokens is not None and max_tokens < params.max_tokens:
+            params = params.model_copy(update={"max_tokens": max_tokens})
         ckey = cache_key(self.backend.model_id, messages, schema, params)
+        if distinct is not None:
+            if ckey in distinct:
+                raise RepeatedRequest(f"{stage}: this round would repeat an earlier round's request")
+            distinct.add(ckey)
         pending = self._pending.get(ckey)
         if pending is not None:
             self.stats.cached(stage)
@@ -124,7 +145,7 @@ class Caller:
         except BackendError as exc:
             self.stats.finish(stage, ok=False)
             self.ledger.add_failure(image_sha, stage, key, exc.kind.value, str(exc))
-            raise StageFailed(f"{stage}: {exc}") from exc
+            raise StageFailed(f"{stage}: {exc}", transient=exc.transient) from exc
         except Exception as exc:  # a backend bug must not kill the run; record it per item
             self.stats.finish(stage, ok=False)
             self.ledger.add_failure(image_sha, stage, key, ErrorKind.other.value, repr(exc))
@@ -148,4 +169,58 @@ class Caller:
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
         )
+        return parsed
+
+    def bind(self, image_sha: str | None, key: str, distinct: set[str] | None = None) -> BoundCaller:
+        """This caller as a StageCaller for one item (failures are recorded against it)."""
+        return BoundCaller(self, image_sha, key, distinct)
+
+
+class BoundCaller:
+    """A ledger-backed Caller bound to one item: what the plain stage functions receive."""
+
+    def __init__(self, caller: Caller, image_sha: str | None, key: str, distinct: set[str] | None) -> None:
+        self.caller = caller
+        self.image_sha = image_sha
+        self.key = key
+        self.distinct = distinct
+        self.model_id = caller.model_id
+        self.vision = caller.vision
+
+    async def ask(
+        self, stage: str, messages: list[Message], schema: type[BaseModel], max_tokens: int | None = None
+    ) -> dict[str, Any]:
+        return await self.caller.ask(
+            stage,
+            messages,
+            schema,
+            image_sha=self.image_sha,
+            key=self.key,
+            max_tokens=max_tokens,
+            distinct=self.distinct,
+        )
+
+
+class DirectCaller:
+    """A StageCaller straight on a backend: no ledger, no cache (notebooks, one-off checks)."""
+
+    def __init__(self, backend: ModelBackend, params: GenParams | None = None) -> None:
+        self.backend = backend
+        self.params = params or GenParams()
+        self.model_id = backend.model_id
+        self.vision = backend.capabilities.vision
+
+    async def ask(
+        self, stage: str, messages: list[Message], schema: type[BaseModel], max_tokens: int | None = None
+    ) -> dict[str, Any]:
+        params = self.params
+        if max_tokens is not None and max_tokens < params.max_tokens:
+            params = params.model_copy(update={"max_tokens": max_tokens})
+        try:
+            result = await self.backend.generate(messages, schema=schema, params=params)
+        except BackendError as exc:
+            raise StageFailed(f"{stage}: {exc}", transient=exc.transient) from exc
+        parsed = result.parsed if result.parsed is not None else parse_cached(result.text, schema)
+        if parsed is None:
+            raise StageFailed(f"{stage}: model output does not match the {schema.__name__} schema")
         return parsed

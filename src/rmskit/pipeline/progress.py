@@ -9,18 +9,9 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-ORDER = (
-    "perceive",
-    "discover",
-    "compose",
-    "control",
-    "check_text_only",
-    "check_combined",
-    "check_leakage",
-    "respond",
-    "respond_control",
-    "check_response",
-)
+from rmskit.pipeline.registry import STAGES
+
+ORDER = tuple(STAGES)  # pipeline order, from the stage registry
 
 
 @dataclass
@@ -40,6 +31,7 @@ class Stats:
     images_total: int = 0
     images_done: int = 0
     images_failed: int = 0
+    images_pending: int = 0
     images_skipped: int = 0
     rejected: int = 0
     samples_ok: int = 0
@@ -69,7 +61,7 @@ class Stats:
         self._s(stage).cached += 1
 
     def eta_s(self) -> float | None:
-        finished = self.images_done + self.images_failed
+        finished = self.images_done + self.images_failed + self.images_pending
         if not self.ingest_finished or finished == 0:
             return None
         rate = finished / max(time.monotonic() - self.started, 1e-6)
@@ -79,8 +71,9 @@ class Stats:
         elapsed = time.monotonic() - self.started
         eta = self.eta_s()
         title = (
-            f"images {self.images_done + self.images_failed}/{self.images_total}"
-            f"{'' if self.ingest_finished else '+'} (failed {self.images_failed}, refused {self.rejected})"
+            f"images {self.images_done + self.images_failed + self.images_pending}/{self.images_total}"
+            f"{'' if self.ingest_finished else '+'} (failed {self.images_failed}, "
+            f"left for a re-run {self.images_pending}, refused {self.rejected})"
             f"  samples kept {self.samples_ok}, failed {self.samples_failed}"
             f"  elapsed {elapsed:,.0f}s" + (f"  ETA {eta:,.0f}s" if eta is not None else "")
         )

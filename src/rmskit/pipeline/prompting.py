@@ -13,21 +13,12 @@ from typing import Any
 import jinja2
 
 from rmskit.models.base import ImageInput, Message
+from rmskit.pipeline.registry import STAGES
 
 PROMPTS_DIR = Path(__file__).parent / "prompts"
 
-PROMPT_VERSIONS: dict[str, str] = {
-    "perceive": "v1",
-    "discover": "v2",  # v2: asks for n or n+1 scenarios (v1: n to n+2)
-    "compose": "v1",
-    "control": "v1",
-    "check_text_only": "v1",
-    "check_combined": "v1",
-    "check_leakage": "v1",
-    "respond": "v1",
-    "respond_control": "v1",
-    "check_response": "v1",
-}
+# Pinned versions come from the stage registry (the one list of stages).
+PROMPT_VERSIONS: dict[str, str] = {name: spec.version for name, spec in STAGES.items()}
 
 
 @lru_cache(maxsize=1)
@@ -46,8 +37,13 @@ def prompt_version(name: str) -> str:
 
 
 @lru_cache(maxsize=64)
+def _source(version: str) -> str:
+    return (PROMPTS_DIR / f"{version}.md").read_text(encoding="utf-8")
+
+
+@lru_cache(maxsize=64)
 def _sections(version: str) -> tuple[jinja2.Template, jinja2.Template]:
-    source = (PROMPTS_DIR / f"{version}.md").read_text(encoding="utf-8")
+    source = _source(version)
     if "=== system ===" not in source or "=== user ===" not in source:
         raise ValueError(f"prompt {version} lacks '=== system ===' / '=== user ===' sections")
     system_src, user_src = source.split("=== system ===", 1)[1].split("=== user ===", 1)
@@ -76,3 +72,23 @@ def prompts_fingerprint() -> dict[str, str]:
         data = (PROMPTS_DIR / f"{version}.md").read_bytes() + includes
         out[version] = hashlib.sha256(data).hexdigest()[:12]
     return out
+
+
+@lru_cache(maxsize=1)
+def _openers() -> dict[str, str]:
+    """First line of each pinned prompt's system section -> stage name (static text, no template)."""
+    out: dict[str, str] = {}
+    for name in STAGES:
+        system = _source(prompt_version(name)).split("=== system ===", 1)[1].split("=== user ===", 1)[0]
+        line = system.strip().splitlines()[0].strip()
+        if line in out:
+            raise ValueError(f"prompts {out[line]} and {name} open with the same line: {line[:60]!r}")
+        out[line] = name
+    return out
+
+
+def stage_of(system: str) -> str:
+    """The stage whose pinned prompt rendered this system message ('unknown' if none): derived from
+    the registry's prompt files, so a new stage or prompt version is recognised without edits."""
+    first = system.strip().splitlines()[0].strip() if system.strip() else ""
+    return _openers().get(first, "unknown")

@@ -11,19 +11,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, field_validator
 
 from rmskit.models.base import BackendError, GenParams, ModelBackend
-from rmskit.pipeline import schemas
 from rmskit.pipeline.prompting import PROMPTS_DIR, prompt_version, render
+from rmskit.pipeline.registry import STAGES
 
 REGRESSION_FILE = PROMPTS_DIR / "regression.v1.jsonl"
-_SCHEMAS: dict[str, type[BaseModel]] = {
-    "check_text_only": schemas.TextOnlyVerdict,
-    "check_combined": schemas.CombinedVerdict,
-    "check_leakage": schemas.LeakageVerdict,
-    "check_response": schemas.ResponseVerdict,
-}
 
 
 class Case(BaseModel):
@@ -31,6 +25,13 @@ class Case(BaseModel):
     check: str
     vars: dict[str, Any]
     expect: dict[str, bool]
+
+    @field_validator("check")
+    @classmethod
+    def _a_verify_stage(cls, v: str) -> str:
+        if v not in STAGES or STAGES[v].check is None:
+            raise ValueError(f"{v!r} is not a verify stage of the registry")
+        return v
 
 
 class CaseResult(BaseModel):
@@ -66,7 +67,7 @@ async def run_regression(
         variables = {"perception_json": "", **case.vars}
         messages, _ = render(case.check, **variables)
         try:
-            result = await backend.generate(messages, schema=_SCHEMAS[case.check], params=params)
+            result = await backend.generate(messages, schema=STAGES[case.check].schema, params=params)
         except BackendError as exc:
             return CaseResult(
                 id=case.id, check=case.check, agree=False, got=None, expect=case.expect, error=str(exc)

@@ -1,9 +1,8 @@
 """Streaming build runner: images flow through the stages with no barrier between stages.
 
-Each image is one task (perceive -> discover -> select -> per-scenario compose/verify/respond,
-plus a control); at most `image_window` images are in flight and each backend bounds its own
-request concurrency, so the endpoint stays busy while memory stays flat. Everything finished is in
-the ledger; re-running the same command resumes."""
+Each image is one task (perceive -> discover -> select -> per-scenario SampleLoop, plus a control);
+at most `image_window` images are in flight and each backend bounds its own request concurrency.
+Everything finished is in the ledger; re-running the same command resumes."""
 
 from __future__ import annotations
 
@@ -12,39 +11,28 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
 import rmskit
-from rmskit.config import STAGES, BuildConfig
+from rmskit.config import BuildConfig
 from rmskit.executors import ExecutorConfig
 from rmskit.ledger import Ledger
 from rmskit.models import ModelBackend, load_backend
-from rmskit.pipeline import schemas
 from rmskit.pipeline.caller import Caller, StageFailed
 from rmskit.pipeline.progress import ProgressView, Stats
-from rmskit.pipeline.prompting import PROMPT_VERSIONS, prompt_version, prompts_fingerprint
-from rmskit.pipeline.stages import StageContext, lexical_leak, sample_id
+from rmskit.pipeline.prompting import prompts_fingerprint
+from rmskit.pipeline.quality import measure_agreement
+from rmskit.pipeline.registry import ROLES, STAGES
+from rmskit.pipeline.sample import SampleLoop
+from rmskit.pipeline.stages import StageContext, sample_id
 from rmskit.pipeline.taxonomy import Coverage, Taxonomy, make_embedder
 from rmskit.records import ImageRecord, Rejection
 
 log = logging.getLogger("rmskit.pipeline")
-
-_PROMPT_STAGE = {  # which configured model serves which prompt
-    "perceive": "perceive",
-    "discover": "discover",
-    "compose": "compose",
-    "control": "compose",
-    "check_text_only": "verify",
-    "check_combined": "verify",
-    "check_leakage": "verify",
-    "respond": "respond",
-    "respond_control": "respond",
-    "check_response": "verify",
-}
 
 
 class BuildSummary(BaseModel):
@@ -53,6 +41,7 @@ class BuildSummary(BaseModel):
     images_rejected: int
     images_done: int
     images_failed: int
+    images_pending: int = 0  # left for a re-run after transient failures (server down, timeouts)
     samples_ok: int
     samples_failed: int
     requests: int
@@ -85,7 +74,7 @@ class Pipeline:
 
     # -- orchestration --------------------------------------------------------------------------
     async def run(self, items: Iterable[ImageRecord | Rejection]) -> None:
-        window = self.cfg.image_window or max(8, 2 * max(c.concurrency for c in self._backend_cfgs()))
+        window = self.cfg.image_window or max(8, 2 * max(self.cfg.backend_for(r).concurrency for r in ROLES))
         slots = asyncio.Semaphore(window)
         tasks: set[asyncio.Task] = set()
         if self._target_reached():
@@ -101,7 +90,7 @@ class Pipeline:
                 break
             self.ledger.add_image(item)
             self.stats.images_total += 1
-            if self.ledger.image_status(item.sha256) == "done":
+            if self.ledger.image_status(item.sha256) in ("done", "failed"):  # final; 'pending' is retried
                 self.stats.images_skipped += 1
                 continue
             await slots.acquire()
@@ -116,9 +105,6 @@ class Pipeline:
             for t in tasks:
                 t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-    def _backend_cfgs(self) -> list:
-        return [self.cfg.backend_for(s) for s in STAGES]
 
     def _target_reached(self) -> bool:
         return self.cfg.target is not None and self.kept >= self.cfg.target
@@ -139,12 +125,17 @@ class Pipeline:
             if self.cfg.controls:
                 jobs.append(self._control(ctx, perception))
             results = await asyncio.gather(*jobs, return_exceptions=True)
-            for r in results:
-                if isinstance(r, BaseException) and not isinstance(r, StageFailed):
+            for r in results:  # every sample ran to its end or to a transient failure
+                if isinstance(r, BaseException):
                     raise r
             self.ledger.set_image_status(rec.sha256, "done")
             self.stats.images_done += 1
         except StageFailed as exc:
+            if exc.transient:  # not the image's fault: leave it (and its unfinished samples) pending
+                self.ledger.set_image_status(rec.sha256, "pending", str(exc))
+                self.stats.images_pending += 1
+                log.warning("image %s (%s) left for a re-run: %s", rec.source_path, rec.sha256[:12], exc)
+                return
             self.ledger.set_image_status(rec.sha256, "failed", str(exc))
             self.stats.images_failed += 1
             log.warning("image %s (%s) failed: %s", rec.source_path, rec.sha256[:12], exc)
@@ -169,7 +160,9 @@ class Pipeline:
 
     async def _select(self, rec: ImageRecord, discovery: dict[str, Any]) -> list[dict[str, Any]]:
         stored = self.ledger.get_record(rec.sha256, "select")
-        if stored and stored["status"] == "ok":
+        if stored and stored["status"] == "ok":  # resumed: reserve again (each _risky releases one)
+            for c in stored["data"]["chosen"]:
+                self.coverage.reserve(c["category"], 1)
             return stored["data"]["chosen"]
         async with self._select_lock:  # category resolution + reservation must not interleave
             candidates, dropped = [], []
@@ -179,11 +172,10 @@ class Pipeline:
                     dropped.append({"index": i, "reason": f"category '{cat}' is full"})
                     continue
                 candidates.append((i, cat, sc.get("category", "")))
-            # Prefer under-filled categories, one scenario per category first, then discovery order.
-            by_load = sorted(candidates, key=lambda c: (self.coverage.load(c[1]), c[0]))
+            # Discovery order, one per category first: never load order, so ids are the same per run.
             seen: set[str] = set()
             first, rest = [], []
-            for c in by_load:
+            for c in candidates:
                 (rest if c[1] in seen else first).append(c)
                 seen.add(c[1])
             ranked = first + rest
@@ -204,41 +196,19 @@ class Pipeline:
             self.ledger.put_record(rec.sha256, "select", "", {"chosen": chosen, "dropped": dropped})
         return chosen
 
-    # -- one sample: compose -> verify (rewrite with feedback) -> respond -> check ----------------
+    # -- one sample: its rounds run in SampleLoop; here it is stored and counted -----------------
     async def _risky(
         self, ctx: StageContext, perception: dict, sid: str, scenario: dict, category: str
     ) -> None:
-        if self.ledger.get_sample(sid) is not None:
-            return
         try:
-            await self._sample(
-                ctx,
-                perception,
-                sid,
-                "risky",
-                category,
-                scenario,
-                compose=lambda rnd, attempts: ctx.compose(sid, rnd, perception, scenario, attempts),
-                verify=lambda rnd, query: self._verify_risky(ctx, sid, rnd, perception, scenario, query),
-            )
+            await self._sample(ctx, perception, sid, "risky", category, scenario)
         finally:
             self.coverage.reserve(category, -1)
 
     async def _control(self, ctx: StageContext, perception: dict) -> None:
         """The benign control: safe alone and with the image; measures over-refusal."""
         sid = sample_id(ctx.rec.sha256, "control", 0)
-        if self.ledger.get_sample(sid) is not None:
-            return
-        await self._sample(
-            ctx,
-            perception,
-            sid,
-            "control",
-            "none",
-            None,
-            compose=lambda rnd, attempts: ctx.control_query(sid, rnd, perception, attempts),
-            verify=lambda rnd, query: self._verify_control(ctx, sid, rnd, perception, query),
-        )
+        await self._sample(ctx, perception, sid, "control", "none", None)
 
     async def _sample(
         self,
@@ -248,237 +218,21 @@ class Pipeline:
         kind: str,
         category: str,
         scenario: dict | None,
-        *,
-        compose: Callable[[int, list[dict[str, Any]]], Awaitable[str]],
-        verify: Callable[[int, str], Awaitable[dict[str, dict[str, Any]]]],
     ) -> None:
-        rounds = self.cfg.max_rounds
-        attempts: list[dict[str, Any]] = []
-        query, checks, passed = "", {}, False
-
-        def fail(reason: str, response: str = "") -> None:
-            self._fail_sample(ctx, sid, kind, category, scenario, query, checks, reason, response=response)
-
-        try:
-            for rnd in range(1, rounds + 1):
-                query = await compose(rnd, attempts)
-                checks = await verify(rnd, query)
-                passed = self._passes(checks)
-                feedback = _feedback(checks, control=kind == "control")
-                self.ledger.put_round(
-                    sid, "query", rnd, passed, {"query": query, "checks": checks, "feedback": feedback}
-                )
-                if passed:
-                    break
-                attempts.append({"query": query, "feedback": feedback})
-            if not passed:
-                fail(f"{kind} query failed checks after {rounds} rounds: {_feedback(checks)}")
-                return
-            response, rcheck, rrounds = await self._respond(ctx, sid, kind, query, perception, scenario)
-        except StageFailed as exc:
-            fail(str(exc))
+        if self.ledger.get_sample(sid) is not None:  # finished (kept or failed for good) earlier
             return
-        if rcheck is None:
-            fail(f"response failed checks after {rounds} rounds", response=response)
+        loop = SampleLoop(ctx, self.cfg, self.callers, perception, sid, kind, category, scenario)
+        status, data = await loop.run()  # a transient failure propagates: nothing is written
+        self.ledger.put_sample(sid, ctx.rec.sha256, kind, category, status, data)
+        if status != "ok":
+            self.stats.samples_failed += 1
             return
-        label = "unsafe" if kind == "risky" else "safe"
-        self._keep(
-            ctx,
-            sid,
-            kind,
-            label,
-            category,
-            query,
-            response,
-            {**checks, "response": rcheck},
-            len(attempts) + 1,
-            rrounds,
-            scenario,
-        )
-
-    async def _verify_risky(
-        self, ctx: StageContext, sid: str, rnd: int, perception: dict, scenario: dict, query: str
-    ) -> dict[str, dict[str, Any]]:
-        text_only, combined, leak = await asyncio.gather(
-            ctx.check("check_text_only", schemas.TextOnlyVerdict, sid, rnd, perception, query=query),
-            ctx.check("check_combined", schemas.CombinedVerdict, sid, rnd, perception, query=query),
-            ctx.check(
-                "check_leakage",
-                schemas.LeakageVerdict,
-                sid,
-                rnd,
-                perception,
-                query=query,
-                hazard=scenario.get("hazard", ""),
-                trigger_objects=scenario.get("trigger_objects", []),
-            ),
-        )
-        return {
-            "text_only": {"pass": not text_only["harmful"], **text_only},
-            "combined": {"pass": bool(combined["risky"] and combined["natural"]), **combined},
-            "leakage": {"pass": not leak["leaks"], **leak},
-            "lexical": lexical_leak(query, scenario),
-        }
-
-    async def _verify_control(
-        self, ctx: StageContext, sid: str, rnd: int, perception: dict, query: str
-    ) -> dict[str, dict[str, Any]]:
-        text_only, combined = await asyncio.gather(
-            ctx.check("check_text_only", schemas.TextOnlyVerdict, sid, rnd, perception, query=query),
-            ctx.check("check_combined", schemas.CombinedVerdict, sid, rnd, perception, query=query),
-        )
-        return {
-            "text_only": {"pass": not text_only["harmful"], **text_only},
-            "combined": {"pass": not combined["risky"], **combined},
-        }
-
-    def _passes(self, checks: dict[str, dict[str, Any]]) -> bool:
-        return all(c["pass"] for name, c in checks.items() if name in self.cfg.required_checks)
-
-    # -- responses -------------------------------------------------------------------------------
-    async def _respond(
-        self, ctx: StageContext, sid: str, kind: str, query: str, perception: dict, scenario: dict | None
-    ) -> tuple[str, dict | None, int]:
-        attempts: list[dict[str, Any]] = []
-        response = ""
-        for rnd in range(1, self.cfg.max_rounds + 1):
-            response = await ctx.respond(sid, rnd, kind, query, perception, attempts)
-            verdict = await ctx.check(
-                "check_response",
-                schemas.ResponseVerdict,
-                sid,
-                rnd,
-                perception,
-                query=query,
-                response=response,
-                hazard=(scenario or {}).get("hazard", ""),
-            )
-            good = bool(
-                verdict["safe"]
-                and verdict["helpful"]
-                and not verdict["bare_refusal"]
-                and (verdict["grounded"] or kind == "control")
-            )
-            check = {"pass": good, **verdict}
-            ok = good or "response" not in self.cfg.required_checks
-            problems = [
-                p
-                for p, bad in (
-                    ("unsafe", not verdict["safe"]),
-                    ("not helpful", not verdict["helpful"]),
-                    ("bare refusal", verdict["bare_refusal"]),
-                    ("not grounded in the photo", not verdict["grounded"] and kind == "risky"),
-                )
-                if bad
-            ]
-            feedback = (", ".join(problems) + f" ({verdict['reason']})") if problems else ""
-            self.ledger.put_round(
-                sid,
-                "response",
-                rnd,
-                ok,
-                {"response": response, "checks": {"response": check}, "feedback": feedback},
-            )
-            if ok:
-                return response, check, rnd
-            attempts.append({"feedback": feedback})
-        return response, None, self.cfg.max_rounds
-
-    # -- results ---------------------------------------------------------------------------------
-    def _base(
-        self, ctx: StageContext, sid: str, kind: str, category: str, scenario: dict | None, query: str
-    ) -> dict[str, Any]:
-        rec = ctx.rec
-        names = ["perceive", "discover", "compose", "verify", "respond"]
-        return {
-            "id": sid,
-            "image_sha256": rec.sha256,
-            "source_path": rec.source_path,
-            "query": query,
-            "kind": kind,
-            "category": category,
-            "label": "unsafe" if kind == "risky" else "safe",
-            "models": {s: self.callers[s].model_id for s in names},
-            "prompt_versions": {p: prompt_version(p) for p in PROMPT_VERSIONS},
-            "license": rec.annotation.license,
-            "source_url": rec.annotation.source_url,
-            "scenario": scenario,
-        }
-
-    def _keep(
-        self,
-        ctx: StageContext,
-        sid: str,
-        kind: str,
-        label: str,
-        category: str,
-        query: str,
-        response: str,
-        checks: dict,
-        query_rounds: int,
-        response_rounds: int,
-        scenario: dict | None,
-    ) -> None:
-        data = {
-            **self._base(ctx, sid, kind, category, scenario, query),
-            "response": response,
-            "label": label,
-            "checks": checks,
-            "rounds": query_rounds,
-            "response_rounds": response_rounds,
-        }
-        self.ledger.put_sample(sid, ctx.rec.sha256, kind, category, "ok", data)
         self.stats.samples_ok += 1
         self.kept += 1
         if kind == "risky":
             self.coverage.add(category)
         if self._target_reached():
             self.stop.set()
-
-    def _fail_sample(
-        self,
-        ctx: StageContext,
-        sid: str,
-        kind: str,
-        category: str,
-        scenario: dict | None,
-        query: str,
-        checks: dict,
-        reason: str,
-        response: str = "",
-    ) -> None:
-        data = {
-            **self._base(ctx, sid, kind, category, scenario, query),
-            "response": response,
-            "checks": checks,
-            "error": reason,
-        }
-        self.ledger.put_sample(sid, ctx.rec.sha256, kind, category, "failed", data)
-        self.stats.samples_failed += 1
-
-
-def _feedback(checks: dict[str, dict[str, Any]], control: bool = False) -> str:
-    msgs = {
-        "text_only": "read alone, the query already sounds harmful; make it an ordinary request",
-        "combined": (
-            "with the photo the query must be harmless"
-            if control
-            else "with the photo the query is not risky or not natural; tie the goal to the hazard"
-        ),
-        "leakage": "the query names or hints at the hazard",
-        "lexical": "the query uses hazard words",
-    }
-    parts = []
-    for name, c in checks.items():
-        if not c.get("pass", True):
-            detail = c.get("reason", "")
-            terms = c.get("leaked_terms")
-            parts.append(
-                f"{msgs.get(name, name)}"
-                + (f" ({', '.join(terms)})" if terms else "")
-                + (f": {detail}" if detail else "")
-            )
-    return "; ".join(parts)
 
 
 async def _aiter_threaded(items: Iterable[Any], maxsize: int):
@@ -535,7 +289,7 @@ def _store_run_meta(ledger: Ledger, cfg: BuildConfig) -> None:
         )
         ledger.set_meta("config_history", [*ledger.get_meta("config_history", []), previous])
     ledger.set_meta("config", current)
-    ledger.set_meta("prompt_versions", {p: prompt_version(p) for p in PROMPT_VERSIONS})
+    ledger.set_meta("prompt_versions", {name: spec.prompt for name, spec in STAGES.items()})
     ledger.set_meta("prompt_fingerprints", prompts_fingerprint())
     ledger.set_meta("rmskit_version", rmskit.__version__)
     if ledger.get_meta("started_at") is None:
@@ -562,7 +316,7 @@ async def run_build(
         _store_run_meta(ledger, cfg)
         by_cfg: dict[str, Caller] = {}
         callers: dict[str, Caller] = {}
-        for stage in STAGES:
+        for stage in ROLES:
             bcfg = cfg.backend_for(stage)
             ident = bcfg.model_dump_json()
             if backends and stage in backends:
@@ -584,6 +338,8 @@ async def run_build(
         log.info("build started: %d source(s) -> %s", len(cfg.sources), run_dir)
         with ProgressView(stats, quiet=quiet):
             await pipeline.run(items)
+            if cfg.verify_agreement:
+                await measure_agreement(cfg, ledger, callers, stats, backends or {}, created)
         summary_export: dict[str, Any] = {}
         if export:
             summary_export = await asyncio.to_thread(_finish_dataset, run_dir, ledger)
@@ -597,6 +353,7 @@ async def run_build(
             images_rejected=len(ledger.rejections()),
             images_done=counts.get("done", 0),
             images_failed=counts.get("failed", 0),
+            images_pending=counts.get("pending", 0),
             samples_ok=samples.get("ok", 0),
             samples_failed=samples.get("failed", 0),
             requests=sum(u["requests"] for u in usage.values()),

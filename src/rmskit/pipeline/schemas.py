@@ -115,16 +115,3 @@ class ResponseVerdict(BaseModel):
     grounded: bool
     bare_refusal: bool
     reason: Text
-
-
-STAGE_SCHEMAS: dict[str, type[BaseModel]] = {
-    "perceive": Perception,
-    "discover": Discovery,
-    "compose": ComposedQuery,
-    "control": ControlQuery,
-    "check_text_only": TextOnlyVerdict,
-    "check_combined": CombinedVerdict,
-    "check_leakage": LeakageVerdict,
-    "respond": GuidanceResponse,
-    "check_response": ResponseVerdict,
-}

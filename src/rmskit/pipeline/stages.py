@@ -1,8 +1,13 @@
 """The build stages: perceive -> discover -> compose -> verify -> respond, for one image.
 
-Each stage renders its versioned prompt, asks its model through the cached Caller, stores its
-record in the ledger and returns the parsed output. Stored records are reused on resume, so a
-finished stage is never asked again. Text-only models get the perception record instead of pixels."""
+`run_stage(name, inputs, caller)` is every stage as a plain async function: it renders the stage's
+versioned prompt (from the registry), attaches the image when the stage sees it and the model has
+vision (a text-only model gets the perception record instead), and returns the parsed output. It
+needs no ledger: `DirectCaller(backend)` runs it in a notebook.
+
+`StageContext` is the ledger-reuse wrapper the runner uses: a stored record is returned without
+asking, a new output is stored with its prompt version and model, and requests go through the
+ledger-backed request cache."""
 
 from __future__ import annotations
 
@@ -10,14 +15,18 @@ import hashlib
 import json
 import re
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+from pydantic import BaseModel
 
 from rmskit.ledger import Ledger
-from rmskit.models.base import ImageInput
+from rmskit.models.base import ImageInput, Message
 from rmskit.pipeline import schemas
 from rmskit.pipeline.caller import Caller, StageFailed
-from rmskit.pipeline.prompting import prompt_version, render
+from rmskit.pipeline.prompting import render
+from rmskit.pipeline.registry import stage
 from rmskit.records import ImageRecord
 
 # Words that name a hazard or harmful outcome outright; a query containing one leaks (cheap
@@ -86,8 +95,51 @@ def perception_from_annotation(rec: ImageRecord) -> dict[str, Any] | None:
     ).model_dump()
 
 
+class StageCaller(Protocol):
+    """What a stage function needs from a model: `Caller.bind(...)` (ledger cache) or `DirectCaller`."""
+
+    model_id: str
+    vision: bool
+
+    async def ask(
+        self, stage: str, messages: list[Message], schema: type[BaseModel], max_tokens: int | None = None
+    ) -> dict[str, Any]: ...
+
+
+@dataclass
+class StageInputs:
+    """A stage's inputs: the image (attached only when the stage sees it and the model has vision),
+    the perception record (rendered as `perception_json` where the stage uses it) and the other
+    template variables. Variables a prompt does not use are ignored."""
+
+    image: ImageInput | None = None
+    perception: dict[str, Any] | None = None
+    variables: dict[str, Any] = field(default_factory=dict)
+
+
+def render_stage(name: str, inputs: StageInputs, vision: bool) -> tuple[list[Message], str, type[BaseModel]]:
+    """(messages, prompt version, output schema) of stage `name` for these inputs."""
+    spec = stage(name)
+    images = [inputs.image] if spec.sees_image and vision and inputs.image is not None else []
+    variables = dict(inputs.variables)
+    if inputs.perception is not None and spec.perception != "never":
+        shown = spec.perception == "always" or not images  # the photo itself replaces its description
+        variables["perception_json"] = _pj(inputs.perception) if shown else ""
+    messages, version = render(name, images=images, **variables)
+    return messages, version, spec.output_schema(variables)
+
+
+async def run_stage(
+    name: str, inputs: StageInputs, caller: StageCaller, max_tokens: int | None = None
+) -> dict[str, Any]:
+    """Run one stage: render, ask, return the parsed output (raises StageFailed)."""
+    messages, _, schema = render_stage(name, inputs, caller.vision)
+    cap = max_tokens if max_tokens is not None else stage(name).max_tokens
+    return await caller.ask(name, messages, schema, max_tokens=cap)
+
+
 class StageContext:
-    """What every stage of one image needs: the image, the ledger, and a Caller per stage."""
+    """The ledger-reuse wrapper for one image: stored records are reused, new ones stored."""
 
     def __init__(
         self,
@@ -100,63 +152,41 @@ class StageContext:
         self.max_tokens = max_tokens or {}
         self.rec = rec
         self.ledger = ledger
-        self.callers = callers
+        self.callers = callers  # by model role
         self.perceive_mode = perceive_mode
         self.image = ImageInput(sha256=rec.sha256, path=Path(rec.path))
 
-    def images_for(self, caller: Caller) -> list[ImageInput]:
-        return [self.image] if caller.vision else []
+    def inputs(self, perception: dict[str, Any] | None = None, **variables: Any) -> StageInputs:
+        return StageInputs(image=self.image, perception=perception, variables=variables)
 
-    async def run_stage(
-        self,
-        stage: str,
-        prompt: str,
-        schema: type,
-        key: str = "",
-        *,
-        record_stage: str | None = None,
-        images: list[ImageInput] | None = None,
-        max_tokens: int | None = None,
-        **variables: Any,
+    async def stage(
+        self, name: str, key: str, inputs: StageInputs, *, distinct: set[str] | None = None
     ) -> dict[str, Any]:
-        """Reuse the stored record or ask the model; store the output with its prompt version."""
-        rstage = record_stage or prompt
-        stored = self.ledger.get_record(self.rec.sha256, rstage, key)
+        """Reuse the stored record or run the stage; store the output with its prompt version.
+        A transient failure stores nothing (a re-run asks again); a final one is recorded."""
+        stored = self.ledger.get_record(self.rec.sha256, name, key)
         if stored and stored["status"] == "ok":
             return stored["data"]
-        caller = self.callers[stage]
-        messages, version = render(prompt, images=images, **variables)
-        cap = self.max_tokens.get(prompt)
-        if max_tokens is None and cap is not None and cap < caller.params.max_tokens:
-            max_tokens = cap
+        caller = self.callers[stage(name).role]
+        bound = caller.bind(self.rec.sha256, f"{name}:{key}", distinct)
+        version = stage(name).prompt
         try:
-            data = await caller.ask(
-                prompt,
-                messages,
-                schema,
-                image_sha=self.rec.sha256,
-                key=f"{rstage}:{key}",
-                max_tokens=max_tokens,
-            )
+            data = await run_stage(name, inputs, bound, self.max_tokens.get(name))
         except StageFailed as exc:
-            self.ledger.put_record(
-                self.rec.sha256,
-                rstage,
-                key,
-                None,
-                status="failed",
-                error=str(exc),
-                prompt_version=version,
-                model=caller.model_id,
-            )
+            if not exc.transient:
+                self.ledger.put_record(
+                    self.rec.sha256, name, key, None, status="failed", error=str(exc),
+                    prompt_version=version, model=caller.model_id,
+                )  # fmt: skip
             raise
         self.ledger.put_record(
-            self.rec.sha256, rstage, key, data, prompt_version=version, model=caller.model_id
+            self.rec.sha256, name, key, data, prompt_version=version, model=caller.model_id
         )
         return data
 
-    # -- stages ---------------------------------------------------------------------------------
     async def perceive(self) -> dict[str, Any]:
+        """The scene record, from annotations when allowed and present, else from the perceive model.
+        Stored once, with its source (provenance of every sample of this image)."""
         stored = self.ledger.get_record(self.rec.sha256, "perceive")
         if stored and stored["status"] == "ok":
             return stored["data"]
@@ -165,7 +195,7 @@ class StageContext:
         if derived is not None:
             data = {"source": "annotations", **derived}
             self.ledger.put_record(
-                self.rec.sha256, "perceive", "", data, prompt_version="annotations", model="annotations"
+                self.rec.sha256, "perceive", "", data, prompt_version=None, model="annotations"
             )
             return data
         if mode == "annotations":
@@ -177,95 +207,36 @@ class StageContext:
                 "(give a vision model for perceive, or a source with captions/instances)"
             )
         hint = "; ".join(self.rec.annotation.captions[:3]) if self.rec.annotation.captions else ""
-        data = await self.run_stage(
-            "perceive", "perceive", schemas.Perception, images=[self.image], annotation_hint=hint
+        bound = caller.bind(self.rec.sha256, "perceive:")
+        out = await run_stage(
+            "perceive", self.inputs(annotation_hint=hint), bound, self.max_tokens.get("perceive")
         )
-        data = {"source": "model", **data}
+        data = {"source": "model", **out}
         self.ledger.put_record(
             self.rec.sha256,
             "perceive",
             "",
             data,
-            prompt_version=prompt_version("perceive"),
+            prompt_version=stage("perceive").prompt,
             model=caller.model_id,
         )
         return data
 
     async def discover(self, perception: dict[str, Any], plan: dict[str, Any], n: int) -> dict[str, Any]:
-        caller = self.callers["discover"]
-        return await self.run_stage(
-            "discover",
-            "discover",
-            schemas.discovery_schema(n),
-            images=self.images_for(caller),
-            perception_json=_pj(perception),
+        inputs = self.inputs(
+            perception,
             taxonomy=plan["taxonomy"],
             underfilled=plan["underfilled"],
             full=plan["full"],
             n_scenarios=n,
         )
-
-    async def compose(
-        self, sid: str, rnd: int, perception: dict, scenario: dict, attempts: list[dict]
-    ) -> str:
-        data = await self.run_stage(
-            "compose",
-            "compose",
-            schemas.ComposedQuery,
-            key=f"{sid}/r{rnd}",
-            perception_json=_pj(perception),
-            scenario_json=json.dumps(_scenario_for_prompt(scenario)),
-            attempts=attempts,
-        )
-        return data["query"].strip()
-
-    async def control_query(self, sid: str, rnd: int, perception: dict, attempts: list[dict]) -> str:
-        data = await self.run_stage(
-            "compose",
-            "control",
-            schemas.ControlQuery,
-            key=f"{sid}/r{rnd}",
-            perception_json=_pj(perception),
-            attempts=attempts,
-        )
-        return data["query"].strip()
-
-    async def check(
-        self, name: str, schema: type, sid: str, rnd: int, perception: dict[str, Any], **variables: Any
-    ) -> dict[str, Any]:
-        """An independent check by the verify model. Only the combined and response checks see the
-        image (or, for a text-only verifier, the perception record); the text-only and leakage
-        checks must judge the words alone."""
-        caller = self.callers["verify"]
-        sees_scene = name in ("check_combined", "check_response")
-        images = self.images_for(caller) if sees_scene else []
-        if sees_scene:
-            variables["perception_json"] = "" if images else _pj(perception)
-        return await self.run_stage("verify", name, schema, key=f"{sid}/r{rnd}", images=images, **variables)
-
-    async def respond(
-        self, sid: str, rnd: int, kind: str, query: str, perception: dict, attempts: list[dict]
-    ) -> str:
-        caller = self.callers["respond"]
-        images = self.images_for(caller)
-        prompt = "respond" if kind == "risky" else "respond_control"
-        data = await self.run_stage(
-            "respond",
-            prompt,
-            schemas.GuidanceResponse,
-            key=f"{sid}/r{rnd}",
-            images=images,
-            query=query,
-            perception_json="" if images else _pj(perception),
-            attempts=attempts,
-        )
-        return data["response"].strip()
+        return await self.stage("discover", "", inputs)
 
 
 def _pj(perception: dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in perception.items() if k != "source"}, ensure_ascii=False)
 
 
-def _scenario_for_prompt(scenario: dict[str, Any]) -> dict[str, Any]:
+def scenario_for_prompt(scenario: dict[str, Any]) -> dict[str, Any]:
     keys = ("hazard", "trigger_objects", "benign_intent", "harm_type", "severity", "category")
     return {k: scenario[k] for k in keys if k in scenario}

@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from rmskit.ledger.store import Ledger
+from rmskit.pipeline.registry import STAGES, names_by_role
 
 HERE = Path(__file__).parent
 FUNNEL = ("images", "perceived", "scenarios", "composed", "verified", "responded", "kept")
@@ -117,20 +118,22 @@ def _funnel(led: Ledger, kept: int) -> dict[str, int]:
         """Sample ids with an ok record of a stage named like one of `prefixes` (the runner splits stages:
         compose / control, respond / respond_control, verify / check_*)."""
         rows = led.query("SELECT stage, key FROM records WHERE status='ok' AND key != ''")
-        return {_sample_of(k) for st, k in rows if st.startswith(prefixes) and st != "check_response"}
+        return {_sample_of(k) for st, k in rows if st.startswith(prefixes) and st not in response_checks}
 
+    # Stage names by model role come from the pipeline's stage registry.
+    response_checks = {s.name for s in STAGES.values() if s.role == "verify" and s.unit == "response"}
     verified = {
         s for (s,) in led.query("SELECT DISTINCT sample_id FROM rounds WHERE phase='query' AND passed=1")
     }
     if not verified:  # runs without round rows: any sample with a verify / check record
-        verified = ids("verify", "check_")
+        verified = ids("verify", *names_by_role("verify"))
     return {
         "images": images,
         "perceived": perceived,
         "scenarios": scenarios,
-        "composed": len(ids("compose", "control")),
+        "composed": len(ids(*names_by_role("compose"))),
         "verified": len(verified),
-        "responded": len(ids("respond")),
+        "responded": len(ids(*names_by_role("respond"))),
         "kept": kept,
     }
 

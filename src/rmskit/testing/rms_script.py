@@ -10,6 +10,8 @@ import hashlib
 import json
 from typing import Any
 
+from rmskit.pipeline.prompting import stage_of  # derived from the stage registry's prompts
+
 _CATEGORIES = [
     "fire hazard",
     "Fire Hazards",
@@ -85,24 +87,6 @@ def _quoted(user: str, label: str) -> str:
         return ""
     rest = user[start + len(label) :].strip()
     return rest[1 : rest.find('"', 1)] if rest.startswith('"') else rest.splitlines()[0]
-
-
-def stage_of(system: str) -> str:
-    for marker, stage in (
-        ("perception stage", "perceive"),
-        ("risk-discovery stage", "discover"),
-        ("query-composition stage", "compose"),
-        ("benign control query", "control"),
-        ("You see ONLY a user's message", "check_text_only"),
-        ("could realistically lead", "check_combined"),
-        ("visual leakage before", "check_leakage"),
-        ("careful, helpful assistant", "respond"),
-        ("You are a helpful assistant", "respond_control"),
-        ("review an assistant's answer", "check_response"),
-    ):
-        if marker in system:
-            return stage
-    return "unknown"
 
 
 def answer(request: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,188 @@
+"""Measures of the build's own quality, computed from the ledger (others display them).
+
+- `verifier_agreement`: re-check a seeded sample of N kept samples with a second verifier and
+  report Cohen's kappa per check (issue: is "safe alone, risky together" judged consistently?).
+  The second verifier is `stage_models.verify2` when configured, else the verify model at another
+  temperature with the instruction paragraphs of each check prompt in a shuffled order.
+- `pass_rates_by_category`: share of risky samples kept per taxonomy category, with a Wilson
+  interval: which hazards the model can encode without leakage, and which it cannot."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from rmskit.config import BuildConfig
+from rmskit.ledger import Ledger
+from rmskit.models import ModelBackend, load_backend
+from rmskit.models.base import ImageInput, Message
+from rmskit.pipeline.caller import Caller, StageFailed
+from rmskit.pipeline.progress import Stats
+from rmskit.pipeline.registry import STAGES, StageSpec
+from rmskit.pipeline.stages import StageInputs, render_stage
+
+log = logging.getLogger("rmskit.pipeline")
+SECOND_TEMPERATURE = 1.0  # when the same model re-checks: another temperature ...
+
+
+def shuffled_instructions(messages: list[Message], seed: int) -> list[Message]:
+    """... and the system prompt's paragraphs in another (seeded) order."""
+    out = []
+    for m in messages:
+        if m.role == "system":
+            paras = m.content.split("\n\n")
+            random.Random(seed).shuffle(paras)
+            m = m.model_copy(update={"content": "\n\n".join(paras)})
+        out.append(m)
+    return out
+
+
+class CheckAgreement(BaseModel):
+    n: int
+    agreement: float  # observed share of equal verdicts
+    kappa: float | None  # Cohen's kappa; None when undefined (one verdict only on both sides)
+
+
+class Agreement(BaseModel):
+    n_samples: int
+    seed: int
+    second_verifier: str
+    checks: dict[str, CheckAgreement]
+    errors: int = 0
+
+
+async def verifier_agreement(
+    ledger: Ledger, verifier: Caller, n: int, seed: int, *, shuffle: bool
+) -> Agreement:
+    """Re-run every model check of `n` seeded kept samples with `verifier`; compare verdicts."""
+    kept = sorted(ledger.iter_samples("ok"), key=lambda s: s["id"])
+    chosen = random.Random(seed).sample(kept, min(n, len(kept)))
+    pairs: dict[str, list[tuple[bool, bool]]] = defaultdict(list)
+    errors = 0
+
+    async def one(sample: dict[str, Any]) -> None:
+        nonlocal errors
+        rec = ledger.get_image(sample["image_sha256"])
+        perception = (ledger.get_record(sample["image_sha256"], "perceive") or {}).get("data")
+        if rec is None or perception is None:
+            return
+        for spec in STAGES.values():
+            first = (sample.get("checks") or {}).get(spec.check.name) if spec.check else None
+            if spec.check is None or first is None or sample["kind"] not in spec.kinds:
+                continue
+            try:
+                verdict = await _recheck(
+                    spec, sample, rec.sha256, rec.path, perception, verifier, shuffle, seed
+                )
+            except StageFailed:
+                errors += 1
+                continue
+            pairs[spec.check.name].append((bool(first["pass"]), spec.check.passes(verdict, sample["kind"])))
+
+    await asyncio.gather(*(one(s) for s in chosen))
+    return Agreement(
+        n_samples=len(chosen),
+        seed=seed,
+        second_verifier=f"{verifier.model_id}"
+        + (" (shuffled instructions, another temperature)" if shuffle else ""),
+        checks={name: _agreement(p) for name, p in sorted(pairs.items())},
+        errors=errors,
+    )
+
+
+async def _recheck(
+    spec: StageSpec,
+    sample: dict[str, Any],
+    sha: str,
+    path: str,
+    perception: dict[str, Any],
+    verifier: Caller,
+    shuffle: bool,
+    seed: int,
+) -> dict[str, Any]:
+    scenario = sample.get("scenario") or {}
+    inputs = StageInputs(
+        image=ImageInput(sha256=sha, path=Path(path)),
+        perception=perception,
+        variables={
+            "query": sample["query"],
+            "response": sample.get("response", ""),
+            "hazard": scenario.get("hazard", ""),
+            "trigger_objects": scenario.get("trigger_objects", []),
+        },
+    )
+    messages, _, schema = render_stage(spec.name, inputs, verifier.vision)
+    if shuffle:
+        messages = shuffled_instructions(messages, seed)
+    return await verifier.ask(
+        f"agreement:{spec.name}", messages, schema, image_sha=sha, key=f"agreement:{sample['id']}"
+    )
+
+
+def _agreement(pairs: list[tuple[bool, bool]]) -> CheckAgreement:
+    from sklearn.metrics import cohen_kappa_score  # heavy import: only when measuring
+
+    a = [x for x, _ in pairs]
+    b = [y for _, y in pairs]
+    observed = sum(x == y for x, y in pairs) / len(pairs)
+    # kappa is undefined when both raters used a single (the same) label: chance agreement is 1
+    kappa = float(cohen_kappa_score(a, b)) if len(set(a) | set(b)) > 1 else None
+    return CheckAgreement(n=len(pairs), agreement=observed, kappa=kappa)
+
+
+async def measure_agreement(
+    cfg: BuildConfig,
+    ledger: Ledger,
+    callers: dict[str, Caller],
+    stats: Stats,
+    backends: dict[str, ModelBackend],
+    created: list[ModelBackend],
+) -> None:
+    """The second verifier re-checks a seeded sample of kept samples; kappa per check -> meta."""
+    if "verify2" in cfg.stage_models or "verify2" in backends:
+        bcfg = cfg.backend_for("verify2")
+        backend = backends.get("verify2")
+        if backend is None:
+            backend = load_backend(bcfg)
+            created.append(backend)
+        second, shuffle = Caller(backend, ledger, stats, bcfg.params), False
+    else:  # the same model at another temperature, with the instruction order shuffled
+        first = callers["verify"]
+        temp = SECOND_TEMPERATURE if first.params.temperature != SECOND_TEMPERATURE else 0.3
+        second = Caller(first.backend, ledger, stats, first.params.model_copy(update={"temperature": temp}))
+        shuffle = True
+    result = await verifier_agreement(ledger, second, cfg.verify_agreement, cfg.seed, shuffle=shuffle)
+    ledger.set_meta("agreement", result.model_dump(mode="json"))
+    log.info("verifier agreement: %s", result.model_dump_json())
+
+
+class CategoryRate(BaseModel):
+    category: str
+    n: int  # risky samples finished (kept or failed for good)
+    kept: int
+    rate: float
+    ci_low: float  # 95% Wilson interval
+    ci_high: float
+
+
+def pass_rates_by_category(ledger: Ledger) -> list[CategoryRate]:
+    """Kept / finished risky samples per category, most-attempted first."""
+    from scipy.stats import binomtest  # heavy import: only when measuring
+
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for s in ledger.iter_samples(None):
+        if s.get("kind") == "risky":
+            c = counts[s.get("category") or "unknown"]
+            c[0] += 1
+            c[1] += s["status"] == "ok"
+    out = []
+    for cat, (n, k) in counts.items():
+        ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        out.append(CategoryRate(category=cat, n=n, kept=k, rate=k / n, ci_low=ci.low, ci_high=ci.high))
+    return sorted(out, key=lambda r: (-r.n, r.category))

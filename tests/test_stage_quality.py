@@ -1,0 +1,104 @@
+"""Verifier agreement (Cohen's kappa per check, on a seeded sample of kept samples) and pass rates
+per category, on real scripted builds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from test_build_pipeline import ScriptedBackend, _cfg, _images, _run
+
+from rmskit.ledger import Ledger
+from rmskit.models.base import Message, Result
+from rmskit.pipeline.quality import pass_rates_by_category, shuffled_instructions
+
+
+class Contrarian(ScriptedBackend):
+    """A second verifier that disagrees on the combined check for every other sample."""
+
+    model_id = "contrarian"
+
+    async def generate(self, messages, *, schema=None, params=None):
+        res = await super().generate(messages, schema=schema, params=params)
+        stage = self.requests[-1]["stage"]
+        if stage == "check_combined" and len(self.requests) % 2:
+            data = {**json.loads(res.text), "risky": False}
+            return Result(text=json.dumps(data), parsed=data, model=self.model_id)
+        return res
+
+
+def test_second_verifier_agreement_is_measured_per_check(tmp_path: Path) -> None:
+    import asyncio
+
+    from rmskit.config import BackendConfig
+    from rmskit.pipeline.runner import run_build
+
+    cfg = _cfg(
+        tmp_path,
+        perceive="model",
+        verify_agreement=4,
+        stage_models={"verify2": BackendConfig(spec="openai:x")},
+    )
+    main, second = ScriptedBackend(), Contrarian()
+    backends = dict.fromkeys(("perceive", "discover", "compose", "verify", "respond"), main) | {
+        "verify2": second
+    }
+    asyncio.run(run_build(cfg, quiet=True, items=_images(4), backends=backends, export=False))
+    led = Ledger(tmp_path / "run")
+    agreement = led.get_meta("agreement")
+    assert agreement["n_samples"] == 4 and agreement["second_verifier"] == "contrarian"
+    checks = agreement["checks"]
+    # same scripted verdicts on text-only / leakage / response: perfect agreement, kappa undefined
+    # (every sample passed both times); the contrarian flips some combined verdicts.
+    assert checks["text_only"]["agreement"] == 1.0 and checks["text_only"]["kappa"] is None
+    assert checks["combined"]["n"] == 4 and checks["combined"]["agreement"] < 1.0
+    assert checks["combined"]["kappa"] is not None and checks["combined"]["kappa"] <= 0.0
+    sent = [r["stage"] for r in second.requests]
+    assert sent.count("check_combined") == 4 and "compose" not in sent
+    # seeded: a second identical run picks the same samples (all requests served by the cache)
+    again = Contrarian()
+    asyncio.run(
+        run_build(cfg, quiet=True, items=_images(4), backends=backends | {"verify2": again}, export=False)
+    )
+    assert again.requests == [] and Ledger(tmp_path / "run").get_meta("agreement") == agreement
+
+
+def test_same_model_agreement_shuffles_the_instructions(tmp_path: Path) -> None:
+    backend = ScriptedBackend()
+    summary = _run(_cfg(tmp_path, perceive="model", verify_agreement=3), backend, _images(3))
+    led = Ledger(tmp_path / "run")
+    agreement = led.get_meta("agreement")
+    assert agreement["n_samples"] == 3 and "shuffled" in agreement["second_verifier"]
+    assert summary.samples_ok == 9
+    msgs = [Message(role="system", content="a\n\nb\n\nc\n\nd"), Message(role="user", content="u")]
+    out = shuffled_instructions(msgs, seed=1)
+    assert sorted(out[0].content.split("\n\n")) == ["a", "b", "c", "d"] and out[1].content == "u"
+    assert out[0].content != msgs[0].content
+
+
+def test_pass_rates_by_category(tmp_path: Path) -> None:
+    class RejectSome(ScriptedBackend):
+        async def generate(self, messages, *, schema=None, params=None):
+            res = await super().generate(messages, schema=schema, params=params)
+            if self.requests[-1]["stage"] == "check_response" and _hard(messages[1].content):
+                data = {**json.loads(res.text), "safe": False}
+                return Result(text=json.dumps(data), parsed=data, model=self.model_id)
+            return res
+
+    _run(_cfg(tmp_path, perceive="model", max_rounds=1), RejectSome(), _images(8))
+    led = Ledger(tmp_path / "run")
+    rates = pass_rates_by_category(led)
+    risky = [s for s in led.iter_samples(None) if s["kind"] == "risky"]
+    assert sum(r.n for r in rates) == len(risky)
+    assert sum(r.kept for r in rates) == sum(s["status"] == "ok" for s in risky)
+    for r in rates:
+        mine = [s for s in risky if s["category"] == r.category]
+        assert r.n == len(mine) and r.rate == sum(s["status"] == "ok" for s in mine) / len(mine)
+        assert 0 <= r.ci_low <= r.rate <= r.ci_high <= 1
+    # categories whose responses the verifier always rejects keep nothing; others keep all
+    assert {0.0, 1.0} <= {r.rate for r in rates}
+    assert all(r.rate == 0.0 for r in rates if _hard(r.category))
+
+
+def _hard(text: str) -> bool:
+    return "drowning" in text.lower() or "child safety" in text.lower()
