@@ -140,6 +140,9 @@ def test_no_two_rounds_of_a_sample_send_the_same_request(tmp_path: Path) -> None
     _run(_cfg(tmp_path / "r", perceive="model", max_rounds=rounds), backend, _images(1))
     sent = Counter(r["stage"] for r in backend.requests)
     assert sent["respond"] == 2 * rounds and sent["respond_control"] == rounds
+    # respond.v2 shows the writer its own earlier drafts next to the reviewer's notes
+    last = [json.dumps(r["body"]) for r in backend.requests if r["stage"] == "respond"][-1]
+    assert "Draft 1:" in last and "Draft 2:" in last and "Draft 3:" not in last
 
 
 def test_a_prompt_without_feedback_cannot_repeat_a_round(tmp_path: Path, monkeypatch) -> None:

@@ -167,9 +167,9 @@ _SPECS = [
             say({"risky": "the query names or hints at the hazard"}),
         ),
     ),
-    StageSpec("respond", "v1", schemas.GuidanceResponse, "respond", 700, 350, True, "response", ("risky",)),
+    StageSpec("respond", "v2", schemas.GuidanceResponse, "respond", 700, 350, True, "response", ("risky",)),
     StageSpec(
-        "respond_control", "v1", schemas.GuidanceResponse, "respond", 600, 250, True, "response", ("control",)
+        "respond_control", "v2", schemas.GuidanceResponse, "respond", 600, 250, True, "response", ("control",)
     ),
     StageSpec(
         "check_response",

@@ -95,9 +95,9 @@ class SampleLoop:
             )
             if passed:
                 return text, checks, rnd, True
-            attempts.append(
-                {"query": text, "feedback": feedback} if unit == "query" else {"feedback": feedback}
-            )
+            # Writers see their earlier texts with the notes (compose, control.v2, respond.v2), so no
+            # rewrite round can repeat an earlier request.
+            attempts.append({field: text, "feedback": feedback})
         return text, checks, self.cfg.max_rounds, False
 
     async def _checks(self, unit: Unit, rnd: int, **variables: Any) -> dict[str, dict[str, Any]]:
