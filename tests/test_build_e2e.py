@@ -21,11 +21,9 @@ SECRET = "sk-test-" + "S3cr3tValue0123456789abcdef"  # must never land in a run 
 CONTRACT = set(CONTRACT_FIELDS)
 
 
-def _build(src: Path, out: Path, url: str, *extra: str, env: dict | None = None, **popen) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "rmskit.cli",
+def _build_args(src: Path | str, out: Path, url: str, *extra: str) -> list[str]:
+    """The arguments after `rmskit` of a quiet build against the test server at `url`."""
+    return [
         "build",
         str(src),
         "--out",
@@ -39,9 +37,18 @@ def _build(src: Path, out: Path, url: str, *extra: str, env: dict | None = None,
         "--quiet",
         *extra,
     ]
-    full_env = {**os.environ, "OPENAI_API_KEY": SECRET, **(env or {})}
+
+
+def _env(extra: dict | None = None) -> dict[str, str]:
+    return {**os.environ, "OPENAI_API_KEY": SECRET, **(extra or {})}
+
+
+def _build(
+    src: Path | str, out: Path, url: str, *extra: str, env: dict | None = None, **popen
+) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "rmskit.cli", *_build_args(src, out, url, *extra)]
     return subprocess.Popen(
-        cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen
+        cmd, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen
     )
 
 
@@ -75,6 +82,9 @@ def test_build_contract_bad_inputs_and_no_secret(tmp_path: Path, photo_dir: Path
     out = tmp_path / "run"
     rc, stdout, stderr = _finish(_build(photo_dir, out, server.base_url))
     assert rc == 0, stderr
+    # --quiet: the summary line only (no progress bars from the MiniLM load, no log lines)
+    assert stderr == "", stderr
+    assert len(stdout.splitlines()) == 1 and stdout.startswith("done: "), stdout
     # the key reached the server...
     assert any(r.authorization and SECRET in r.authorization for r in server.chat_records())
     # ...and no file of the run directory

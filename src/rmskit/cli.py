@@ -2,7 +2,29 @@
 
 from __future__ import annotations
 
-import typer
+import os
+import signal
+import sys
+import threading
+
+
+def _interrupted_at_startup(signum: int, frame: object) -> None:
+    # Still importing, so nothing needs closing: leave at once, without a traceback from whatever
+    # import was running. `build` and `export` install their own policy (rmskit.interrupts).
+    sys.stderr.write("interrupted; re-run the same command to resume\n")
+    sys.stderr.flush()
+    os._exit(130)
+
+
+def _startup_guard() -> object:
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGINT, _interrupted_at_startup)
+
+
+_previous_handler = _startup_guard()
+
+import typer  # noqa: E402 - after the Ctrl-C guard on purpose
 
 app = typer.Typer(
     name="rmskit",
@@ -27,6 +49,9 @@ def _register_subcommands() -> None:
 
 
 _register_subcommands()
+if _previous_handler is not None:  # importing rmskit.cli must not change a host program's Ctrl-C
+    signal.signal(signal.SIGINT, _previous_handler)  # type: ignore[arg-type]
+
 
 if __name__ == "__main__":
     app()

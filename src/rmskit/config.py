@@ -4,8 +4,10 @@ Secrets never live here: a backend names the *environment variable* holding its 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -44,6 +46,18 @@ class BackendConfig(BaseModel):
     dtype: str | None = None
     max_batch: int = Field(8, ge=1)
     vision: bool | None = None  # override capability detection
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_var_name(cls, v: str) -> str:
+        # The message never repeats the value: what lands here by mistake is usually the key itself.
+        if not _ENV_NAME.fullmatch(v):
+            raise ValueError(
+                "expects the NAME of the environment variable that holds the key (letters, digits and "
+                "'_', not starting with a digit), e.g. --api-key-env OPENAI_API_KEY after "
+                "`export OPENAI_API_KEY=...`; the value given is not such a name and was not stored"
+            )
+        return v
 
     @property
     def kind(self) -> str:
@@ -136,8 +150,39 @@ class BuildConfig(BaseModel):
         return self.stage_models.get(stage, self.model)
 
     def public_dump(self) -> dict:
-        """The resolved config as stored in the ledger and dataset card (no secrets by design)."""
-        return self.model_dump(mode="json")
+        """The resolved config as stored in the ledger and dataset card. Keys are named by their
+        environment variable, never stored; credentials written into a URL (`http://user:KEY@host`,
+        `?api_key=...`) are stripped here. The in-memory config keeps them to talk to the server."""
+        return _strip_url_credentials_deep(self.model_dump(mode="json"))
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+SECRET_NAME = re.compile(r"key|token|secret|passw|credential|signature|sig$|auth(?!or)", re.IGNORECASE)
+
+
+def strip_url_credentials(value: str) -> str:
+    """`value` without userinfo and without query parameters whose names look secret (key, token,
+    secret, password, auth...). Non-URLs are returned as they are; an unparsable URL is dropped to
+    its scheme rather than risk keeping a secret."""
+    if not _URL.match(value):
+        return value
+    try:
+        parts = urlsplit(value)
+        host = parts.netloc.rpartition("@")[2]
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+    except ValueError:
+        return value.split("://", 1)[0] + "://"
+    query = urlencode([(k, v) for k, v in pairs if not SECRET_NAME.search(k)])
+    return urlunsplit((parts.scheme, host, parts.path, query, parts.fragment))
+
+
+def _strip_url_credentials_deep(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _strip_url_credentials_deep(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_strip_url_credentials_deep(v) for v in obj]
+    return strip_url_credentials(obj) if isinstance(obj, str) else obj
 
 
 def load_yaml_config(path: Path) -> dict:

@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-err = Console(stderr=True)
+from rmskit.console import error_line, shown, storage_failure
+
+EXIT_STORAGE = 1  # as for `rmskit build`
+EXIT_USAGE = 2
 
 
 class ExportFormat(StrEnum):
@@ -39,30 +41,47 @@ def register(app: typer.Typer) -> None:
         balance: Annotated[int | None, typer.Option(min=1, help="Cap risky samples per category.")] = None,
     ) -> None:
         """Curate a run (review decisions, near-duplicates, split by image) and write it out."""
-        from rmskit.export import ExportError, export_summary, is_run_dir, write_dataset
+        from rmskit.interrupts import command_scope
 
-        if not run_dir.is_dir():
-            err.print(f"[red]error:[/red] {run_dir} does not exist or is not a directory")
-            raise typer.Exit(2)
-        if not is_run_dir(run_dir):
-            err.print(
-                f"[red]error:[/red] {run_dir} is not a run directory (no rms.sqlite); "
-                "give the --out folder of `rmskit build`"
-            )
-            raise typer.Exit(2)
-        if fmt is not None and out is None:
-            out = run_dir / "exports" / fmt.value
-        try:
+        with command_scope(quiet=False):
+            _export(run_dir, fmt, out, balance)
+
+
+def _export(run_dir: Path, fmt: ExportFormat | None, out: Path | None, balance: int | None) -> None:
+    from rmskit.export import ExportError, export_summary, is_run_dir, write_dataset
+    from rmskit.interrupts import interruptible
+    from rmskit.ledger.store import LEDGER_NAME
+
+    if not run_dir.is_dir():
+        error_line(f"{run_dir} does not exist or is not a directory")
+        raise typer.Exit(EXIT_USAGE)
+    if not is_run_dir(run_dir):
+        error_line(
+            f"{run_dir} is not a run directory (no rms.sqlite); give the --out folder of `rmskit build`"
+        )
+        raise typer.Exit(EXIT_USAGE)
+    if fmt is not None and out is None:
+        out = run_dir / "exports" / fmt.value
+    try:
+        # Ctrl-C: the half-written temporary folder is removed (here or by the next export) and the
+        # previous output stays in place; see rmskit.interrupts for the exit policy.
+        with interruptible():
             if fmt is None:
                 summary = write_dataset(run_dir, balance=balance)
             else:
                 summary = export_summary(run_dir, fmt.value, out, balance=balance)
-        except ExportError as exc:
-            err.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(2) from None
-        splits = ", ".join(f"{k} {v}" for k, v in summary.splits.items()) or "no samples"
-        dropped = ", ".join(f"{k} {v}" for k, v in summary.dropped.items()) or "none"
-        typer.echo(
-            f"wrote {summary.path} ({summary.format}): {summary.samples} samples ({splits}), "
-            f"{summary.images} images; dropped: {dropped}"
-        )
+    except ExportError as exc:
+        error_line(str(exc))
+        raise typer.Exit(EXIT_USAGE) from None
+    except OSError as exc:
+        message = storage_failure(exc, run_dir / LEDGER_NAME)
+        if message is None:
+            raise
+        error_line(message.replace("re-run the same command to resume", "re-run the export"))
+        raise typer.Exit(EXIT_STORAGE) from None
+    splits = ", ".join(f"{k} {v}" for k, v in summary.splits.items()) or "no samples"
+    dropped = ", ".join(f"{k} {v}" for k, v in summary.dropped.items()) or "none"
+    typer.echo(
+        f"wrote {shown(summary.path)} ({summary.format}): {summary.samples} samples ({splits}), "
+        f"{summary.images} images; dropped: {dropped}"
+    )

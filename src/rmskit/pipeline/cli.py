@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+from collections import Counter
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from pydantic import ValidationError
@@ -12,13 +14,34 @@ from rich.console import Console
 from rich.table import Table
 
 from rmskit.config import STAGES, BuildConfig, load_yaml_config
+from rmskit.console import error_line, markup_safe, shown, storage_failure, validation_lines
 
-err = Console(stderr=True, soft_wrap=True)  # no hard wraps: messages stay greppable
+# Exit codes of `rmskit build` (README): 0 something was built, 1 storage ran out (resumable),
+# 2 unusable arguments, 3 no image finished, 130 interrupted (resumable).
+EXIT_STORAGE = 1
+EXIT_USAGE = 2
+EXIT_NOTHING_BUILT = 3
 
 
-def _fail(msg: str) -> None:
-    err.print(f"[red]error:[/red] {msg}")
-    raise typer.Exit(2)
+def _fail(msg: str | list[str]) -> NoReturn:
+    for line in [msg] if isinstance(msg, str) else msg:
+        error_line(line)
+    raise typer.Exit(EXIT_USAGE)
+
+
+def _check_source(src: str) -> None:
+    """A source must exist before anything starts; `FILE::IMAGE_DIR` names a manifest or COCO file
+    and its image folder, and both must exist (a real path containing '::' is taken as it is)."""
+    if src.startswith("hf://") or os.path.lexists(src):
+        return
+    if "::" in src:
+        target, _, root = src.rpartition("::")
+        if not os.path.lexists(target):
+            _fail(f"source {target} does not exist (in {src})")
+        if not Path(root).expanduser().is_dir():
+            _fail(f"image folder {root} of source {src} is not a directory")
+        return
+    _fail(f"source {src} does not exist")
 
 
 def resolve_config(
@@ -54,16 +77,11 @@ def resolve_config(
     try:
         cfg = BuildConfig.model_validate(data)
     except ValidationError as exc:
-        _fail(
-            "invalid configuration:\n"
-            + "\n".join(f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        )
-        raise  # unreachable
+        _fail(validation_lines(exc))
     if not cfg.sources:
         _fail("no sources: give one or more folders, manifests, COCO files or datasets")
     for src in cfg.sources:
-        if not src.startswith("hf://") and not Path(src).exists():
-            _fail(f"source {src} does not exist")
+        _check_source(src)
     return cfg
 
 
@@ -106,13 +124,19 @@ def register(app: typer.Typer) -> None:
         embedder: Annotated[str | None, typer.Option(help="Taxonomy embedder: minilm | hashing.")] = None,
         limit: Annotated[int | None, typer.Option(help="Process at most N images.")] = None,
         seed: Annotated[int | None, typer.Option()] = None,
+        agreement: Annotated[
+            int | None,
+            typer.Option(help="Re-check N kept samples with a second verifier; report agreement (kappa)."),
+        ] = None,
         no_controls: Annotated[
             bool, typer.Option("--no-controls", help="Skip benign control queries.")
         ] = False,
         dry_run: Annotated[
             bool, typer.Option("--dry-run", help="Estimate requests/tokens; call nothing.")
         ] = False,
-        quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live progress.")] = False,
+        quiet: Annotated[
+            bool, typer.Option("--quiet", "-q", help="Print only errors and the final summary line.")
+        ] = False,
         json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
         executor: Annotated[
             str, typer.Option(help="local (asyncio, default) | ray (worker actors).")
@@ -128,16 +152,19 @@ def register(app: typer.Typer) -> None:
             float | None, typer.Option(help="GPUs per Ray worker (default: 1 for in-process models on GPU).")
         ] = None,
     ) -> None:
-        """Build (or resume) an RMS dataset from real photos."""
+        """Build (or resume) an RMS dataset from real photos.
+
+        Exit codes: 0 at least one image finished; 1 storage ran out; 2 unusable arguments; 3 no
+        image finished (the reasons are printed); 130 interrupted. 1 and 130 resume on a re-run."""
         from rmskit.executors import ExecutorConfig
+        from rmskit.interrupts import command_scope
 
         try:
             exec_cfg = ExecutorConfig.model_validate(
                 {"kind": executor, "ray_address": ray_address, "workers": workers, "num_gpus": num_gpus}
             )
         except ValidationError as exc:
-            _fail(f"executor options: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}")
-            return
+            _fail(validation_lines(exc))
         overrides = {
             "out": out,
             "target": target,
@@ -149,6 +176,7 @@ def register(app: typer.Typer) -> None:
             "limit_images": limit,
             "seed": seed,
             "controls": False if no_controls else None,
+            "verify_agreement": agreement,
         }
         backend = {
             "spec": model,
@@ -159,42 +187,16 @@ def register(app: typer.Typer) -> None:
             "tokens_per_minute": tpm,
             "timeout_s": timeout,
         }
-        cfg = resolve_config(sources or [], config, overrides, backend, stage_model or [])
-        if dry_run:
-            from rmskit.pipeline.estimate import estimate
-
-            est = estimate(cfg)
-            if json_out:
-                typer.echo(est.model_dump_json(indent=2))
+        with command_scope(quiet=quiet):
+            cfg = resolve_config(sources or [], config, overrides, backend, stage_model or [])
+            if dry_run:
+                _dry_run(cfg, json_out=json_out)
                 return
-            table = Table(title=f"dry run: {est.candidate_images} candidate image(s)")
-            for col in ("stage", "requests", "prompt tokens", "completion tokens"):
-                table.add_column(col, justify="left" if col == "stage" else "right")
-            for name, s in est.stages.items():
-                table.add_row(
-                    name, f"{s.requests:,.0f}", f"{s.prompt_tokens:,.0f}", f"{s.completion_tokens:,.0f}"
-                )
-            table.add_row("total", f"{est.total_requests:,.0f}", "", f"{est.total_tokens:,.0f} tokens in all")
-            Console().print(table)
-            Console().print(f"[dim]{est.assumptions}[/dim]")
-            return
-        from rmskit.pipeline.runner import build
-
-        try:
-            summary = build(cfg, quiet=quiet, executor=exec_cfg)
-        except (ValueError, FileNotFoundError) as exc:  # unusable source/model arguments
-            _fail(str(exc))
-            return
-        if json_out:
-            typer.echo(summary.model_dump_json(indent=2))
-        elif not quiet:
-            Console().print(
-                f"[bold]done[/bold]: {summary.samples_ok} sample(s) kept, {summary.samples_failed} failed, "
-                f"{summary.images_done} image(s) done, {summary.images_failed} failed, "
-                f"{summary.images_rejected} refused; {summary.requests} requests, {summary.tokens:,} tokens, "
-                f"{summary.elapsed_s:.1f}s\n  ledger: {cfg.out}/rms.sqlite  dataset: {summary.dataset_dir}"
-                + (f"\n  [red]export failed[/red]: {summary.export_error}" if summary.export_error else "")
-            )
+            summary = _run(cfg, exec_cfg, quiet=quiet)
+            _print_summary(cfg, summary, quiet=quiet, json_out=json_out)
+            if summary.images_done == 0:
+                error_line(f"nothing built: no image finished; {_why_nothing(cfg.out)}")
+                raise typer.Exit(EXIT_NOTHING_BUILT)
 
     @app.command("status")
     def status_cmd(
@@ -208,7 +210,6 @@ def register(app: typer.Typer) -> None:
             st = run_status(run_dir)
         except FileNotFoundError as exc:
             _fail(str(exc))
-            return
         if json_out:
             typer.echo(json.dumps(st, indent=2, ensure_ascii=False))
             return
@@ -233,7 +234,92 @@ def register(app: typer.Typer) -> None:
             )
         con.print(table)
         for r in st["rejected"][:20]:
-            con.print(f"[yellow]refused[/yellow] {r['path']}: {r['reason']}")
+            con.print(f"[yellow]refused[/yellow] {markup_safe(r['path'])}: {markup_safe(r['reason'])}")
+
+
+def _dry_run(cfg: BuildConfig, *, json_out: bool) -> None:
+    from rmskit.pipeline.estimate import estimate
+
+    est = estimate(cfg)
+    if json_out:
+        typer.echo(est.model_dump_json(indent=2))
+        return
+    table = Table(title=f"dry run: {est.candidate_images} candidate image(s)")
+    for col in ("stage", "requests", "prompt tokens", "completion tokens"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for name, s in est.stages.items():
+        table.add_row(name, f"{s.requests:,.0f}", f"{s.prompt_tokens:,.0f}", f"{s.completion_tokens:,.0f}")
+    table.add_row("total", f"{est.total_requests:,.0f}", "", f"{est.total_tokens:,.0f} tokens in all")
+    Console().print(table)
+    Console().print(f"[dim]{est.assumptions}[/dim]")
+
+
+def _run(cfg: BuildConfig, executor: Any, *, quiet: bool) -> Any:
+    """Run the build under the Ctrl-C policy (rmskit.interrupts); map failures to exit codes."""
+    from rmskit.interrupts import run_interruptible
+    from rmskit.ledger.store import LEDGER_NAME
+    from rmskit.pipeline.runner import run_build
+
+    if executor.kind == "ray":  # same stages, on Ray worker actors
+        from rmskit.executors.ray import run_build_ray
+
+        main = run_build_ray(cfg, executor, quiet=quiet)
+    else:
+        main = run_build(cfg, quiet=quiet)
+    try:
+        return run_interruptible(main)
+    except ValidationError as exc:
+        _fail(validation_lines(exc))
+    except Exception as exc:
+        message = storage_failure(exc, Path(cfg.out) / LEDGER_NAME)
+        if message is not None:
+            error_line(message)
+            raise typer.Exit(EXIT_STORAGE) from None
+        if isinstance(exc, ValueError | FileNotFoundError):  # unusable source/model arguments
+            _fail(str(exc))
+        raise
+
+
+def _print_summary(cfg: BuildConfig, summary: Any, *, quiet: bool, json_out: bool) -> None:
+    if json_out:
+        typer.echo(summary.model_dump_json(indent=2))
+        return
+    line = (
+        f"done: {summary.samples_ok} sample(s) kept, {summary.samples_failed} failed, "
+        f"{summary.images_done} image(s) done, {summary.images_failed} failed, "
+        f"{summary.images_rejected} refused; {summary.requests} requests, {summary.tokens:,} tokens, "
+        f"{summary.elapsed_s:.1f}s"
+    )
+    if quiet:
+        typer.echo(line)
+    else:
+        Console().print(
+            markup_safe(line)
+            + f"\n  ledger: {markup_safe(cfg.out)}/rms.sqlite  dataset: {markup_safe(summary.dataset_dir)}"
+        )
+    if summary.export_error:
+        error_line(f"export failed: {summary.export_error}")
+
+
+def _why_nothing(run_dir: Path) -> str:
+    """The top 3 error kinds of the run's ledger, with counts and the latest message of each."""
+    from rmskit.ledger import Ledger
+
+    with Ledger(run_dir, readonly=True) as ledger:
+        failures = ledger.failures()
+        refused = ledger.rejections()
+        accepted = sum(ledger.image_counts().values())
+    if failures:
+        counts = Counter(f["kind"] for f in failures)
+        latest = {f["kind"]: f["message"] for f in failures}
+        top = [f"{kind} x{n} (e.g. {shown(latest[kind])[:160]})" for kind, n in counts.most_common(3)]
+        return f"top errors of {len(failures)} recorded: " + "; ".join(top)
+    if accepted == 0:
+        reasons = Counter(r.reason for r in refused).most_common(3)
+        return f"no image accepted, {len(refused)} refused: " + "; ".join(
+            f"{shown(reason)[:160]} x{n}" for reason, n in reasons
+        )
+    return f"{accepted} image(s) accepted and none finished, with no request failure recorded"
 
 
 def _register_prompts(app: typer.Typer) -> None:
@@ -259,8 +345,7 @@ def _register_prompts(app: typer.Typer) -> None:
         try:
             cfg = BackendConfig(spec=model, base_url=base_url, api_key_env=api_key_env)
         except ValidationError as exc:
-            _fail(str(exc))
-            return
+            _fail(validation_lines(exc))
 
         async def go():
             backend = load_backend(cfg)

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 import rmskit
 from rmskit.config import BuildConfig
+from rmskit.console import is_storage_failure
 from rmskit.executors import ExecutorConfig
 from rmskit.ledger import Ledger
 from rmskit.models import ModelBackend, load_backend
@@ -71,12 +72,45 @@ class Pipeline:
         self.kept = ledger.sample_counts().get("ok", 0)
         self.stop = asyncio.Event()
         self._select_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task] = set()
+        self._main: asyncio.Task | None = None
+        self._fatal: BaseException | None = None  # set by _abort
 
     # -- orchestration --------------------------------------------------------------------------
     async def run(self, items: Iterable[ImageRecord | Rejection]) -> None:
+        self._main = asyncio.current_task()
+        try:
+            await self._run(items)
+        except asyncio.CancelledError:
+            if self._fatal is None:
+                raise
+            self._main.uncancel()  # type: ignore[union-attr]
+            raise self._fatal from None
+        finally:
+            # Ctrl-C or a full disk: stop the images in flight before the caller closes the ledger.
+            for t in self._tasks:
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _settled(self, task: asyncio.Task) -> None:
+        exc = None if task.cancelled() else task.exception()  # retrieved: never "never retrieved"
+        if exc is not None and is_storage_failure(exc):
+            self._abort(exc)
+        elif exc is not None:
+            log.error("image task ended with %r", exc)
+
+    def _abort(self, exc: BaseException) -> None:
+        """Storage ran out: nothing more can be saved, so end the run (resumable) rather than fail
+        every image in turn."""
+        if self._fatal is None:
+            self._fatal = exc
+            if self._main is not None:
+                self._main.cancel()
+
+    async def _run(self, items: Iterable[ImageRecord | Rejection]) -> None:
         window = self.cfg.image_window or max(8, 2 * max(self.cfg.backend_for(r).concurrency for r in ROLES))
         slots = asyncio.Semaphore(window)
-        tasks: set[asyncio.Task] = set()
+        tasks = self._tasks
         if self._target_reached():
             self.stop.set()
         async for item in _aiter_threaded(items, maxsize=window):
@@ -99,7 +133,7 @@ class Pipeline:
                 break
             task = asyncio.create_task(self._image(item))
             tasks.add(task)
-            task.add_done_callback(lambda t: (tasks.discard(t), slots.release()))
+            task.add_done_callback(lambda t: (tasks.discard(t), slots.release(), self._settled(t)))
         self.stats.ingest_finished = True
         if self.stop.is_set():
             for t in tasks:
@@ -142,6 +176,8 @@ class Pipeline:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug on one image must not end the run
+            if is_storage_failure(exc):  # ...but a full disk must (see _abort)
+                raise
             log.exception("image %s crashed", rec.source_path)
             self.ledger.set_image_status(rec.sha256, "failed", f"internal error: {exc!r}")
             self.stats.images_failed += 1

@@ -10,11 +10,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from rmskit.console import error_line
+
 err = Console(stderr=True)
 
 
-def _fail(msg: str) -> None:
-    err.print(f"[red]error:[/red] {msg}")
+def _fail(msg: str | list[str]) -> None:
+    """Unusable arguments: one escaped line per problem on stderr, exit 2 (as `rmskit build`)."""
+    for line in [msg] if isinstance(msg, str) else msg:
+        error_line(line)
     raise typer.Exit(2)
 
 
@@ -152,7 +156,9 @@ def register(app: typer.Typer) -> None:
                 device=device,
             )
         except ValidationError as exc:
-            _fail(str(exc))
+            from rmskit.console import validation_lines
+
+            _fail(validation_lines(exc))  # never str(exc): it repeats the values given
         try:
             score(cfg, log=lambda m: err.print(m, highlight=False))
         except AdapterError as exc:

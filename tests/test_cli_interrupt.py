@@ -1,0 +1,89 @@
+"""Ctrl-C: the first SIGINT stops the run cleanly (exit 130, a resume hint, no traceback) and a
+re-run resumes without re-asking finished work; a second SIGINT exits at once. Same for export."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from test_build_e2e import _build, _finish
+
+from rmskit.interrupts import MESSAGE
+from rmskit.testing.openai_server import OpenAITestServer
+from rmskit.testing.rms_script import responder
+
+
+def _interrupt(proc: subprocess.Popen, srv: OpenAITestServer, *, after: int, times: int) -> tuple[int, str]:
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and srv.stats().delivered < after and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the build ended before it could be interrupted"
+    for _ in range(times):
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+    rc, _, stderr = _finish(proc, timeout=60)
+    return rc, stderr
+
+
+def test_first_sigint_exits_130_and_rerun_resumes(tmp_path: Path, photo_dir: Path) -> None:
+    out = tmp_path / "run"
+    with OpenAITestServer(responder=responder, latency=0.3) as srv:
+        proc = _build(photo_dir, out, srv.base_url, "--embedder", "hashing")
+        rc, stderr = _interrupt(proc, srv, after=4, times=1)
+        assert rc == 130, stderr
+        assert MESSAGE in stderr
+        assert "Traceback" not in stderr and "Error" not in stderr
+        srv.latency = 0.01
+        rc, _, stderr = _finish(_build(photo_dir, out, srv.base_url, "--embedder", "hashing"))
+        assert rc == 0, stderr
+        records = srv.chat_records()
+    # Only requests in flight at the interrupt (at most --concurrency 4) may be asked again.
+    delivered = Counter(r.messages_hash for r in records if r.delivered)
+    assert sum(n - 1 for n in delivered.values() if n > 1) <= 4
+
+
+def test_second_sigint_exits_at_once_without_traceback(tmp_path: Path, photo_dir: Path) -> None:
+    with OpenAITestServer(responder=responder, latency=0.3) as srv:
+        proc = _build(photo_dir, tmp_path / "run", srv.base_url, "--embedder", "hashing")
+        rc, stderr = _interrupt(proc, srv, after=2, times=2)
+    assert rc == 130, stderr
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.slow
+def test_sigint_during_export(tmp_path: Path, photo_dir: Path) -> None:
+    out = tmp_path / "run"
+    with OpenAITestServer(responder=responder, latency=0.01) as srv:
+        rc, _, stderr = _finish(_build(photo_dir, out, srv.base_url, "--embedder", "hashing", "--limit", "3"))
+    assert rc == 0, stderr
+    interrupted = 0
+    for delay in (0.6, 1.2, 1.8):  # somewhere in start-up, curation or writing
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rmskit.cli", "export", str(out), "--format", "llava"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        rc, _, stderr = _finish(proc, timeout=60)
+        assert "Traceback" not in stderr and "ProgrammingError" not in stderr
+        if rc == 130:
+            interrupted += 1
+            assert MESSAGE in stderr
+        else:
+            assert rc == 0, stderr
+    assert interrupted > 0
+    # nothing half-written is left where the export goes, and the next export works
+    r = subprocess.run(
+        [sys.executable, "-m", "rmskit.cli", "export", str(out), "--format", "llava"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert not [p for p in (out / "exports").iterdir() if p.name.startswith(".")]
