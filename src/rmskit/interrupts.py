@@ -66,7 +66,7 @@ def command_scope(*, quiet: bool) -> Iterator[None]:
 
 
 class _Guard:
-    def __init__(self, cancel: Callable[[], None] | None) -> None:
+    def __init__(self, cancel: Callable[[], object] | None) -> None:
         self.cancel = cancel
         self.interrupted = False
         self._previous: Any = None
@@ -87,7 +87,7 @@ class _Guard:
 
 
 @contextlib.contextmanager
-def interruptible(cancel: Callable[[], None] | None = None) -> Iterator[_Guard]:
+def interruptible(cancel: Callable[[], object] | None = None) -> Iterator[_Guard]:
     """Run the block under the Ctrl-C policy above. `cancel` stops the work (default: raise
     KeyboardInterrupt where the main thread is). When the block ends after an interrupt, however it
     ends, the process exits 130 with MESSAGE."""

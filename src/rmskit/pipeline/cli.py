@@ -343,7 +343,9 @@ def _register_prompts(app: typer.Typer) -> None:
         from rmskit.pipeline.regression import dumps, run_regression
 
         try:
-            cfg = BackendConfig(spec=model, base_url=base_url, api_key_env=api_key_env)
+            cfg = BackendConfig.model_validate(
+                {"spec": model, "base_url": base_url, "api_key_env": api_key_env}
+            )
         except ValidationError as exc:
             _fail(validation_lines(exc))
 
