@@ -3,15 +3,14 @@ stderr, and a quiet mode that silences third-party progress bars.
 
 Untrusted text (file names, manifest values, model output, server messages) is escaped before it
 reaches a terminal: a file named `$'\\e]0;PWNED\\a'` must not retitle the terminal, and a name with
-`\\nINFO rmskit: all good` must not forge a log line. `rmskit.textsafe.safe_text` (ingest) does the
-same for the text ingest stores; here the CLI escapes whatever it prints, wherever it came from."""
+`\\nINFO rmskit: all good` must not forge a log line. The CLI escapes whatever it prints, wherever it
+came from, with rmskit.textsafe."""
 
 from __future__ import annotations
 
 import errno
 import logging
 import os
-import re
 import sqlite3
 import sys
 import warnings
@@ -20,21 +19,13 @@ from pathlib import Path
 from pydantic import ValidationError
 from rich.markup import escape as _rich_escape
 
-_BIDI = "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
-_UNSAFE = re.compile(f"[\x00-\x1f\x7f-\x9f\u2028\u2029{_BIDI}\ud800-\udfff]")
-_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
-
-def _escape_char(m: re.Match[str]) -> str:
-    c = m.group(0)
-    code = ord(c)
-    return _NAMED.get(c) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+from rmskit.textsafe import safe_text
 
 
 def shown(value: object) -> str:
     """`value` as text with control, line-separator and bidi-override characters escaped
-    (repr-style: `\\x1b`, `\\n`, `\\u202e`), so printing it cannot drive the terminal."""
-    return _UNSAFE.sub(_escape_char, value if isinstance(value, str) else str(value))
+    (`\\x1b`, `\\n`, `\\u202e`; see rmskit.textsafe), so printing it cannot drive the terminal."""
+    return safe_text(value)
 
 
 def markup_safe(value: object) -> str:
