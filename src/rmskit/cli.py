@@ -53,5 +53,13 @@ if _previous_handler is not None:  # importing rmskit.cli must not change a host
     signal.signal(signal.SIGINT, _previous_handler)  # type: ignore[arg-type]
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """The `rmskit` program: Ctrl-C exits 130 with the resume hint and no traceback, before, between
+    and after the interruptible parts of a command (importing rmskit.cli in-process does not keep
+    this handler; see above)."""
+    _startup_guard()
     app()
+
+
+if __name__ == "__main__":
+    main()
