@@ -34,6 +34,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ValidationError
 
 from rmskit.config import IngestConfig
+from rmskit.console import is_storage_failure
 
 # Formats Pillow may parse. Deliberately excludes EPS (runs Ghostscript), PSD, FITS, WMF, … : plugins
 # for formats no photo collection needs are attack surface.
@@ -293,6 +294,8 @@ def decode_bytes(
     except MemoryError:
         raise ImageRefused("not enough memory to decode this image") from None
     except Exception as exc:  # any parser failure on hostile bytes is a refusal, never a crash
+        if is_storage_failure(exc):  # a full disk is the run's problem, not this image's
+            raise
         raise ImageRefused(f"corrupt or unsupported image: {type(exc).__name__}: {exc}") from None
 
 

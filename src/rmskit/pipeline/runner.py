@@ -32,6 +32,7 @@ from rmskit.pipeline.sample import SampleLoop
 from rmskit.pipeline.stages import StageContext, sample_id
 from rmskit.pipeline.taxonomy import Coverage, Taxonomy, make_embedder
 from rmskit.records import ImageRecord, Rejection
+from rmskit.textsafe import EscapingFilter
 
 log = logging.getLogger("rmskit.pipeline")
 
@@ -309,6 +310,7 @@ async def _aiter_threaded(items: Iterable[Any], maxsize: int):
 def _setup_logging(run_dir: Path) -> logging.Handler:
     handler = logging.FileHandler(run_dir / "build.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(EscapingFilter())  # a file name with a newline must not forge a log line
     root = logging.getLogger("rmskit")
     root.addHandler(handler)
     root.setLevel(logging.INFO)
