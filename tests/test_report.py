@@ -1,14 +1,12 @@
-"""`rmskit report`: one self-contained HTML file with plots, from the fixture run and from a real build."""
+"""`rmskit report`: one self-contained HTML file with plots, from the session's scripted build (rundir_fixture)."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
-import os
 import shutil
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import replace
 from html.parser import HTMLParser
 from pathlib import Path
@@ -113,11 +111,6 @@ def fixture_report(run_template: RunInfo, tmp_path_factory: pytest.TempPathFacto
     return info, write_report(dst)
 
 
-@pytest.fixture(scope="module")
-def real_report(real_run: Path) -> Path:
-    return write_report(real_run)
-
-
 def test_report_from_fixture_run(fixture_report: tuple[RunInfo, Path]) -> None:
     run, out = fixture_report
     assert out == run.run_dir / "report.html"
@@ -144,61 +137,96 @@ def test_report_from_fixture_run(fixture_report: tuple[RunInfo, Path]) -> None:
         assert raw not in html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert run.rejected_id not in html  # rejected samples are not shown in the gallery
-    assert "text_only_leakage.accuracy" in html  # probes from the ledger meta
+    assert "leakage.accuracy" in html and "vendi_score" in html  # probes the build stored in the ledger
     assert "hf:tiny-random-qwen2-vl" in html  # score.json found under <run>/score/
+
+
+def test_fixture_is_what_the_runner_writes(run_template: RunInfo) -> None:
+    """The shared fixture is a real build: the runner's check names, record stages, ids and controls,
+    with the steered cases present (so the tests below exercise what they claim)."""
+    with Ledger(run_template.run_dir, readonly=True) as led:
+        stages = set(led.stage_counts())
+        samples = {s["id"]: s for s in led.iter_samples(None)}
+        raw = json.dumps([led.get_record(sha, "discover") for sha in run_template.shas.values()])
+    assert stages == {
+        "plan", "perceive", "discover", "select", "compose", "control", "check_text_only",
+        "check_combined", "check_leakage", "respond", "respond_control", "check_response",
+    }  # fmt: skip
+    assert {name for s in samples.values() if s["kind"] == "risky" for name in s["checks"]} == {
+        "text_only",
+        "combined",
+        "leakage",
+        "lexical",
+        "response",
+    }
+    assert all(len(sid) == 20 for sid in samples) and len(run_template.control_ids) == 4
+    hostile = samples[run_template.hostile_id]
+    assert hostile["query"] == HOSTILE_QUERY and hostile["response"] == HOSTILE_RESPONSE
+    assert HOSTILE_CATEGORY in hostile["scenario"]["category"] and json.dumps(HOSTILE_CATEGORY)[1:-1] in raw
+    assert samples[run_template.never_passes_id]["status"] == "failed"
 
 
 def test_report_numbers_follow_ledger_and_review(run: RunInfo) -> None:
     ctx = collect(run.run_dir, draw=False)
-    n_ok, n_failed = len(run.ok_ids), len(run.failed_ids)
+    # by construction of the fixture's script: 5 images (camera fails at perceive), 3 scenarios per
+    # perceived image, 2 risky + 1 control sample each (12), one risky sample never passes its checks
+    assert len(run.ok_ids) == 11 and len(run.failed_ids) == 1
     assert ctx["funnel"] == {
-        "images": len(run.shas),
-        "perceived": len(run.shas) - 1,  # the camera photo failed at perceive
-        "scenarios": 3 * (len(run.shas) - 1),
-        "composed": n_ok + n_failed,
-        "verified": n_ok,
-        "responded": n_ok,
-        "kept": n_ok - 1,  # one rejected in review
+        "images": 5,
+        "perceived": 4,
+        "scenarios": 12,
+        "composed": 12,
+        "verified": 11,
+        "responded": 11,
+        "kept": 10,  # one rejected in review
     }
     rates = {(r["phase"], r["check"]): r for r in ctx["check_rates"]}
-    # 15 query rounds: 10 single-round samples, a refined one (2 rounds), a failing one (3 rounds)
-    assert rates[("query", "leakage")]["n"] == 15
-    assert rates[("query", "leakage")]["rate"] == pytest.approx(11 / 15)
-    assert rates[("query", "leakage")]["rate1"] == pytest.approx(10 / 12)
-    assert rates[("query", "realism")]["rate"] == pytest.approx(14 / 15)  # the advisory failure
-    assert rates[("response", "safe")] == {
+    # query rounds: 10 one-round samples, the refined one (2 rounds), the never-passing one (3 rounds);
+    # leakage runs on the 8 risky samples' 11 rounds: fails on round 1 of the refined one and all 3
+    # of the never-passing one
+    assert rates[("query", "text_only")]["n"] == 15 and rates[("query", "text_only")]["rate"] == 1.0
+    assert rates[("query", "leakage")]["n"] == 11
+    assert rates[("query", "leakage")]["rate"] == pytest.approx(7 / 11)
+    assert rates[("query", "leakage")]["rate1"] == pytest.approx(6 / 8)
+    assert rates[("query", "lexical")]["rate"] == pytest.approx(6 / 11)  # + the advisory failure
+    assert rates[("response", "response")] == {
         "phase": "response",
-        "check": "safe",
-        "n": n_ok,
+        "check": "response",
+        "n": 11,
         "rate": 1.0,
         "rate1": 1.0,
     }
-    assert ctx["round_counts"] == {"ok": {1: n_ok - 1, 2: 1}, "failed": {3: 1}}
-    assert [t["name"] for t in ctx["taxonomy"]][:2] == ["equipment tampering", "fall from height"]
-    assert ctx["taxonomy"][-1]["minute"] == pytest.approx(160 / 60, abs=0.01)
+    assert ctx["round_counts"] == {"ok": {1: 10, 2: 1}, "failed": {3: 1}}
+    names = [t["name"] for t in ctx["taxonomy"]]
+    assert {"animal safety", "launch hazards", "fall from height"} <= set(names)
+    minutes = [t["minute"] for t in ctx["taxonomy"]]
+    assert minutes == sorted(minutes) and 0 <= minutes[0] and minutes[-1] < 5  # appeared during the run
     with Ledger(run.run_dir) as led:
         assert ctx["usage"] == led.usage_by_stage()
+        assert set(ctx["usage"]) >= {"perceive", "discover", "compose", "check_leakage", "respond"}
     sc = json.loads((run.run_dir / "score" / "score.json").read_text())
     entry = ctx["scores"][0]
     assert entry["score"] == f"{sc['score']:.3f}" and not entry["matrix"]
     assert entry["judge"] == "hf:tiny-random-qwen2-vl" and entry["train"] == "fixture"
     assert len(entry["rows"]) == 3 * 5  # counts (n, n_safe, n_unsafe) and notes are not metrics
     auroc = next(r for r in entry["rows"] if r["bench"] == "siuo" and r["metric"] == "auroc")
-    assert (
-        auroc["zero_shot"] == "n/a" and auroc["tuned"] == f"{sc['benchmarks']['siuo']['tuned']['auroc']:.3f}"
-    )
+    assert auroc["zero_shot"] == auroc["tuned"] == "n/a"  # one class only: undefined, not 0
+    f1 = next(r for r in entry["rows"] if r["bench"] == "vlguard" and r["metric"] == "macro_f1")
+    assert f1["tuned"] == f"{sc['benchmarks']['vlguard']['tuned']['macro_f1']:.3f}"
 
     # review decisions change what counts as kept, and edited categories count under their new name
-    target = next(s for s in run.ok_ids if s.endswith("-r1") and s != run.soft_fail_id)
+    target = next(
+        s for s in run.ok_ids if s not in (run.soft_fail_id, run.refined_id, *run.control_ids, run.hostile_id)
+    )
     with Ledger(run.run_dir) as led:
         old_cat = led.get_sample(target)["category"]
         led.add_decision(run.refined_id, "reject", {})
         led.add_decision(target, "edit", {"fields": {"category": "kitchen burns"}})
     ctx2 = collect(run.run_dir, draw=False)
-    assert ctx2["funnel"]["kept"] == n_ok - 2
+    assert ctx2["funnel"]["kept"] == 11 - 2
     assert ctx2["categories"]["kitchen burns"] == 1
     assert ctx2["categories"].get(old_cat, 0) == ctx["categories"][old_cat] - 1
-    assert ctx2["categories"]["animal safety"] == ctx["categories"]["animal safety"] - 1
+    assert ctx["categories"]["animal safety"] == 1 and "animal safety" not in ctx2["categories"]
 
 
 def test_report_cli_out_and_score_option(run: RunInfo, tmp_path: Path) -> None:
@@ -267,69 +295,30 @@ def test_report_on_empty_run(tmp_path: Path) -> None:
     assert page.imgs() == [] and "no images in this run yet" in html
 
 
-@pytest.fixture(scope="module")
-def real_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A real build over real photos against the scripted OpenAI-compatible test server, then the real
-    export. (The runner's own export step also runs the probes, which load MiniLM: ~10 s more.)"""
-    try:
-        from rmskit.export import write_dataset
-        from rmskit.pipeline.runner import run_build
-        from rmskit.testing.openai_server import OpenAITestServer
-        from rmskit.testing.rms_script import responder
-    except ImportError as e:
-        pytest.skip(f"the build runner is not available: {e}")
-    import asyncio
-
-    import skimage.data
-
-    from rmskit.config import BackendConfig, BuildConfig
-
-    root = tmp_path_factory.mktemp("realbuild")
-    photos = root / "photos"
-    photos.mkdir()
-    for name in ("astronaut", "coffee", "chelsea", "rocket"):
-        Image.fromarray(getattr(skimage.data, name)()).save(photos / f"{name}.jpg", quality=90)
-    old = os.environ.get("OPENAI_API_KEY")
-    os.environ["OPENAI_API_KEY"] = "sk-test-report"
-    try:
-        with OpenAITestServer(responder=responder) as srv:
-            backend = BackendConfig(spec="openai:test-model", base_url=srv.base_url, concurrency=4)
-            cfg = BuildConfig(sources=[str(photos)], out=root / "run", embedder="hashing", model=backend)
-            asyncio.run(run_build(cfg, quiet=True, export=False))
-    finally:
-        if old is None:
-            os.environ.pop("OPENAI_API_KEY", None)
-        else:
-            os.environ["OPENAI_API_KEY"] = old
-    write_dataset(root / "run")
-    yield root / "run"
-
-
-def test_report_from_real_build(real_run: Path, real_report: Path) -> None:
-    assert real_report == real_run / "report.html"
+def test_report_funnel_agrees_with_the_ledger(fixture_report: tuple[RunInfo, Path]) -> None:
+    real_run, real_report = fixture_report[0].run_dir, fixture_report[1]
     html = real_report.read_text()
     page = check_self_contained(html)
     assert SECTIONS <= page.ids("section")
     assert RUN_PLOTS <= {a["id"] for a in page.imgs() if "id" in a}
     ctx = collect(real_run, draw=False)
     with Ledger(real_run) as led:
-        n_images = sum(led.image_counts().values())
+        images = led.image_counts()
         n_ok = led.sample_counts().get("ok", 0)
+        rejected = sum(1 for st in led.review_state().values() if st["decision"] == "reject")
     f = ctx["funnel"]
-    assert f["images"] == n_images > 0 and f["perceived"] == n_images
-    assert f["kept"] == n_ok > 0 and f["composed"] >= f["verified"] >= f["kept"]
+    assert f["images"] == sum(images.values()) and f["perceived"] == images["done"]  # failed at perceive
+    assert f["kept"] == n_ok - rejected > 0 and f["composed"] >= f["verified"] >= f["kept"]
     assert f["responded"] == n_ok
     exported = (real_run / "dataset" / "samples.jsonl").read_text().splitlines()
-    assert len([x for x in exported if x.strip()]) <= f["kept"]
+    assert len([x for x in exported if x.strip()]) == f["kept"]  # the export honours the same review log
 
 
 @pytest.mark.skipif(chromium_skip_reason() is not None, reason=chromium_skip_reason() or "")
-def test_reports_open_in_browser_without_errors(
-    fixture_report: tuple[RunInfo, Path], real_report: Path, tmp_path: Path
-) -> None:
+def test_reports_open_in_browser_without_errors(fixture_report: tuple[RunInfo, Path], tmp_path: Path) -> None:
     from playwright.sync_api import sync_playwright
 
-    reports = [fixture_report[1], real_report]
+    reports = [fixture_report[1]]
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:

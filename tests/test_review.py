@@ -215,17 +215,18 @@ def test_filters_and_search(run: RunInfo) -> None:
     assert got(kind="risky") == expect(lambda s: s["kind"] == "risky") != []
     assert got(label="safe") == expect(lambda s: s["label"] == "safe")
     assert got(category="animal safety") == expect(lambda s: s["category"] == "animal safety") != []
-    assert got(category=HOSTILE_CATEGORY) == [run.hostile_id]
     assert got(verdict="fail") == [run.soft_fail_id]
     assert set(got(verdict="pass")) == set(run.ok_ids) - {run.soft_fail_id}
     assert got(decision="rejected") == [run.rejected_id]
     assert got(decision="accepted") == [run.accepted_id]
     assert set(got(decision="undecided")) == set(run.ok_ids) - {run.rejected_id, run.accepted_id}
-    assert got(q="LILIES") == expect(lambda s: "lilies" in s["query"].lower()) != []
-    assert got(q="lilies paracetamol") == []  # all words must match
+    assert got(q="NIBBLING") == expect(lambda s: "nibbling" in s["query"].lower()) == [run.refined_id]
+    assert got(q="nibbling paracetamol") == []  # all words must match
     assert got(q="<script>") == [run.hostile_id]
-    assert got(kind="risky", category="hot liquids", label="unsafe") == expect(
-        lambda s: s["kind"] == "risky" and s["category"] == "hot liquids"
+    assert (
+        got(kind="risky", category="fall from height", label="unsafe")
+        == expect(lambda s: s["kind"] == "risky" and s["category"] == "fall from height")
+        != []
     )
     assert got(kind="risky", limit="2", offset="1") == expect(lambda s: s["kind"] == "risky")[1:3]
     for bad in (
@@ -275,9 +276,10 @@ def test_detail_shows_rounds_perception_and_scenario(run: RunInfo) -> None:
     assert (
         "query round 1 — failed" in t and "query round 2 — passed" in t and "response round 1 — passed" in t
     )
-    assert "Do not name the hazard." in t and "Which toxic lily can I give her to chew on?" in t
-    assert "A tabby cat looks to the side." in t and "can chew, can scratch" in t  # perception
-    assert "Feeding a cat toxic plants" in t  # scenario
+    # the runner's feedback on round 1 and the query it rejected
+    assert "the query names or hints at the hazard" in t and "this flammable shelf" in t
+    assert "(photo: chelsea)" in t and "indoor room" in t  # perception
+    assert "Cat chewing a lily leaf on the windowsill" in t  # scenario
     assert "compose" in t and f"{run.refined_id}/r2" in t  # the sample's own stage records
     assert 'data-nav="next"' in t or 'data-nav="prev"' in t
     api = c.get(f"/api/samples/{run.refined_id}").json()
@@ -286,9 +288,9 @@ def test_detail_shows_rounds_perception_and_scenario(run: RunInfo) -> None:
         ("query", 2, True),
         ("response", 1, True),
     ]
-    assert api["perception"]["data"]["setting"] == "indoors, close-up of a pet"
+    assert api["perception"]["data"]["setting"] == "indoor room"
     # prev/next follow the filtered order
-    ctrl = [sid for sid in run.ok_ids if sid.endswith("-c")]
+    ctrl = run.control_ids
     t = c.get(f"/samples/{ctrl[0]}", params={"kind": "control"}).text
     assert f'href="/samples/{ctrl[1]}?kind=control" data-nav="next"' in t and 'data-nav="prev"' not in t
 
@@ -409,7 +411,10 @@ def test_serve_generates_and_prints_token(
     from rmskit.review import serve
 
     calls: list[dict] = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append({"app": app, **kw}))
+    # like uvicorn.run returning after Ctrl-C: the lifespan closes the store (and frees the run's lock)
+    monkeypatch.setattr(
+        uvicorn, "run", lambda app, **kw: (calls.append({"app": app, **kw}), app.state.store.close())
+    )
     serve(run.run_dir, host="0.0.0.0", port=9999)
     out = capsys.readouterr().out
     token = calls[0]["app"].state.token

@@ -1,7 +1,8 @@
 """The run ledger: `<out>/rms.sqlite` (WAL) is the single source of truth of a run.
 
-Every write is its own committed transaction (autocommit + WAL, synchronous=NORMAL), so a SIGKILL
-loses at most the request that was in flight, never finished work. JSON columns keep the schema
+Every write is its own committed transaction (autocommit + WAL, synchronous=NORMAL), or one group in
+`transaction()` (a sample and its final round), so a SIGKILL loses at most the request that was in
+flight, never finished work. The schema evolves through `migrations.py`. JSON columns keep the schema
 stable while stage outputs evolve; prompt versions are stored beside each record."""
 
 from __future__ import annotations
@@ -13,80 +14,109 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+from rmskit.ledger import migrations
+from rmskit.ledger.errors import LedgerError, check_file, corrupt, is_corruption
+from rmskit.ledger.lock import RunLock
+from rmskit.ledger.reads import LedgerReads
 from rmskit.records import ImageRecord, Rejection
 
 LEDGER_NAME = "rms.sqlite"
-SCHEMA_VERSION = 1
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS images(
-  sha256 TEXT PRIMARY KEY, seq INTEGER NOT NULL, data TEXT NOT NULL,
-  status TEXT NOT NULL DEFAULT 'pending', error TEXT, updated REAL);
-CREATE TABLE IF NOT EXISTS rejections(
-  source_root TEXT NOT NULL, path TEXT NOT NULL, reason TEXT NOT NULL, created REAL,
-  PRIMARY KEY(source_root, path));
-CREATE TABLE IF NOT EXISTS records(
-  image_sha TEXT NOT NULL, stage TEXT NOT NULL, key TEXT NOT NULL, status TEXT NOT NULL,
-  data TEXT, error TEXT, prompt_version TEXT, model TEXT, created REAL,
-  PRIMARY KEY(image_sha, stage, key));
-CREATE TABLE IF NOT EXISTS rounds(
-  sample_id TEXT NOT NULL, phase TEXT NOT NULL, round INTEGER NOT NULL, passed INTEGER NOT NULL,
-  data TEXT NOT NULL, created REAL, PRIMARY KEY(sample_id, phase, round));
-CREATE TABLE IF NOT EXISTS samples(
-  id TEXT PRIMARY KEY, image_sha TEXT NOT NULL, kind TEXT NOT NULL, category TEXT,
-  status TEXT NOT NULL, data TEXT NOT NULL, created REAL);
-CREATE TABLE IF NOT EXISTS cache(
-  key TEXT PRIMARY KEY, model TEXT NOT NULL, stage TEXT, text TEXT NOT NULL, finish_reason TEXT,
-  prompt_tokens INTEGER NOT NULL DEFAULT 0, completion_tokens INTEGER NOT NULL DEFAULT 0, created REAL);
-CREATE TABLE IF NOT EXISTS failures(
-  id INTEGER PRIMARY KEY AUTOINCREMENT, image_sha TEXT, stage TEXT, key TEXT, kind TEXT,
-  message TEXT, created REAL);
-CREATE TABLE IF NOT EXISTS decisions(
-  id INTEGER PRIMARY KEY AUTOINCREMENT, sample_id TEXT NOT NULL, action TEXT NOT NULL,
-  payload TEXT, created REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS taxonomy(
-  name TEXT PRIMARY KEY, seq INTEGER NOT NULL, description TEXT, embedding BLOB,
-  aliases TEXT NOT NULL DEFAULT '[]', created REAL);
-CREATE INDEX IF NOT EXISTS samples_image ON samples(image_sha);
-CREATE INDEX IF NOT EXISTS decisions_sample ON decisions(sample_id);
-"""
+
+class Round(NamedTuple):
+    """One refine round, as `put_sample_with_round` stores it beside its sample."""
+
+    phase: str
+    round_no: int
+    passed: bool
+    data: Any
 
 
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), default=str)
 
 
-class Ledger:
+class Ledger(LedgerReads):
     """Thin, synchronous access to the run database. One instance per process; safe to share
-    between the event loop and worker threads (a lock serialises access to the connection)."""
+    between the event loop and worker threads (a lock serialises access to the connection).
 
-    def __init__(self, run_dir: Path, *, readonly: bool = False) -> None:
+    `readonly=True` never writes (apart from migrating a ledger from an older rmskit once);
+    `lock=True` also takes the run directory's `RunLock` for as long as the ledger is open, so a
+    second writer (build, export, review) refuses at once. Opening a damaged ledger, or one from a
+    newer rmskit, raises `LedgerError`; a missing one in read-only mode raises FileNotFoundError."""
+
+    def __init__(self, run_dir: Path, *, readonly: bool = False, lock: bool = False) -> None:
+        if readonly and lock:
+            raise ValueError("a read-only ledger takes no lock")
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LEDGER_NAME
         self._lock = threading.RLock()
+        if readonly and not self.path.exists():
+            raise FileNotFoundError(f"no ledger at {self.path}: is {self.run_dir} a run directory?")
+        check_file(self.path)
+        self.run_lock = RunLock(self.run_dir).acquire() if lock else None
+        try:
+            self._con = self._open(readonly)
+        except sqlite3.DatabaseError as exc:
+            self._release_lock()
+            if is_corruption(exc):
+                raise corrupt(self.path, str(exc)) from None
+            raise
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _connect(self, readonly: bool) -> sqlite3.Connection:
         if readonly:
-            if not self.path.exists():
-                raise FileNotFoundError(f"no ledger at {self.path}: is {self.run_dir} a run directory?")
             uri = f"file:{self.path}?mode=ro"
-            self._con = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
+            con = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
         else:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._con = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self._con.execute("PRAGMA journal_mode=WAL")
-            self._con.execute("PRAGMA synchronous=NORMAL")
-            self._con.execute("PRAGMA busy_timeout=10000")
-            self._con.executescript(_SCHEMA)
-            if self.get_meta("schema_version") is None:
-                self.set_meta("schema_version", SCHEMA_VERSION)
-        self._con.execute("PRAGMA busy_timeout=10000")
+            con = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        con.execute("PRAGMA busy_timeout=10000")
+        return con
+
+    def _open(self, readonly: bool) -> sqlite3.Connection:
+        con = self._connect(readonly)
+        try:
+            if readonly:
+                todo = migrations.pending(con, self.path)
+            else:
+                con.execute("PRAGMA journal_mode=WAL")
+                con.execute("PRAGMA synchronous=NORMAL")
+                migrations.migrate(con, self.path)
+                return con
+        except BaseException:
+            con.close()
+            raise
+        if not todo:
+            return con
+        con.close()  # a ledger from an older rmskit: migrate it once, then read
+        try:
+            rw = self._connect(False)
+            try:
+                migrations.migrate(rw, self.path)
+            finally:
+                rw.close()
+        except sqlite3.OperationalError as exc:  # e.g. a read-only file system
+            raise LedgerError(
+                self.path,
+                f"written by an older rmskit; migrating it ({', '.join(todo)}) failed: {exc}",
+                "open it once with write access (e.g. `rmskit status` as its owner), then retry",
+            ) from None
+        return self._connect(True)
 
     # -- plumbing -------------------------------------------------------------------------------
+    def _release_lock(self) -> None:
+        if self.run_lock is not None:
+            self.run_lock.release()
+
     def close(self) -> None:
         with self._lock:
             self._con.close()
+        self._release_lock()
 
     def __enter__(self) -> Ledger:
         return self
@@ -96,15 +126,26 @@ class Ledger:
 
     def execute(self, sql: str, params: tuple | dict = ()) -> sqlite3.Cursor:
         with self._lock:
-            return self._con.execute(sql, params)
+            try:
+                return self._con.execute(sql, params)
+            except sqlite3.DatabaseError as exc:
+                if is_corruption(exc):
+                    raise corrupt(self.path, str(exc)) from None
+                raise
 
     def query(self, sql: str, params: tuple | dict = ()) -> list[tuple]:
         with self._lock:
-            return self._con.execute(sql, params).fetchall()
+            try:
+                return self._con.execute(sql, params).fetchall()
+            except sqlite3.DatabaseError as exc:
+                if is_corruption(exc):
+                    raise corrupt(self.path, str(exc)) from None
+                raise
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        """Group writes that must land together (e.g. a sample and its final round)."""
+        """Group writes that must land together (e.g. a sample and its final round): all of them are
+        committed, or none (an exception or a kill inside the block leaves the ledger as before)."""
         with self._lock:
             self._con.execute("BEGIN IMMEDIATE")
             try:
@@ -155,9 +196,6 @@ class Ledger:
         sql = "SELECT data FROM images" + (" WHERE status=?" if status else "") + " ORDER BY seq"
         for (data,) in self.query(sql, (status,) if status else ()):
             yield ImageRecord.model_validate_json(data)
-
-    def image_counts(self) -> dict[str, int]:
-        return dict(self.query("SELECT status, COUNT(*) FROM images GROUP BY status"))
 
     def add_rejection(self, rej: Rejection) -> None:
         self.execute(
@@ -224,14 +262,6 @@ class Ledger:
             for s, k, st, d, e, pv, m in rows
         ]
 
-    def stage_counts(self) -> dict[str, dict[str, int]]:
-        out: dict[str, dict[str, int]] = {}
-        for stage, status, n in self.query(
-            "SELECT stage, status, COUNT(*) FROM records GROUP BY stage, status"
-        ):
-            out.setdefault(stage, {})[status] = n
-        return out
-
     # -- refine rounds --------------------------------------------------------------------------
     def put_round(self, sample_id: str, phase: str, round_no: int, passed: bool, data: Any) -> None:
         self.execute(
@@ -264,6 +294,23 @@ class Ledger:
             (sample_id, image_sha, kind, category, status, _dumps(data), time.time()),
         )
 
+    def put_sample_with_round(
+        self,
+        sample_id: str,
+        image_sha: str,
+        kind: str,
+        category: str | None,
+        status: str,
+        data: dict[str, Any],
+        final_round: Round | None = None,
+    ) -> None:
+        """Store a sample and the round that decided it in one transaction, so no reader and no crash
+        ever sees a kept sample without its final round (or that round without its sample)."""
+        with self.transaction():
+            if final_round is not None:
+                self.put_round(sample_id, *final_round)
+            self.put_sample(sample_id, image_sha, kind, category, status, data)
+
     def get_sample(self, sample_id: str) -> dict[str, Any] | None:
         rows = self.query("SELECT status, data FROM samples WHERE id=?", (sample_id,))
         if not rows:
@@ -278,17 +325,6 @@ class Ledger:
         )
         for st, data in self.query(sql, (status,) if status else ()):
             yield {"status": st, **json.loads(data)}
-
-    def sample_counts(self) -> dict[str, int]:
-        return dict(self.query("SELECT status, COUNT(*) FROM samples GROUP BY status"))
-
-    def category_counts(self, status: str = "ok") -> dict[str, int]:
-        return dict(
-            self.query(
-                "SELECT category, COUNT(*) FROM samples WHERE status=? AND kind='risky' GROUP BY category",
-                (status,),
-            )
-        )
 
     # -- request cache ----------------------------------------------------------------------------
     def cache_get(self, key: str) -> dict[str, Any] | None:
@@ -327,29 +363,12 @@ class Ledger:
     def cache_delete(self, key: str) -> None:
         self.execute("DELETE FROM cache WHERE key=?", (key,))
 
-    def usage_by_stage(self) -> dict[str, dict[str, int]]:
-        rows = self.query(
-            "SELECT COALESCE(stage, '?'), COUNT(*), SUM(prompt_tokens), SUM(completion_tokens) FROM cache GROUP BY stage"
-        )
-        return {
-            s: {"requests": n, "prompt_tokens": pt or 0, "completion_tokens": ct or 0}
-            for s, n, pt, ct in rows
-        }
-
     # -- failures (per-item error log, kept even when a retry later succeeds) ------------------
     def add_failure(self, image_sha: str | None, stage: str, key: str, kind: str, message: str) -> None:
         self.execute(
             "INSERT INTO failures(image_sha, stage, key, kind, message, created) VALUES(?,?,?,?,?,?)",
             (image_sha, stage, key, kind, message[:2000], time.time()),
         )
-
-    def failures(self, limit: int | None = None) -> list[dict[str, Any]]:
-        sql = "SELECT image_sha, stage, key, kind, message, created FROM failures ORDER BY id"
-        rows = self.query(sql + (f" LIMIT {int(limit)}" if limit else ""))
-        return [
-            dict(zip(("image_sha", "stage", "key", "kind", "message", "created"), r, strict=True))
-            for r in rows
-        ]
 
     # -- review decisions (append-only) ---------------------------------------------------------
     def add_decision(self, sample_id: str, action: str, payload: dict[str, Any] | None = None) -> int:
@@ -359,44 +378,7 @@ class Ledger:
         )
         return int(cur.lastrowid or 0)
 
-    def decisions(self, sample_id: str | None = None) -> list[dict[str, Any]]:
-        sql = "SELECT id, sample_id, action, payload, created FROM decisions"
-        params: tuple = ()
-        if sample_id:
-            sql += " WHERE sample_id=?"
-            params = (sample_id,)
-        rows = self.query(sql + " ORDER BY id", params)
-        return [
-            {"id": i, "sample_id": s, "action": a, "payload": json.loads(p or "{}"), "created": c}
-            for i, s, a, p, c in rows
-        ]
-
-    def review_state(self) -> dict[str, dict[str, Any]]:
-        """Fold the append-only decision log into the current state per sample:
-        {"decision": "accept"|"reject"|None, "edits": {field: value}, "edited_at": ts, "history": [...]}."""
-        state: dict[str, dict[str, Any]] = {}
-        for d in self.decisions():
-            st = state.setdefault(
-                d["sample_id"], {"decision": None, "edits": {}, "edited_at": None, "history": []}
-            )
-            st["history"].append(d)
-            if d["action"] in ("accept", "reject"):
-                st["decision"] = d["action"]
-            elif d["action"] == "edit":
-                st["edits"].update(d["payload"].get("fields", {}))
-                st["edited_at"] = d["created"]
-        return state
-
     # -- taxonomy ---------------------------------------------------------------------------------
-    def taxonomy(self) -> list[dict[str, Any]]:
-        rows = self.query(
-            "SELECT name, seq, description, embedding, aliases, created FROM taxonomy ORDER BY seq"
-        )
-        return [
-            {"name": n, "seq": s, "description": d, "embedding": e, "aliases": json.loads(a), "created": c}
-            for n, s, d, e, a, c in rows
-        ]
-
     def add_category(self, name: str, description: str | None, embedding: bytes | None) -> None:
         with self._lock:
             seq = self._con.execute("SELECT COALESCE(MAX(seq), -1) + 1 FROM taxonomy").fetchone()[0]

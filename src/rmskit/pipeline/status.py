@@ -24,7 +24,7 @@ def run_status(run_dir: Path) -> dict[str, Any]:
         for stage, u in usage.items():
             stages.setdefault(stage, {"ok": 0, "failed": 0}).update(u)
         samples = ledger.sample_counts()
-        kinds = dict(ledger.query("SELECT kind, COUNT(*) FROM samples WHERE status='ok' GROUP BY kind"))
+        kinds = ledger.kind_counts("ok")
         failures = ledger.failures(limit=20)
         return {
             "images": {
@@ -38,9 +38,7 @@ def run_status(run_dir: Path) -> dict[str, Any]:
             "rejected": [{"path": r.path, "reason": r.reason} for r in rejections],
             "failed_images": [
                 {"sha256": sha, "path": _path(ledger, sha), "reason": err}
-                for sha, err in ledger.query(
-                    "SELECT sha256, error FROM images WHERE status='failed' ORDER BY seq"
-                )
+                for sha, err in ledger.failed_images()
             ],
             "stages": stages,
             "samples": samples.get("ok", 0),

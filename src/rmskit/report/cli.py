@@ -21,11 +21,12 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Write one self-contained HTML report with plots about a run."""
+        from rmskit.ledger import LedgerError
         from rmskit.report.build import write_report
 
         try:
             path = write_report(run_dir, out, score=score)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, LedgerError) as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from e
         typer.echo(str(path))

@@ -15,15 +15,16 @@ from urllib.parse import quote, urlencode
 import jinja2
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rmskit.review.data import IMAGE_SUFFIXES, SAFE_NAME, Filters, ReviewStore
-from rmskit.review.security import Guard, is_loopback
+from rmskit.review.security import MAX_BODY_BYTES, BodyLimit, Guard, check_token, is_loopback
 
 HERE = Path(__file__).parent
 PAGE_SIZE = 48
+UNICODE_REASON = "text is not valid Unicode (it holds a lone surrogate such as \\ud800); send UTF-8 text"
 MEDIA_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp"}
 
 
@@ -45,15 +46,34 @@ class EditIn(BaseModel):
     @field_validator("query", "response", "category")
     @classmethod
     def _not_blank(cls, v: str | None) -> str | None:
-        if v is not None and not v.strip():
+        if v is None:
+            return None
+        if not v.strip():
             raise ValueError("must not be blank")
-        return v.strip() if v is not None else None
+        return v.strip()
 
     @model_validator(mode="after")
     def _some_field(self) -> EditIn:
         if not self.model_dump(exclude_none=True):
             raise ValueError("give at least one of query, response, category")
         return self
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    """422 listing where and what is wrong, never the input itself (FastAPI's default echoes the whole
+    body back, and crashes with a 500 when that body holds a lone surrogate). Text that is not valid
+    Unicode is a 400: the request is malformed, not merely invalid."""
+    assert isinstance(exc, RequestValidationError)
+    errors = []
+    for e in exc.errors()[:20]:
+        kind = str(e.get("type", ""))
+        msg = UNICODE_REASON if kind == "string_unicode" else str(e.get("msg", ""))[:300]
+        loc = [str(x)[:100] for x in e.get("loc", ())]
+        if kind == "extra_forbidden" and loc:  # the unknown key is itself input: name its place only
+            loc[-1] = "(unknown field)"
+        errors.append({"loc": loc, "type": kind, "msg": msg})
+    status = 400 if any(e["type"] == "string_unicode" for e in errors) else 422
+    return JSONResponse({"detail": errors}, status_code=status)
 
 
 def _filters(request: Request) -> Filters:
@@ -90,12 +110,23 @@ def _env() -> jinja2.Environment:
     return env
 
 
-def create_app(run_dir: Path | str, token: str | None = None, *, bind_host: str = "127.0.0.1") -> FastAPI:
+def create_app(
+    run_dir: Path | str,
+    token: str | None = None,
+    *,
+    bind_host: str = "127.0.0.1",
+    read_only: bool = False,
+    max_body: int = MAX_BODY_BYTES,
+) -> FastAPI:
     """The review app for `run_dir`. With `token`, every request must carry it (cookie set by
-    `/?token=…`, or the X-RMSKit-Token header). Binding anywhere but loopback without a token is refused."""
+    `/?token=…`, or the X-RMSKit-Token header). Binding anywhere but loopback without a token is refused.
+    In write mode (the default) the app holds the run's lock (`rmskit.ledger.RunLock`): it refuses to
+    start while a build, export or other review writes to the run. `read_only` browses without it."""
     if token is None and not is_loopback(bind_host):
         raise ValueError(f"refusing to serve on non-loopback host {bind_host!r} without a token")
-    store = ReviewStore(Path(run_dir))
+    if token is not None:
+        check_token(token)
+    store = ReviewStore(Path(run_dir), read_only=read_only)
     csrf_token = secrets.token_urlsafe(32)
     env = _env()
 
@@ -109,6 +140,8 @@ def create_app(run_dir: Path | str, token: str | None = None, *, bind_host: str 
     app.state.csrf_token = csrf_token
     app.state.token = token
     app.middleware("http")(Guard(token, csrf_token))
+    app.add_middleware(BodyLimit, limit=max_body)
+    app.add_exception_handler(RequestValidationError, _validation_error)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
 
     def render(name: str, **ctx: Any) -> HTMLResponse:
@@ -117,8 +150,10 @@ def create_app(run_dir: Path | str, token: str | None = None, *, bind_host: str 
         return HTMLResponse(env.get_template(name).render(**ctx))
 
     def need(sample_id: str) -> None:
+        if read_only:
+            raise HTTPException(409, "this review is read-only (started with --read-only)")
         if not store.exists(sample_id):
-            raise HTTPException(404, f"unknown sample id {sample_id!r}")
+            raise HTTPException(404, "unknown sample id")
 
     @app.get("/", response_class=HTMLResponse)
     def index(request: Request) -> HTMLResponse:
@@ -148,7 +183,7 @@ def create_app(run_dir: Path | str, token: str | None = None, *, bind_host: str 
         f = _filters(request)
         d = store.detail(sample_id)
         if d is None:
-            raise HTTPException(404, f"unknown sample id {sample_id!r}")
+            raise HTTPException(404, "unknown sample id")
         snap = store.snapshot()
         ids = [smp["id"] for smp in store.search(f, snap)]
         qs = urlencode(f.query_string())
@@ -203,7 +238,7 @@ def create_app(run_dir: Path | str, token: str | None = None, *, bind_host: str 
     def api_sample(sample_id: str) -> dict[str, Any]:
         d = store.detail(sample_id)
         if d is None:
-            raise HTTPException(404, f"unknown sample id {sample_id!r}")
+            raise HTTPException(404, "unknown sample id")
         return d
 
     @app.post("/api/samples/{sample_id}/decision")
@@ -231,14 +266,21 @@ def create_app(run_dir: Path | str, token: str | None = None, *, bind_host: str 
     return app
 
 
-def serve(run_dir: Path | str, host: str = "127.0.0.1", port: int = 8765, token: str | None = None) -> None:
+def serve(
+    run_dir: Path | str,
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    token: str | None = None,
+    *,
+    read_only: bool = False,
+) -> None:
     """Run the review server (blocking). A non-loopback host gets a generated, printed token."""
     import uvicorn
 
     from rmskit.review.security import resolve_token
 
     token = resolve_token(host, token)
-    app = create_app(run_dir, token=token, bind_host=host)
+    app = create_app(run_dir, token=token, bind_host=host, read_only=read_only)
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
     print(f"rmskit review: {url}  (Ctrl-C to stop)", flush=True)

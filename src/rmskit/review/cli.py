@@ -20,12 +20,16 @@ def register(app: typer.Typer) -> None:
             envvar="RMSKIT_REVIEW_TOKEN",
             help="Access token (generated and printed for non-loopback hosts).",
         ),
+        read_only: bool = typer.Option(
+            False, "--read-only", help="Browse without writing decisions (works while a build runs)."
+        ),
     ) -> None:
         """Browse the run's samples in a browser; accept / reject / edit them (written to the ledger)."""
+        from rmskit.ledger import LedgerError
         from rmskit.review.app import serve
 
         try:
-            serve(run_dir, host=host, port=port, token=token)
-        except (FileNotFoundError, ValueError) as e:
+            serve(run_dir, host=host, port=port, token=token, read_only=read_only)
+        except (FileNotFoundError, ValueError, LedgerError) as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from e

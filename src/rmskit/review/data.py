@@ -62,13 +62,14 @@ class ReviewStore:
     """Reads the run for the review app and writes decisions. Sample rows are cached and re-read when
     the samples table changes (the build may still be running); the review log is folded per request."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, *, read_only: bool = False) -> None:
         self.run_dir = Path(run_dir)
         if not (self.run_dir / LEDGER_NAME).exists():
             raise FileNotFoundError(
                 f"no ledger at {self.run_dir / LEDGER_NAME}: is {self.run_dir} a run directory?"
             )
-        self.ledger = Ledger(self.run_dir)
+        # write mode holds the run's lock (one writer per run); read-only browsing works beside a build
+        self.ledger = Ledger(self.run_dir, readonly=read_only, lock=not read_only)
         self.dataset_dir = self.run_dir / "dataset"
         self.images_dir = self.dataset_dir / "images"
         self._lock = threading.Lock()
@@ -86,7 +87,7 @@ class ReviewStore:
 
     # -- loading ----------------------------------------------------------------------------------
     def _base_samples(self) -> list[dict[str, Any]]:
-        key = tuple(self.ledger.query("SELECT COUNT(*), MAX(created) FROM samples WHERE status='ok'")[0])
+        key = self.ledger.samples_stamp("ok")
         with self._lock:
             if key != self._key:
                 self._samples = list(self.ledger.iter_samples("ok"))
@@ -191,10 +192,6 @@ class ReviewStore:
     def views(self, samples: list[dict[str, Any]], snap: Snapshot) -> list[dict[str, Any]]:
         return [self.view(s, snap.state.get(s["id"])) for s in samples]
 
-    def all_views(self) -> list[dict[str, Any]]:
-        snap = self.snapshot()
-        return self.views(snap.samples, snap)
-
     # -- queries ----------------------------------------------------------------------------------
     def search(self, f: Filters, snap: Snapshot | None = None) -> list[dict[str, Any]]:
         """The raw samples matching `f`, in ledger order; fields a review edit changed are matched on
@@ -251,7 +248,7 @@ class ReviewStore:
     def categories(self, snap: Snapshot | None = None) -> list[str]:
         """Taxonomy names in creation order, then any other category a (possibly edited) sample uses."""
         snap = snap or self.snapshot()
-        names = [n for (n,) in self.ledger.query("SELECT name FROM taxonomy ORDER BY seq")]
+        names = self.ledger.category_names()
         seen = set(names)
         for smp in snap.samples:
             cat = (

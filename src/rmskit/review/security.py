@@ -4,8 +4,12 @@ CSRF protection for state-changing requests, and strict response headers (CSP)."
 from __future__ import annotations
 
 import ipaddress
+import json
+import math
 import secrets
+from collections import Counter
 from collections.abc import Awaitable, Callable
+from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 from starlette.requests import Request
@@ -16,6 +20,9 @@ TOKEN_HEADER = "x-rmskit-token"
 CSRF_HEADER = "x-csrf-token"
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+MAX_BODY_BYTES = 1_000_000
+MIN_TOKEN_CHARS = 16
+MIN_TOKEN_BITS = 64.0  # estimated from the token's own character statistics
 
 # No inline script or style anywhere: every script/style is a file under /static.
 CSP = (
@@ -43,11 +50,30 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_token(token: str) -> None:
+    """Refuse a token an attacker could guess: short, with whitespace or control characters (which
+    also break cookies and headers), or low in entropy (repeats, few distinct characters). The value
+    itself is never part of the message."""
+    hint = "generate one with: python -c 'import secrets; print(secrets.token_urlsafe(24))'"
+    if len(token) < MIN_TOKEN_CHARS:
+        raise ValueError(f"a review token must be at least {MIN_TOKEN_CHARS} characters; {hint}")
+    if any(c.isspace() or not c.isprintable() or not c.isascii() for c in token):
+        raise ValueError(f"a review token must be printable ASCII without spaces; {hint}")
+    n = len(token)
+    # bits if every character were drawn from the token's own character distribution
+    bits = -n * sum((k / n) * math.log2(k / n) for k in Counter(token).values())
+    repeats = any(n % p == 0 and token == token[:p] * (n // p) for p in range(1, n // 2 + 1))
+    if repeats or bits < MIN_TOKEN_BITS:
+        raise ValueError(
+            f"the review token is too easy to guess (about {bits:.0f} bits; need {MIN_TOKEN_BITS:.0f}); {hint}"
+        )
+
+
 def resolve_token(host: str, token: str | None, echo: Callable[[str], None] = print) -> str | None:
     """The token the server will require. A non-loopback bind never runs without one: when none is
     given, a fresh one is generated and printed (the only way to learn it)."""
-    if token is not None and len(token) < 16:
-        raise ValueError("a review token must be at least 16 characters")
+    if token is not None:
+        check_token(token)
     if is_loopback(host) or token is not None:
         return token
     token = secrets.token_urlsafe(24)
@@ -130,3 +156,55 @@ class Guard:
             if not secrets.compare_digest(given.encode(), self.csrf_token.encode()):
                 return _reject(403, "missing or wrong CSRF token")
         return await call_next(request)
+
+
+class BodyLimit:
+    """ASGI middleware: request bodies over `limit` bytes get 413 before any route parses them, both
+    when Content-Length says so and when a chunked body grows past it."""
+
+    def __init__(self, app: Any, limit: int = MAX_BODY_BYTES) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        try:
+            too_big = declared is not None and int(declared) > self.limit
+        except ValueError:
+            await _send_json(send, 400, "invalid Content-Length")
+            return
+        if too_big:
+            await _send_json(send, 413, f"request body too large (limit {self.limit:,} bytes)")
+            return
+        # read the body here (bounded), then replay it: a route never sees a body over the limit
+        body = b""
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            body += message.get("body", b"")
+            more = bool(message.get("more_body", False))
+            if len(body) > self.limit:
+                await _send_json(send, 413, f"request body too large (limit {self.limit:,} bytes)")
+                return
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+async def _send_json(send: Any, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
