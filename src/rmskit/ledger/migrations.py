@@ -97,14 +97,12 @@ def _applied(con: sqlite3.Connection) -> list[str]:
 
 def _refuse_newer(con: sqlite3.Connection, path: Path, applied: list[str]) -> None:
     unknown = [n for n in applied if n not in _KNOWN]
-    stored = con.execute(
-        "SELECT value FROM meta WHERE key='schema_version'"
-        if con.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone()
-        else "SELECT NULL WHERE 0"
-    ).fetchone()
-    newer = unknown or (stored is not None and str(stored[0]).isdigit() and int(stored[0]) > SCHEMA_VERSION)
+    has_meta = con.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone()
+    row = con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() if has_meta else None
+    stored = str(row[0]) if row else ""
+    newer = unknown or (stored.isdigit() and int(stored) > SCHEMA_VERSION)
     if newer:
-        what = f"schema migrations {', '.join(unknown)}" if unknown else f"schema version {stored[0]}"
+        what = f"schema migrations {', '.join(unknown)}" if unknown else f"schema version {stored}"
         raise LedgerError(
             path,
             f"written by a newer rmskit ({what}; this rmskit knows schema version {SCHEMA_VERSION})",

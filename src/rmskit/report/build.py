@@ -198,7 +198,7 @@ def _collect(run_dir: Path, score: Path | None) -> dict[str, Any]:
         p: dict[str, str | None] = dict.fromkeys(PLOTS)
         ctx["funnel"] = funnel = _funnel(led, len(kept))
         if funnel["images"]:
-            values = [funnel[k] for k in FUNNEL]
+            values = [float(funnel[k]) for k in FUNNEL]
             p["funnel"] = hbar(
                 list(FUNNEL), values, title="stage funnel", xlabel="count (images, then scenarios / samples)"
             )
@@ -231,7 +231,7 @@ def _collect(run_dir: Path, score: Path | None) -> dict[str, Any]:
     return ctx
 
 
-def _summary(led: Ledger, state: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+def _summary(led: Ledger, state: dict[str, dict[str, Any]]) -> list[tuple[str, Any]]:
     started, finished = led.get_meta("started_at"), led.get_meta("finished_at")
     config = led.get_meta("config") or {}
     counts = led.sample_counts()

@@ -101,7 +101,8 @@ class ReviewStore:
                         if checks and all(c["pass"] for c in checks)
                         else ("fail" if checks else "none")
                     )
-                    sc = smp.get("scenario") if isinstance(smp.get("scenario"), dict) else {}
+                    scenario = smp.get("scenario")
+                    sc: dict[str, Any] = scenario if isinstance(scenario, dict) else {}
                     hay = f"{smp['id']} {sc.get('hazard', '')} {sc.get('benign_intent', '')}".casefold()
                     self._pre[smp["id"]] = (checks, verdict, hay)
                 self._key = key
