@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 from PIL import Image
 from pydantic import BaseModel
 
@@ -216,7 +214,7 @@ def read_exported_ids(run_dir: Path) -> list[str]:
     return [json.loads(line)["id"] for line in path.read_text().splitlines() if line.strip()]
 
 
-# -- pytest fixtures and helpers shared by the review/report tests -----------------------------------------
+# -- helpers shared by the review/report tests (the fixtures themselves live in conftest.py) -----------------------------------------
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -236,17 +234,3 @@ def chromium_skip_reason() -> str | None:
     except ImportError:
         return "playwright (python) is not installed"
     return None
-
-
-@pytest.fixture(scope="session", name="run_template")
-def run_template_fixture(tmp_path_factory: pytest.TempPathFactory) -> RunInfo:
-    """The scripted build, made once per test session (read it; copy it before writing)."""
-    return build_run(tmp_path_factory.mktemp("template"))
-
-
-@pytest.fixture(name="run")
-def run_fixture(run_template: RunInfo, tmp_path: Path) -> RunInfo:
-    """A private copy of the fixture run (tests write decisions into it)."""
-    dst = tmp_path / "run"
-    shutil.copytree(run_template.run_dir, dst, ignore=shutil.ignore_patterns(".lock"))
-    return replace(run_template, run_dir=dst)

@@ -212,4 +212,3 @@ def test_ledger_lock_is_released_on_close(tmp_path: Path) -> None:
         assert again.run_lock is not None and again.run_lock.took_over is None  # clean release, not stale
     with pytest.raises(ValueError):
         Ledger(tmp_path / "run", readonly=True, lock=True)
-

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import typer
 from PIL import Image
-from rundir_fixture import (  # noqa: F401
+from rundir_fixture import (
     CHROMIUM,
     CHROMIUM_ARGS,
     HOSTILE_CATEGORY,
@@ -23,8 +23,6 @@ from rundir_fixture import (  # noqa: F401
     HOSTILE_RESPONSE,
     RunInfo,
     chromium_skip_reason,
-    run_fixture,
-    run_template_fixture,
 )
 from typer.testing import CliRunner
 

@@ -9,13 +9,11 @@ from pathlib import Path
 import pytest
 import typer
 from fastapi.testclient import TestClient
-from rundir_fixture import (  # noqa: F401
+from rundir_fixture import (
     HOSTILE_CATEGORY,
     HOSTILE_QUERY,
     HOSTILE_RESPONSE,
     RunInfo,
-    run_fixture,
-    run_template_fixture,
 )
 from typer.testing import CliRunner
 

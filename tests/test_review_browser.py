@@ -11,13 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from rundir_fixture import (  # noqa: F401
+from rundir_fixture import (
     CHROMIUM,
     CHROMIUM_ARGS,
     RunInfo,
     chromium_skip_reason,
-    run_fixture,
-    run_template_fixture,
 )
 
 from rmskit.export import write_dataset

@@ -10,7 +10,7 @@ import secrets
 import pytest
 import typer
 from fastapi.testclient import TestClient
-from rundir_fixture import RunInfo, run_fixture, run_template_fixture  # noqa: F401
+from rundir_fixture import RunInfo
 from typer.testing import CliRunner
 
 from rmskit.ledger import LEDGER_NAME, Ledger, RunLocked
