@@ -1,5 +1,5 @@
 """The review server under attack: guessable tokens, huge or malformed bodies, invalid Unicode, a second
-writer on the same run, a damaged ledger; and schemathesis fuzzing its OpenAPI schema."""
+writer on the same run, a damaged ledger (schemathesis fuzzing is in test_review_fuzz.py)."""
 
 from __future__ import annotations
 
@@ -163,61 +163,3 @@ def test_review_cli_one_line_errors_for_locked_and_damaged_runs(run: RunInfo, tm
     (bad / LEDGER_NAME).write_bytes(b"garbage " * 100)
     r = CliRunner().invoke(app, ["review", str(bad)])
     assert r.exit_code == 2 and "damaged" in r.output and len(r.output.strip().splitlines()) == 1
-
-
-# -- schemathesis: every operation of the OpenAPI schema, generated inputs, bounded -----------------------
-def test_schemathesis_finds_no_500_and_no_oversized_response(run: RunInfo) -> None:
-    import schemathesis
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis import strategies as st
-
-    app = create_app(run.run_dir)
-    client = TestClient(app, base_url=BASE, raise_server_exceptions=False)
-    headers = {"X-CSRF-Token": app.state.csrf_token}
-    schema = schemathesis.openapi.from_dict(app.openapi())
-    ops = [r.ok() for r in schema.get_all_operations()]
-    assert {op.path for op in ops} >= {"/api/samples", "/api/samples/{sample_id}/edit"}
-    real_ids = st.sampled_from([*run.ok_ids, *run.failed_ids])
-
-    for op in ops:
-        modes = (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE)
-        cases = st.one_of([op.as_strategy(generation_mode=m) for m in modes])  # valid and invalid inputs
-
-        @settings(
-            max_examples=int(os.environ.get("RMSKIT_FUZZ_EXAMPLES", "25")),  # ~8 s in CI; raise to fuzz
-            deadline=None,
-            suppress_health_check=list(HealthCheck),
-            database=None,
-            derandomize=True,  # CI: the same inputs every run (`make fuzz`-style runs raise max_examples)
-        )
-        @given(case=cases, sid=real_ids, real=st.booleans())
-        def check(case, sid: str, real: bool) -> None:  # noqa: ANN001
-            if real and case.path_parameters and "sample_id" in case.path_parameters:
-                case.path_parameters["sample_id"] = sid  # reach past the 404 half the time
-            kw = case.as_transport_kwargs(base_url=BASE)
-            r = client.request(
-                kw["method"],
-                kw["url"],
-                params=kw.get("params"),
-                content=json.dumps(kw["json"]) if "json" in kw else None,
-                headers={**(kw.get("headers") or {}), **headers, "Content-Type": "application/json"},
-            )
-            where = (case.method, case.formatted_path)
-            assert r.status_code < 500, (*where, r.text[:300])
-            limit = 4096 if r.status_code >= 400 else 2_000_000
-            assert len(r.content) <= limit, (*where, len(r.content))
-            if r.status_code >= 400:  # an error never quotes what was sent
-                sent = [x for x in _strings([kw.get("json"), kw.get("params")]) if len(x) >= 12]
-                assert not [x for x in sent if x in r.text], (*where, r.text[:300])
-
-        check()
-
-
-def _strings(obj: object) -> list[str]:
-    if isinstance(obj, str):
-        return [obj]
-    if isinstance(obj, dict):
-        return [s for k, v in obj.items() for s in (*_strings(k), *_strings(v))]
-    if isinstance(obj, list | tuple):
-        return [s for x in obj for s in _strings(x)]
-    return []
