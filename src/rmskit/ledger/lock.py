@@ -110,5 +110,6 @@ def _read(fd: int) -> dict[str, Any]:
 
 def _command() -> str:
     # program and subcommand only ("rmskit review"): later arguments may carry URLs with credentials
-    argv = [os.path.basename(sys.argv[0] or "python"), *sys.argv[1:2]]
-    return " ".join(a for a in argv if not a.startswith("-"))[:80]
+    prog = Path(sys.argv[0] or "python")
+    name = prog.parent.name if prog.name == "__main__.py" else prog.name  # `python -m rmskit` -> rmskit
+    return " ".join(a for a in (name, *sys.argv[1:2]) if not a.startswith("-"))[:80]
