@@ -58,7 +58,7 @@ class RunInfo:
     refined_id: str = ""  # chelsea's first scenario: round 1 leaked, round 2 passed
     never_passes_id: str = ""  # rocket's first scenario: leaks in every round, failed after max_rounds
     soft_fail_id: str = ""  # astronaut's first scenario: kept with the advisory lexical check failed
-    failed_image: str = "camera"  # fails at perceive (the model endpoint answers 503)
+    failed_image: str = "camera"  # perceive fails (503, transient): the image is left pending for a re-run
 
 
 class FixtureModel:
@@ -149,27 +149,38 @@ def _photos(root: Path) -> Path:
 
 def _score_json(run_dir: Path) -> None:
     """score.json as `rmskit score` writes it for one training set: a ScoreReport of real metrics."""
+    from rmskit import stats
     from rmskit.scoring.api import BenchResult, ScoreReport
     from rmskit.scoring.metrics import compute_metrics
 
     rng = np.random.default_rng(0)
     benches = {}
+    labels_of: dict[str, list[str]] = {}
+    preds_of: dict[str, list[bool]] = {}
     for bench, n in (("vlguard", 120), ("siuo", 40), ("mssbench", 80)):
         labels = ["unsafe"] * n if bench == "siuo" else ["unsafe", "safe"] * (n // 2)  # siuo: one class
         truth = np.array([lbl == "unsafe" for lbl in labels], dtype=float)
         zero = np.clip(0.5 + 0.15 * (truth - 0.5) + rng.normal(0, 0.25, n), 0, 1)
         tuned = np.clip(0.5 + 0.6 * (truth - 0.5) + rng.normal(0, 0.2, n), 0, 1)
+        labels_of[bench], preds_of[bench] = labels, [bool(x >= 0.5) for x in tuned]
         benches[bench] = BenchResult(
             n=n,
             zero_shot=compute_metrics(labels, zero.tolist()),
             tuned=compute_metrics(labels, tuned.tolist()),
         )
-    heads = [b.tuned.headline() for b in benches.values()]
+    # the score: mean tuned balanced accuracy over the benchmarks with both classes, with its interval
+    both = [b for b in benches if b != "siuo"]
+    head = stats.mean_balanced_accuracy(
+        [[lbl == "unsafe" for lbl in labels_of[b]] for b in both], [preds_of[b] for b in both]
+    )
+    assert isinstance(head, stats.Estimate)
     report = ScoreReport(
         train={"name": "fixture", "path": str(run_dir / "dataset"), "format": "rmskit", "n": 10},
         judge={"model": "hf:tiny-random-qwen2-vl", "prompt": "judge.v1", "lora_r": 8},
         benchmarks=benches,
-        score=float(np.mean([h for h in heads if h is not None])),
+        score=head.value,
+        score_estimate=head,
+        score_over=both,
     )
     (run_dir / "score").mkdir()
     (run_dir / "score" / "score.json").write_text(report.model_dump_json(indent=1))

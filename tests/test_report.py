@@ -204,13 +204,16 @@ def test_report_numbers_follow_ledger_and_review(run: RunInfo) -> None:
         assert set(ctx["usage"]) >= {"perceive", "discover", "compose", "check_leakage", "respond"}
     sc = json.loads((run.run_dir / "score" / "score.json").read_text())
     entry = ctx["scores"][0]
-    assert entry["score"] == f"{sc['score']:.3f}" and not entry["matrix"]
-    assert entry["judge"] == "hf:tiny-random-qwen2-vl" and entry["train"] == "fixture"
-    assert len(entry["rows"]) == 3 * 5  # counts (n, n_safe, n_unsafe) and notes are not metrics
+    est = sc["score_estimate"]  # the score with its interval and n, as `rmskit score` reports it
+    assert entry["score"] == f"{est['value']:.3f} [{est['low']:.3f}, {est['high']:.3f}], n={est['n']}"
+    assert not entry["matrix"] and entry["judge"] == "hf:tiny-random-qwen2-vl" and entry["train"] == "fixture"
+    metrics = {k for k, v in sc["benchmarks"]["vlguard"]["tuned"].items() if isinstance(v, dict)}
+    assert len(metrics) == 7 and len(entry["rows"]) == 3 * len(metrics)  # counts are not metrics
     auroc = next(r for r in entry["rows"] if r["bench"] == "siuo" and r["metric"] == "auroc")
-    assert auroc["zero_shot"] == auroc["tuned"] == "n/a"  # one class only: undefined, not 0
-    f1 = next(r for r in entry["rows"] if r["bench"] == "vlguard" and r["metric"] == "macro_f1")
-    assert f1["tuned"] == f"{sc['benchmarks']['vlguard']['tuned']['macro_f1']:.3f}"
+    assert auroc["tuned"].startswith(("undefined", "insufficient"))  # one class only: not 0, not hidden
+    ba = sc["benchmarks"]["vlguard"]["tuned"]["balanced_accuracy"]
+    row = next(r for r in entry["rows"] if r["bench"] == "vlguard" and r["metric"] == "balanced_accuracy")
+    assert row["tuned"] == f"{ba['value']:.3f} [{ba['low']:.3f}, {ba['high']:.3f}], n={ba['n']}"
 
     # review decisions change what counts as kept, and edited categories count under their new name
     target = next(

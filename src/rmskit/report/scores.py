@@ -8,8 +8,17 @@ from pathlib import Path
 from typing import Any
 
 from rmskit.report.plots import heatmap
+from rmskit.stats import fmt_estimate
 
-METRIC_ORDER = ("accuracy", "macro_f1", "unsafe_recall", "false_refusal_rate", "auroc")
+METRIC_ORDER = (
+    "balanced_accuracy",
+    "macro_f1",
+    "unsafe_recall",
+    "false_refusal_rate",
+    "auroc",
+    "accuracy",
+    "majority_baseline",
+)
 LOWER_IS_BETTER = frozenset({"false_refusal_rate"})
 
 
@@ -38,16 +47,25 @@ def load_score(path: Path) -> dict[str, Any] | None:
     return data
 
 
+def _is_estimate(v: Any) -> bool:
+    """An `rmskit.stats.Estimate` as score.json stores it: value with interval, n and per-class counts."""
+    return isinstance(v, dict) and "value" in v and "n" in v
+
+
 def _num(v: Any) -> float | None:
+    if _is_estimate(v):
+        v = v["value"]
     return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
 def _metric_names(*dicts: Any) -> list[str]:
-    """Metric keys of Metrics dicts (counts n / n_safe / n_unsafe and the `undefined` notes left out)."""
+    """Metric keys of Metrics dicts: Estimates (current score.json) or plain numbers (older files);
+    counts n / n_safe / n_unsafe and notes are not metrics."""
     names: list[str] = []
     for d in dicts:
         for k, v in (d or {}).items() if isinstance(d, dict) else ():
-            if k != "n" and not k.startswith("n_") and (v is None or _num(v) is not None) and k not in names:
+            metric = v is None or _num(v) is not None or _is_estimate(v)
+            if k != "n" and not k.startswith("n_") and metric and k not in names:
                 names.append(k)
     return sorted(names, key=lambda m: (METRIC_ORDER.index(m) if m in METRIC_ORDER else 99, m))
 
@@ -61,14 +79,22 @@ def _label(v: Any, *keys: str) -> str:
 
 
 def _fmt(v: Any) -> str:
+    """An Estimate with its interval and n (`0.71 [0.64, 0.78], n=412`); a bare number as it is."""
+    if _is_estimate(v):
+        try:
+            return fmt_estimate(v, digits=3)
+        except ValueError:  # pydantic: a malformed estimate in a hand-edited file
+            pass
     x = _num(v)
     return f"{x:.3f}" if x is not None else "n/a"
 
 
 def _headline(met: dict[str, Any]) -> float | None:
-    """The dataset score of a tuned judge: macro-F1, else unsafe recall."""
-    f1 = _num(met.get("macro_f1"))
-    return f1 if f1 is not None else _num(met.get("unsafe_recall"))
+    """The dataset score of a tuned judge: balanced accuracy (macro-F1 or unsafe recall in older files)."""
+    for m in ("balanced_accuracy", "macro_f1", "unsafe_recall"):
+        if _num(met.get(m)) is not None:
+            return _num(met.get(m))
+    return None
 
 
 def _matrix(benches: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], str | None]:
@@ -93,7 +119,7 @@ def _matrix(benches: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], s
     if not (benches and trains):
         return rows, None
     return rows, heatmap(
-        row_names, list(benches), grid, notes, "headline metric (macro-F1): train × benchmark"
+        row_names, list(benches), grid, notes, "headline metric (balanced accuracy): train × benchmark"
     )
 
 
@@ -142,8 +168,8 @@ def score_entry(path: Path, sc: dict[str, Any]) -> dict[str, Any]:
         for v in benches.values()
     )
     rows, plot = _matrix(benches) if matrix else _single(benches)
-    score = sc.get("score")
-    if isinstance(score, dict):
+    score = sc.get("score_estimate") if _is_estimate(sc.get("score_estimate")) else sc.get("score")
+    if isinstance(score, dict) and not _is_estimate(score):
         score_text = ", ".join(f"{k}: {_fmt(v)}" for k, v in score.items())
     else:
         score_text = _fmt(score)
