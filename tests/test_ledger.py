@@ -142,6 +142,16 @@ def test_status_and_report_raise_ledger_error_on_a_damaged_ledger(tmp_path: Path
         run_status(run)
     with pytest.raises(LedgerError):
         collect(run, draw=False)
+    import typer
+    from typer.testing import CliRunner
+
+    from rmskit.report import cli as report_cli
+
+    app = typer.Typer()
+    report_cli.register(app)
+    app.command("noop")(lambda: None)
+    r = CliRunner().invoke(app, ["report", str(run)])
+    assert r.exit_code == 2 and "empty (0 bytes)" in r.output and len(r.output.strip().splitlines()) == 1
 
 
 def test_sample_and_final_round_land_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
