@@ -29,7 +29,7 @@ test-fast: setup
 # Property-based tests of every untrusted-input parser, run long (not in CI): FUZZ_EXAMPLES per property.
 fuzz: setup
 	HYPOTHESIS_PROFILE=fuzz FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-3000} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
-		$(PY) -m pytest -q -o timeout=0 tests/test_fuzz_*.py $(PYTEST_ARGS)
+		$(PY) -m pytest -q -o timeout=0 tests/test_fuzz_*.py tests/test_review_fuzz.py $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench

@@ -310,7 +310,7 @@ async def run_build_ray(
     """Run (or resume) a build on Ray; same run directory, summary and dataset as the local executor."""
     t0 = time.monotonic()
     run_dir = Path(cfg.out)
-    ledger = Ledger(run_dir)
+    ledger = Ledger(run_dir, lock=True)  # one writer per run directory
     handler = _setup_logging(run_dir)
     stats = ClusterStats()
     try:

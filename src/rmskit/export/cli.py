@@ -50,7 +50,7 @@ def register(app: typer.Typer) -> None:
 def _export(run_dir: Path, fmt: ExportFormat | None, out: Path | None, balance: int | None) -> None:
     from rmskit.export import ExportError, export_summary, is_run_dir, write_dataset
     from rmskit.interrupts import interruptible
-    from rmskit.ledger.store import LEDGER_NAME
+    from rmskit.ledger import LEDGER_NAME, LedgerError, RunLock
 
     if not run_dir.is_dir():
         error_line(f"{run_dir} does not exist or is not a directory")
@@ -65,12 +65,14 @@ def _export(run_dir: Path, fmt: ExportFormat | None, out: Path | None, balance: 
     try:
         # Ctrl-C: the half-written temporary folder is removed (here or by the next export) and the
         # previous output stays in place; see rmskit.interrupts for the exit policy.
-        with interruptible():
+        # The run lock: no export beside a running build or a writing review (the build's own
+        # export step runs under the build's lock, so it is taken here, not in write_dataset).
+        with interruptible(), RunLock(run_dir):
             if fmt is None:
                 summary = write_dataset(run_dir, balance=balance)
             else:
                 summary = export_summary(run_dir, fmt.value, out, balance=balance)
-    except ExportError as exc:
+    except (ExportError, LedgerError) as exc:
         error_line(str(exc))
         raise typer.Exit(EXIT_USAGE) from None
     except OSError as exc:

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from rmskit.config import STAGES, BuildConfig, load_yaml_config
 from rmskit.console import error_line, markup_safe, shown, storage_failure, validation_lines
+from rmskit.ledger import LedgerError
 
 # Exit codes of `rmskit build` (README): 0 something was built, 1 storage ran out (resumable),
 # 2 unusable arguments, 3 no image finished, 130 interrupted (resumable).
@@ -208,7 +209,7 @@ def register(app: typer.Typer) -> None:
 
         try:
             st = run_status(run_dir)
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, LedgerError) as exc:
             _fail(str(exc))
         if json_out:
             typer.echo(json.dumps(st, indent=2, ensure_ascii=False))
@@ -270,6 +271,8 @@ def _run(cfg: BuildConfig, executor: Any, *, quiet: bool) -> Any:
         return run_interruptible(main)
     except ValidationError as exc:
         _fail(validation_lines(exc))
+    except LedgerError as exc:  # corrupt, from a newer rmskit, or locked by another process
+        _fail(str(exc))
     except Exception as exc:
         message = storage_failure(exc, Path(cfg.out) / LEDGER_NAME)
         if message is not None:

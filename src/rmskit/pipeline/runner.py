@@ -260,7 +260,9 @@ class Pipeline:
             return
         loop = SampleLoop(ctx, self.cfg, self.callers, perception, sid, kind, category, scenario)
         status, data = await loop.run()  # a transient failure propagates: nothing is written
-        self.ledger.put_sample(sid, ctx.rec.sha256, kind, category, status, data)
+        self.ledger.put_sample_with_round(
+            sid, ctx.rec.sha256, kind, category, status, data, final_round=loop.final_round
+        )
         if status != "ok":
             self.stats.samples_failed += 1
             return
@@ -346,7 +348,7 @@ async def run_build(
     stage names to ready backends (tests)."""
     t0 = time.monotonic()
     run_dir = Path(cfg.out)
-    ledger = Ledger(run_dir)
+    ledger = Ledger(run_dir, lock=True)  # one writer per run directory
     handler = _setup_logging(run_dir)
     stats = Stats()
     created: list[ModelBackend] = []

@@ -17,6 +17,7 @@ import json
 from typing import Any
 
 from rmskit.config import BuildConfig
+from rmskit.ledger import Round
 from rmskit.pipeline.caller import Caller, StageFailed
 from rmskit.pipeline.registry import LOCAL_CHECKS, ROLES, STAGES, Unit, checks_for, say, writer_for
 from rmskit.pipeline.stages import StageContext, lexical_leak, scenario_for_prompt
@@ -42,6 +43,7 @@ class SampleLoop:
         self.kind = kind
         self.category = category
         self.scenario = scenario
+        self.final_round: Round | None = None  # written with the sample (Ledger.put_sample_with_round)
 
     async def run(self) -> tuple[str, dict[str, Any]]:
         """('ok' | 'failed', sample data). Raises StageFailed only for transient failures."""
@@ -90,9 +92,11 @@ class SampleLoop:
                 checks = await self._checks(unit, rnd, query=query or text, response=text if query else "")
                 passed, feedback = self._passes(checks), self._feedback(checks)
                 seen[text] = (rnd, checks, feedback)
-            self.ctx.ledger.put_round(
-                self.sid, unit, rnd, passed, {field: text, "checks": checks, "feedback": feedback}
-            )
+            rec = Round(unit, rnd, passed, {field: text, "checks": checks, "feedback": feedback})
+            if (passed and unit == "query") or (not passed and rnd < self.cfg.max_rounds):
+                self.ctx.ledger.put_round(self.sid, *rec)
+            else:  # the round that decides the sample lands with it, in one transaction
+                self.final_round = rec
             if passed:
                 return text, checks, rnd, True
             # Writers see their earlier texts with the notes (compose, control.v2, respond.v2), so no
