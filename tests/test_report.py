@@ -193,6 +193,8 @@ def test_report_numbers_follow_ledger_and_review(run: RunInfo) -> None:
         "n": 11,
         "rate": 1.0,
         "rate1": 1.0,
+        "shown": "1.00 [0.74, 1.00], n=11",  # Wilson interval of 11/11
+        "shown1": "1.00 [0.74, 1.00], n=11",
     }
     assert ctx["round_counts"] == {"ok": {1: 10, 2: 1}, "failed": {3: 1}}
     names = [t["name"] for t in ctx["taxonomy"]]

@@ -33,33 +33,38 @@ def test_second_verifier_agreement_is_measured_per_check(tmp_path: Path) -> None
     from rmskit.config import BackendConfig
     from rmskit.pipeline.runner import run_build
 
+    imgs = _images(4)
     cfg = _cfg(
         tmp_path,
         perceive="model",
-        verify_agreement=4,
+        verify_agreement=1000,  # every verified round
         stage_models={"verify2": BackendConfig(spec="openai:x")},
     )
-    main, second = ScriptedBackend(), Contrarian()
+    # the first verifier rejects every response of one image: failed rounds are re-checked too, so
+    # the first verifier is not a constant "pass" (which would make kappa meaningless)
+    main, second = ScriptedBackend(reject=("check_response", imgs[0].sha256)), Contrarian()
     backends = dict.fromkeys(("perceive", "discover", "compose", "verify", "respond"), main) | {
         "verify2": second
     }
-    asyncio.run(run_build(cfg, quiet=True, items=_images(4), backends=backends, export=False))
+    asyncio.run(run_build(cfg, quiet=True, items=imgs, backends=backends, export=False))
     led = Ledger(tmp_path / "run")
     agreement = led.get_meta("agreement")
-    assert agreement["n_samples"] == 4 and agreement["second_verifier"] == "contrarian"
+    n_rounds = sum(1 for r in led.iter_rounds() if r["data"].get("checks"))
+    assert agreement["n_rounds"] == n_rounds and agreement["second_verifier"] == "contrarian"
     checks = agreement["checks"]
-    # same scripted verdicts on text-only / leakage / response: perfect agreement, kappa undefined
-    # (every sample passed both times); the contrarian flips some combined verdicts.
-    assert checks["text_only"]["agreement"] == 1.0 and checks["text_only"]["kappa"] is None
-    assert checks["combined"]["n"] == 4 and checks["combined"]["agreement"] < 1.0
-    assert checks["combined"]["kappa"] is not None and checks["combined"]["kappa"] <= 0.0
+    response = checks["response"]["kappa"]["n_per_class"]
+    assert response["fail"] > 0 and response["pass"] > 0
+    # same scripted verdicts on text-only: perfect raw agreement; the contrarian flips combined
+    # verdicts. Below 20 rounds per class kappa is insufficient with its counts, never a number.
+    assert checks["text_only"]["agreement"]["value"] == 1.0
+    assert checks["combined"]["agreement"]["value"] < 1.0
+    kappa = checks["combined"]["kappa"]
+    assert kappa["value"] is None and kappa["insufficient"] and kappa["n"] == checks["combined"]["n"]
     sent = [r["stage"] for r in second.requests]
-    assert sent.count("check_combined") == 4 and "compose" not in sent
-    # seeded: a second identical run picks the same samples (all requests served by the cache)
+    assert sent.count("check_combined") == checks["combined"]["n"] and "compose" not in sent
+    # seeded: a second identical run picks the same rounds (all requests served by the cache)
     again = Contrarian()
-    asyncio.run(
-        run_build(cfg, quiet=True, items=_images(4), backends=backends | {"verify2": again}, export=False)
-    )
+    asyncio.run(run_build(cfg, quiet=True, items=imgs, backends=backends | {"verify2": again}, export=False))
     assert again.requests == [] and Ledger(tmp_path / "run").get_meta("agreement") == agreement
 
 
@@ -68,7 +73,7 @@ def test_same_model_agreement_shuffles_the_instructions(tmp_path: Path) -> None:
     summary = _run(_cfg(tmp_path, perceive="model", verify_agreement=3), backend, _images(3))
     led = Ledger(tmp_path / "run")
     agreement = led.get_meta("agreement")
-    assert agreement["n_samples"] == 3 and "shuffled" in agreement["second_verifier"]
+    assert agreement["n_rounds"] == 3 and "shuffled" in agreement["second_verifier"]
     assert summary.samples_ok == 9
     msgs = [Message(role="system", content="a\n\nb\n\nc\n\nd"), Message(role="user", content="u")]
     out = shuffled_instructions(msgs, seed=1)
@@ -93,11 +98,26 @@ def test_pass_rates_by_category(tmp_path: Path) -> None:
     assert sum(r.kept for r in rates) == sum(s["status"] == "ok" for s in risky)
     for r in rates:
         mine = [s for s in risky if s["category"] == r.category]
-        assert r.n == len(mine) and r.rate == sum(s["status"] == "ok" for s in mine) / len(mine)
-        assert 0 <= r.ci_low <= r.rate <= r.ci_high <= 1
+        rate = r.rate.value
+        assert r.n == len(mine) and rate == sum(s["status"] == "ok" for s in mine) / len(mine)
+        assert r.rate.low is not None and r.rate.high is not None
+        assert 0 <= r.rate.low <= rate <= r.rate.high <= 1 and r.rate.n == r.n
     # categories whose responses the verifier always rejects keep nothing; others keep all
-    assert {0.0, 1.0} <= {r.rate for r in rates}
-    assert all(r.rate == 0.0 for r in rates if _hard(r.category))
+    assert {0.0, 1.0} <= {r.rate.value for r in rates}
+    assert all(r.rate.value == 0.0 for r in rates if _hard(r.category))
+
+
+def test_kappa_per_check_is_chance_corrected_with_an_interval() -> None:
+    from rmskit.pipeline.quality import _agreement
+
+    same = [(True, True)] * 30 + [(False, False)] * 30
+    k = _agreement(same).kappa
+    assert k.value == 1.0 and k.low is not None and k.low > 0.9
+    flipped = [(a, not a) for a, _ in same]
+    assert _agreement(flipped).kappa.value == -1.0
+    # a second verifier that always says "pass" agrees 50% of the time here, but kappa is 0
+    constant = [(a, True) for a, _ in same]
+    assert _agreement(constant).agreement.value == 0.5 and _agreement(constant).kappa.value == 0.0
 
 
 def _hard(text: str) -> bool:

@@ -101,8 +101,8 @@ class BuildConfig(BaseModel):
     # only makes sense with a verifier too weak to trust, e.g. the embedded smoke-test model.
     required_checks: list[str] = Field(default_factory=check_names)  # names: see the stage registry
     target: int | None = Field(None, ge=1)
-    # Re-check this many kept samples (seeded) with a second verifier and store Cohen's kappa per
-    # check in the ledger meta `agreement` (0: off). See rmskit.pipeline.quality.
+    # Re-check this many verified rounds (seeded; passed and failed) with a second verifier and
+    # store Cohen's kappa per check in the ledger meta `agreement` (0: off). See pipeline/quality.py.
     verify_agreement: int = Field(0, ge=0)
     per_category_target: int | None = Field(None, ge=1)
     taxonomy_merge_threshold: float = Field(0.6, gt=0, le=1)  # MiniLM cosine; see build/taxonomy.py

@@ -16,6 +16,7 @@ import rmskit
 from rmskit.config import STAGES
 from rmskit.export.prepare import Prepared
 from rmskit.export.secrets import redact_text, scrub_config
+from rmskit.stats import fmt_estimate
 
 # licenses the Hub knows by id; anything else (or a mix) is "other"
 _HUB_LICENSES = {
@@ -160,8 +161,6 @@ def _flatten(obj: Any, prefix: str = "") -> list[list[Any]]:
     """Nested probe numbers as (name, value) rows; an rmskit.stats Estimate is one row that reads
     `0.71 [0.64, 0.78], n=412` (or `insufficient (...)`), never a bare number."""
     if _is_estimate(obj):
-        from rmskit.stats import fmt_estimate
-
         return [[prefix.rstrip("."), fmt_estimate(obj, 3)]]
     if isinstance(obj, dict):
         rows: list[list[Any]] = []
@@ -329,6 +328,8 @@ def render_card(
         f"defensively).\n\n{fence}yaml\n{cfg_text}{fence}\n"
     )
 
+    out.extend(_quality_sections(prep.meta))
+
     # -- probes
     if probes:
         out.append("\n## Probes\n\n")
@@ -367,3 +368,33 @@ def render_card(
         )
     )
     return redact_text("".join(out))
+
+
+def _quality_sections(meta: dict[str, Any]) -> list[str]:
+    """Pass rates per category (which hazards the model can encode without leakage) and verifier
+    agreement (Cohen's kappa per check), each figure with its interval and n."""
+    out: list[str] = []
+    rates = meta.get("pass_rates") or []
+    if rates:
+        out.append("\n## Pass rates per category\n\n")
+        out.append(
+            "Risky samples kept / finished per category (all checks passed within the rewrite rounds), "
+            "with a 95% Wilson interval: low rates mark hazards the model could not encode without "
+            "leakage or without a good response.\n\n"
+        )
+        rows = [[r["category"], r["kept"], r["n"], fmt_estimate(r["rate"])] for r in rates]
+        out.append(_table(["category", "kept", "finished", "pass rate"], rows))
+    agreement = meta.get("agreement")
+    if agreement and agreement.get("checks"):
+        out.append("\n## Verifier agreement\n\n")
+        out.append(
+            f"{agreement.get('n_rounds')} verified rounds, passed and failed (seed {agreement.get('seed')}) were re-checked by "
+            f"a second verifier ({_cell(agreement.get('second_verifier'))}). Cohen's kappa corrects "
+            "raw agreement for chance (0 = chance, 1 = perfect).\n\n"
+        )
+        rows = [
+            [name, fmt_estimate(c.get("kappa")), fmt_estimate(c.get("agreement"))]
+            for name, c in sorted(agreement["checks"].items())
+        ]
+        out.append(_table(["check", "Cohen's kappa", "raw agreement"], rows))
+    return out

@@ -10,6 +10,7 @@ from typing import Any
 from rmskit.config import BuildConfig
 from rmskit.curate import CurateResult, curate
 from rmskit.ledger.store import LEDGER_NAME, Ledger
+from rmskit.pipeline.quality import pass_rates_by_category
 from rmskit.records import ImageRecord, Sample
 
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
@@ -75,8 +76,17 @@ def prepare(run_dir: Path, *, balance: int | None = None) -> Prepared:
     with Ledger(run_dir, readonly=True) as led:
         meta = {
             k: led.get_meta(k)
-            for k in ("config", "prompt_versions", "rmskit_version", "started_at", "finished_at", "probes")
+            for k in (
+                "config",
+                "prompt_versions",
+                "rmskit_version",
+                "started_at",
+                "finished_at",
+                "probes",
+                "agreement",
+            )
         }
+        meta["pass_rates"] = [r.model_dump(mode="json") for r in pass_rates_by_category(led)]
         raw = list(led.iter_samples("ok"))
         records = {rec.sha256: rec for rec in led.iter_images()}
         review = led.review_state()

@@ -234,8 +234,23 @@ def register(app: typer.Typer) -> None:
                 f"{s.get('completion_tokens', 0):,}",
             )
         con.print(table)
+        _print_quality(con, st)
         for r in st["rejected"][:20]:
             con.print(f"[yellow]refused[/yellow] {markup_safe(r['path'])}: {markup_safe(r['reason'])}")
+
+
+def _print_quality(con: Console, st: dict[str, Any]) -> None:
+    """Pass rates per category and verifier agreement, each figure with its interval and n."""
+    from rmskit.stats import fmt_estimate
+
+    for r in st.get("pass_rates") or []:
+        con.print(f"pass rate {markup_safe(r['category'])}: {fmt_estimate(r['rate'])}")
+    agreement = st.get("agreement") or {}
+    for name, c in sorted((agreement.get("checks") or {}).items()):
+        con.print(
+            f"verifier agreement {name}: kappa {fmt_estimate(c.get('kappa'))}; "
+            f"raw {fmt_estimate(c.get('agreement'))}"
+        )
 
 
 def _dry_run(cfg: BuildConfig, *, json_out: bool) -> None:

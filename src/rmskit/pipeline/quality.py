@@ -26,6 +26,7 @@ from rmskit.pipeline.caller import Caller, StageFailed
 from rmskit.pipeline.progress import Stats
 from rmskit.pipeline.registry import STAGES, StageSpec
 from rmskit.pipeline.stages import StageInputs, render_stage
+from rmskit.stats import Estimate, classifier_metric, wilson
 
 log = logging.getLogger("rmskit.pipeline")
 SECOND_TEMPERATURE = 1.0  # when the same model re-checks: another temperature ...
@@ -45,12 +46,12 @@ def shuffled_instructions(messages: list[Message], seed: int) -> list[Message]:
 
 class CheckAgreement(BaseModel):
     n: int
-    agreement: float  # observed share of equal verdicts
-    kappa: float | None  # Cohen's kappa; None when undefined (one verdict only on both sides)
+    agreement: Estimate  # observed share of equal verdicts (Wilson interval); not chance-corrected
+    kappa: Estimate  # Cohen's kappa with a stratified bootstrap interval, or insufficient/undefined
 
 
 class Agreement(BaseModel):
-    n_samples: int
+    n_rounds: int  # verified rounds re-checked (query and response rounds, passed and failed)
     seed: int
     second_verifier: str
     checks: dict[str, CheckAgreement]
@@ -60,34 +61,39 @@ class Agreement(BaseModel):
 async def verifier_agreement(
     ledger: Ledger, verifier: Caller, n: int, seed: int, *, shuffle: bool
 ) -> Agreement:
-    """Re-run every model check of `n` seeded kept samples with `verifier`; compare verdicts."""
-    kept = sorted(ledger.iter_samples("ok"), key=lambda s: s["id"])
-    chosen = random.Random(seed).sample(kept, min(n, len(kept)))
+    """Re-run the model checks of `n` seeded verified rounds (passed and failed alike: kept samples
+    alone would make the first verifier a constant 'pass' and kappa meaningless) with `verifier`."""
+    rounds = [r for r in ledger.iter_rounds() if (r["data"] or {}).get("checks")]
+    rounds.sort(key=lambda r: (r["sample_id"], r["phase"], r["round"]))
+    chosen = random.Random(seed).sample(rounds, min(n, len(rounds)))
     pairs: dict[str, list[tuple[bool, bool]]] = defaultdict(list)
     errors = 0
 
-    async def one(sample: dict[str, Any]) -> None:
+    async def one(rnd: dict[str, Any]) -> None:
         nonlocal errors
-        rec = ledger.get_image(sample["image_sha256"])
-        perception = (ledger.get_record(sample["image_sha256"], "perceive") or {}).get("data")
-        if rec is None or perception is None:
+        sample = ledger.get_sample(rnd["sample_id"])
+        rec = ledger.get_image(sample["image_sha256"]) if sample else None
+        perception = (ledger.get_record(rec.sha256, "perceive") or {}).get("data") if rec else None
+        if sample is None or rec is None or perception is None:
             return
+        data = rnd["data"]
+        texts = {"query": data.get("query") or sample.get("query", ""), "response": data.get("response", "")}
         for spec in STAGES.values():
-            first = (sample.get("checks") or {}).get(spec.check.name) if spec.check else None
+            first = data["checks"].get(spec.check.name) if spec.check else None
             if spec.check is None or first is None or sample["kind"] not in spec.kinds:
                 continue
             try:
                 verdict = await _recheck(
-                    spec, sample, rec.sha256, rec.path, perception, verifier, shuffle, seed
+                    spec, sample, texts, rec.sha256, rec.path, perception, verifier, shuffle, seed
                 )
             except StageFailed:
                 errors += 1
                 continue
             pairs[spec.check.name].append((bool(first["pass"]), spec.check.passes(verdict, sample["kind"])))
 
-    await asyncio.gather(*(one(s) for s in chosen))
+    await asyncio.gather(*(one(r) for r in chosen))
     return Agreement(
-        n_samples=len(chosen),
+        n_rounds=len(chosen),
         seed=seed,
         second_verifier=f"{verifier.model_id}"
         + (" (shuffled instructions, another temperature)" if shuffle else ""),
@@ -99,6 +105,7 @@ async def verifier_agreement(
 async def _recheck(
     spec: StageSpec,
     sample: dict[str, Any],
+    texts: dict[str, str],
     sha: str,
     path: str,
     perception: dict[str, Any],
@@ -111,8 +118,8 @@ async def _recheck(
         image=ImageInput(sha256=sha, path=Path(path)),
         perception=perception,
         variables={
-            "query": sample["query"],
-            "response": sample.get("response", ""),
+            "query": texts["query"],
+            "response": texts["response"],
             "hazard": scenario.get("hazard", ""),
             "trigger_objects": scenario.get("trigger_objects", []),
         },
@@ -126,14 +133,14 @@ async def _recheck(
 
 
 def _agreement(pairs: list[tuple[bool, bool]]) -> CheckAgreement:
-    from sklearn.metrics import cohen_kappa_score  # heavy import: only when measuring
-
     a = [x for x, _ in pairs]
     b = [y for _, y in pairs]
-    observed = sum(x == y for x, y in pairs) / len(pairs)
-    # kappa is undefined when both raters used a single (the same) label: chance agreement is 1
-    kappa = float(cohen_kappa_score(a, b)) if len(set(a) | set(b)) > 1 else None
-    return CheckAgreement(n=len(pairs), agreement=observed, kappa=kappa)
+    same = sum(x == y for x, y in pairs)
+    return CheckAgreement(
+        n=len(pairs),
+        agreement=wilson(same, len(pairs), metric="agreement"),
+        kappa=classifier_metric("kappa", a, b, classes=("pass", "fail")),
+    )
 
 
 async def measure_agreement(
@@ -166,23 +173,20 @@ class CategoryRate(BaseModel):
     category: str
     n: int  # risky samples finished (kept or failed for good)
     kept: int
-    rate: float
-    ci_low: float  # 95% Wilson interval
-    ci_high: float
+    rate: Estimate  # kept / n with a 95% Wilson interval
 
 
 def pass_rates_by_category(ledger: Ledger) -> list[CategoryRate]:
-    """Kept / finished risky samples per category, most-attempted first."""
-    from scipy.stats import binomtest  # heavy import: only when measuring
-
+    """Kept / finished risky samples per category, most-attempted first: which hazards the model
+    can encode without leakage, and which it cannot."""
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for s in ledger.iter_samples(None):
         if s.get("kind") == "risky":
             c = counts[s.get("category") or "unknown"]
             c[0] += 1
             c[1] += s["status"] == "ok"
-    out = []
-    for cat, (n, k) in counts.items():
-        ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
-        out.append(CategoryRate(category=cat, n=n, kept=k, rate=k / n, ci_low=ci.low, ci_high=ci.high))
+    out = [
+        CategoryRate(category=cat, n=n, kept=k, rate=wilson(k, n, metric="pass rate"))
+        for cat, (n, k) in counts.items()
+    ]
     return sorted(out, key=lambda r: (-r.n, r.category))

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from rmskit.ledger import Ledger
+from rmskit.pipeline.quality import pass_rates_by_category
 
 
 def run_status(run_dir: Path) -> dict[str, Any]:
@@ -45,6 +46,9 @@ def run_status(run_dir: Path) -> dict[str, Any]:
             "samples_by_kind": kinds,
             "samples_failed": samples.get("failed", 0),
             "categories": ledger.category_counts(),
+            # which hazards the model encodes without leakage (kept / finished, Wilson interval)
+            "pass_rates": [r.model_dump(mode="json") for r in pass_rates_by_category(ledger)],
+            "agreement": ledger.get_meta("agreement"),  # verifier agreement (--agreement N)
             "dataset": _dataset_counts(Path(run_dir)),
             "recent_errors": [{k: f[k] for k in ("stage", "kind", "message")} for f in failures],
             "started_at": ledger.get_meta("started_at"),

@@ -17,10 +17,12 @@ import jinja2
 from PIL import Image
 
 from rmskit.ledger.store import Ledger
+from rmskit.pipeline.quality import pass_rates_by_category
 from rmskit.pipeline.registry import names_by_role
 from rmskit.report import plots
 from rmskit.report.plots import DRAW, hbar, short
 from rmskit.report.scores import find_scores, load_score, score_entry
+from rmskit.stats import fmt_estimate, wilson
 
 HERE = Path(__file__).parent
 FUNNEL = ("images", "perceived", "scenarios", "composed", "verified", "responded", "kept")
@@ -93,6 +95,8 @@ def _check_rates(led: Ledger) -> list[dict[str, Any]]:
             "n": st["n"],
             "rate": st["pass"] / st["n"],
             "rate1": st["pass1"] / st["n1"] if st["n1"] else None,
+            "shown": fmt_estimate(wilson(st["pass"], st["n"])),
+            "shown1": fmt_estimate(wilson(st["pass1"], st["n1"])) if st["n1"] else "",
         }
         for (ph, name), st in sorted(stats.items())
     ]
@@ -223,12 +227,28 @@ def _collect(run_dir: Path, score: Path | None) -> dict[str, Any]:
         score_files = [(path, load_score(path)) for path in find_scores(run_dir, score)]
         ctx["scores"] = [score_entry(path, sc) for path, sc in score_files if sc is not None]
         ctx["probes"] = _probes(led, run_dir, [sc for _, sc in score_files if sc is not None])
+        ctx["pass_rates"] = [
+            {"category": r.category, "kept": r.kept, "n": r.n, "shown": fmt_estimate(r.rate)}
+            for r in pass_rates_by_category(led)
+        ]
+        ctx["agreement"] = _agreement(led.get_meta("agreement"))
         ctx["gallery"] = _gallery(run_dir, led, kept)
         fails = Counter((f["stage"], f["kind"]) for f in led.failures())
         ctx["failures"] = [{"stage": st, "kind": k, "n": n} for (st, k), n in fails.most_common(20)]
         ctx["plots"] = p
         ctx["generated"] = dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     return ctx
+
+
+def _agreement(meta: Any) -> dict[str, Any] | None:
+    """Verifier agreement from the ledger meta, each check's kappa and raw agreement formatted."""
+    if not isinstance(meta, dict) or not meta.get("checks"):
+        return None
+    rows = [
+        {"check": name, "kappa": fmt_estimate(c.get("kappa")), "agreement": fmt_estimate(c.get("agreement"))}
+        for name, c in sorted(meta["checks"].items())
+    ]
+    return {"n": meta.get("n_rounds"), "second": meta.get("second_verifier"), "rows": rows}
 
 
 def _summary(led: Ledger, state: dict[str, dict[str, Any]]) -> list[tuple[str, Any]]:
