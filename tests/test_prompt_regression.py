@@ -61,6 +61,11 @@ def test_agreement_is_measured_not_assumed() -> None:
     assert good.n == bad.n == len(CASES)
     assert good.agreement == 1.0 and bad.agreement == 0.0
     assert set(good.by_check) == {"check_text_only", "check_combined", "check_leakage", "check_response"}
+    # every rate carries n and an interval; 14 cases are below the per-class floor for the
+    # chance-corrected balanced accuracy, which is withheld rather than reported as a number
+    assert good.agreement_ci.n == len(CASES) and good.agreement_ci.low is not None
+    assert good.agreement_ci.low < 1.0 == good.agreement_ci.value
+    assert good.balanced_accuracy.value is None and good.balanced_accuracy.insufficient
 
 
 def test_lexical_check_agrees_with_leakage_cases() -> None:
@@ -71,7 +76,11 @@ def test_lexical_check_agrees_with_leakage_cases() -> None:
                 assert not res["pass"], c.id
 
 
-def test_cli_against_a_server() -> None:
+def test_cli_against_a_server(tmp_path) -> None:
+    from rmskit.ledger import Ledger
+
+    run_dir = tmp_path / "run"
+    Ledger(run_dir).close()
     with OpenAITestServer(responder=responder) as srv:
         out = subprocess.run(
             [
@@ -85,6 +94,8 @@ def test_cli_against_a_server() -> None:
                 "--base-url",
                 srv.base_url,
                 "--json",
+                "--run",
+                str(run_dir),
             ],
             capture_output=True,
             text=True,
@@ -103,3 +114,6 @@ def test_cli_against_a_server() -> None:
     assert report["n"] == len(CASES) and report["agreement"] == expected
     assert {c["id"] for c in report["cases"]} == set(CASES)
     assert report["prompt_versions"]["check_leakage"] == "check_leakage.v1"
+    with Ledger(run_dir, readonly=True) as led:  # --run stores it for the dataset card
+        stored = led.get_meta("prompt_regression")
+    assert stored["agreement"] == expected and stored["agreement_ci"]["n"] == len(CASES)

@@ -25,7 +25,10 @@ def test_agreement_and_pass_rates_reach_status_card_and_report(tmp_path: Path, p
         rc, _, stderr = _finish(
             _build(photo_dir, out, srv.base_url, "--agreement", "20", "--embedder", "hashing")
         )
-    assert rc == 0, stderr
+        assert rc == 0, stderr
+        regress = ["prompts", "regress", "--model", "openai:test-model", "--base-url", srv.base_url]
+        _cli(*regress, "--run", str(out))
+    _cli("export", str(out))  # the card picks up the stored regression result
     st = json.loads(_cli("status", str(out), "--json"))
     agreement = st["agreement"]
     assert agreement["n_rounds"] == 20 and agreement["checks"]
@@ -40,6 +43,7 @@ def test_agreement_and_pass_rates_reach_status_card_and_report(tmp_path: Path, p
     check = sorted(agreement["checks"])[0]
     row = next(line for line in card.splitlines() if line.startswith(f"| {check} |"))
     assert "n=" in row
+    assert "### Verify-prompt regression" in card and "balanced accuracy (chance-corrected)" in card
     _cli("report", str(out))
     html = (out / "report.html").read_text(encoding="utf-8")
     assert "Verifier agreement" in html and "Pass rate per category" in html and "kappa" in html

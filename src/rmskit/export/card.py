@@ -385,7 +385,7 @@ def _quality_sections(meta: dict[str, Any]) -> list[str]:
         rows = [[r["category"], r["kept"], r["n"], fmt_estimate(r["rate"])] for r in rates]
         out.append(_table(["category", "kept", "finished", "pass rate"], rows))
     agreement = meta.get("agreement")
-    if agreement and agreement.get("checks"):
+    if agreement and agreement.get("checks"):  # re-checks by a second verifier
         out.append("\n## Verifier agreement\n\n")
         out.append(
             f"{agreement.get('n_rounds')} verified rounds, passed and failed (seed {agreement.get('seed')}) were re-checked by "
@@ -397,4 +397,12 @@ def _quality_sections(meta: dict[str, Any]) -> list[str]:
             for name, c in sorted(agreement["checks"].items())
         ]
         out.append(_table(["check", "Cohen's kappa", "raw agreement"], rows))
+    reg = meta.get("prompt_regression")
+    if reg:
+        out.append("\n### Verify-prompt regression\n\n")
+        out.append(
+            f"`rmskit prompts regress` with {_cell(reg.get('model'))} on {reg.get('n')} cases with known "
+            f"verdicts: agreement {fmt_estimate(reg.get('agreement_ci'))}; balanced accuracy "
+            f"(chance-corrected) {fmt_estimate(reg.get('balanced_accuracy'))}.\n"
+        )
     return out

@@ -84,6 +84,7 @@ def prepare(run_dir: Path, *, balance: int | None = None) -> Prepared:
                 "finished_at",
                 "probes",
                 "agreement",
+                "prompt_regression",
             )
         }
         meta["pass_rates"] = [r.model_dump(mode="json") for r in pass_rates_by_category(led)]

@@ -15,7 +15,8 @@ from rich.table import Table
 
 from rmskit.config import STAGES, BuildConfig, load_yaml_config
 from rmskit.console import error_line, markup_safe, shown, storage_failure, validation_lines
-from rmskit.ledger import LedgerError
+from rmskit.ledger import Ledger, LedgerError
+from rmskit.stats import fmt_estimate
 
 # Exit codes of `rmskit build` (README): 0 something was built, 1 storage ran out (resumable),
 # 2 unusable arguments, 3 no image finished, 130 interrupted (resumable).
@@ -241,8 +242,6 @@ def register(app: typer.Typer) -> None:
 
 def _print_quality(con: Console, st: dict[str, Any]) -> None:
     """Pass rates per category and verifier agreement, each figure with its interval and n."""
-    from rmskit.stats import fmt_estimate
-
     for r in st.get("pass_rates") or []:
         con.print(f"pass rate {markup_safe(r['category'])}: {fmt_estimate(r['rate'])}")
     agreement = st.get("agreement") or {}
@@ -352,6 +351,10 @@ def _register_prompts(app: typer.Typer) -> None:
         base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible server URL.")] = None,
         api_key_env: Annotated[str, typer.Option(help="Env var holding the API key.")] = "OPENAI_API_KEY",
         json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+        run: Annotated[
+            Path | None,
+            typer.Option(help="Store the result in this run's ledger (shown in its dataset card)."),
+        ] = None,
     ) -> None:
         """Run the verify prompts on cases with known verdicts; print agreement per check."""
         import asyncio
@@ -375,6 +378,9 @@ def _register_prompts(app: typer.Typer) -> None:
                 await backend.aclose()
 
         report = asyncio.run(go())
+        if run is not None:
+            with Ledger(run, lock=True) as ledger:
+                ledger.set_meta("prompt_regression", report.model_dump(mode="json", exclude={"cases"}))
         if json_out:
             typer.echo(dumps(report))
             return
@@ -382,10 +388,11 @@ def _register_prompts(app: typer.Typer) -> None:
         table.add_column("check")
         table.add_column("prompt")
         table.add_column("agreement", justify="right")
-        for check, agree in report.by_check.items():
-            table.add_row(check, report.prompt_versions[check], f"{agree:.0%}")
-        table.add_row("all", "", f"{report.agreement:.0%}")
+        for check, est in report.by_check_ci.items():
+            table.add_row(check, report.prompt_versions[check], fmt_estimate(est))
+        table.add_row("all", "", fmt_estimate(report.agreement_ci))
         Console().print(table)
+        Console().print(f"balanced accuracy (chance-corrected): {fmt_estimate(report.balanced_accuracy)}")
         for case in report.cases:
             if not case.agree:
                 Console().print(

@@ -16,6 +16,7 @@ from pydantic import BaseModel, field_validator
 from rmskit.models.base import BackendError, GenParams, ModelBackend
 from rmskit.pipeline.prompting import PROMPTS_DIR, prompt_version, render
 from rmskit.pipeline.registry import STAGES
+from rmskit.stats import Estimate, classifier_metric, wilson
 
 REGRESSION_FILE = PROMPTS_DIR / "regression.v1.jsonl"
 
@@ -47,8 +48,13 @@ class RegressionReport(BaseModel):
     model: str
     prompt_versions: dict[str, str]
     n: int
-    agreement: float
+    agreement: float  # share of cases whose expected fields all matched
+    agreement_ci: Estimate  # the same with its Wilson interval
+    # chance-corrected: the first expected field of each case (e.g. harmful, risky, leaks) as a
+    # binary label; a model answering a constant gets 0.5. Below 20 cases per class: insufficient.
+    balanced_accuracy: Estimate
     by_check: dict[str, float]
+    by_check_ci: dict[str, Estimate]
     cases: list[CaseResult]
 
 
@@ -80,12 +86,22 @@ async def run_regression(
     by_check: dict[str, list[bool]] = {}
     for r in results:
         by_check.setdefault(r.check, []).append(r.agree)
+    y, pred = [], []
+    for r in results:
+        field, want = next(iter(r.expect.items()))
+        got = (r.got or {}).get(field)
+        y.append(want)
+        pred.append(got if isinstance(got, bool) else not want)  # no answer counts as wrong
+    agreed = sum(r.agree for r in results)
     return RegressionReport(
         model=backend.model_id,
         prompt_versions={c: prompt_version(c) for c in sorted(by_check)},
         n=len(results),
-        agreement=sum(r.agree for r in results) / max(len(results), 1),
+        agreement=agreed / max(len(results), 1),
+        agreement_ci=wilson(agreed, len(results), metric="agreement"),
+        balanced_accuracy=classifier_metric("balanced_accuracy", y, pred, classes=("true", "false")),
         by_check={c: sum(v) / len(v) for c, v in by_check.items()},
+        by_check_ci={c: wilson(sum(v), len(v), metric="agreement") for c, v in by_check.items()},
         cases=list(results),
     )
 
