@@ -21,8 +21,9 @@ OPTIONAL_ROLES = ("verify2",)
 
 
 class BackendConfig(BaseModel):
-    """One model endpoint. `spec` is `openai:NAME`, `hf:ORG/NAME` or a local path, `vllm:ORG/NAME`,
-    or `embedded`."""
+    """One model endpoint. `spec` names a registered backend kind (rmskit.models.registry):
+    `openai:NAME`, `hf:ORG/NAME` or a local model folder, `vllm:ORG/NAME`, `embedded`, or a plugin's
+    form. Unknown specs are refused here, listing the valid forms."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -36,8 +37,13 @@ class BackendConfig(BaseModel):
     max_retries: int = Field(6, ge=0)
     backoff_base_s: float = Field(0.5, ge=0)
     backoff_max_s: float = Field(60.0, ge=0)
+    # Connection refused (server down or restarting) is retried with backoff for up to this long,
+    # independently of max_retries, before the request fails as transient.
+    outage_window_s: float = Field(120.0, ge=0)
+    max_response_bytes: int = Field(4_000_000, ge=1024)  # a longer answer is an error (too_large)
     image_max_side: int = Field(1024, ge=32)
-    structured: Literal["auto", "json_schema", "prompt"] = "auto"
+    # auto: probe the server and use the best mode it really supports, in this order.
+    structured: Literal["auto", "json_schema", "json_object_schema", "json_object", "prompt"] = "auto"
     max_reasks: int = Field(2, ge=0)
     params: GenParams = Field(default_factory=GenParams)
     # transformers / GGUF specifics (ignored by remote backends)
@@ -45,7 +51,15 @@ class BackendConfig(BaseModel):
     device: str | None = None
     dtype: str | None = None
     max_batch: int = Field(8, ge=1)
-    vision: bool | None = None  # override capability detection
+    vision: bool | None = None  # None: probed (remote) or read from the model config (local)
+
+    @field_validator("spec")
+    @classmethod
+    def _known_spec(cls, v: str) -> str:
+        from rmskit.models.registry import resolve
+
+        resolve(v)  # raises ValueError naming the valid forms
+        return v.strip()
 
     @field_validator("api_key_env")
     @classmethod
@@ -61,16 +75,16 @@ class BackendConfig(BaseModel):
 
     @property
     def kind(self) -> str:
-        if self.spec == "embedded":
-            return "embedded"
-        head, sep, _ = self.spec.partition(":")
-        return head if sep and head in ("openai", "hf", "vllm") else "hf"
+        from rmskit.models.registry import resolve
+
+        return resolve(self.spec).kind.name
 
     @property
     def name(self) -> str:
         """The model name without the backend prefix (`openai:gpt-4o` -> `gpt-4o`)."""
-        prefix = self.kind + ":"
-        return self.spec[len(prefix) :] if self.spec.startswith(prefix) else self.spec
+        from rmskit.models.registry import resolve
+
+        return resolve(self.spec).name
 
 
 class IngestConfig(BaseModel):

@@ -1,10 +1,18 @@
-"""Model backends behind one Protocol (see base.py). Heavy imports happen only when a backend is used."""
+"""Model backends behind one Protocol (see base.py), found through a registry of backend kinds
+(registry.py; plugins add kinds through the `rmskit.backends` entry-point group). Heavy imports
+happen only when a backend is used.
+
+    from rmskit.models import get_model
+    model = get_model("openai:qwen2.5-vl", base_url="http://gpu:8000/v1")
+    result = model.generate("Name three kitchen hazards.", schema=Hazards)
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rmskit.models.base import (
+    AuthenticationError,
     BackendError,
     Capabilities,
     ErrorKind,
@@ -15,12 +23,17 @@ from rmskit.models.base import (
     Result,
     Usage,
 )
+from rmskit.models.registry import BackendKind, BackendUnavailable, kinds, register, resolve
 
 if TYPE_CHECKING:
     from rmskit.config import BackendConfig
+    from rmskit.models.handle import ModelHandle
 
 __all__ = [
+    "AuthenticationError",
     "BackendError",
+    "BackendKind",
+    "BackendUnavailable",
     "Capabilities",
     "ErrorKind",
     "GenParams",
@@ -29,25 +42,25 @@ __all__ = [
     "ModelBackend",
     "Result",
     "Usage",
+    "get_model",
+    "kinds",
     "load_backend",
+    "register",
+    "resolve",
 ]
 
 
 def load_backend(cfg: BackendConfig) -> ModelBackend:
-    """Instantiate the backend a spec string names (`openai:`, `hf:`/path, `vllm:`, `embedded`)."""
-    kind = cfg.kind
-    if kind == "openai":
-        from rmskit.models.openai_compat import OpenAIBackend
+    """Instantiate the backend the spec names. Raises BackendUnavailable (a ValueError, with the
+    install hint) when the kind's dependencies are missing."""
+    kind, _ = resolve(cfg.spec)
+    return kind.load()(cfg)
 
-        return OpenAIBackend(cfg)
-    if kind == "embedded":
-        from rmskit.models.embedded import EmbeddedBackend
 
-        return EmbeddedBackend(cfg)
-    if kind == "vllm":
-        from rmskit.models.vllm_engine import VLLMBackend
+def get_model(spec: str, **cfg: Any) -> ModelHandle:
+    """A handle on the model `spec` names, with sync `generate(...)` and async `agenerate(...)`;
+    `cfg` takes any BackendConfig field (base_url, concurrency, structured, vision, ...)."""
+    from rmskit.config import BackendConfig
+    from rmskit.models.handle import ModelHandle
 
-        return VLLMBackend(cfg)
-    from rmskit.models.transformers_local import HFBackend
-
-    return HFBackend(cfg)
+    return ModelHandle(BackendConfig(spec=spec, **cfg))

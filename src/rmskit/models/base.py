@@ -48,7 +48,10 @@ class Result(BaseModel):
     finish_reason: str | None = None
     model: str = ""
     attempts: int = 1
-    cached: bool = False
+    # Constraints the server could not be told (a strict schema drops maxLength/maxItems) and that
+    # were enforced leniently by truncation, e.g. ["category: truncated 61 -> 60 chars"]. Callers
+    # record them with the sample; a cap alone never fails an item.
+    adjustments: list[str] = Field(default_factory=list)
 
 
 class Capabilities(BaseModel):
@@ -56,6 +59,9 @@ class Capabilities(BaseModel):
     structured: Literal["native", "grammar", "prompt"] = "prompt"
     max_images: int = 1
     local: bool = False
+    # How structured output is requested from a remote server, as probed or forced:
+    # json_schema | json_object_schema (llama.cpp's extension) | json_object | prompt.
+    structured_mode: str | None = None
 
 
 class ErrorKind(StrEnum):
@@ -94,6 +100,17 @@ class BackendError(Exception):
     def transient(self) -> bool:
         """True when the item should stay pending for a re-run (see TRANSIENT_KINDS)."""
         return self.kind in TRANSIENT_KINDS
+
+
+class AuthenticationError(BackendError):
+    """401/403: no later request can succeed, so the run stops at once. The message names the
+    endpoint, never the key."""
+
+    def __init__(self, where: str, status: int | None = None) -> None:
+        detail = f" (HTTP {status})" if status else ""
+        super().__init__(
+            ErrorKind.auth, f"authentication failed at {where}{detail}: check the API key variable"
+        )
 
 
 @runtime_checkable

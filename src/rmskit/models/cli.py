@@ -31,47 +31,24 @@ class SpecReport(BaseModel):
 
 
 def backend_kinds() -> list[KindInfo]:
-    """The backend kinds rmskit knows, with what each supports."""
-    from rmskit.models.vllm_engine import vllm_available
+    """The registered backend kinds (built-ins and `rmskit.backends` plugins), with what each declares."""
+    from rmskit.models.registry import kinds
 
-    return [
-        KindInfo(
-            kind="openai",
-            spec="openai:MODEL",
-            vision="assumed (vision: false to declare text-only)",
-            structured="native, prompt fallback",
-            local=False,
-            available=True,
-            note="any OpenAI-compatible server",
-        ),
-        KindInfo(
-            kind="hf",
-            spec="hf:ORG/NAME | PATH",
-            vision="from config",
-            structured="grammar",
-            local=True,
-            available=True,
-            note="transformers in-process, batched, GGUF",
-        ),
-        KindInfo(
-            kind="vllm",
-            spec="vllm:ORG/NAME",
-            vision="from config",
-            structured="grammar",
-            local=True,
-            available=vllm_available(),
-            note="vLLM offline engine" + ("" if vllm_available() else " (pip install vllm)"),
-        ),
-        KindInfo(
-            kind="embedded",
-            spec="embedded",
-            vision="no",
-            structured="grammar",
-            local=True,
-            available=True,
-            note="default; SmolLM2-135M, smoke runs only",
-        ),
-    ]
+    out = []
+    for k in kinds():
+        missing = k.missing()
+        out.append(
+            KindInfo(
+                kind=k.name,
+                spec=" | ".join(k.forms),
+                vision=k.vision,
+                structured=k.structured,
+                local=k.local,
+                available=missing is None,
+                note=k.note + (f" ({missing})" if missing else ""),
+            )
+        )
+    return out
 
 
 def resolve_spec(spec: str, *, base_url: str | None = None, gguf_file: str | None = None) -> SpecReport:

@@ -39,20 +39,21 @@ class _NotStrict(Exception):
     pass
 
 
-def _strictify(node: Any) -> Any:
-    """Return a strict-mode copy of a schema node, or raise _NotStrict when it cannot be expressed."""
+def _strictify(node: Any, drop: tuple[str, ...] = _STRICT_UNSUPPORTED) -> Any:
+    """Return a strict-mode copy of a schema node (closed objects, every property required, `drop`
+    keywords removed), or raise _NotStrict when it cannot be expressed."""
     if isinstance(node, list):
-        return [_strictify(x) for x in node]
+        return [_strictify(x, drop) for x in node]
     if not isinstance(node, dict):
         return node
     out: dict[str, Any] = {}
     for key, val in node.items():
-        if key in _STRICT_UNSUPPORTED:
+        if key in drop:
             continue
         if key in ("properties", "$defs", "definitions"):
-            out[key] = {k: _strictify(v) for k, v in val.items()}
+            out[key] = {k: _strictify(v, drop) for k, v in val.items()}
         elif key in ("items", "anyOf", "oneOf", "allOf", "prefixItems", "not"):
-            out[key] = _strictify(val)
+            out[key] = _strictify(val, drop)
         elif key == "additionalProperties":
             if val not in (False,):
                 raise _NotStrict("open object (dict-like field)")
@@ -72,13 +73,15 @@ def _strictify(node: Any) -> Any:
     return out
 
 
-@lru_cache(maxsize=256)
-def schema_for(model: type[BaseModel]) -> tuple[dict[str, Any], bool]:
+@lru_cache(maxsize=512)
+def schema_for(model: type[BaseModel], full: bool = False) -> tuple[dict[str, Any], bool]:
     """(JSON schema, strict?) for `model`: the strict-compatible variant when possible, else pydantic's
-    own schema with strict False. Cached: schemas are built once per model class, not per request."""
+    own schema with strict False. `full` keeps the length/size constraints (maxLength, ...) for
+    servers that accept them; the strict variant drops them and they are enforced leniently
+    (`clamp_to_schema`). Cached: built once per model class, not per request."""
     base = model.model_json_schema()
     try:
-        return _strictify(copy.deepcopy(base)), True
+        return _strictify(copy.deepcopy(base), ("default",) if full else _STRICT_UNSUPPORTED), True
     except _NotStrict:
         return base, False
 
@@ -87,9 +90,18 @@ def schema_name(model: type[BaseModel]) -> str:
     return _NAME_RE.sub("_", model.__name__)[:64] or "output"
 
 
-@lru_cache(maxsize=256)
-def _response_format_json(model: type[BaseModel]) -> str:
-    schema, strict = schema_for(model)
+# Structured-output modes of OpenAI-compatible servers, best first. json_object_schema is
+# llama.cpp's grammar-constrained extension `{"type": "json_object", "schema": {...}}`.
+STRUCTURED_MODES = ("json_schema", "json_object_schema", "json_object", "prompt")
+
+
+@lru_cache(maxsize=512)
+def _response_format_json(model: type[BaseModel], mode: str = "json_schema", full: bool = False) -> str:
+    if mode == "json_object":
+        return json.dumps({"type": "json_object"})
+    if mode == "json_object_schema":
+        return json.dumps({"type": "json_object", "schema": model.model_json_schema()})
+    schema, strict = schema_for(model, full)
     return json.dumps(
         {
             "type": "json_schema",
@@ -98,9 +110,56 @@ def _response_format_json(model: type[BaseModel]) -> str:
     )
 
 
-def response_format_for(model: type[BaseModel]) -> dict[str, Any]:
-    """`response_format={"type": "json_schema", "json_schema": {...}}` for `model` (a fresh dict)."""
-    return json.loads(_response_format_json(model))
+def response_format_for(
+    model: type[BaseModel], mode: str = "json_schema", *, full: bool = False
+) -> dict[str, Any] | None:
+    """The `response_format` for `model` in `mode` (a fresh dict), None for mode "prompt"."""
+    if mode == "prompt":
+        return None
+    return json.loads(_response_format_json(model, mode, full))
+
+
+def clamp_to_schema(
+    obj: Any, schema: dict[str, Any], *, _root: dict[str, Any] | None = None, _path: str = ""
+) -> list[str]:
+    """Truncate, in place, strings over maxLength and lists over maxItems that `schema` declares, so
+    a length cap alone never fails an answer. Returns what was cut ("category: 61 -> 60 chars")."""
+    root = _root if _root is not None else schema
+    notes: list[str] = []
+    if "$ref" in schema:
+        schema = root.get("$defs", {}).get(schema["$ref"].rsplit("/", 1)[-1], {})
+    for alt in schema.get("anyOf", []):
+        if alt.get("type") not in (None, "null") or "$ref" in alt:
+            notes += clamp_to_schema(obj, alt, _root=root, _path=_path)
+    if isinstance(obj, dict):
+        for k, sub in (schema.get("properties") or {}).items():
+            if k not in obj:
+                continue
+            where = f"{_path}.{k}" if _path else k
+            val = obj[k]
+            if isinstance(val, str) and isinstance(sub.get("maxLength"), int) and len(val) > sub["maxLength"]:
+                obj[k] = val[: sub["maxLength"]]
+                notes.append(f"{where}: truncated {len(val)} -> {sub['maxLength']} chars")
+            elif (
+                isinstance(val, list) and isinstance(sub.get("maxItems"), int) and len(val) > sub["maxItems"]
+            ):
+                del val[sub["maxItems"] :]
+                notes.append(f"{where}: truncated to {sub['maxItems']} items")
+            notes += clamp_to_schema(obj[k], sub, _root=root, _path=where)
+    elif isinstance(obj, list) and isinstance(schema.get("items"), dict):
+        item = schema["items"]
+        for i, val in enumerate(obj):
+            where = f"{_path}[{i}]"
+            if (
+                isinstance(val, str)
+                and isinstance(item.get("maxLength"), int)
+                and len(val) > item["maxLength"]
+            ):
+                obj[i] = val[: item["maxLength"]]
+                notes.append(f"{where}: truncated {len(val)} -> {item['maxLength']} chars")
+            else:
+                notes += clamp_to_schema(val, item, _root=root, _path=where)
+    return notes
 
 
 @lru_cache(maxsize=256)
@@ -246,6 +305,7 @@ def format_validation_error(err: ValidationError, *, max_errors: int = 6) -> str
 class ParseOutcome(BaseModel):
     parsed: dict[str, Any] | None = None
     error: str | None = None  # model-readable; None when parsed
+    adjustments: list[str] = []  # caps enforced by truncation (see clamp_to_schema)
 
 
 def parse_structured(text: str, model: type[BaseModel], *, truncated: bool = False) -> ParseOutcome:
@@ -264,9 +324,21 @@ def parse_structured(text: str, model: type[BaseModel], *, truncated: bool = Fal
         return ParseOutcome(error=f"expected a JSON object, got a JSON {type(obj).__name__}")
     try:
         inst = model.model_validate(obj)
+        notes: list[str] = []
     except ValidationError as e:
-        return ParseOutcome(error="the JSON does not match the schema:\n" + format_validation_error(e))
-    return ParseOutcome(parsed=inst.model_dump(mode="json"))
+        notes = clamp_to_schema(obj, _plain_schema(model))
+        try:
+            inst = model.model_validate(obj) if notes else None
+        except ValidationError:
+            inst = None
+        if inst is None:
+            return ParseOutcome(error="the JSON does not match the schema:\n" + format_validation_error(e))
+    return ParseOutcome(parsed=inst.model_dump(mode="json"), adjustments=notes)
+
+
+@lru_cache(maxsize=256)
+def _plain_schema(model: type[BaseModel]) -> dict[str, Any]:
+    return model.model_json_schema()
 
 
 def reask_message(error: str, model: type[BaseModel] | None = None) -> Message:

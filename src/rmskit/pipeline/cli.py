@@ -113,6 +113,14 @@ def register(app: typer.Typer) -> None:
         rpm: Annotated[float | None, typer.Option(help="Requests per minute limit.")] = None,
         tpm: Annotated[float | None, typer.Option(help="Tokens per minute limit.")] = None,
         timeout: Annotated[float | None, typer.Option(help="Per-request timeout (s).")] = None,
+        vision: Annotated[
+            bool | None,
+            typer.Option("--vision/--no-vision", help="Override the probed vision capability."),
+        ] = None,
+        structured: Annotated[
+            str | None,
+            typer.Option(help="auto (probe) | json_schema | json_object_schema | json_object | prompt."),
+        ] = None,
         stage_model: Annotated[
             list[str] | None,
             typer.Option("--stage-model", help="STAGE=SPEC, e.g. verify=openai:other-model (repeatable)."),
@@ -188,6 +196,8 @@ def register(app: typer.Typer) -> None:
             "requests_per_minute": rpm,
             "tokens_per_minute": tpm,
             "timeout_s": timeout,
+            "vision": vision,
+            "structured": structured,
         }
         with command_scope(quiet=quiet):
             cfg = resolve_config(sources or [], config, overrides, backend, stage_model or [])
@@ -259,6 +269,14 @@ def _dry_run(cfg: BuildConfig, *, json_out: bool) -> None:
     if json_out:
         typer.echo(est.model_dump_json(indent=2))
         return
+    if cfg.model.base_url is not None:  # what the server supports (models/probe.py)
+        from rmskit.models.probe import probe_config
+
+        try:
+            for probed in probe_config(cfg.model):
+                err.print(probed.line(), markup=False)
+        except Exception as exc:  # noqa: BLE001 - a dry run reports, it does not stop
+            err.print(f"probe failed: {exc}", markup=False)
     table = Table(title=f"dry run: {est.candidate_images} candidate image(s)")
     for col in ("stage", "requests", "prompt tokens", "completion tokens"):
         table.add_column(col, justify="left" if col == "stage" else "right")
@@ -294,6 +312,10 @@ def _run(cfg: BuildConfig, executor: Any, *, quiet: bool) -> Any:
             raise typer.Exit(EXIT_STORAGE) from None
         if isinstance(exc, ValueError | FileNotFoundError):  # unusable source/model arguments
             _fail(str(exc))
+        from rmskit.models import AuthenticationError
+
+        if isinstance(exc, AuthenticationError):  # 401/403: nothing can succeed; stop at once
+            _fail(exc.args[0])
         raise
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -367,6 +368,10 @@ async def run_build(
                 created.append(backend)
                 by_cfg[ident] = Caller(backend, ledger, stats, bcfg.params)
             callers[stage] = by_cfg[ident]
+        for backend in created:  # capability probe of remote servers (models/probe.py); 401 stops here
+            start = getattr(backend, "start", None)
+            if start is not None:
+                await start(ledger, echo=None if quiet else lambda line: print(line, file=sys.stderr))
         embedder = await asyncio.to_thread(make_embedder, cfg.embedder)
         taxonomy = Taxonomy(ledger, embedder, cfg.taxonomy_merge_threshold)
         coverage = Coverage(ledger, cfg.per_category_target)

@@ -281,6 +281,8 @@ def make_default_responder(seed: int = 0) -> Responder:
         if rf.get("type") == "json_schema":
             schema = (rf.get("json_schema") or {}).get("schema") or {}
             return instance_from_schema(schema, rng)
+        if rf.get("type") == "json_object" and isinstance(rf.get("schema"), dict):  # llama.cpp extension
+            return instance_from_schema(rf["schema"], rng)
         schema = schema_from_messages(body.get("messages") or [])
         if schema is not None:
             return instance_from_schema(schema, rng)
@@ -336,7 +338,18 @@ class OpenAITestServer:
         fault_messages: Mapping[str, str] | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
+        personality: str | None = None,
+        auth_token: str | None = None,
+        max_body_repeat: int = 1,
     ) -> None:
+        if personality is not None:
+            from rmskit.testing.personalities import PERSONALITIES
+
+            if personality not in PERSONALITIES:
+                raise ValueError(f"unknown personality {personality!r}; known: {', '.join(PERSONALITIES)}")
+        self.personality = personality  # behave like a real server (rmskit.testing.personalities)
+        self.auth_token = auth_token  # when set, any other Bearer token gets 401 (chat and /models)
+        self.max_body_repeat = max_body_repeat  # >1: pad answers with whitespace to this many copies
         unknown = {k for k in [*fault_kinds, *(s for s in script if s)] if k not in FAULT_KINDS}
         if unknown:
             raise ValueError(f"unknown fault kind(s) {sorted(unknown)}; known: {', '.join(FAULT_KINDS)}")
@@ -446,21 +459,6 @@ class OpenAITestServer:
             self.records.clear()
             self._stats = ServerStats(capacity=self.capacity)
 
-    def set_faults(
-        self,
-        *,
-        fault_rate: float | None = None,
-        script: Sequence[str | None] | None = None,
-        refuse_response_format: bool | None = None,
-    ) -> None:
-        with self._lock:
-            if fault_rate is not None:
-                self.fault_rate = fault_rate
-            if script is not None:
-                self.script = list(script)
-            if refuse_response_format is not None:
-                self.refuse_response_format = refuse_response_format
-
     # ------------------------------------------------------------ HTTP
     async def _serve_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -525,6 +523,12 @@ class OpenAITestServer:
             auth = next((v.decode("latin-1") for k, v in req.headers if k == b"authorization"), None)
             return await self._chat(conn, writer, path, raw, auth)
         if method == "GET" and path.rstrip("/").endswith("/models"):
+            auth = next((v.decode("latin-1") for k, v in req.headers if k == b"authorization"), None)
+            if self.auth_token is not None and auth != f"Bearer {self.auth_token}":
+                await self._send(
+                    conn, writer, 401, self._error_body("invalid api key", "authentication_error")
+                )
+                return True
             data = {
                 "object": "list",
                 "data": [{"id": self.model, "object": "model", "created": 0, "owned_by": "rmskit"}],
@@ -594,6 +598,13 @@ class OpenAITestServer:
             )
             self.records.append(rec)
         fault = self._pick_fault(body, index)
+        verdict = None
+        if self.auth_token is not None and auth != f"Bearer {self.auth_token}":
+            fault = fault or "unauthorized"
+        elif self.personality is not None and fault is None:
+            from rmskit.testing import personalities
+
+            body, verdict = personalities.apply(self.personality, body)
         rec.fault = fault
         active_done = False
 
@@ -623,6 +634,10 @@ class OpenAITestServer:
                 rec.delivered = False
 
         try:
+            if verdict is not None:
+                finish(verdict.status, True)
+                await self._send(conn, writer, verdict.status, verdict.body)
+                return True
             if fault == "refuse_format":
                 finish(400, True)
                 msg = "response_format of type json_schema is not supported by this server"
@@ -673,6 +688,8 @@ class OpenAITestServer:
             content, finish_reason, t_service = await self._serve(body, fault)
             response = self._completion(body, content, finish_reason)
             payload = json.dumps(response).encode()
+            if self.max_body_repeat > 1:  # an oversized answer (valid JSON, whitespace padded)
+                payload = payload + b" " * (len(payload) * (self.max_body_repeat - 1))
             with self._lock:
                 self._stats.busy_s += t_service
                 self._stats.prompt_tokens += response["usage"]["prompt_tokens"]
@@ -766,6 +783,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--model", default="test-model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--personality", default=None, help="llama-cpp-python | llama-server | vllm | openai-strict"
+    )
+    p.add_argument(
         "--script",
         choices=["schema", "rms"],
         default="schema",
@@ -788,6 +808,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         refuse_response_format=args.refuse_response_format,
         model=args.model,
         seed=args.seed,
+        personality=args.personality,
         host=args.host,
         port=args.port,
     )
