@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast lint typecheck bench demo mutate clean fuzz
+.PHONY: setup test test-fast lint typecheck bench demo mutate clean fuzz interop
 
 setup: $(VENV)/.installed
 
@@ -46,6 +46,10 @@ bench: setup
 
 demo: setup
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) examples/demo.py
+
+# Not in CI: a real llama.cpp server (llama-cpp-python[server], own venv) + a text-only build against it.
+interop: setup
+	PY=$(PY) bench/interop/run.sh
 
 clean:
 	rm -rf $(VENV) runs examples/photos .pytest_cache
