@@ -272,3 +272,11 @@ def test_build_with_every_request_401_stops_at_once(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "authentication failed at http://127.0.0.1" in proc.stderr and "sk-test-build" not in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_dry_run_shows_the_probe_result(tmp_path: Path) -> None:
+    src = _examples(tmp_path)
+    with OpenAITestServer(responder=rms_responder, personality="llama-cpp-python") as srv:
+        proc = _build(src, tmp_path / "run", srv.base_url, "--dry-run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "vision no" in proc.stderr and "structured json_object_schema" in proc.stderr

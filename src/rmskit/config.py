@@ -28,7 +28,8 @@ class BackendConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     spec: str = "embedded"
-    base_url: str | None = None
+    # One URL, or several serving the same model (balanced; see models/pool.py).
+    base_url: str | list[str] | None = None
     api_key_env: str = "OPENAI_API_KEY"
     concurrency: int = Field(16, ge=1)
     requests_per_minute: float | None = Field(None, gt=0)
@@ -52,6 +53,14 @@ class BackendConfig(BaseModel):
     dtype: str | None = None
     max_batch: int = Field(8, ge=1)
     vision: bool | None = None  # None: probed (remote) or read from the model config (local)
+
+    @field_validator("base_url")
+    @classmethod
+    def _one_or_many_urls(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list):
+            v = list(dict.fromkeys(u.strip() for u in v if u.strip()))
+            return None if not v else v[0] if len(v) == 1 else v
+        return v
 
     @field_validator("spec")
     @classmethod

@@ -226,6 +226,8 @@ class OpenAIBackend(RemoteBackend):
     ) -> None:
         if cfg.kind != "openai":
             raise ValueError(f"OpenAIBackend needs an 'openai:NAME' spec, got {cfg.spec!r}")
+        if isinstance(cfg.base_url, list):
+            raise ValueError("OpenAIBackend takes one base_url; several go through models.pool.EndpointPool")
         key = os.environ.get(cfg.api_key_env) or None
         if key is None:
             if cfg.base_url is None:

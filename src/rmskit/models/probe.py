@@ -3,7 +3,7 @@ with a few tiny requests instead of assumed.
 
 1. `GET /models` (401/403 stop here with AuthenticationError);
 2. a text-only request: the baseline prompt-token count (it goes through the full retry/outage
-   path, so a server still starting is waited for);
+   path, so a server still starting is waited for); skipped when vision is forced;
 3. vision: the same text with a small red image. Vision counts only when the request succeeds and
    the prompt grew: llama-cpp-python under chatml answers 200 but drops the image *and* that
    message's text, so its prompt shrinks; a 4xx/5xx ("image input is not supported") means no;
@@ -153,10 +153,12 @@ async def run_probe(b: RemoteBackend) -> ProbeResult:
             if e.kind == ErrorKind.auth:
                 raise
             log.info("probe: /models failed at %s: %s", b.where, e)
-    base = await b._request(b._payload(_PARAMS, [{"role": "user", "content": _QUESTION}]), 200)
     if cfg.vision is not None:
         vision, vision_how = cfg.vision, "forced"
     else:
+        # The text-only baseline goes through the full retry/outage path: a server still starting
+        # is waited for here, once, instead of failing every probe request.
+        base = await b._request(b._payload(_PARAMS, [{"role": "user", "content": _QUESTION}]), 200)
         vision, vision_how = await _probe_vision(b, base.prompt_tokens)
     if cfg.structured != "auto":
         mode, full, tried, how = cfg.structured, False, {}, "forced"
@@ -203,3 +205,25 @@ async def probe_and_apply(b: RemoteBackend, store: Any = None, *, echo: Any = No
     if echo is not None:
         echo(result.line())
     return result
+
+
+def probe_config(cfg: Any) -> list[ProbeResult]:
+    """Probe the server(s) of a remote BackendConfig from sync code (e.g. `build --dry-run`); []
+    for local kinds. Raises AuthenticationError on 401/403."""
+    import asyncio
+
+    from rmskit.models import load_backend
+    from rmskit.models.registry import resolve
+
+    if not resolve(cfg.spec).kind.remote:
+        return []
+
+    async def go() -> list[ProbeResult]:
+        backend: Any = load_backend(cfg)
+        try:
+            got = await backend.start(None)
+            return got if isinstance(got, list) else [got]
+        finally:
+            await backend.aclose()
+
+    return asyncio.run(go())

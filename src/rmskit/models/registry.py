@@ -179,7 +179,7 @@ def _builtin() -> None:
     register(
         BackendKind(
             name="openai",
-            factory="rmskit.models.openai_compat:OpenAIBackend",
+            factory="rmskit.models.pool:openai_backend",
             forms=("openai:MODEL",),
             vision="probed at start (--vision/--no-vision override)",
             structured="probed: json_schema > json_object+schema > json_object > prompt",

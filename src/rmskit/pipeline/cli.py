@@ -105,7 +105,10 @@ def register(app: typer.Typer) -> None:
             str | None,
             typer.Option(help="openai:NAME | hf:ORG/NAME | PATH | vllm:NAME | embedded (default)."),
         ] = None,
-        base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible server URL.")] = None,
+        base_url: Annotated[
+            list[str] | None,
+            typer.Option(help="OpenAI-compatible server URL; repeat for several serving one model."),
+        ] = None,
         api_key_env: Annotated[
             str | None, typer.Option(help="Env var holding the API key (default OPENAI_API_KEY).")
         ] = None,
@@ -190,7 +193,7 @@ def register(app: typer.Typer) -> None:
         }
         backend = {
             "spec": model,
-            "base_url": base_url,
+            "base_url": base_url or None,
             "api_key_env": api_key_env,
             "concurrency": concurrency,
             "requests_per_minute": rpm,
@@ -272,11 +275,12 @@ def _dry_run(cfg: BuildConfig, *, json_out: bool) -> None:
     if cfg.model.base_url is not None:  # what the server supports (models/probe.py)
         from rmskit.models.probe import probe_config
 
+        stderr = Console(stderr=True, soft_wrap=True)
         try:
             for probed in probe_config(cfg.model):
-                err.print(probed.line(), markup=False)
+                stderr.print(probed.line(), markup=False)
         except Exception as exc:  # noqa: BLE001 - a dry run reports, it does not stop
-            err.print(f"probe failed: {exc}", markup=False)
+            stderr.print(f"probe failed: {exc}", markup=False)
     table = Table(title=f"dry run: {est.candidate_images} candidate image(s)")
     for col in ("stage", "requests", "prompt tokens", "completion tokens"):
         table.add_column(col, justify="left" if col == "stage" else "right")
