@@ -59,6 +59,7 @@ class EndpointPool:
         self.capabilities = self.members[0].backend.capabilities
         self._store: Any = None
         self._changed = asyncio.Event()
+        self._checks: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         return f"EndpointPool({self.cfg.spec!r}, {[m.stats.url for m in self.members]})"
@@ -80,6 +81,8 @@ class EndpointPool:
         return results
 
     async def aclose(self) -> None:
+        for task in list(self._checks):
+            task.cancel()
         if self._store is not None:
             self._store.set_meta(
                 f"endpoints:{self.cfg.spec}", [s.model_dump() for s in self.endpoint_stats()]
@@ -113,9 +116,12 @@ class EndpointPool:
         deadline = time.monotonic() + self.cfg.outage_window_s
         while True:
             now = time.monotonic()
-            for i, m in enumerate(self.members):
+            for m in self.members:
                 if not m.stats.admitted and not m.checking and now >= m.retry_at:
-                    asyncio.ensure_future(self._check(m))
+                    m.checking = True  # set before the task runs: one health check at a time
+                    task = asyncio.ensure_future(self._check(m))
+                    self._checks.add(task)
+                    task.add_done_callback(self._checks.discard)
             live = [m for i, m in enumerate(self.members) if m.stats.admitted and i not in avoid]
             if not live:
                 live = [m for m in self.members if m.stats.admitted]
