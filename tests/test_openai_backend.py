@@ -20,7 +20,7 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 from rmskit.config import BackendConfig
-from rmskit.models import openai_compat
+from rmskit.models import images
 from rmskit.models.base import BackendError, ErrorKind, GenParams, ImageInput, Message
 from rmskit.models.limits import RequestLimiter, RetryPolicy, TokenBucket, parse_retry_after
 from rmskit.models.openai_compat import OpenAIBackend
@@ -395,15 +395,15 @@ def test_images_sent_as_resized_jpeg_data_urls(
         p = tmp_path / f"{name}.png"
         Image.fromarray(real_photos[name]).save(p)
         paths[name] = p
-    openai_compat._IMAGE_CACHE.clear()
+    images._IMAGE_CACHE.clear()
     calls: list[Path] = []
-    real_encode = openai_compat.encode_image_data_url
+    real_encode = images.encode_image_data_url
 
     def counting(path: Path, max_side: int, quality: int = 90) -> str:
         calls.append(path)
         return real_encode(path, max_side, quality)
 
-    monkeypatch.setattr(openai_compat, "encode_image_data_url", counting)
+    monkeypatch.setattr(images, "encode_image_data_url", counting)
     imgs = [ImageInput(sha256=f"{n:0<64}"[:64], path=p) for n, p in paths.items()]
     with OpenAITestServer(keep_bodies=True) as srv:
 

@@ -14,24 +14,19 @@ is kept on no pydantic model, never logged, and scrubbed from every error messag
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import errno
 import importlib
-import io
 import json
 import os
 import re
-import threading
-from collections import OrderedDict
-from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import openai
 
 from rmskit.config import BackendConfig
-from rmskit.models.base import BackendError, ErrorKind, GenParams, ImageInput, Message
+from rmskit.models.base import BackendError, ErrorKind, GenParams, Message
+from rmskit.models.images import ImageURLs, encode_image_data_url  # noqa: F401 - re-exported
 from rmskit.models.limits import parse_retry_after
 from rmskit.models.remote import Failure, RemoteBackend, RemoteStats, Reply
 
@@ -92,56 +87,6 @@ def parse_chat_completion(body: bytes) -> Reply:
         )
     except (KeyError, IndexError, TypeError, AttributeError, ValueError) as e:
         raise _BadBody("response JSON has no choices[0].message") from e
-
-
-# ------------------------------------------------------------------ images
-
-_IMAGE_CACHE: OrderedDict[tuple[str, int], str] = OrderedDict()
-# Data URLs of recently used images, bounded by bytes: every image in the build's window (default
-# 2x concurrency) stays encoded while its stages run, so each image is encoded once, not per request.
-_IMAGE_CACHE_MAX_BYTES = 256 * 1024 * 1024
-_image_cache_bytes = 0
-_IMAGE_CACHE_LOCK = threading.Lock()
-
-
-def _cache_get(key: tuple[str, int]) -> str | None:
-    with _IMAGE_CACHE_LOCK:
-        url = _IMAGE_CACHE.get(key)
-        if url is not None:
-            _IMAGE_CACHE.move_to_end(key)
-        return url
-
-
-def _cache_put(key: tuple[str, int], url: str) -> None:
-    global _image_cache_bytes
-    with _IMAGE_CACHE_LOCK:
-        old = _IMAGE_CACHE.pop(key, None)
-        _image_cache_bytes += len(url) - (len(old) if old else 0)
-        _IMAGE_CACHE[key] = url
-        while _image_cache_bytes > _IMAGE_CACHE_MAX_BYTES and len(_IMAGE_CACHE) > 1:
-            _, evicted = _IMAGE_CACHE.popitem(last=False)
-            _image_cache_bytes -= len(evicted)
-
-
-def encode_image_data_url(path: Path, max_side: int, quality: int = 90) -> str:
-    """A JPEG data URL of the image at `path`, longest side at most `max_side` (EXIF orientation
-    applied, alpha flattened onto white). Blocking: call it off the event loop."""
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as src:
-        src.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced scale when much larger
-        im = ImageOps.exif_transpose(src)
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            rgba = im.convert("RGBA")
-            im = Image.new("RGB", rgba.size, (255, 255, 255))
-            im.paste(rgba, mask=rgba.getchannel("A"))
-        elif im.mode != "RGB":
-            im = im.convert("RGB")
-        if max(im.size) > max_side:
-            im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-        buf = io.BytesIO()
-        im.save(buf, "JPEG", quality=quality)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 # ------------------------------------------------------------------ helpers
@@ -249,7 +194,7 @@ class OpenAIBackend(RemoteBackend):
             http_client=self._http,
         )
         self._max_tokens_key = "max_tokens"
-        self._pending_images: dict[tuple[str, int], asyncio.Future[str]] = {}
+        self._images = ImageURLs()
 
     def __repr__(self) -> str:
         return f"OpenAIBackend(spec={self.cfg.spec!r}, endpoint={self.where!r})"
@@ -331,28 +276,6 @@ class OpenAIBackend(RemoteBackend):
             return True
         return False
 
-    async def _image_url(self, img: ImageInput) -> str:
-        key = (img.sha256, self.cfg.image_max_side)
-        url = _cache_get(key)
-        if url is not None:
-            return url
-        fut = self._pending_images.get(key)
-        if fut is None:
-            # One encoding per image even when several requests for it start at once.
-            fut = asyncio.ensure_future(asyncio.to_thread(encode_image_data_url, img.path, key[1]))
-            self._pending_images[key] = fut
-
-            def _done(f: asyncio.Future[str], key: tuple[str, int] = key) -> None:
-                self._pending_images.pop(key, None)
-                if not f.cancelled() and f.exception() is None:
-                    _cache_put(key, f.result())
-
-            fut.add_done_callback(_done)
-        try:
-            return await asyncio.shield(fut)
-        except (OSError, ValueError, SyntaxError) as e:  # PIL raises these for unreadable images
-            raise BackendError(ErrorKind.image, f"cannot encode image {img.sha256[:12]}: {e}") from None
-
     async def _render(self, messages: list[Message]) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         for m in messages:
@@ -364,7 +287,11 @@ class OpenAIBackend(RemoteBackend):
                     ErrorKind.image, f"{self.cfg.spec} has no vision (probed, or vision: false)"
                 )
             parts: list[dict[str, Any]] = [
-                {"type": "image_url", "image_url": {"url": await self._image_url(img)}} for img in m.images
+                {
+                    "type": "image_url",
+                    "image_url": {"url": await self._images.url(img, self.cfg.image_max_side)},
+                }
+                for img in m.images
             ]
             if m.content:
                 parts.append({"type": "text", "text": m.content})
