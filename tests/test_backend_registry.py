@@ -157,3 +157,15 @@ def test_testing_extra_pytest_plugin_fixtures(tmp_path: Path) -> None:
         timeout=120,
     )
     assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_models_list_with_a_server_shows_the_probed_capabilities() -> None:
+    with OpenAITestServer(personality="llama-server") as srv:
+        res = CliRunner().invoke(
+            _app(), ["models", "list", "--json", "--model", "openai:test-model", "--base-url", srv.base_url]
+        )
+    model = json.loads(res.output)["model"]
+    assert (
+        model["capabilities"]["vision"] is False and model["capabilities"]["structured_mode"] == "json_schema"
+    )
+    assert "image input is not supported" in model["note"]

@@ -62,16 +62,24 @@ def resolve_spec(spec: str, *, base_url: str | None = None, gguf_file: str | Non
         backend = load_backend(cfg)
     except Exception as e:  # e.g. vllm missing, no API key: say why, still show the kind
         return SpecReport(spec=spec, kind=cfg.kind, model_id=cfg.spec, capabilities=None, note=str(e))
-    note = getattr(backend, "capability_note", None)
-    report = SpecReport(
+    import asyncio
+
+    async def settle() -> str | None:
+        try:
+            start = getattr(backend, "start", None)
+            if start is not None and cfg.base_url is not None:  # a server: probe what it supports
+                got = await start(None)
+                return "; ".join(r.line() for r in (got if isinstance(got, list) else [got]))
+            return getattr(backend, "capability_note", None)
+        except Exception as e:  # noqa: BLE001 - report why, still show the kind
+            return f"probe failed: {e}"
+        finally:
+            await backend.aclose()
+
+    note = asyncio.run(settle())
+    return SpecReport(
         spec=spec, kind=cfg.kind, model_id=backend.model_id, capabilities=backend.capabilities, note=note
     )
-    close = getattr(backend, "aclose", None)
-    if close is not None:
-        import asyncio
-
-        asyncio.run(close())
-    return report
 
 
 def register(app: typer.Typer) -> None:
