@@ -280,3 +280,50 @@ def test_dry_run_shows_the_probe_result(tmp_path: Path) -> None:
         proc = _build(src, tmp_path / "run", srv.base_url, "--dry-run")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "vision no" in proc.stderr and "structured json_object_schema" in proc.stderr
+
+
+@pytest.mark.slow
+def test_server_killed_mid_build_and_restarted_loses_nothing(tmp_path: Path) -> None:
+    """Connection refused is waited out (outage window), so a restart costs no image."""
+    src = _examples(tmp_path)
+    srv = OpenAITestServer(responder=rms_responder, latency=0.05).start()
+    port, holder = srv.port, [srv]
+
+    def kill_and_restart() -> None:
+        while len(srv.chat_records()) < 25:
+            time.sleep(0.02)
+        srv.stop()
+        time.sleep(3.0)
+        holder.append(OpenAITestServer(responder=rms_responder, latency=0.05, port=port).start())
+
+    t = threading.Thread(target=kill_and_restart)
+    t.start()
+    try:
+        # One retry only: without the outage window a 3 s outage would exhaust it and fail images.
+        (tmp_path / "c.yaml").write_text("model:\n  max_retries: 1\n  backoff_max_s: 0.2\n")
+        proc = _build(
+            src,
+            tmp_path / "run",
+            srv.base_url,
+            "--perceive",
+            "annotations",
+            "--no-vision",
+            "-c",
+            str(tmp_path / "c.yaml"),
+        )
+        t.join(30)
+    finally:
+        for s in holder:
+            s.stop()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(holder) == 2 and holder[1].stats().delivered > 0  # the outage really happened mid-run
+    status = json.loads(
+        subprocess.check_output(
+            [sys.executable, "-m", "rmskit.cli", "status", str(tmp_path / "run"), "--json"]
+        )
+    )
+    assert status["images"]["failed"] == 0 and status["images"]["done"] == 3
+    failures = (
+        sqlite3.connect(tmp_path / "run" / "rms.sqlite").execute("SELECT COUNT(*) FROM failures").fetchone()
+    )
+    assert failures == (0,)

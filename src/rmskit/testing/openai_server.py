@@ -401,6 +401,8 @@ class OpenAITestServer:
         return self
 
     def stop(self) -> None:
+        if self._thread is None:  # never started, or already stopped
+            return
         if self._loop is not None and self._stopped is not None:
             self._loop.call_soon_threadsafe(self._stopped.set)
         if self._thread is not None:
