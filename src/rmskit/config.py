@@ -31,27 +31,27 @@ class BackendConfig(BaseModel):
     # One URL, or several serving the same model (balanced; see models/pool.py).
     base_url: str | list[str] | None = None
     api_key_env: str = "OPENAI_API_KEY"
-    concurrency: int = Field(16, ge=1)
-    requests_per_minute: float | None = Field(None, gt=0)
-    tokens_per_minute: float | None = Field(None, gt=0)
-    timeout_s: float = Field(120.0, gt=0)
-    max_retries: int = Field(6, ge=0)
-    backoff_base_s: float = Field(0.5, ge=0)
-    backoff_max_s: float = Field(60.0, ge=0)
+    concurrency: int = Field(default=16, ge=1)
+    requests_per_minute: float | None = Field(default=None, gt=0)
+    tokens_per_minute: float | None = Field(default=None, gt=0)
+    timeout_s: float = Field(default=120.0, gt=0)
+    max_retries: int = Field(default=6, ge=0)
+    backoff_base_s: float = Field(default=0.5, ge=0)
+    backoff_max_s: float = Field(default=60.0, ge=0)
     # Connection refused (server down or restarting) is retried with backoff for up to this long,
     # independently of max_retries, before the request fails as transient.
-    outage_window_s: float = Field(120.0, ge=0)
-    max_response_bytes: int = Field(4_000_000, ge=1024)  # a longer answer is an error (too_large)
-    image_max_side: int = Field(1024, ge=32)
+    outage_window_s: float = Field(default=120.0, ge=0)
+    max_response_bytes: int = Field(default=4_000_000, ge=1024)  # a longer answer is an error (too_large)
+    image_max_side: int = Field(default=1024, ge=32)
     # auto: probe the server and use the best mode it really supports, in this order.
     structured: Literal["auto", "json_schema", "json_object_schema", "json_object", "prompt"] = "auto"
-    max_reasks: int = Field(2, ge=0)
+    max_reasks: int = Field(default=2, ge=0)
     params: GenParams = Field(default_factory=GenParams)
     # transformers / GGUF specifics (ignored by remote backends)
     gguf_file: str | None = None
     device: str | None = None
     dtype: str | None = None
-    max_batch: int = Field(8, ge=1)
+    max_batch: int = Field(default=8, ge=1)
     vision: bool | None = None  # None: probed (remote) or read from the model config (local)
 
     @field_validator("base_url")

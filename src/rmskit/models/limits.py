@@ -192,10 +192,10 @@ class RetryPolicy(BaseModel):
     server sent Retry-After, wait at least that long (plus a little jitter so a crowd told the same
     instant does not return at once), capped at `max_retry_after_s`."""
 
-    max_retries: int = Field(6, ge=0)
-    base_s: float = Field(0.5, ge=0)
-    max_s: float = Field(60.0, ge=0)
-    max_retry_after_s: float = Field(600.0, ge=0)
+    max_retries: int = Field(default=6, ge=0)
+    base_s: float = Field(default=0.5, ge=0)
+    max_s: float = Field(default=60.0, ge=0)
+    max_retry_after_s: float = Field(default=600.0, ge=0)
 
     def delay(
         self, attempt: int, retry_after: float | None = None, rng: random.Random | None = None

@@ -35,7 +35,7 @@ class EndpointStats(BaseModel):
 
 
 class _Member:
-    def __init__(self, backend: OpenAIBackend, url: str) -> None:
+    def __init__(self, backend: OpenAIBackend, url: str | None) -> None:
         self.backend = backend
         self.stats = EndpointStats(url=backend.where)
         self.url = url
@@ -49,7 +49,7 @@ class EndpointPool:
     """ModelBackend over several OpenAI-compatible endpoints serving the same model."""
 
     def __init__(self, cfg: BackendConfig) -> None:
-        urls = cfg.base_url if isinstance(cfg.base_url, list) else [cfg.base_url]
+        urls = cfg.base_url if isinstance(cfg.base_url, list) else [cfg.base_url or ""]
         self.cfg = cfg
         self.model_id = cfg.spec
         self.members = [

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -386,7 +387,12 @@ class RemoteBackend:
                 raise BackendError(ErrorKind.bad_request, str(e)) from None
 
     def _result(
-        self, reply: Reply, parsed: dict[str, Any] | None, attempts: int, usage: Usage, notes: list[str] = ()
+        self,
+        reply: Reply,
+        parsed: dict[str, Any] | None,
+        attempts: int,
+        usage: Usage,
+        notes: Sequence[str] = (),
     ) -> Result:
         return Result(
             text=reply.text,

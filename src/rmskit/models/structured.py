@@ -185,9 +185,8 @@ def _brief(node: dict[str, Any], root: dict[str, Any]) -> str:
         return "{" + ", ".join(f"{k}: {_brief(v, root)}" for k, v in props.items()) + "}"
     if kind == "array":
         return f"list of {_brief(node.get('items', {}), root)}"
-    return {"string": "text", "boolean": "true/false", "integer": "integer", "number": "number"}.get(
-        kind, "value"
-    )
+    names = {"string": "text", "boolean": "true/false", "integer": "integer", "number": "number"}
+    return names.get(kind, "value") if isinstance(kind, str) else "value"
 
 
 def json_brief(model: type[BaseModel]) -> str:
