@@ -63,6 +63,17 @@ def test_build_cli_exits_2_on_a_bad_spec_and_on_missing_vllm(tmp_path: Path) -> 
         pytest.skip("vllm is installed here")
     with pytest.raises(registry.BackendUnavailable, match="pip install vllm"):
         load_backend(BackendConfig(spec="vllm:Qwen/Qwen2-VL-2B-Instruct"))
+    (tmp_path / "p" / "a.jpg").write_bytes(b"not really")
+    args = [
+        "build",
+        str(tmp_path / "p"),
+        "--model",
+        "vllm:Qwen/Qwen2-VL-2B-Instruct",
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    res = CliRunner().invoke(_app(), args)
+    assert res.exit_code == 2 and "pip install vllm" in res.output and "Traceback" not in res.output
 
 
 # ------------------------------------------------------------------ a plugin: one thin remote backend
