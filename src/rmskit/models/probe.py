@@ -217,6 +217,10 @@ def probe_config(cfg: Any) -> list[ProbeResult]:
 
     if not resolve(cfg.spec).kind.remote:
         return []
+    # A look, not a run: fail fast instead of waiting out an outage.
+    cfg = cfg.model_copy(
+        update={"outage_window_s": 0.0, "max_retries": 0, "timeout_s": min(cfg.timeout_s, 15.0)}
+    )
 
     async def go() -> list[ProbeResult]:
         backend: Any = load_backend(cfg)
