@@ -74,3 +74,13 @@ def test_a_sample_and_its_deciding_round_land_together(tmp_path, monkeypatch) ->
         assert ids
         for sid in ids:  # query rounds that passed stay; the response round that decided is absent
             assert led.rounds(sid, "response") == [], sid
+
+
+def test_required_checks_flag_gates_and_is_validated(tmp_path, photo_dir) -> None:
+    out = tmp_path / "run"
+    bad = _rmskit(*_build_args(photo_dir, out), "--required-checks", "lexical,bogus", "--quiet")
+    assert bad.returncode == 2 and "bogus" in bad.stderr and "Traceback" not in bad.stderr
+    from rmskit.pipeline.cli import resolve_config
+
+    cfg = resolve_config([str(photo_dir)], None, {"required_checks": ["lexical", "text_only"]}, {}, [])
+    assert cfg.required_checks == ["lexical", "text_only"]

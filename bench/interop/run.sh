@@ -21,7 +21,7 @@ rm -rf "$OUT"
 START=$(date +%s)
 HF_HUB_OFFLINE=1 "$PY" -m rmskit.cli build examples/annotations.json --out "$OUT" \
   --model openai:smollm2 --base-url "http://127.0.0.1:$PORT/v1" --perceive annotations \
-  --embedder hashing --concurrency 2 --timeout 300 --limit "${INTEROP_LIMIT:-2}" ${INTEROP_ARGS:-} --json 2> bench/interop/build.err | tee bench/interop/summary.json
+  --embedder hashing --required-checks lexical,text_only --concurrency 2 --timeout 300 --limit "${INTEROP_LIMIT:-2}" ${INTEROP_ARGS:-} --json 2> bench/interop/build.err | tee bench/interop/summary.json
 END=$(date +%s)
 grep '^probe ' bench/interop/build.err || true
 mkdir -p bench/results

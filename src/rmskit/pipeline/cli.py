@@ -139,7 +139,15 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[int | None, typer.Option()] = None,
         agreement: Annotated[
             int | None,
-            typer.Option(help="Re-check N kept samples with a second verifier; report agreement (kappa)."),
+            typer.Option(help="Re-check N verified rounds with a second verifier; report agreement (kappa)."),
+        ] = None,
+        required_checks: Annotated[
+            str | None,
+            typer.Option(
+                "--required-checks",
+                help="Comma list of checks that gate a sample (default: all). All checks still run and "
+                "are recorded; gate on fewer only with a verifier too weak to trust (a tiny model).",
+            ),
         ] = None,
         no_controls: Annotated[
             bool, typer.Option("--no-controls", help="Skip benign control queries.")
@@ -190,6 +198,9 @@ def register(app: typer.Typer) -> None:
             "seed": seed,
             "controls": False if no_controls else None,
             "verify_agreement": agreement,
+            "required_checks": [c.strip() for c in required_checks.split(",") if c.strip()]
+            if required_checks is not None
+            else None,
         }
         backend = {
             "spec": model,
