@@ -15,7 +15,16 @@ from typing import Any
 from pydantic import BaseModel
 
 from rmskit.ledger import Ledger
-from rmskit.models.base import BackendError, ErrorKind, GenParams, Message, ModelBackend, Result, Usage
+from rmskit.models.base import (
+    AuthenticationError,
+    BackendError,
+    ErrorKind,
+    GenParams,
+    Message,
+    ModelBackend,
+    Result,
+    Usage,
+)
 from rmskit.models.structured import parse_structured
 from rmskit.pipeline.progress import Stats
 
@@ -145,6 +154,8 @@ class Caller:
         except BackendError as exc:
             self.stats.finish(stage, ok=False)
             self.ledger.add_failure(image_sha, stage, key, exc.kind.value, str(exc))
+            if isinstance(exc, AuthenticationError):  # no later request can succeed: stop the run
+                raise
             raise StageFailed(f"{stage}: {exc}", transient=exc.transient) from exc
         except Exception as exc:  # a backend bug must not kill the run; record it per item
             self.stats.finish(stage, ok=False)

@@ -23,7 +23,7 @@ from rmskit.config import BuildConfig
 from rmskit.console import is_storage_failure
 from rmskit.executors import ExecutorConfig
 from rmskit.ledger import Ledger
-from rmskit.models import ModelBackend, load_backend
+from rmskit.models import AuthenticationError, ModelBackend, load_backend
 from rmskit.pipeline.caller import Caller, StageFailed
 from rmskit.pipeline.progress import ProgressView, Stats
 from rmskit.pipeline.prompting import prompts_fingerprint
@@ -96,14 +96,14 @@ class Pipeline:
 
     def _settled(self, task: asyncio.Task) -> None:
         exc = None if task.cancelled() else task.exception()  # retrieved: never "never retrieved"
-        if exc is not None and is_storage_failure(exc):
+        if exc is not None and _ends_the_run(exc):
             self._abort(exc)
         elif exc is not None:
             log.error("image task ended with %r", exc)
 
     def _abort(self, exc: BaseException) -> None:
-        """Storage ran out: nothing more can be saved, so end the run (resumable) rather than fail
-        every image in turn."""
+        """Storage ran out or the endpoint refuses our credentials: no later work can succeed, so
+        end the run (resumable) rather than fail every image in turn."""
         if self._fatal is None:
             self._fatal = exc
             if self._main is not None:
@@ -178,7 +178,7 @@ class Pipeline:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug on one image must not end the run
-            if is_storage_failure(exc):  # ...but a full disk must (see _abort)
+            if _ends_the_run(exc):  # ...but a full disk or a refused key must (see _abort)
                 raise
             log.exception("image %s crashed", rec.source_path)
             self.ledger.set_image_status(rec.sha256, "failed", f"internal error: {exc!r}")
@@ -273,6 +273,10 @@ class Pipeline:
             self.coverage.add(category)
         if self._target_reached():
             self.stop.set()
+
+
+def _ends_the_run(exc: BaseException) -> bool:
+    return is_storage_failure(exc) or isinstance(exc, AuthenticationError)
 
 
 async def _aiter_threaded(items: Iterable[Any], maxsize: int):
