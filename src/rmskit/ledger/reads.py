@@ -47,6 +47,14 @@ class LedgerReads:
             for s, e in self.query("SELECT sha256, error FROM images WHERE status='failed' ORDER BY seq")
         ]
 
+    def failures_of(self, image_sha: str, kind: str) -> list[dict[str, Any]]:
+        """The failures log rows of one image and kind (e.g. 'adjusted': caps enforced by truncation)."""
+        rows = self.query(
+            "SELECT stage, key, message FROM failures WHERE image_sha=? AND kind=? ORDER BY id",
+            (image_sha, kind),
+        )
+        return [{"stage": st, "key": k, "message": m} for st, k, m in rows]
+
     # -- rounds ---------------------------------------------------------------------------------
     def iter_rounds(self) -> Iterator[dict[str, Any]]:
         """Every refine round of every sample, by phase then round number."""

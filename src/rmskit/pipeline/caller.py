@@ -161,6 +161,8 @@ class Caller:
             self.stats.finish(stage, ok=False)
             self.ledger.add_failure(image_sha, stage, key, ErrorKind.other.value, repr(exc))
             raise StageFailed(f"{stage}: unexpected {type(exc).__name__}: {exc}") from exc
+        if result.adjustments:  # schema parity: caps enforced by truncation are recorded, not failed
+            self.ledger.add_failure(image_sha, stage, key, "adjusted", "; ".join(result.adjustments))
         usage = result.usage or Usage()
         self.stats.finish(stage, ok=True, tokens=usage.total)
         parsed = result.parsed

@@ -184,6 +184,14 @@ class Pipeline:
             self.ledger.set_image_status(rec.sha256, "failed", f"internal error: {exc!r}")
             self.stats.images_failed += 1
 
+    def _adjustments(self, sha: str, sid: str) -> list[str]:
+        """Truncations of this sample's answers and of its image's perceive/discover answers."""
+        return [
+            f"{a['stage']}: {a['message']}"
+            for a in self.ledger.failures_of(sha, "adjusted")
+            if sid in a["key"] or a["stage"] in ("perceive", "discover")
+        ]
+
     def _plan(self, rec: ImageRecord) -> dict[str, Any]:
         """Snapshot of the taxonomy/coverage steering this image saw; stored so a resumed run
         renders identical prompts (and hits the request cache)."""
@@ -261,6 +269,12 @@ class Pipeline:
             return
         loop = SampleLoop(ctx, self.cfg, self.callers, perception, sid, kind, category, scenario)
         status, data = await loop.run()  # a transient failure propagates: nothing is written
+        if caps := self._adjustments(ctx.rec.sha256, sid):
+            data["checks"]["caps"] = {
+                "pass": True,
+                "reason": "over-long model output truncated to the schema's caps",
+                "adjustments": caps,
+            }
         self.ledger.put_sample_with_round(
             sid, ctx.rec.sha256, kind, category, status, data, final_round=loop.final_round
         )
