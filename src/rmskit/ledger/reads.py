@@ -47,6 +47,11 @@ class LedgerReads:
             for s, e in self.query("SELECT sha256, error FROM images WHERE status='failed' ORDER BY seq")
         ]
 
+    def meta_with_prefix(self, prefix: str) -> dict[str, Any]:
+        """Meta values whose key starts with `prefix` (e.g. 'endpoints:'), keyed by the rest."""
+        rows = self.query("SELECT key, value FROM meta WHERE substr(key, 1, ?) = ?", (len(prefix), prefix))
+        return {k[len(prefix) :]: json.loads(v) for k, v in rows}
+
     def failures_of(self, image_sha: str, kind: str) -> list[dict[str, Any]]:
         """The failures log rows of one image and kind (e.g. 'adjusted': caps enforced by truncation)."""
         rows = self.query(

@@ -49,6 +49,8 @@ def run_status(run_dir: Path) -> dict[str, Any]:
             # which hazards the model encodes without leakage (kept / finished, Wilson interval)
             "pass_rates": [r.model_dump(mode="json") for r in pass_rates_by_category(ledger)],
             "agreement": ledger.get_meta("agreement"),  # verifier agreement (--agreement N)
+            # per-endpoint request counts when --base-url was repeated (rmskit.models.pool)
+            "endpoints": ledger.meta_with_prefix("endpoints:"),
             "dataset": _dataset_counts(Path(run_dir)),
             "recent_errors": [{k: f[k] for k in ("stage", "kind", "message")} for f in failures],
             "started_at": ledger.get_meta("started_at"),
