@@ -31,3 +31,14 @@ def test_untruncated_samples_carry_no_caps_entry(tmp_path: Path) -> None:
     _run(_cfg(tmp_path, perceive="model"), ScriptedBackend(), _images(1))
     with Ledger(tmp_path / "run", readonly=True) as led:
         assert all("caps" not in s["checks"] for s in led.iter_samples("ok"))
+
+
+def test_perceive_model_without_vision_is_refused_at_start(tmp_path: Path) -> None:
+    """Text-only end to end: a text-only model cannot perceive pixels, so `--perceive model` with no
+    vision model is refused before any request, with the two ways out named."""
+    import pytest
+
+    backend = ScriptedBackend(vision=False)
+    with pytest.raises(ValueError, match="--stage-model perceive=SPEC.*--perceive annotations"):
+        _run(_cfg(tmp_path, perceive="model"), backend, _images(2))
+    assert backend.requests == []

@@ -390,6 +390,12 @@ async def run_build(
             start = getattr(backend, "start", None)
             if start is not None:
                 await start(ledger, echo=None if quiet else lambda line: print(line, file=sys.stderr))
+        if cfg.perceive == "model" and not callers["perceive"].vision:  # nothing could be perceived
+            raise ValueError(
+                f"--perceive model, but {callers['perceive'].model_id} has no vision (probed or "
+                "--no-vision): give a vision model with --stage-model perceive=SPEC, or derive perception "
+                "from captions/instances with --perceive annotations"
+            )
         embedder = await asyncio.to_thread(make_embedder, cfg.embedder)
         taxonomy = Taxonomy(ledger, embedder, cfg.taxonomy_merge_threshold)
         coverage = Coverage(ledger, cfg.per_category_target)
