@@ -13,10 +13,12 @@ grammar-constrained JSON (see grammar.py for why xgrammar).
 from __future__ import annotations
 
 import asyncio
+import copy
 import gc
 import inspect
 import json
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -171,6 +173,11 @@ class HFBackend:
 
     # Subclasses for small models set this: a weak model under greedy decoding loops inside strings.
     repetition_penalty: float | None = None
+    # Reuse the KV cache of a batch's shared prompt prefix (system prompt + shared part of the user
+    # prompt); text models only. Benchmarks and tests switch it off to compare.
+    prefix_cache: bool = True
+    prefix_min_tokens = 16  # shorter shared prefixes are not worth a cache entry
+    prefix_entries = 8  # LRU size: about one entry per stage
 
     def __init__(
         self,
@@ -194,12 +201,14 @@ class HFBackend:
         self._eos_ids: list[int] = []
         self._vocab_size = 0
         self._grammars: Any = None
+        self._prefixes: OrderedDict[tuple[int, ...], Any] = OrderedDict()
         self._load_lock = threading.Lock()
         self._gen_lock = threading.Lock()
         self._batcher = Batcher(
             self._run_batch,
             max_batch=cfg.max_batch,
-            select=take_same_sampling,
+            # Text models batch one stage at a time so the rows share their prompt prefix (KV cache).
+            select=take_same_sampling if self.capabilities.vision else take_same_prompt_head,
             name=f"rmskit-hf:{self.model_id}",
         )
 
@@ -308,6 +317,7 @@ class HFBackend:
         with self._load_lock:
             self.model = self.processor = self.tokenizer = None
             self._grammars = None
+            self._prefixes.clear()
         gc.collect()
         try:
             import torch
@@ -391,8 +401,9 @@ class HFBackend:
                 return_tensors="pt",
                 add_special_tokens=False,
             )
+            past = None
         else:
-            enc = tok(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+            enc, past = self._encode_text(texts)
         enc = enc.to(self.model.device)
         if "pixel_values" in enc:
             enc["pixel_values"] = enc["pixel_values"].to(self.model.dtype)
@@ -410,6 +421,8 @@ class HFBackend:
             gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if self.repetition_penalty:
             gen_kwargs["repetition_penalty"] = self.repetition_penalty
+        if past is not None:
+            gen_kwargs[_cache_kwarg()] = past
         procs = LogitsProcessorList()
         schemas = [p.schema for p in rows]
         grammar_proc = None
@@ -455,6 +468,72 @@ class HFBackend:
                 Result(text=text, parsed=parsed, usage=usage, finish_reason=finish, model=self.model_id)
             )
         return results
+
+    # -- shared-prefix KV cache (text models)
+
+    def _encode_text(self, texts: list[str]) -> tuple[Any, Any]:
+        """Token batch + (when the rows share a long enough prompt prefix) a KV cache of that prefix
+        for every row. Rows are laid out [prefix][pad...][own suffix]: the positions generate derives
+        from the attention mask are then those of the uncached left-padded batch, so greedy outputs
+        are the same; only the prefix's prefill is skipped."""
+        import torch
+
+        tok = self.tokenizer
+        if not self.prefix_cache:
+            return tok(texts, padding=True, return_tensors="pt", add_special_tokens=False), None
+        ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        # At least one uncached token per row: generate needs an input to start from.
+        limit = min(len(r) for r in ids) - 1
+        n = 0
+        while n < limit and all(r[n] == ids[0][n] for r in ids):
+            n += 1
+        if n < self.prefix_min_tokens:
+            return tok(texts, padding=True, return_tensors="pt", add_special_tokens=False), None
+        n, cache = self._prefix_kv(tuple(ids[0][:n]))
+        width = max(len(r) for r in ids) - n
+        pad = tok.pad_token_id
+        rows = [r[:n] + [pad] * (width - (len(r) - n)) + r[n:] for r in ids]
+        mask = [[1] * n + [0] * (width - (len(r) - n)) + [1] * (len(r) - n) for r in ids]
+        past = copy.deepcopy(cache)  # generate extends the cache in place; the entry stays clean
+        if len(ids) > 1:
+            past.batch_repeat_interleave(len(ids))
+        enc = {"input_ids": torch.tensor(rows), "attention_mask": torch.tensor(mask)}
+        from transformers import BatchEncoding
+
+        return BatchEncoding(enc), past
+
+    def _prefix_kv(self, prefix: tuple[int, ...]) -> tuple[int, Any]:
+        """(length, KV cache) for the longest cached prefix covering most of `prefix`, else computed
+        (one forward pass) and kept in a small LRU."""
+        import torch
+
+        best = max((k for k in self._prefixes if prefix[: len(k)] == k), key=len, default=None)
+        # A shorter entry still saves most of the prefill; a much shorter one means a new stage.
+        if best is not None and len(best) * 4 >= len(prefix) * 3:
+            self._prefixes.move_to_end(best)
+            return len(best), self._prefixes[best]
+        ids = torch.tensor([prefix], device=self.model.device)
+        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+        kv = getattr(out, "cache", None) or out.past_key_values
+        self._prefixes[prefix] = kv
+        while len(self._prefixes) > self.prefix_entries:
+            self._prefixes.popitem(last=False)
+        return len(prefix), kv
+
+
+def take_same_prompt_head(backlog: list[Pending], max_batch: int) -> list[Pending]:
+    """The oldest request plus those with its sampling settings and its system prompt (same stage),
+    so the batch shares a long prompt prefix; the oldest always goes first, so nothing starves."""
+    head = backlog[0]
+    return [p for p in backlog if p.group == head.group and p.messages[:1] == head.messages[:1]][:max_batch]
+
+
+def _cache_kwarg() -> str:
+    """generate()'s name for a ready KV cache: `cache` from transformers 5.x on, `past_key_values`
+    before (still accepted there, with a deprecation warning)."""
+    from transformers.generation import utils
+
+    return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
 
 
 class _RowBudget(StoppingCriteria):
