@@ -399,9 +399,12 @@ def test_prefix_cache_same_greedy_outputs_tiny(tmp_path_factory: pytest.TempPath
     plain = _prefix_outputs(backend, False, schema)
     hits_before = len(backend._prefixes)
     cached = _prefix_outputs(backend, True, schema)
+    entries = dict(backend._prefixes)
     again = _prefix_outputs(backend, True, schema)  # served from the stored prefix entry
     asyncio.run(backend.aclose())
     assert hits_before == 0
+    # One entry: the shared system prompt + shared start of the user prompt, reused the second time.
+    assert len(entries) == 1 and len(next(iter(entries))) >= backend.prefix_min_tokens
     assert cached == plain and again == plain
     assert backend.stats.sizes[-1] > 1  # the rows were batched together
 
