@@ -123,6 +123,7 @@ def replay(
         "mean_batch": st.requests / max(st.batches, 1),
         "prompt_tokens": st.prompt_tokens,
         "completion_tokens": st.completion_tokens,
+        "cached_tokens": getattr(st, "cached_prompt_tokens", 0),
         "cpu_s": time.process_time() - c0,
     }
 
@@ -148,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(
             f"{r['mode']:<6} | {r['requests']} requests in {r['seconds']:.1f} s | {r['rps']:.3f} requests/s | "
-            f"{r['batches']} batches (mean {r['mean_batch']:.1f}) | prompt tokens {r['prompt_tokens']} | "
+            f"{r['batches']} batches (mean {r['mean_batch']:.1f}) | prompt tokens {r['prompt_tokens']} "
+            f"({r['cached_tokens']} from the prefix cache) | "
             f"new tokens {r['completion_tokens']} | CPU {r['cpu_s']:.0f} s "
             f"({r['requests'] / r['cpu_s']:.3f} requests per CPU-second)",
             flush=True,

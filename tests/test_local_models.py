@@ -365,7 +365,11 @@ def _prefix_batch() -> list[list[Message]]:
         "stairs.",
         "a balcony with a low railing, a stool next to it and a toddler playing with a ball nearby.",
     ]
-    return [[system, Message(role="user", content=f"Scene description follows. Scene: {s}")] for s in scenes]
+    intro = (
+        "Here is the scene description written by the perception stage; read it and name the single "
+        "most serious risk in it. Scene:"
+    )
+    return [[system, Message(role="user", content=f"{intro} {s}")] for s in scenes]
 
 
 class _Risk(BaseModel):
@@ -373,7 +377,9 @@ class _Risk(BaseModel):
     severity: Literal["low", "medium", "high"]
 
 
-def _prefix_outputs(backend: object, cached: bool, schema: type[BaseModel] | None) -> list[str]:
+def _prefix_outputs(
+    backend: object, cached: bool, schema: type[BaseModel] | None, batch: list[list[Message]] | None = None
+) -> list[str]:
     from rmskit.models.transformers_local import HFBackend
 
     assert isinstance(backend, HFBackend)
@@ -382,7 +388,7 @@ def _prefix_outputs(backend: object, cached: bool, schema: type[BaseModel] | Non
 
     async def run() -> list[str]:
         rs = await asyncio.gather(
-            *[backend.generate(m, schema=schema, params=params) for m in _prefix_batch()]
+            *[backend.generate(m, schema=schema, params=params) for m in batch or _prefix_batch()]
         )
         return [r.text for r in rs]
 
@@ -401,12 +407,16 @@ def test_prefix_cache_same_greedy_outputs_tiny(tmp_path_factory: pytest.TempPath
     cached = _prefix_outputs(backend, True, schema)
     entries = dict(backend._prefixes)
     again = _prefix_outputs(backend, True, schema)  # served from the stored prefix entry
+    alone = _prefix_outputs(backend, True, schema, _prefix_batch()[3:])  # a batch of one
     asyncio.run(backend.aclose())
+    assert alone == plain[3:]
     assert hits_before == 0
-    # One entry: the shared system prompt + shared start of the user prompt, reused the second time.
+    # One stored entry: the stage's system prompt, reused by the later batches.
     assert len(entries) == 1 and len(next(iter(entries))) >= backend.prefix_min_tokens
     assert cached == plain and again == plain
-    assert backend.stats.sizes[-1] > 1  # the rows were batched together
+    assert max(backend.stats.sizes) > 1  # the rows were batched together
+    # Both levels ran: the stored system-prompt entry and the batch's shared user part.
+    assert backend.stats.cached_prompt_tokens > 3 * 4 * len(next(iter(entries)))
 
 
 @pytest.mark.slow

@@ -60,6 +60,7 @@ class BatchStats(BaseModel):
     sizes: list[int] = Field(default_factory=list)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens whose prefill a shared-prefix KV cache skipped
 
 
 # ---------------------------------------------------------------- device / dtype / capabilities
@@ -403,7 +404,7 @@ class HFBackend:
             )
             past = None
         else:
-            enc, past = self._encode_text(texts)
+            enc, past = self._encode_text(texts, [self._head_text(p) for p in rows])
         enc = enc.to(self.model.device)
         if "pixel_values" in enc:
             enc["pixel_values"] = enc["pixel_values"].to(self.model.dtype)
@@ -471,54 +472,77 @@ class HFBackend:
 
     # -- shared-prefix KV cache (text models)
 
-    def _encode_text(self, texts: list[str]) -> tuple[Any, Any]:
-        """Token batch + (when the rows share a long enough prompt prefix) a KV cache of that prefix
-        for every row. Rows are laid out [prefix][pad...][own suffix]: the positions generate derives
-        from the attention mask are then those of the uncached left-padded batch, so greedy outputs
-        are the same; only the prefix's prefill is skipped."""
-        import torch
+    def _head_text(self, p: Pending) -> str:
+        """The rendered system message alone: the part of a prompt shared by every request of a stage."""
+        m = p.messages[0] if p.messages else None
+        if m is None or m.role != "system":
+            return ""
+        return self.tokenizer.apply_chat_template([{"role": "system", "content": m.content}], tokenize=False)
 
-        tok = self.tokenizer
-        if not self.prefix_cache:
-            return tok(texts, padding=True, return_tensors="pt", add_special_tokens=False), None
-        ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-        # At least one uncached token per row: generate needs an input to start from.
-        limit = min(len(r) for r in ids) - 1
-        n = 0
-        while n < limit and all(r[n] == ids[0][n] for r in ids):
-            n += 1
-        if n < self.prefix_min_tokens:
-            return tok(texts, padding=True, return_tensors="pt", add_special_tokens=False), None
-        n, cache = self._prefix_kv(tuple(ids[0][:n]))
-        width = max(len(r) for r in ids) - n
-        pad = tok.pad_token_id
-        rows = [r[:n] + [pad] * (width - (len(r) - n)) + r[n:] for r in ids]
-        mask = [[1] * n + [0] * (width - (len(r) - n)) + [1] * (len(r) - n) for r in ids]
-        past = copy.deepcopy(cache)  # generate extends the cache in place; the entry stays clean
-        if len(ids) > 1:
-            past.batch_repeat_interleave(len(ids))
-        enc = {"input_ids": torch.tensor(rows), "attention_mask": torch.tensor(mask)}
+    def _encode_text(self, texts: list[str], heads: list[str]) -> tuple[Any, Any]:
+        """Token batch + (when the rows share a long enough prompt prefix) a KV cache of that prefix
+        for every row. Two levels: the stage's system prompt (kept in a small LRU, reused by every later
+        batch of the stage) and, for a batch of several rows, the rest of their common prefix (computed
+        once for the batch instead of once per row). Rows are laid out [prefix][pad...][own suffix]: the
+        positions generate derives from the attention mask are those of the uncached left-padded
+        batch, so greedy outputs are the same; only the prefix's prefill is skipped."""
+        import torch
         from transformers import BatchEncoding
 
-        return BatchEncoding(enc), past
+        tok = self.tokenizer
+        ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts] if self.prefix_cache else []
+        # At least one uncached token per row: generate needs an input to start from.
+        n = _common_prefix(ids, min(len(r) for r in ids) - 1) if ids else 0
+        head = _common_prefix([ids[0], tok(heads[0], add_special_tokens=False)["input_ids"]], n) if ids else 0
+        base = head if head >= self.prefix_min_tokens else 0
+        if n - base < self.prefix_min_tokens or len(ids) == 1:
+            n = base  # no shared user part worth a pass of its own
+        if n == 0:
+            return tok(texts, padding=True, return_tensors="pt", add_special_tokens=False), None
+        cache = copy.deepcopy(self._stage_kv(tuple(ids[0][:base]))) if base else None
+        if n > base:  # the batch's shared user part, on top of the stage entry
+            cache = self._forward_kv(ids[0][base:n], cache, n)
+        width = max(len(r) for r in ids) - n
+        rows = [r[:n] + [tok.pad_token_id] * (width - (len(r) - n)) + r[n:] for r in ids]
+        mask = [[1] * n + [0] * (width - (len(r) - n)) + [1] * (len(r) - n) for r in ids]
+        if len(ids) > 1:
+            cache.batch_repeat_interleave(len(ids))
+        # Rows x prefix, less the one pass the batch's own shared part still cost.
+        self.stats.cached_prompt_tokens += n * len(ids) - (n - base)
+        return BatchEncoding({"input_ids": torch.tensor(rows), "attention_mask": torch.tensor(mask)}), cache
 
-    def _prefix_kv(self, prefix: tuple[int, ...]) -> tuple[int, Any]:
-        """(length, KV cache) for the longest cached prefix covering most of `prefix`, else computed
-        (one forward pass) and kept in a small LRU."""
-        import torch
-
-        best = max((k for k in self._prefixes if prefix[: len(k)] == k), key=len, default=None)
-        # A shorter entry still saves most of the prefill; a much shorter one means a new stage.
-        if best is not None and len(best) * 4 >= len(prefix) * 3:
-            self._prefixes.move_to_end(best)
-            return len(best), self._prefixes[best]
-        ids = torch.tensor([prefix], device=self.model.device)
-        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
-        kv = getattr(out, "cache", None) or out.past_key_values
+    def _stage_kv(self, prefix: tuple[int, ...]) -> Any:
+        """KV cache of a stage's system prompt (one forward pass the first time; LRU of a few)."""
+        if prefix in self._prefixes:
+            self._prefixes.move_to_end(prefix)
+            return self._prefixes[prefix]
+        kv = self._forward_kv(list(prefix), None, len(prefix))
         self._prefixes[prefix] = kv
         while len(self._prefixes) > self.prefix_entries:
             self._prefixes.popitem(last=False)
-        return len(prefix), kv
+        return kv
+
+    def _forward_kv(self, tokens: list[int], cache: Any, total: int) -> Any:
+        """`cache` (or a new one) extended by `tokens`; `total` = cached + new length."""
+        import torch
+
+        dev = self.model.device
+        ids = torch.tensor([tokens], device=dev)
+        kwargs = {_cache_kwarg(): cache} if cache is not None else {}
+        out = self.model(
+            input_ids=ids,
+            attention_mask=torch.ones((1, total), dtype=torch.long, device=dev),
+            use_cache=True,
+            **kwargs,
+        )
+        return getattr(out, "cache", None) or out.past_key_values
+
+
+def _common_prefix(seqs: list[list[int]], limit: int) -> int:
+    n = 0
+    while n < limit and all(len(r) > n and r[n] == seqs[0][n] for r in seqs):
+        n += 1
+    return n
 
 
 def take_same_prompt_head(backlog: list[Pending], max_batch: int) -> list[Pending]:
