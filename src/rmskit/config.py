@@ -99,10 +99,10 @@ class BackendConfig(BaseModel):
 class IngestConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    max_pixels: int = Field(40_000_000, ge=1)  # refuse decompression bombs before decoding
-    max_file_bytes: int = Field(50_000_000, ge=1)
-    min_side: int = Field(64, ge=1)
-    max_aspect: float = Field(8.0, ge=1)
+    max_pixels: int = Field(default=40_000_000, ge=1)  # refuse decompression bombs before decoding
+    max_file_bytes: int = Field(default=50_000_000, ge=1)
+    min_side: int = Field(default=64, ge=1)
+    max_aspect: float = Field(default=8.0, ge=1)
     follow_symlinks_inside_root: bool = True
 
 

@@ -96,7 +96,8 @@ def prepare(run_dir: Path, *, balance: int | None = None) -> Prepared:
         counts = led.image_counts()
         ingest = {"accepted": sum(counts.values()), "refused": len(led.rejections()), **counts}
         ledger_samples = led.sample_counts()
-    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    stored = meta.get("config")
+    config: dict[str, Any] = stored if isinstance(stored, dict) else {}
     params = _config_defaults()
     params.update({k: config[k] for k in params if config.get(k) is not None})
     # only images whose normalised file exists can be exported; curate drops the others' samples

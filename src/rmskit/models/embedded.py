@@ -119,9 +119,9 @@ def _convert(gguf: Path, out: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The weights are plain float tensors now; drop the GGUF "quantizer" marker so they can be saved.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # pyright: ignore[reportAttributeAccessIssue, reportArgumentType]
     if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+        del model.config.quantization_config  # pyright: ignore[reportAttributeAccessIssue]
     model.save_pretrained(out)
     tok.save_pretrained(out)
 
@@ -133,7 +133,7 @@ class EmbeddedBackend(HFBackend):
     repetition_penalty = 1.2
 
     def __init__(self, cfg: BackendConfig) -> None:
-        update = {"vision": False}
+        update: dict[str, object] = {"vision": False}
         if cfg.device is None:
             update["device"] = "cpu"  # 135M params: an accelerator buys little and costs a transfer
         super().__init__(

@@ -146,7 +146,9 @@ def load_processor(source: str) -> Any:
         if cfg_file.is_file():
             proc_name = json.loads(cfg_file.read_text()).get("processor_class")
         if proc_name is None:
-            from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+            from transformers.models.auto.processing_auto import (
+                PROCESSOR_MAPPING_NAMES,  # pyright: ignore[reportPrivateImportUsage]
+            )
 
             proc_name = PROCESSOR_MAPPING_NAMES.get(read_config(source).model_type)
         proc_cls = getattr(transformers, proc_name, None) if proc_name else None
@@ -267,7 +269,7 @@ class HFBackend:
             tok_kwargs = {"gguf_file": self.cfg.gguf_file} if self.cfg.gguf_file else {}
             self.tokenizer = AutoTokenizer.from_pretrained(self.source, **tok_kwargs)
         if device == "cpu":
-            model = model.to(device)
+            model = model.to(device)  # pyright: ignore[reportArgumentType]
         model.eval()
         tok = self.tokenizer
         tok.padding_side = "left"  # decoder-only batching: new tokens must line up on the right
@@ -506,7 +508,7 @@ class HFBackend:
         rows = [r[:n] + [tok.pad_token_id] * (width - (len(r) - n)) + r[n:] for r in ids]
         mask = [[1] * n + [0] * (width - (len(r) - n)) + [1] * (len(r) - n) for r in ids]
         if len(ids) > 1:
-            cache.batch_repeat_interleave(len(ids))
+            cache.batch_repeat_interleave(len(ids))  # pyright: ignore[reportOptionalMemberAccess]
         # Rows x prefix, less the one pass the batch's own shared part still cost.
         self.stats.cached_prompt_tokens += n * len(ids) - (n - base)
         return BatchEncoding({"input_ids": torch.tensor(rows), "attention_mask": torch.tensor(mask)}), cache

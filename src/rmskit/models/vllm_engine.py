@@ -59,7 +59,7 @@ class VLLMBackend:
 
     def _ensure_llm(self) -> Any:
         if self._llm is None:
-            from vllm import LLM
+            from vllm import LLM  # pyright: ignore[reportMissingImports]
 
             kwargs: dict[str, Any] = {"model": self.source, "max_num_seqs": max(self.cfg.max_batch, 1)}
             if self.cfg.dtype:
@@ -99,7 +99,7 @@ class VLLMBackend:
         return conv
 
     def _sampling(self, schema: type[BaseModel] | None, params: GenParams) -> Any:
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # pyright: ignore[reportMissingImports]
 
         kwargs: dict[str, Any] = {
             "temperature": params.temperature,
@@ -110,11 +110,15 @@ class VLLMBackend:
         if schema is not None:
             js = schema.model_json_schema()
             try:  # vLLM >= 0.11
-                from vllm.sampling_params import StructuredOutputsParams
+                from vllm.sampling_params import (  # pyright: ignore[reportMissingImports]
+                    StructuredOutputsParams,
+                )
 
                 kwargs["structured_outputs"] = StructuredOutputsParams(json=js)
             except ImportError:  # older releases
-                from vllm.sampling_params import GuidedDecodingParams
+                from vllm.sampling_params import (  # pyright: ignore[reportMissingImports]
+                    GuidedDecodingParams,
+                )
 
                 kwargs["guided_decoding"] = GuidedDecodingParams(json=js)
         return SamplingParams(**kwargs)
