@@ -179,6 +179,38 @@ def _strata(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.flatnonzero(y), np.flatnonzero(~y)
 
 
+def _stratified_estimate(
+    metric: str,
+    yy: np.ndarray,
+    make_stat: Callable[[int, int], Callable[..., Any]],
+    *,
+    classes: tuple[str, str],
+    min_per_class: int,
+    n_resamples: int,
+    seed: int,
+    confidence: float,
+) -> Estimate:
+    """The shared frame of every bootstrapped metric: per-class counts, the floor, then the point
+    value and a stratified bootstrap interval of `make_stat(n_pos, n_neg)(pos_idx, neg_idx)`."""
+    method = f"stratified bootstrap percentile ({n_resamples} resamples, seed {seed})"
+    counts = _counts(yy, classes)
+    if (bad := _floor(metric, counts, min_per_class, method)) is not None:
+        return bad
+    pos, neg = _strata(yy)
+    stat = make_stat(len(pos), len(neg))
+    low, high = _bootstrap([pos, neg], stat, n_resamples=n_resamples, seed=seed, confidence=confidence)
+    return Estimate(
+        metric=metric,
+        value=float(stat(pos, neg)),
+        low=low,
+        high=high,
+        n=len(yy),
+        n_per_class=counts,
+        method=method,
+        confidence=confidence,
+    )
+
+
 def classifier_metric(
     metric: str,
     y: Bools,
@@ -196,26 +228,21 @@ def classifier_metric(
     yy, pp = np.asarray(y, dtype=bool), np.asarray(pred, dtype=bool)
     if yy.shape != pp.shape:
         raise ValueError("y and pred differ in length")
-    method = f"stratified bootstrap percentile ({n_resamples} resamples, seed {seed})"
-    counts = _counts(yy, classes)
-    if (bad := _floor(metric, counts, min_per_class, method)) is not None:
-        return bad
-    pos, neg = _strata(yy)
-    n_pos, n_neg = len(pos), len(neg)
 
-    def stat(ip: Any, ineg: Any, axis: int = -1) -> Any:
-        return fn(pp[ip].sum(axis=-1), n_pos, (~pp[ineg]).sum(axis=-1), n_neg)
+    def make_stat(n_pos: int, n_neg: int) -> Callable[..., Any]:
+        def stat(ip: Any, ineg: Any, axis: int = -1) -> Any:
+            return fn(pp[ip].sum(axis=-1), n_pos, (~pp[ineg]).sum(axis=-1), n_neg)
 
-    value = float(stat(pos, neg))
-    low, high = _bootstrap([pos, neg], stat, n_resamples=n_resamples, seed=seed, confidence=confidence)
-    return Estimate(
-        metric=metric,
-        value=value,
-        low=low,
-        high=high,
-        n=len(yy),
-        n_per_class=counts,
-        method=method,
+        return stat
+
+    return _stratified_estimate(
+        metric,
+        yy,
+        make_stat,
+        classes=classes,
+        min_per_class=min_per_class,
+        n_resamples=n_resamples,
+        seed=seed,
         confidence=confidence,
     )
 
@@ -234,24 +261,18 @@ def auroc(
     yy, ss = np.asarray(y, dtype=bool), np.asarray(scores, dtype=float)
     if yy.shape != ss.shape:
         raise ValueError("y and scores differ in length")
-    method = f"stratified bootstrap percentile ({n_resamples} resamples, seed {seed})"
-    counts = _counts(yy, classes)
-    if (bad := _floor("auroc", counts, min_per_class, method)) is not None:
-        return bad
-    pos, neg = _strata(yy)
 
-    def stat(ip: Any, ineg: Any, axis: int = -1) -> Any:
-        return _auroc(ss[ip], ss[ineg])
+    def make_stat(n_pos: int, n_neg: int) -> Callable[..., Any]:
+        return lambda ip, ineg, axis=-1: _auroc(ss[ip], ss[ineg])
 
-    low, high = _bootstrap([pos, neg], stat, n_resamples=n_resamples, seed=seed, confidence=confidence)
-    return Estimate(
-        metric="auroc",
-        value=float(stat(pos, neg)),
-        low=low,
-        high=high,
-        n=len(yy),
-        n_per_class=counts,
-        method=method,
+    return _stratified_estimate(
+        "auroc",
+        yy,
+        make_stat,
+        classes=classes,
+        min_per_class=min_per_class,
+        n_resamples=n_resamples,
+        seed=seed,
         confidence=confidence,
     )
 
