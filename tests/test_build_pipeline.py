@@ -190,8 +190,9 @@ def test_text_only_models_get_the_perception_record_not_pixels(tmp_path: Path) -
     led = Ledger(tmp_path / "run")
     perc = led.get_record(_images(1)[0].sha256, "perceive")
     assert perc["data"]["source"] == "annotations"
-    # without annotations and without vision, perceive fails with a clear reason
-    summary = _run(_cfg(tmp_path / "b", perceive="model"), ScriptedBackend(vision=False), _images(1))
+    # under auto, an image without annotations and without a vision model fails with a clear reason
+    # (--perceive model with no vision is refused at start: tests/test_schema_parity.py)
+    summary = _run(_cfg(tmp_path / "b", perceive="auto"), ScriptedBackend(vision=False), _images(1))
     led = Ledger(tmp_path / "b" / "run")
     assert summary.images_failed == 1
     assert "no vision" in led.query("SELECT error FROM images")[0][0]

@@ -22,10 +22,10 @@ from rmskit.executors import ExecutorConfig, shard_of
 from rmskit.executors.progress import ClusterStats
 from rmskit.ledger import Ledger
 from rmskit.ledger.sync import RowBatch, apply_rows, seed_rows
+from rmskit.pipeline.feed import admitted
 from rmskit.pipeline.progress import ProgressView
 from rmskit.pipeline.runner import (
     BuildSummary,
-    _aiter_threaded,
     _finish_dataset,
     _setup_logging,
     _store_run_meta,
@@ -140,20 +140,8 @@ class RayDriver:
     # -- ingest and routing ---------------------------------------------------------------------
     async def _ingest(self, items: Iterable[ImageRecord | Rejection]) -> None:
         try:
-            async for item in _aiter_threaded(items, maxsize=4 * self.ex.chunk):
-                if self.stop.is_set():
-                    break
-                if isinstance(item, Rejection):
-                    self.ledger.add_rejection(item)
-                    self.stats.rejected += 1
-                    continue
-                if self.cfg.limit_images and self.stats.images_total >= self.cfg.limit_images:
-                    break
-                self.ledger.add_image(item)
-                self.stats.images_total += 1
-                if self.ledger.image_status(item.sha256) in ("done", "failed"):
-                    self.stats.images_skipped += 1
-                    continue
+            feed = admitted(items, self.ledger, self.stats, self.cfg, self.stop, maxsize=4 * self.ex.chunk)
+            async for item in feed:
                 await self.inputs[self._worker_of(item.sha256)].put(item)
         finally:
             self.stats.ingest_finished = True

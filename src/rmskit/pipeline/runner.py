@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import logging
 import sys
-import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,6 +24,7 @@ from rmskit.executors import ExecutorConfig
 from rmskit.ledger import Ledger
 from rmskit.models import AuthenticationError, ModelBackend, load_backend
 from rmskit.pipeline.caller import Caller, StageFailed
+from rmskit.pipeline.feed import admitted
 from rmskit.pipeline.progress import ProgressView, Stats
 from rmskit.pipeline.prompting import prompts_fingerprint
 from rmskit.pipeline.quality import measure_agreement
@@ -115,20 +115,7 @@ class Pipeline:
         tasks = self._tasks
         if self._target_reached():
             self.stop.set()
-        async for item in _aiter_threaded(items, maxsize=window):
-            if self.stop.is_set():
-                break
-            if isinstance(item, Rejection):
-                self.ledger.add_rejection(item)
-                self.stats.rejected += 1
-                continue
-            if self.cfg.limit_images and self.stats.images_total >= self.cfg.limit_images:
-                break
-            self.ledger.add_image(item)
-            self.stats.images_total += 1
-            if self.ledger.image_status(item.sha256) in ("done", "failed"):  # final; 'pending' is retried
-                self.stats.images_skipped += 1
-                continue
+        async for item in admitted(items, self.ledger, self.stats, self.cfg, self.stop, maxsize=window):
             await slots.acquire()
             if self.stop.is_set():
                 slots.release()
@@ -291,41 +278,6 @@ class Pipeline:
 
 def _ends_the_run(exc: BaseException) -> bool:
     return is_storage_failure(exc) or isinstance(exc, AuthenticationError)
-
-
-async def _aiter_threaded(items: Iterable[Any], maxsize: int):
-    """Iterate a blocking iterator (ingest decodes and hashes images) in a thread with backpressure."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue(maxsize=maxsize)
-    done = object()
-    cancelled = threading.Event()
-
-    def pump() -> None:
-        try:
-            for item in items:
-                if cancelled.is_set():
-                    return
-                asyncio.run_coroutine_threadsafe(queue.put(item), loop).result()
-        except BaseException as exc:  # surface source errors on the loop side
-            asyncio.run_coroutine_threadsafe(queue.put(exc), loop).result()
-        finally:
-            if not cancelled.is_set():
-                asyncio.run_coroutine_threadsafe(queue.put(done), loop).result()
-
-    thread = threading.Thread(target=pump, name="rmskit-ingest", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = await queue.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        cancelled.set()
-        while not queue.empty():  # unblock the pump if it waits on a full queue
-            queue.get_nowait()
 
 
 def _setup_logging(run_dir: Path) -> logging.Handler:
