@@ -40,7 +40,10 @@ typecheck: setup
 	$(VENV)/bin/pyright
 
 bench: setup
+	HF_HUB_OFFLINE=1 $(PY) bench/peers/bench.py --out bench/results/peers.txt
+	HF_HUB_OFFLINE=1 $(PY) bench/startup.py
 	HF_HUB_OFFLINE=1 $(PY) bench/orchestration.py
+	HF_HUB_OFFLINE=1 $(PY) bench/scale.py
 	HF_HUB_OFFLINE=1 $(PY) bench/local_backend.py
 	HF_HUB_OFFLINE=1 $(PY) bench/judge_train.py
 

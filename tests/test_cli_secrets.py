@@ -21,9 +21,9 @@ def test_userinfo_in_base_url_is_not_stored(tmp_path: Path, photo_dir: Path) -> 
         url = srv.base_url.replace("http://", f"http://user:{URL_SECRET}@")
         args = ("--embedder", "hashing", "--limit", "2", "--agreement", "3")
         rc, stdout, stderr = _finish(_build(photo_dir, out, url, *args))
-    # The openai backend's HTTP client refuses userinfo next to the API key today (every request
-    # fails, exit 3); the models area decides what to do with it. Here: it is never stored.
-    assert rc in (0, 3), stderr
+    # userinfo is taken off the URL the client uses (the key variable wins; else the URL's
+    # password is the bearer key), so the build works, and the credential is never stored.
+    assert rc == 0, stderr
     assert "Traceback" not in stderr
     assert URL_SECRET not in stdout + stderr
     for f in out.rglob("*"):
@@ -52,3 +52,17 @@ def test_stored_urls_lose_userinfo_and_secret_query_parameters() -> None:
     dumped = json.dumps(cfg.public_dump())
     assert not any(k in dumped for k in ("K1", "K2", "K3"))
     assert cfg.model.base_url == "http://a:K1@h/v1"  # the live config still talks to the server with it
+
+
+def test_a_key_in_the_url_is_used_as_the_bearer_key_when_no_variable_is_set(monkeypatch) -> None:
+    from rmskit.config import BackendConfig
+    from rmskit.models.openai_compat import OpenAIBackend
+
+    monkeypatch.delenv("RMSKIT_TEST_UNSET_KEY", raising=False)
+    cfg = BackendConfig(
+        spec="openai:m", base_url="http://u:K123@127.0.0.1:9/v1", api_key_env="RMSKIT_TEST_UNSET_KEY"
+    )
+    backend = OpenAIBackend(cfg)
+    assert backend._client.api_key == "K123"
+    assert str(backend._client.base_url).startswith("http://127.0.0.1:9/v1")
+    assert "K123" not in backend.where

@@ -173,7 +173,10 @@ class OpenAIBackend(RemoteBackend):
             raise ValueError(f"OpenAIBackend needs an 'openai:NAME' spec, got {cfg.spec!r}")
         if isinstance(cfg.base_url, list):
             raise ValueError("OpenAIBackend takes one base_url; several go through models.pool.EndpointPool")
-        key = os.environ.get(cfg.api_key_env) or None
+        base_url, url_key = _split_userinfo(cfg.base_url)
+        # A key written into the URL (http://user:KEY@host/v1) is used as the bearer key: aiohttp
+        # refuses a URL with credentials next to an Authorization header.
+        key = os.environ.get(cfg.api_key_env) or url_key
         if key is None:
             if cfg.base_url is None:
                 raise BackendError(
@@ -188,7 +191,7 @@ class OpenAIBackend(RemoteBackend):
         self._http = _make_http_client(cfg, transport)
         self._client = openai.AsyncOpenAI(
             api_key=key,
-            base_url=cfg.base_url,
+            base_url=base_url,
             max_retries=0,  # our RetryPolicy governs
             timeout=cfg.timeout_s,
             http_client=self._http,
@@ -361,3 +364,17 @@ def _error_detail(e: openai.APIStatusError) -> str:
         except Exception:  # noqa: BLE001 - body may be unreadable
             msg = ""
     return str(msg).replace("\n", " ")[:300]
+
+
+def _split_userinfo(url: str | None) -> tuple[str | None, str | None]:
+    """(`url` without `user:password@`, the password or else the user name, if any)."""
+    if not url:
+        return url, None
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url, None
+    host = parts.hostname or ""
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc)), parts.password or parts.username

@@ -186,16 +186,28 @@ def apply(b: RemoteBackend, r: ProbeResult) -> None:
     b.set_mode(r.structured_mode)
 
 
-async def probe_and_apply(b: RemoteBackend, store: Any = None, *, echo: Any = None) -> ProbeResult:
+async def probe_and_apply(b: RemoteBackend, store: Any = None, *, echo: Any = None) -> ProbeResult | None:
     """Probe (or reuse a cached probe of) `b`'s server, apply the result, and report it in one line
-    (logged, and passed to `echo` when given)."""
+    (logged, and passed to `echo` when given). A server that fails the probe for any reason but
+    authentication (down past the outage window, answering 5xx) is reported and left unprobed: the
+    run goes on with the configured settings and the per-request fallbacks, and its items fail
+    (transiently) on their own, so the exit code and the ledger say what happened."""
     key = f"probe:{b.where}|{b.cfg.name}|vision={b.cfg.vision}|structured={b.cfg.structured}"
     cached = store.get_meta(key) if store is not None else _MEMORY.get(key)
     result: ProbeResult | None = None
     if isinstance(cached, dict) and cached.get("version") == PROBE_VERSION:
         result = ProbeResult.model_validate(cached)
     if result is None:
-        result = await run_probe(b)
+        try:
+            result = await run_probe(b)
+        except BackendError as e:
+            if e.kind == ErrorKind.auth:
+                raise
+            line = f"probe {b.where}: failed ({e}); not probed, using the configured settings"
+            log.warning("%s", line)
+            if echo is not None:
+                echo(line)
+            return None
         data = result.model_dump(mode="json")
         if store is not None:
             store.set_meta(key, data)
