@@ -93,8 +93,9 @@ def test_matched_queries_sit_near_chance() -> None:
     assert ba.value is not None and abs(ba.value - 0.5) <= 0.15
     assert auc.value is not None and abs(auc.value - 0.5) <= 0.15
     assert ba.low is not None and ba.low < 0.5  # the interval does not claim leakage
-    assert rep.n_categories == 3 and rep.category_entropy_normalized is not None
-    assert rep.category_entropy_normalized > 0.9
+    ent = rep.category_entropy_normalized
+    assert rep.n_categories == 3 and ent.value is not None and ent.value > 0.9 and ent.n == 160
+    assert ent.low is not None and ent.high is not None and ent.low <= ent.value <= ent.high
 
 
 def test_diversity_and_near_duplicates() -> None:
@@ -103,13 +104,15 @@ def test_diversity_and_near_duplicates() -> None:
         [{"query": "How long can I leave the pot on the stove?", "label": "unsafe", "category": "fire"}] * 30
         + [{"query": "What is in the pot?", "label": "safe", "category": "fire"}] * 30
     )
-    assert repeated.near_duplicate_rate == 1.0
     nd = repeated.near_duplicates
     assert nd.value == 1.0 and nd.n == 60 and nd.low is not None and 0.9 < nd.low < 1.0 and nd.high == 1.0
-    assert varied.near_duplicate_rate < repeated.near_duplicate_rate
-    assert repeated.vendi_score is not None and 1.0 < repeated.vendi_score < 2.0  # two clusters
-    assert varied.vendi_score is not None and varied.vendi_score > 5
-    assert repeated.category_entropy_bits == 0.0 and repeated.category_entropy_normalized is None
+    assert varied.near_duplicates.value is not None and varied.near_duplicates.value < 1.0
+    assert repeated.vendi.value is not None and 1.0 < repeated.vendi.value < 2.0  # two clusters
+    assert varied.vendi.value is not None and varied.vendi.value > 5
+    assert repeated.category_entropy_normalized.value == 0.0  # one category
+    d = repeated.mean_pairwise_cosine_distance
+    assert d.value is not None and d.low is not None and d.high is not None and d.n == 60
+    assert 0.0 <= d.low <= d.value <= d.high
 
 
 def test_kernel_math_on_known_vectors() -> None:
@@ -151,3 +154,12 @@ def test_probe_cli_json(tmp_path: Path) -> None:
     assert out["leakage"]["balanced_accuracy"]["n_per_class"] == {"risky": 20, "control": 20}
     res = CliRunner().invoke(app, ["probe", str(f), "--format", "generic"], env={"COLUMNS": "250"})
     assert res.exit_code == 0 and "n=40" in res.stdout and "majority baseline" in res.stdout
+
+
+def test_linear_time_mean_distance_matches_the_pairwise_definition() -> None:
+    from rmskit.scoring.probes import _mean_distance
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 16))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    assert _mean_distance(x) == pytest.approx(mean_cosine_distance(x), abs=1e-9)

@@ -384,6 +384,43 @@ def vendi(
     )
 
 
+def item_estimate(
+    metric: str,
+    n: int,
+    fn: Callable[[np.ndarray], float],
+    *,
+    n_resamples: int = N_RESAMPLES,
+    seed: int = 0,
+    confidence: float = CONFIDENCE,
+    min_n: int = MIN_PER_CLASS,
+) -> Estimate:
+    """A statistic of n items (`fn(indices) -> float`) with a percentile bootstrap interval over
+    items; below `min_n` items it is withheld as insufficient."""
+    method = f"bootstrap percentile over items ({n_resamples} resamples, seed {seed})"
+    if n < min_n:
+        reason = f"insufficient: {n} items < {min_n}"
+        return Estimate(metric=metric, value=None, n=n, method=method, insufficient=True, reason=reason)
+
+    def stat(idx: Any, axis: int = -1) -> Any:
+        idx = np.asarray(idx)
+        if idx.ndim == 1:
+            return fn(idx)
+        rows = idx.reshape(-1, idx.shape[-1])
+        return np.array([fn(row) for row in rows]).reshape(idx.shape[:-1])
+
+    value = float(fn(np.arange(n)))
+    low, high = _bootstrap([np.arange(n)], stat, n_resamples=n_resamples, seed=seed, confidence=confidence)
+    return Estimate(
+        metric=metric,
+        value=value,
+        low=min(low, value),
+        high=max(high, value),
+        n=n,
+        method=method,
+        confidence=confidence,
+    )
+
+
 # --- formatting --------------------------------------------------------------------------------------
 
 

@@ -205,9 +205,6 @@ def register(app: typer.Typer) -> None:
         t.add_column("probe")
         t.add_column("value")
 
-        def f(v: float | None) -> str:
-            return "n/a" if v is None else f"{v:.3f}"
-
         from rmskit.stats import fmt_estimate
 
         lk = rep.leakage
@@ -221,12 +218,11 @@ def register(app: typer.Typer) -> None:
             f"{fmt_estimate(lk.accuracy)}; majority baseline {fmt_estimate(lk.majority_baseline)}",
         )
         t.add_row("Vendi score", fmt_estimate(rep.vendi, 1))
-        t.add_row("Vendi score normalised (/n)", f(rep.vendi_normalized))
-        t.add_row("mean pairwise cosine distance", f(rep.mean_pairwise_cosine_distance))
+        t.add_row("mean pairwise cosine distance", fmt_estimate(rep.mean_pairwise_cosine_distance, 3))
         t.add_row("near-duplicate rate", fmt_estimate(rep.near_duplicates, 3))
         t.add_row(
-            "category entropy bits (normalised)",
-            f"{rep.category_entropy_bits:.3f} ({f(rep.category_entropy_normalized)}) over {rep.n_categories}",
+            f"category entropy, normalised ({rep.n_categories} categories)",
+            fmt_estimate(rep.category_entropy_normalized, 3),
         )
         Console().print(t)
 

@@ -19,6 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel
 
 from rmskit import stats
@@ -43,15 +44,12 @@ class ProbeReport(BaseModel):
     n: int
     leakage: LeakageResult
     vendi: Estimate  # effective number of distinct queries, bootstrap interval
-    vendi_score: float | None
-    vendi_normalized: float | None  # vendi / n: 1.0 = all queries distinct, 1/n = all identical
-    mean_pairwise_cosine_distance: float | None
-    near_duplicate_rate: float
-    near_duplicates: Estimate  # the same rate with its Wilson interval
+    mean_pairwise_cosine_distance: Estimate  # bootstrap over queries
+    near_duplicates: Estimate  # share of queries with a near-duplicate, Wilson interval
     near_duplicate_threshold: float
     n_categories: int
-    category_entropy_bits: float
-    category_entropy_normalized: float | None
+    # category entropy / log2(categories): 1.0 = perfectly balanced; bootstrap over samples
+    category_entropy_normalized: Estimate
     embedder: str = EMBEDDER
     seconds: float = 0.0
 
@@ -188,26 +186,45 @@ def run_probes(
     texts = [q for q, _, _ in rows]
     x = embed(texts)
     cats = Counter(c for _, _, c in rows)
-    total = sum(cats.values())
-    ent = -sum((v / total) * math.log2(v / total) for v in cats.values())
     n = len(rows)
-    vendi = vendi_score(x) if n >= 2 else None
     dup = near_duplicate_rate(texts, dup_threshold)
+    boot = {"seed": seed, "n_resamples": n_resamples, "min_n": min_per_class}
+    codes = np.unique([c for _, _, c in rows], return_inverse=True)[1]
+    xx = np.asarray(x, dtype=float)
     return ProbeReport(
         n=n,
         leakage=leakage(x, [r for _, r, _ in rows], folds=folds, seed=seed, min_per_class=min_per_class),
         vendi=stats.vendi(x, seed=seed, n_resamples=n_resamples, min_n=min_per_class),
-        vendi_score=vendi,
-        vendi_normalized=vendi / n if vendi is not None else None,
-        mean_pairwise_cosine_distance=mean_cosine_distance(x) if n >= 2 else None,
-        near_duplicate_rate=dup,
+        mean_pairwise_cosine_distance=stats.item_estimate(
+            "mean_pairwise_cosine_distance", n, lambda idx: _mean_distance(xx[idx]), **boot
+        ),
         near_duplicates=stats.wilson(round(dup * n), n, "near_duplicate_rate"),
         near_duplicate_threshold=dup_threshold,
         n_categories=len(cats),
-        category_entropy_bits=ent,
-        category_entropy_normalized=ent / math.log2(len(cats)) if len(cats) > 1 else None,
+        category_entropy_normalized=stats.item_estimate(
+            "category_entropy_normalized", n, lambda idx: _entropy(codes[idx], len(cats)), **boot
+        ),
         seconds=time.perf_counter() - t0,
     )
+
+
+def _mean_distance(x: Any) -> float:
+    """Mean cosine distance over pairs of distinct rows of unit vectors, in O(n d):
+    1 - (|sum x|^2 - n) / (n (n - 1))."""
+    n = len(x)
+    if n < 2:
+        return 0.0
+    s = x.sum(axis=0)
+    return float(1.0 - (float(s @ s) - n) / (n * (n - 1)))
+
+
+def _entropy(codes: Any, k: int) -> float:
+    """Entropy of the category codes, normalised by log2(k) (0 when there is one category)."""
+    if k < 2:
+        return 0.0
+    p = np.bincount(codes, minlength=k) / len(codes)
+    p = p[p > 0]
+    return float(-(p * np.log2(p)).sum() / math.log2(k))
 
 
 def probe(
