@@ -37,7 +37,7 @@ lint: setup
 
 # pyright in basic mode over src/ (settings in pyproject.toml).
 typecheck: setup
-	$(VENV)/bin/pyright
+	$(VENV)/bin/pyright -p pyproject.toml
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(PY) bench/peers/bench.py --out bench/results/peers.txt
