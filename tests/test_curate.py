@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import random
 
 import imagehash
@@ -20,6 +21,8 @@ from rmskit.curate import (
     shingles,
     split_of,
 )
+from rmskit.curate.dedup import jaccard
+from rmskit.curate.split import unit_hash
 from rmskit.records import ImageRecord, Sample
 
 
@@ -346,3 +349,225 @@ def test_balance_caps_risky_per_category(photos: dict[str, ImageRecord]) -> None
         balance=2,
     )
     assert again.model_dump() == res.model_dump()
+
+
+# -- boundaries and defaults (found by `make mutate`: each test kills mutants that survived the above) ------
+@pytest.mark.parametrize(
+    ("bits", "distance"), [(8, 0), (8, 1), (8, 3), (8, 8), (8, 9), (12, 11), (16, 2), (16, 5), (64, 2)]
+)
+def test_phash_index_finds_every_difference_pattern(bits: int, distance: int) -> None:
+    """Exhaustive over which bits differ: the band split must be exact whatever the hash length, also
+    when bands are uneven (64 bits in 3 bands) or there are more allowed bits than bits (8 bits, d=9)."""
+    base = random.Random(bits * 100 + distance).getrandbits(bits)
+    idx = PhashIndex(distance)
+    idx.add(f"{base:0{bits // 4}x}", "base")
+    for flips in range(0, min(distance + 2, bits + 1)):
+        for positions in itertools.combinations(range(bits), flips):
+            value = base
+            for p in positions:
+                value ^= 1 << p
+            got = idx.nearest(f"{value:0{bits // 4}x}")
+            assert got == (("base", flips) if flips <= distance else None), positions
+
+
+@pytest.mark.parametrize(("bits", "distance"), [(64, 0), (64, 3), (64, 4), (64, 8), (16, 5), (8, 7)])
+def test_phash_bands_partition_the_bits(bits: int, distance: int) -> None:
+    """distance + 1 bands, disjoint, covering every bit, widths within one bit: the fewest bucket-mates
+    for which the pigeonhole argument still holds."""
+    idx = PhashIndex(distance)
+    idx.add("0" * (bits // 4), "k")
+    masks = [mask << shift for shift, mask in idx._bands]
+    assert len(masks) == distance + 1
+    union = 0
+    for m in masks:
+        assert m and not union & m
+        union |= m
+    assert union == (1 << bits) - 1
+    widths = [m.bit_count() for m in masks]
+    assert max(widths) - min(widths) <= 1
+    # distance >= bits: everything is in range, so there is one bucket holding every item
+    wide = PhashIndex(bits)
+    wide.add("0" * (bits // 4), "k")
+    assert wide._bands == [(0, 0)]
+
+
+@pytest.mark.parametrize("distance", [1, 2, 3])
+def test_phash_nearest_in_crowded_buckets_matches_brute_force(distance: int) -> None:
+    """12-bit hashes: buckets hold many items, so an item seen in an earlier band must not end the scan
+    of a later band's bucket, and ties go to the earliest inserted item."""
+    rng = random.Random(distance)
+    stored = [rng.getrandbits(12) for _ in range(300)]
+    idx = PhashIndex(distance)
+    for i, v in enumerate(stored):
+        idx.add(f"{v:03x}", f"k{i}")
+    for _ in range(300):
+        q = rng.getrandbits(12)
+        hits = [((q ^ v).bit_count(), i) for i, v in enumerate(stored) if (q ^ v).bit_count() <= distance]
+        want = None if not hits else (f"k{min(hits)[1]}", min(hits)[0])
+        assert idx.nearest(f"{q:03x}") == want
+
+
+def test_phash_parse_and_length_errors() -> None:
+    assert PhashIndex.parse(" FF00 ") == (0xFF00, 16)
+    with pytest.raises(ValueError, match="max_distance must be >= 0"):
+        PhashIndex(-1)
+    idx = PhashIndex(1)
+    assert idx.nearest("ffff") is None  # empty index
+    idx.add("ffff", "a")
+    with pytest.raises(ValueError, match=r"different lengths \(8 vs 16 bits\)"):
+        idx.add("ff", "b")
+    with pytest.raises(ValueError, match=r"different lengths \(32 vs 16 bits\)"):
+        idx.nearest("ffffffff")
+
+
+def test_shingles_boundaries_and_jaccard_of_empty_sets() -> None:
+    assert shingles("hello World") == {"hello world"}  # exactly `size` words: one shingle
+    assert shingles("a b c d") == {"a b", "b c", "c d"}
+    assert shingles("a b c d", size=3) == {"a b c", "b c d"}
+    assert shingles("?!") == set()
+    assert jaccard(set(), set()) == 1.0  # two empty queries are the same query
+    assert jaccard({"a"}, set()) == 0.0 and jaccard(set(), {"a"}) == 0.0
+    assert jaccard({"a", "b"}, {"b", "c"}) == pytest.approx(1 / 3)
+
+
+_W = [f"w{i}" for i in range(40)]
+
+
+def _words(i: int, j: int) -> str:
+    return " ".join(_W[i:j])
+
+
+def test_query_dup_threshold_is_inclusive_and_exact() -> None:
+    # 8 of 10 shingles shared: Jaccard exactly 0.8 is a duplicate at threshold 0.8
+    got = near_duplicate_queries([("a", _words(0, 9)), ("b", _words(0, 11))], 0.8)
+    assert got.keys() == {"b"} and got["b"].of == "a" and got["b"].similarity == 0.8
+    # an LSH candidate whose exact Jaccard (19/22) is below the threshold is not a duplicate
+    assert near_duplicate_queries([("a", _words(0, 20)), ("b", _words(0, 23))], 0.9) == {}
+
+
+def test_query_dup_names_the_most_similar_then_earliest_kept() -> None:
+    # a and b are kept (Jaccard 0.58 < 0.6); c matches both and is closer to b
+    got = near_duplicate_queries([("a", _words(0, 20)), ("b", _words(5, 25)), ("c", _words(3, 23))], 0.6)
+    assert got.keys() == {"c"} and got["c"].of == "b" and got["c"].similarity == pytest.approx(17 / 21)
+    # equally similar to two kept queries: the earlier kept one, not the alphabetically first
+    got = near_duplicate_queries([("z", _words(0, 20)), ("a", _words(6, 26)), ("c", _words(3, 23))], 0.6)
+    assert got.keys() == {"c"} and got["c"].of == "z"
+    with pytest.raises(ValueError, match="duplicate key 'a'"):
+        near_duplicate_queries([("a", "one two three"), ("a", "something else entirely here")], 0.8)
+
+
+def test_split_boundary_and_error() -> None:
+    sha = hashlib.sha256(b"x").hexdigest()
+    u = unit_hash(0, sha)
+    assert split_of(sha, seed=0, test_fraction=u) == "train"  # [0, test_fraction) is test
+    assert split_of(sha, seed=0, test_fraction=min(1 - 1e-12, u + 1e-12)) == "test"
+    with pytest.raises(ValueError, match=r"test_fraction must be in \[0, 1\)"):
+        split_of(sha, seed=0, test_fraction=-0.1)
+
+
+def _fake_image(i: int, phash: int) -> ImageRecord:
+    return ImageRecord(
+        sha256=hashlib.sha256(f"img{i}".encode()).hexdigest(),
+        phash=f"{phash:016x}",
+        source_root="/photos",
+        source_path=f"p{i}.jpg",
+        path=f"/nowhere/p{i}.jpg",
+        width=8,
+        height=8,
+    )
+
+
+def _flip(value: int, n: int, rng: random.Random) -> int:
+    for bit in rng.sample(range(64), n):
+        value ^= 1 << bit
+    return value
+
+
+def test_curate_defaults(photos: dict[str, ImageRecord]) -> None:
+    """curate(samples, images) uses the documented defaults: seed 0, test_fraction 0.1, pHash distance 4
+    (inclusive), query Jaccard 0.8 (inclusive)."""
+    rng = random.Random(0)
+    recs = [_fake_image(i, rng.getrandbits(64)) for i in range(60)]
+    near4 = _fake_image(100, _flip(int(recs[0].phash, 16), 4, rng))
+    near5 = _fake_image(101, _flip(int(recs[1].phash, 16), 5, rng))
+    images = {r.sha256: r for r in [*recs, near4, near5]}
+    samples = [_sample(f"s{i:02d}", r, f"question {i} about thing{i}") for i, r in enumerate(recs)]
+    samples[2]["query"], samples[3]["query"] = _words(0, 9), _words(0, 11)  # Jaccard exactly 0.8
+    samples += [_sample("x4", near4, "a fresh question on x4"), _sample("x5", near5, "another one on x5")]
+    res = curate(samples, images)
+    dropped = {d.id: d for d in res.dropped}
+    assert dropped.keys() == {"x4", "s03"}
+    assert dropped["x4"].reason == f"near-duplicate image of {recs[0].sha256}/p0.jpg (distance 4)"
+    assert dropped["s03"].reason == "near-duplicate query of s02"
+    splits = {s["id"]: s["split"] for s in res.kept}
+    assert "x5" in splits
+    want = {s["id"]: split_of(s["image_sha256"], seed=0, test_fraction=0.1) for s in res.kept}
+    assert splits == want
+    # the check has power: another seed or fraction would assign some image differently
+    assert "test" in want.values()
+    assert any(split_of(s["image_sha256"], seed=1, test_fraction=0.1) != want[s["id"]] for s in res.kept)
+
+
+def test_curate_rejects_duplicate_sample_ids(photos: dict[str, ImageRecord]) -> None:
+    samples, images = _corpus(photos)
+    samples.append(dict(samples[4]))
+    with pytest.raises(ValueError, match="duplicate sample id 'c2'"):
+        curate(samples, images)
+
+
+def test_curate_reasons_counts_and_review_details(photos: dict[str, ImageRecord]) -> None:
+    samples, images = _corpus(photos)
+    samples[3]["image"] = "stale/path.jpg"  # never copied: export sets the dataset path
+    review = {
+        "c1": {"decision": "accept", "edits": {"query": samples[3]["query"]}},  # same text: no edit
+        "c2": {"decision": "accept", "edits": {"query": "What is on the saucer?"}, "edited_at": 5.0},
+    }
+    res = curate(samples, images, review=review, seed=3, test_fraction=0.5)
+    kept = {s["id"]: s for s in res.kept}
+    dropped = {d.id: d for d in res.dropped}
+    m1_sha = photos["camera"].sha256
+    assert dropped["m1"].reason == f"image {m1_sha} unavailable (not in the ledger or its file is missing)"
+    assert "image" not in kept["c1"] and "edited" not in kept["c1"]
+    assert kept["c2"]["edited"]["fields"] == ["query"]
+    # nested counts per split, computed by hand from the kept samples and their images' splits
+    split = {sid: split_of(s["image_sha256"], seed=3, test_fraction=0.5) for sid, s in kept.items()}
+    assert set(split.values()) == {"train", "test"}, "the corpus must populate both splits"
+    want_kind: dict[str, dict[str, int]] = {}
+    want_label: dict[str, dict[str, int]] = {}
+    want_cat: dict[str, dict[str, int]] = {}
+    for sid, s in kept.items():
+        for want, field in ((want_kind, "kind"), (want_label, "label"), (want_cat, "category")):
+            row = want.setdefault(split[sid], {})
+            row[s[field]] = row.get(s[field], 0) + 1
+    st = res.stats
+    assert st.by_kind == want_kind and st.by_label == want_label and st.by_category == want_cat
+    assert sum(st.by_kind[sp][k] for sp in st.by_kind for k in st.by_kind[sp]) == len(kept)
+    assert st.by_category["train"] != st.by_category["test"]
+
+
+def test_query_dedup_within_a_single_kind(photos: dict[str, ImageRecord]) -> None:
+    p = photos
+    samples = [
+        _sample("q1", p["astronaut"], "Can I lean over the railing to get a better look?"),
+        _sample("q2", p["rocket"], "can I lean over the railing to get a better look"),
+    ]
+    images = {p[n].sha256: p[n] for n in ("astronaut", "rocket")}
+    res = curate(samples, images)
+    assert [s["id"] for s in res.kept] == ["q1"]
+    assert [(d.id, d.reason) for d in res.dropped] == [("q2", "near-duplicate query of q1")]
+
+
+def test_balance_of_one_is_seeded_and_zero_is_refused(photos: dict[str, ImageRecord]) -> None:
+    rec = photos["astronaut"]
+    samples = [_sample(f"s{i}", rec, f"distinct question number {i} here", category="cat") for i in range(8)]
+    chosen = {
+        seed: [s["id"] for s in curate(samples, {rec.sha256: rec}, seed=seed, balance=1).kept]
+        for seed in range(6)
+    }
+    assert all(len(v) == 1 for v in chosen.values())
+    assert len({v[0] for v in chosen.values()}) > 1  # the seed picks which sample stays
+    # pinned: the same seed keeps the same sample across releases (reproducible datasets)
+    want = min(samples, key=lambda s: (unit_hash(0, "balance|" + s["id"]), s["id"]))["id"]
+    assert chosen[0] == [want]
+    with pytest.raises(ValueError, match="balance must be >= 1"):
+        curate(samples, {rec.sha256: rec}, balance=0)

@@ -31,7 +31,13 @@ class PhashIndex:
 
     def _setup(self, bits: int) -> None:
         self._bits = bits
-        n = min(self.max_distance + 1, bits)  # more bands than bits is pointless; 1 bit each is exhaustive
+        if self.max_distance >= bits:
+            # every hash is within range (even one differing in all bits, which no band would find):
+            # one band of zero bits puts all items in one bucket, so all are compared
+            self._bands = [(0, 0)]
+            self._tables = [{}]
+            return
+        n = self.max_distance + 1
         width, extra = divmod(bits, n)
         shift = 0
         for i in range(n):
