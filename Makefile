@@ -56,3 +56,9 @@ interop: setup
 
 clean:
 	rm -rf $(VENV) runs examples/photos .pytest_cache
+
+# Mutation testing of the core modules (bench/mutation.py; slow, not in CI): `make mutate` runs every
+# group, `make mutate GROUPS="curate ingest"` some. Survivors and their dispositions: bench/results/mutation.txt
+GROUPS ?=
+mutate: setup
+	nice -n 19 $(PY) bench/mutation.py $(GROUPS)

@@ -409,7 +409,7 @@ def test_phash_nearest_in_crowded_buckets_matches_brute_force(distance: int) -> 
 
 def test_phash_parse_and_length_errors() -> None:
     assert PhashIndex.parse(" FF00 ") == (0xFF00, 16)
-    with pytest.raises(ValueError, match="max_distance must be >= 0"):
+    with pytest.raises(ValueError, match=r"^max_distance must be >= 0$"):
         PhashIndex(-1)
     idx = PhashIndex(1)
     assert idx.nearest("ffff") is None  # empty index
@@ -461,7 +461,7 @@ def test_split_boundary_and_error() -> None:
     u = unit_hash(0, sha)
     assert split_of(sha, seed=0, test_fraction=u) == "train"  # [0, test_fraction) is test
     assert split_of(sha, seed=0, test_fraction=min(1 - 1e-12, u + 1e-12)) == "test"
-    with pytest.raises(ValueError, match=r"test_fraction must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"^test_fraction must be in \[0, 1\)$"):
         split_of(sha, seed=0, test_fraction=-0.1)
 
 
@@ -569,5 +569,5 @@ def test_balance_of_one_is_seeded_and_zero_is_refused(photos: dict[str, ImageRec
     # pinned: the same seed keeps the same sample across releases (reproducible datasets)
     want = min(samples, key=lambda s: (unit_hash(0, "balance|" + s["id"]), s["id"]))["id"]
     assert chosen[0] == [want]
-    with pytest.raises(ValueError, match="balance must be >= 1"):
+    with pytest.raises(ValueError, match=r"^balance must be >= 1$"):
         curate(samples, {rec.sha256: rec}, balance=0)
