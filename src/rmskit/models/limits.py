@@ -14,6 +14,8 @@ from email.utils import parsedate_to_datetime
 
 from pydantic import BaseModel, Field
 
+_ROUNDING = 1e-9  # tokens: far below any real amount, far above float error at realistic rates
+
 
 class TokenBucket:
     """A token bucket refilled at `rate_per_minute`, holding at most `capacity` tokens.
@@ -78,7 +80,10 @@ class TokenBucket:
             need = min(amount, self.capacity)
             while True:
                 self._refill()
-                if self._level >= need:
+                # the refill after sleeping the computed time can land a rounding error short of `need`
+                # (clock differences are inexact); without the tolerance the loop re-sleeps femtoseconds,
+                # spinning until a coarse clock ticks (or forever on a clock that stands still)
+                if self._level >= need - _ROUNDING:
                     break
                 await asyncio.sleep((need - self._level) / self.rate_per_s)
             self._level -= amount

@@ -1,0 +1,208 @@
+"""Exact behaviour of the client-side limits (rmskit.models.limits), pinned where `make mutate` found the
+older tests loose: bucket boundaries and wait arithmetic on a fake clock, the limiter's order and
+bookkeeping, Retry-After parsing and the backoff formula. Test names match the mutation group's
+`-k "bucket or limiter or retry or concurrency"` selection."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from datetime import UTC, datetime
+from email.utils import format_datetime
+
+import pytest
+
+from rmskit.models.limits import LimiterStats, RequestLimiter, RetryPolicy, TokenBucket, parse_retry_after
+
+
+class FakeTime:
+    """A clock and an asyncio.sleep that advances it, recording every sleep."""
+
+    def __init__(self) -> None:
+        self.t = 100.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.t
+
+    async def sleep(self, s: float) -> None:
+        self.sleeps.append(s)
+        self.t += s
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> FakeTime:
+    ft = FakeTime()
+    monkeypatch.setattr("rmskit.models.limits.asyncio.sleep", ft.sleep)
+    return ft
+
+
+def test_token_bucket_rate_and_default_capacity() -> None:
+    with pytest.raises(ValueError, match=r"^rate_per_minute must be > 0$"):
+        TokenBucket(0)
+    assert TokenBucket(0.5).rate_per_s == pytest.approx(0.5 / 60)
+    assert TokenBucket(30).capacity == 1.0  # at least one unit
+    assert TokenBucket(600).capacity == 10.0  # one second's worth
+    tb = TokenBucket(600, capacity=3)
+    assert tb.capacity == 3.0 and isinstance(tb.capacity, float) and tb.level == 3.0
+
+
+def test_token_bucket_boundaries_on_a_fake_clock() -> None:
+    clk = FakeTime()
+    tb = TokenBucket(60, capacity=2, clock=clk)  # 1 token/s
+    assert tb.try_acquire(2) and tb.level == 0.0  # exactly the level is enough
+    clk.t += 0.5
+    assert tb.level == pytest.approx(0.5) and not tb.try_acquire(1)
+    clk.t += 0.5
+    assert tb.try_acquire(1) and tb.level == pytest.approx(0.0)
+    clk.t += 10  # refills stop at capacity
+    assert tb.level == 2.0
+    clk.t -= 5  # a clock going back never drains the bucket
+    assert tb.level == 2.0
+    tb.adjust(1.5)  # used more than estimated
+    assert tb.level == pytest.approx(0.5)
+    tb.adjust(-10)
+    assert tb.level == 2.0
+
+
+def test_token_bucket_acquire_waits_exactly_the_refill_time(fake: FakeTime) -> None:
+    async def go() -> list[float]:
+        tb = TokenBucket(120, capacity=2, clock=fake)  # 2 tokens/s
+        waited = [await tb.acquire(2), await tb.acquire(1), await tb.acquire(5)]
+        assert tb.level == pytest.approx(-3)  # a request larger than the bucket is admitted in debt
+        waited.append(await tb.acquire(1))  # the debt is paid back first: 4 tokens = 2 s
+        assert tb.waited_s == pytest.approx(sum(waited))
+        return waited
+
+    assert asyncio.run(go()) == [0.0, pytest.approx(0.5), pytest.approx(1.0), pytest.approx(2.0)]
+    assert fake.sleeps == [pytest.approx(0.5), pytest.approx(1.0), pytest.approx(2.0)]
+
+    async def default_amount() -> float:
+        tb = TokenBucket(60, capacity=3, clock=fake)
+        await tb.acquire()  # one token by default
+        return tb.level
+
+    assert asyncio.run(default_amount()) == 2.0
+
+
+def test_token_bucket_try_acquire_does_not_jump_the_queue() -> None:
+    async def go() -> tuple[bool, bool]:
+        tb = TokenBucket(60, capacity=1)
+        tb._lock = asyncio.Lock()
+        await tb._lock.acquire()  # as while a waiter sleeps for its tokens
+        jumped = tb.try_acquire(1)  # the bucket is full, but someone is queued
+        tb._lock.release()
+        return jumped, tb.try_acquire(1)
+
+    assert asyncio.run(go()) == (False, True)
+
+
+def test_request_limiter_order_and_bookkeeping(fake: FakeTime) -> None:
+    with pytest.raises(ValueError, match=r"^concurrency must be >= 1$"):
+        RequestLimiter(0)
+    assert RequestLimiter(1).rpm is None and RequestLimiter(1).tpm is None
+
+    async def go() -> RequestLimiter:
+        lim = RequestLimiter(3, requests_per_minute=120, tokens_per_minute=600, clock=fake)
+        assert lim.rpm is not None and lim.tpm is not None
+        assert lim.rpm.capacity == 2.0 and lim.tpm.capacity == 10.0
+        await lim.acquire(0)  # no estimate: the token bucket is not touched
+        assert lim.tpm.level == 10.0 and lim.rpm.level == 1.0
+        await lim.acquire(4)
+        assert lim.tpm.level == 6.0 and lim.in_flight == 2 and lim.peak_in_flight == 2
+        lim.release(4)  # no actual count: the estimate stands
+        assert lim.tpm.level == 6.0 and lim.in_flight == 1
+        await lim.acquire(4)  # rpm is empty: waits 0.5 s for a request token
+        assert fake.sleeps == [pytest.approx(0.5)]
+        lim.release(4, actual_tokens=1)
+        lim.release(0, actual_tokens=50)  # no estimate was taken, so nothing to correct
+        assert lim.in_flight == 0 and lim.peak_in_flight == 2
+        return lim
+
+    lim = asyncio.run(go())
+    st = lim.stats()
+    assert (st.in_flight, st.peak_in_flight, st.tpm_wait_s) == (0, 2, 0.0)
+    assert st.rpm_wait_s == pytest.approx(0.5)
+    assert RequestLimiter(2).stats() == LimiterStats()
+
+
+def test_request_limiter_concurrency_slots_are_held_until_release() -> None:
+    async def go() -> list[str]:
+        lim = RequestLimiter(2)
+        events: list[str] = []
+
+        async def one(i: int) -> None:
+            await lim.acquire()
+            events.append(f"in{i}")
+            await asyncio.sleep(0.01)
+            events.append(f"out{i}")
+            lim.release()
+
+        await asyncio.gather(*(one(i) for i in range(4)))
+        assert lim.peak_in_flight == 2
+        return events
+
+    events = asyncio.run(go())
+    assert events[:2] == ["in0", "in1"] and events.index("in2") > events.index("out0")
+
+
+def test_retry_after_parsing() -> None:
+    assert parse_retry_after(None) is None and parse_retry_after({}) is None
+    assert parse_retry_after({"retry-after-ms": "1500"}) == 1.5
+    assert parse_retry_after({"Retry-After-Ms": "250", "retry-after": "9"}) == 0.25
+    assert parse_retry_after({"retry-after-ms": "soon", "retry-after": "3"}) == 3.0  # bad ms: fall back
+    assert parse_retry_after({"retry-after-ms": "-5"}) == 0.0
+    assert parse_retry_after({"Retry-After": " 7 "}) == 7.0
+    assert parse_retry_after({"retry-after": "-2"}) == 0.0
+    assert parse_retry_after({"retry-after": ""}) is None
+    assert parse_retry_after({"other": "1"}) is None
+    when = datetime(2030, 1, 1, 12, 0, 30, tzinfo=UTC)
+    now = datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC).timestamp()
+    assert parse_retry_after({"retry-after": format_datetime(when, usegmt=True)}, now=now) == 30.0
+    assert parse_retry_after({"retry-after": format_datetime(when, usegmt=True)}, now=now + 60) == 0.0
+    assert parse_retry_after({"retry-after": "Someday, never"}) is None
+    past = parse_retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"})  # real clock
+    assert past == 0.0
+
+
+class _Fixed(random.Random):
+    def __init__(self, value: float) -> None:
+        super().__init__(0)
+        self.value = value
+
+    def random(self) -> float:
+        return self.value
+
+
+def test_retry_policy_defaults_and_exact_delays() -> None:
+    pol = RetryPolicy()
+    assert (pol.max_retries, pol.base_s, pol.max_s, pol.max_retry_after_s) == (6, 0.5, 60.0, 600.0)
+    for field in ("max_retries", "base_s", "max_s", "max_retry_after_s"):
+        RetryPolicy(**{field: 0})  # zero is allowed
+        with pytest.raises(ValueError):
+            RetryPolicy(**{field: -1})
+    one = _Fixed(1.0)
+    half = _Fixed(0.5)
+    assert [pol.delay(a, rng=one) for a in range(9)] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
+    assert pol.delay(3, rng=half) == 2.0
+    assert pol.delay(10_000, rng=one) == 60.0  # huge attempt numbers do not overflow
+    # Retry-After: at least what the server asked, capped, plus jitter up to min(base, ceiling)
+    assert pol.delay(0, retry_after=10.0, rng=one) == 10.5
+    assert pol.delay(0, retry_after=10.0, rng=half) == 10.25
+    assert pol.delay(4, retry_after=10_000.0, rng=one) == 600.5
+    tiny = RetryPolicy(base_s=2.0, max_s=1.0)
+    assert tiny.delay(0, retry_after=3.0, rng=one) == 4.0  # jitter bounded by the ceiling (1 s)
+    assert tiny.delay(0, rng=one) == 1.0
+
+
+def test_request_limiter_reports_token_waits(fake: FakeTime) -> None:
+    async def go() -> RequestLimiter:
+        lim = RequestLimiter(4, tokens_per_minute=600, clock=fake)  # 10 tokens/s, bucket of 10
+        await lim.acquire(8)
+        await lim.acquire(20)  # needs a full bucket: 8 tokens short = 0.8 s, then 20 taken
+        lim.release(8)
+        lim.release(20)
+        return lim
+
+    st = asyncio.run(go()).stats()
+    assert st.tpm_wait_s == pytest.approx(0.8) and st.rpm_wait_s == 0.0 and st.in_flight == 0
