@@ -206,3 +206,19 @@ def test_request_limiter_reports_token_waits(fake: FakeTime) -> None:
 
     st = asyncio.run(go()).stats()
     assert st.tpm_wait_s == pytest.approx(0.8) and st.rpm_wait_s == 0.0 and st.in_flight == 0
+
+
+def test_request_limiter_charges_only_positive_estimates(fake: FakeTime) -> None:
+    async def go() -> tuple[float, float, float, int]:
+        lim = RequestLimiter(4, tokens_per_minute=600, clock=fake)
+        assert lim.tpm is not None
+        await lim.acquire()  # no estimate by default: nothing charged
+        full = lim.tpm.level
+        await lim.acquire(1)  # one token is charged
+        one = lim.tpm.level
+        lim.tpm.adjust(20)  # in debt now
+        await lim.acquire(0)  # a request with no estimate does not wait for the debt
+        return full, one, lim.tpm.level, lim.stats().in_flight
+
+    assert asyncio.run(go()) == (10.0, 9.0, -11.0, 3)
+    assert fake.sleeps == []
