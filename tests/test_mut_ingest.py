@@ -1,0 +1,425 @@
+"""Ingest's safety checks called directly (rmskit.ingest.decode and .base), fast enough for `make mutate`
+(the folder-level tests in test_ingest.py share one large fixture that costs seconds per mutant).
+Each test pins a boundary or a refusal reason that a mutation of the check would change."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data as skdata
+
+from rmskit.config import IngestConfig
+from rmskit.ingest import base, decode
+from rmskit.ingest.decode import ImageRefused, decode_bytes
+
+
+def _png(arr: np.ndarray, mode: str | None = None, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode).save(buf, format="PNG", **kw)
+    return buf.getvalue()
+
+
+def _jpeg(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _refusal(fn, *args, **kw) -> str:
+    with pytest.raises(ImageRefused) as ei:
+        fn(*args, **kw)
+    assert str(ei.value) == ei.value.reason
+    return ei.value.reason
+
+
+# -- size caps ----------------------------------------------------------------------------------------
+def test_human_bytes_units() -> None:
+    hb = decode._human_bytes
+    assert [hb(0), hb(999), hb(1000), hb(1_500_000), hb(2_000_000_000), hb(5 * 10**12)] == [
+        "0 B",
+        "999 B",
+        "1.0 KB",
+        "1.5 MB",
+        "2.0 GB",
+        "5000.0 GB",
+    ]
+
+
+def test_read_file_capped_boundaries_and_reasons(tmp_path: Path) -> None:
+    cfg = IngestConfig(max_file_bytes=1500)
+    exact = tmp_path / "exact.bin"
+    exact.write_bytes(b"x" * 1500)
+    assert decode.read_file_capped(exact, cfg) == b"x" * 1500
+    over = tmp_path / "over.bin"
+    over.write_bytes(b"x" * 1501)
+    assert _refusal(decode.read_file_capped, over, cfg) == "file too large: 1.5 KB (max_file_bytes is 1.5 KB)"
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    assert _refusal(decode.read_file_capped, empty, cfg) == "empty file (0 bytes)"
+    assert (
+        _refusal(decode.read_file_capped, tmp_path / "gone.jpg", cfg)
+        == "file not found (it may have been removed during ingest)"
+    )
+    assert _refusal(decode.read_file_capped, tmp_path, cfg) == "not a regular file (fifo, socket or device)"
+    os.mkfifo(tmp_path / "pipe")
+    assert _refusal(decode.read_file_capped, tmp_path / "pipe", cfg).startswith("not a regular file")
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    assert _refusal(decode.read_file_capped, loop, cfg).startswith("cannot stat file: ")
+
+
+def test_check_blob_size() -> None:
+    cfg = IngestConfig(max_file_bytes=2000)
+    decode.check_blob_size(b"x" * 2000, cfg)
+    assert _refusal(decode.check_blob_size, b"", cfg) == "empty file (0 bytes)"
+    assert (
+        _refusal(decode.check_blob_size, b"x" * 2001, cfg)
+        == "file too large: more than max_file_bytes (2.0 KB)"
+    )
+
+
+# -- what a non-image is ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("data", "what"),
+    [
+        (b"%PDF-1.7\n", "a PDF document"),
+        (b"\xef\xbb\xbf \n%pdf", "a PDF document"),  # BOM and blank lines before the magic
+        (b"PK\x03\x04rest", "a ZIP archive (or office document)"),
+        (b"\x1f\x8b\x08\x00", "a gzip archive"),
+        (b"\x7fELF\x02\x01", "an executable (ELF)"),
+        (b"%!PS-Adobe-3.0 EPSF", "a PostScript/EPS file (not decoded for safety)"),
+        (b"8BPS\x00\x01", "a Photoshop PSD file (not supported)"),
+        (b"Rar!\x1a\x07", "a RAR archive"),
+        (b"7z\xbc\xaf\x27\x1c", "a 7z archive"),
+        (b"\x00\x00\x00\x18ftypheic\x00", "a HEIC/HEIF image (unsupported; convert it to JPEG)"),
+        (b"\x00\x00\x00\x18ftypmif1\x00", "a HEIC/HEIF image (unsupported; convert it to JPEG)"),
+        (b"\x00\x00\x00\x18ftypisom\x00", "an ISO media file (brand 'isom'), e.g. a video"),
+        (b"<!DOCTYPE html><p>", "an HTML document"),
+        (b"<HTML><body>", "an HTML document"),
+        (b"<!-- a comment -->\n<html>", "an HTML document"),
+        (b"<svg xmlns='http://www.w3.org/2000/svg'/>", "an SVG drawing (vector images are not supported)"),
+        (b"<?xml version='1.0'?><svg/>", "an SVG drawing (vector images are not supported)"),
+        (b"<?xml version='1.0'?><root/>", "an XML document"),
+        (b'  {"a": 1}', "a JSON document"),
+        (b"[1, 2]", "a JSON document"),
+        ("plain words, caf\u00e9\n".encode(), "a text file"),
+        (
+            b"\x00\x01\x02\x03\x04\x05\x06\x07\x08\x09",
+            "unrecognised binary data (starts with 00 01 02 03 04 05 06 07)",
+        ),
+    ],
+)
+def test_describe_non_image(data: bytes, what: str) -> None:
+    assert decode.describe_non_image(data) == what
+
+
+def test_looks_like_text_boundaries() -> None:
+    assert decode.looks_like_text("caf\u00e9\tok\r\n\f".encode())
+    assert decode.looks_like_text("\ufeffwith a BOM".encode())
+    assert decode.looks_like_text(b"abc" + "\U0001f600".encode()[:3])  # a character cut by the 4 KiB head
+    assert decode.looks_like_text(b"abcd\xff" + b"ef")  # a bad byte within the last 3 counts as cut
+    assert not decode.looks_like_text(b"abc\xff" + b"def")  # 4 bytes before the end: not text
+    assert not decode.looks_like_text(b"bell\x07")
+    assert not decode.looks_like_text(b"nul\x00")
+
+
+# -- geometry ---------------------------------------------------------------------------------------------
+def test_geometry_boundaries_and_reasons(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = IngestConfig(max_pixels=10_000, min_side=10, max_aspect=4.0)
+    g = decode._check_geometry
+    g(100, 100, cfg)  # exactly max_pixels
+    g(10, 40, cfg)  # exactly min_side and max_aspect
+    assert _refusal(g, 0, 50, cfg) == "invalid image size 0x50"
+    assert _refusal(g, 50, -1, cfg) == "invalid image size 50x-1"
+    assert _refusal(g, 101, 100, cfg) == (
+        "possible decompression bomb: header claims 101x100 = 10,100 pixels (max_pixels is 10,000); not decoded"
+    )
+    assert _refusal(g, 9, 20, cfg) == "image too small: 9x20 (min_side is 10)"
+    assert _refusal(g, 41, 10, cfg) == "extreme aspect ratio 4.1:1 (41x10; max_aspect is 4)"
+    monkeypatch.setattr(decode.Image, "MAX_IMAGE_PIXELS", 1000)
+    g(40, 25, cfg)  # exactly Pillow's cap
+    assert _refusal(g, 40, 26, cfg) == (
+        "possible decompression bomb: 40x26 = 1,040 pixels exceeds Pillow's MAX_IMAGE_PIXELS (1,000); not decoded"
+    )
+    monkeypatch.setattr(decode.Image, "MAX_IMAGE_PIXELS", None)  # Pillow's check switched off
+    g(100, 100, cfg)
+
+
+# -- normalisation ----------------------------------------------------------------------------------------
+def test_rescale_to_uint8() -> None:
+    r = decode._rescale_to_uint8
+    assert r(np.array([0.0, 100.0, 255.0]), None).tolist() == [0, 100, 255]  # already 8-bit range
+    assert r(np.array([-1.0, 0.0, 1.0]), None).tolist() == [0, 128, 255]  # stretched
+    assert r(np.array([300.0, 300.0]), None).tolist() == [0, 0]  # flat: no division by zero
+    assert r(np.array([np.nan, 255.0]), None).tolist() == [0, 255]
+    assert r(np.array([0, 32768, 65535]), 65535.0).tolist() == [0, 128, 255]
+    assert r(np.array([70000.0]), 65535.0).tolist() == [255]  # clipped
+    assert r(np.array([0.0, 1.0]), None).dtype == np.uint8
+
+
+def test_normalise_modes() -> None:
+    grey = skdata.camera()[:64, :64]
+    rgb = Image.fromarray(skdata.chelsea()[:64, :64])
+    assert decode.normalise_to_rgb(rgb) is rgb  # plain RGB without a profile is untouched
+    for im in (
+        Image.fromarray(grey),  # L
+        Image.fromarray(grey > 128),  # 1
+        Image.fromarray(grey.astype(np.uint16) * 257),  # I;16
+        Image.fromarray(grey.astype(np.float32) / 255.0),  # F
+        rgb.convert("CMYK"),
+        rgb.convert("YCbCr"),
+    ):
+        out = decode.normalise_to_rgb(im)
+        assert out.mode == "RGB" and out.size == (64, 64)
+    # 16-bit grey is rescaled to the full 8-bit range, not clipped
+    out16 = np.asarray(decode.normalise_to_rgb(Image.fromarray(grey.astype(np.uint16) * 257)))[..., 0]
+    assert np.abs(out16.astype(int) - grey).max() <= 1
+    # mode I: 8-bit range kept, 16-bit range scaled, anything else stretched
+    for arr, want in (
+        (np.array([[0, 200]], np.int32), [0, 200]),
+        (np.array([[0, 65535]], np.int32), [0, 255]),
+        (np.array([[-10, 10]], np.int32), [0, 255]),
+    ):
+        got = np.asarray(decode.normalise_to_rgb(Image.fromarray(arr, "I")))[..., 0]
+        assert got.ravel().tolist() == want
+    # transparency of every kind becomes white
+    la = Image.fromarray(np.dstack([grey, np.zeros_like(grey)]), "LA")
+    assert np.asarray(decode.normalise_to_rgb(la)).min() == 255
+    rgba = Image.fromarray(np.dstack([skdata.chelsea()[:64, :64], np.zeros_like(grey)]), "RGBA")
+    assert np.asarray(decode.normalise_to_rgb(rgba)).min() == 255
+    pal = rgb.quantize(colors=16)
+    pal.info["transparency"] = bytes(16)  # every index fully transparent
+    assert np.asarray(decode.normalise_to_rgb(pal)).min() == 255
+    opaque = rgb.quantize(colors=16)
+    assert np.asarray(decode.normalise_to_rgb(opaque)).std() > 10  # real colours, not white
+
+
+# -- decode_bytes: copies, sidecars, refusals -----------------------------------------------------------
+def test_lossless_sources_stay_png_up_to_the_pixel_cap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = IngestConfig()
+    assert decode._PNG_MAX_PIXELS == 4_000_000
+    monkeypatch.setattr(decode, "_PNG_MAX_PIXELS", 100 * 80)  # the same rule on small images
+    at_cap = decode_bytes(_png(np.full((80, 100, 3), 90, np.uint8)), cfg, tmp_path)
+    assert at_cap.path.endswith(".png") and (at_cap.width, at_cap.height) == (100, 80)
+    over = decode_bytes(_png(np.full((81, 100, 3), 90, np.uint8)), cfg, tmp_path)
+    assert over.path.endswith(".jpg")
+    photo = decode_bytes(_jpeg(skdata.chelsea()), cfg, tmp_path)  # lossy source: JPEG copy
+    assert photo.path.endswith(".jpg") and photo.orig_format == "JPEG" and photo.orig_mode == "RGB"
+    assert Path(photo.path).is_absolute()
+    side = json.loads((tmp_path / f"{photo.sha256}.json").read_text())
+    assert side.pop("v") == 2 and side == photo.model_dump()
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave nothing behind
+
+
+def test_sidecar_reuse_and_invalidation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = IngestConfig()
+    data = _jpeg(skdata.chelsea())
+    first = decode_bytes(data, cfg, tmp_path)
+    calls: list[str] = []
+    real = decode._decode_uncached
+
+    def counting(*a, **kw):
+        calls.append("decode")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(decode, "_decode_uncached", counting)
+    assert decode_bytes(data, cfg, tmp_path) == first and calls == []  # sidecar reused
+    # the config tightened since: the cached image is refused, not served
+    assert _refusal(decode_bytes, data, IngestConfig(min_side=400), tmp_path).startswith("image too small")
+    side = tmp_path / f"{first.sha256}.json"
+    raw = json.loads(side.read_text())
+    side.write_text(json.dumps({**raw, "v": 1}))  # an older sidecar version: decoded again
+    assert decode_bytes(data, cfg, tmp_path) == first and calls == ["decode"]
+    Path(first.path).unlink()  # the copy vanished: decoded again
+    assert decode_bytes(data, cfg, tmp_path) == first and calls == ["decode", "decode"]
+    side.write_text("{not json")
+    assert decode_bytes(data, cfg, tmp_path) == first and len(calls) == 3
+    given = decode_bytes(data, cfg, tmp_path / "other", sha256="ab" * 32)  # a caller-supplied sha
+    assert given.sha256 == "ab" * 32 and Path(given.path).name == "ab" * 32 + ".jpg"
+
+
+def test_decode_refusal_reasons(tmp_path: Path) -> None:
+    cfg = IngestConfig()
+    assert (
+        _refusal(decode_bytes, b"%PDF-1.4\n%%EOF\n", cfg, tmp_path, name="dir/report.pdf")
+        == "not an image: a PDF document (named 'report.pdf')"
+    )
+    assert _refusal(decode_bytes, b"%PDF-1.4\n", cfg, tmp_path) == "not an image: a PDF document"
+    jpeg = _jpeg(skdata.rocket())
+    assert _refusal(decode_bytes, jpeg[:3000], cfg, tmp_path).startswith("truncated JPEG file: ")
+    png = _png(skdata.coffee())
+    assert _refusal(decode_bytes, png[: len(png) // 3], cfg, tmp_path).startswith("truncated PNG file: ")
+    small = _png(skdata.astronaut()[:64, :64])
+    ihdr = struct.pack(">II", 70_000, 70_000) + small[24:29]  # the header claims 4.9 gigapixels
+    bomb = small[:16] + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)) + small[33:]
+    assert "decompression bomb" in _refusal(decode_bytes, bomb, cfg, tmp_path)
+    ihdr = struct.pack(">II", 7000, 7000) + small[24:29]  # 49 MP: over our cap, under Pillow's
+    bomb = small[:16] + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)) + small[33:]
+    assert _refusal(decode_bytes, bomb, cfg, tmp_path).startswith(
+        "possible decompression bomb: header claims 7000x7000"
+    )
+    assert _refusal(decode_bytes, b"", cfg, tmp_path) == "empty file (0 bytes)"
+
+
+# -- base: JSON, paths, walking ---------------------------------------------------------------------------
+def test_json_helpers(tmp_path: Path) -> None:
+    assert base.loads_json('{"a": [1]}') == {"a": [1]}
+    with pytest.raises(base.JSONTooDeep, match="JSON nested too deeply"):
+        base.loads_json("[" * 100_000 + "]" * 100_000)
+    p = tmp_path / "x.json"
+    p.write_bytes(b"\xef\xbb\xbf" + json.dumps({"k": "v"}).encode())  # a BOM is fine
+    assert base.load_json_file(p) == {"k": "v"}
+    p.write_text("{broken")
+    with pytest.raises(ValueError, match=r"^source .*x\.json: invalid JSON \("):
+        base.load_json_file(p)
+    p.write_text("[" * 100_000)
+    with pytest.raises(base.JSONTooDeep):
+        base.load_json_file(p)
+    p.write_bytes(b"0123456789")
+    assert base.read_head(p, 4) == b"0123" and base.read_head(p) == b"0123456789"
+
+
+def test_path_predicates() -> None:
+    root = Path("/data/root")
+    assert base.is_within(root, root) and base.is_within(root / "a/b", root)
+    assert not base.is_within(Path("/data/rootless/x"), root) and not base.is_within(Path("/data"), root)
+    assert base.name_ok("café.jpg") and not base.name_ok(os.fsdecode(b"bad\xff.jpg"))
+    assert base.printable(os.fsdecode(b"bad\xff.jpg")) == "bad\ufffd.jpg"
+    inside = ["a.jpg", "sub/a.jpg", "a/../b.jpg", "..hidden.jpg", "a/.."]
+    outside = [
+        "",
+        "/etc/passwd",
+        "..",
+        "../x.jpg",
+        "a/../../x.jpg",
+        "a\x00.jpg",
+        "http://x/y.jpg",
+        "s3://b/k",
+    ]
+    assert all(base.stays_inside(v) for v in inside)
+    assert not any(base.stays_inside(v) for v in outside)
+
+
+def test_check_inside_and_listed_paths(tmp_path: Path) -> None:
+    root = (tmp_path / "root").resolve()
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "a.jpg").write_bytes(b"x")
+    (tmp_path / "secret.jpg").write_bytes(b"s")
+    (root / "link.jpg").symlink_to(root / "sub" / "a.jpg")
+    (root / "escape.jpg").symlink_to(tmp_path / "secret.jpg")
+    (root / "dangling.jpg").symlink_to(root / "nope.jpg")
+    (root / "loop.jpg").symlink_to(root / "loop.jpg")
+    follow, nofollow = IngestConfig(), IngestConfig(follow_symlinks_inside_root=False)
+    ci = base.check_inside
+    assert ci(root / "sub" / "a.jpg", root, False) == (root / "sub" / "a.jpg", None)
+    assert ci(root / "link.jpg", root, True) == (root / "sub" / "a.jpg", None)
+    assert ci(root / "link.jpg", root, False) == (
+        None,
+        "symlink not followed (follow_symlinks_inside_root is off)",
+    )
+    assert ci(root / "escape.jpg", root, True) == (
+        None,
+        f"symlink leaves the source root (-> {tmp_path / 'secret.jpg'})",
+    )
+    assert ci(root / "dangling.jpg", root, True) == (
+        None,
+        f"dangling symlink (target {root / 'nope.jpg'} does not exist)",
+    )
+    assert ci(root / "missing.jpg", root, True) == (None, "file not found")
+    assert ci(root / "loop.jpg", root, True)[1] in (
+        "symlink loop",
+        f"dangling symlink (target {root / 'loop.jpg'} does not exist)",
+    )
+    rl = base.resolve_listed_path
+    assert rl("link.jpg", root, root, follow) == (root / "sub" / "a.jpg", "link.jpg", None)
+    assert rl("escape.jpg", root, root, follow)[0::2] == (
+        None,
+        f"symlink leaves the source root (-> {tmp_path / 'secret.jpg'})",
+    )
+    assert rl("sub/a.jpg", root, root, follow) == (root / "sub" / "a.jpg", "sub/a.jpg", None)
+    assert rl(" a.jpg ", root / "sub", root, follow) == (root / "sub" / "a.jpg", "sub/a.jpg", None)
+    assert rl(str(root / "sub" / "a.jpg"), tmp_path, root, follow)[1] == "sub/a.jpg"
+    assert (
+        rl("link.jpg", root, root, nofollow)[2] == "symlink not followed (follow_symlinks_inside_root is off)"
+    )
+    assert rl("https://x/y.jpg", root, root, follow) == (
+        None,
+        "https://x/y.jpg",
+        "remote URLs are not fetched; download the image and list its local path",
+    )
+    assert rl("a\x00b.jpg", root, root, follow) == (
+        None,
+        "a\\0b.jpg",
+        "path contains a NUL byte or invalid UTF-8",
+    )
+    bad = os.fsdecode(b"b\xffd.jpg")
+    assert rl(bad, root, root, follow) == (None, "b\ufffdd.jpg", "path contains a NUL byte or invalid UTF-8")
+    assert rl("../secret.jpg", root, root, follow) == (
+        None,
+        "../secret.jpg",
+        f"path '../secret.jpg' leaves the source root {root}",
+    )
+
+
+def test_walk_files_order_depth_and_hidden(tmp_path: Path) -> None:
+    root = tmp_path / "r"
+    (root / "b" / "c").mkdir(parents=True)
+    (root / "a").mkdir()
+    (root / ".hidden").mkdir()
+    for rel in ("z.jpg", "m.jpg", "b/x.jpg", "b/c/y.jpg", "a/w.jpg", ".dot.jpg", ".hidden/h.jpg"):
+        (root / rel).write_bytes(b"x")
+    (root / "link.jpg").symlink_to(root / "z.jpg")
+    got = [(rel, reason) for _p, rel, reason in base.walk_files(root)]
+    # files of a folder first, then its subfolders in sorted order; no hidden names, no symlinks
+    assert got == [
+        ("m.jpg", None),
+        ("z.jpg", None),
+        ("a/w.jpg", None),
+        ("b/x.jpg", None),
+        ("b/c/y.jpg", None),
+    ]
+    paths = [p for p, _rel, _r in base.walk_files(root)]
+    assert paths[0] == root / "m.jpg"
+    # depth: exactly max_depth levels are walked, one more is refused with a reason
+    assert [(rel, r) for _p, rel, r in base.walk_files(root, max_depth=2)] == got
+    assert [(rel, r) for _p, rel, r in base.walk_files(root, max_depth=1)] == [
+        ("m.jpg", None),
+        ("z.jpg", None),
+        ("a/w.jpg", None),
+        ("b/x.jpg", None),
+        ("b/c/", "folder nested deeper than 1 levels; not walked"),
+    ]
+    assert list(base.walk_files(tmp_path / "none")) == [
+        (None, ".", "cannot list directory: No such file or directory")
+    ]
+    assert base.MAX_FOLDER_DEPTH == 64
+
+
+def test_colour_profiles() -> None:
+    from PIL import ImageCms
+
+    rgb = Image.fromarray(skdata.chelsea()[:64, :64])
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    tagged = rgb.copy()
+    tagged.info["icc_profile"] = srgb
+    assert decode.normalise_to_rgb(tagged) is tagged  # already sRGB: no conversion
+    broken = rgb.convert("CMYK")
+    broken.info["icc_profile"] = b"not a profile"
+    out = decode.normalise_to_rgb(broken)  # a broken profile falls back to the plain conversion
+    assert out.mode == "RGB" and np.array_equal(
+        np.asarray(out), np.asarray(rgb.convert("CMYK").convert("RGB"))
+    )
+    lab = rgb.copy()
+    lab.info["icc_profile"] = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()
+    out = decode.normalise_to_rgb(lab)  # a profile that does not fit the pixels: plain conversion too
+    assert out.mode == "RGB" and np.array_equal(np.asarray(out), np.asarray(rgb))
