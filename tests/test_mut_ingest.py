@@ -423,3 +423,230 @@ def test_colour_profiles() -> None:
     lab.info["icc_profile"] = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()
     out = decode.normalise_to_rgb(lab)  # a profile that does not fit the pixels: plain conversion too
     assert out.mode == "RGB" and np.array_equal(np.asarray(out), np.asarray(rgb))
+
+
+# -- second pass: what the first mutation run of this file left alive ------------------------------------
+def test_read_file_capped_os_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = IngestConfig()
+    one = tmp_path / "one.bin"
+    one.write_bytes(b"x")
+    assert decode.read_file_capped(one, cfg) == b"x"  # one byte is not empty
+
+    def deny(*_a, **_k):
+        raise PermissionError(13, "Permission denied")
+
+    def eio(*_a, **_k):
+        raise OSError(5, "Input/output error")
+
+    real_stat = os.stat
+    monkeypatch.setattr(decode.os, "stat", deny)
+    assert _refusal(decode.read_file_capped, one, cfg) == "permission denied"
+    monkeypatch.setattr(decode.os, "stat", eio)
+    assert _refusal(decode.read_file_capped, one, cfg) == "cannot stat file: Input/output error"
+    monkeypatch.setattr(decode.os, "stat", real_stat)
+    monkeypatch.setattr(decode, "open", deny, raising=False)  # module globals shadow the builtin
+    assert _refusal(decode.read_file_capped, one, cfg) == "permission denied"
+    monkeypatch.setattr(decode, "open", eio, raising=False)
+    assert _refusal(decode.read_file_capped, one, cfg) == "cannot read file: Input/output error"
+
+
+def test_geometry_zero_and_one_pixel_sides() -> None:
+    cfg = IngestConfig(min_side=1, max_aspect=100.0)
+    assert _refusal(decode._check_geometry, 50, 0, cfg) == "invalid image size 50x0"
+    decode._check_geometry(1, 50, cfg)  # one pixel is a size, not an invalid one
+    decode._check_geometry(50, 1, cfg)
+
+
+def test_rescale_range_edges() -> None:
+    r = decode._rescale_to_uint8
+    assert r(np.array([0.0, 100.0]), None).tolist() == [0, 100]  # starts at 0: already 8-bit
+    assert r(np.array([10.0, 256.0]), None).tolist() == [0, 255]  # one past 255: stretched
+    assert r(np.array([-1000.0, -2.0, 0.0]), None).tolist() == [0, 254, 255]
+
+
+def test_sidecar_without_a_version_is_decoded_again(tmp_path: Path) -> None:
+    cfg = IngestConfig()
+    data = _jpeg(skdata.chelsea())
+    first = decode_bytes(data, cfg, tmp_path)
+    side = tmp_path / f"{first.sha256}.json"
+    raw = json.loads(side.read_text())
+    del raw["v"]
+    side.write_text(json.dumps(raw))
+    assert decode_bytes(data, cfg, tmp_path) == first
+    assert json.loads(side.read_text())["v"] == 2  # rewritten
+
+
+def test_decode_bytes_turns_parser_failures_into_refusals(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    cfg = IngestConfig()
+    data = _jpeg(skdata.chelsea()[:80, :80])
+
+    def failing(exc: BaseException):
+        def f(*_a, **_k):
+            raise exc
+
+        return f
+
+    monkeypatch.setattr(decode, "_decode_uncached", failing(MemoryError()))
+    assert _refusal(decode_bytes, data, cfg, tmp_path) == "not enough memory to decode this image"
+    monkeypatch.setattr(decode, "_decode_uncached", failing(Image.DecompressionBombError("too big")))
+    assert (
+        _refusal(decode_bytes, data, cfg, tmp_path)
+        == "possible decompression bomb (Pillow refused it: too big)"
+    )
+    monkeypatch.setattr(decode, "_decode_uncached", failing(ValueError("bad huffman table")))
+    assert (
+        _refusal(decode_bytes, data, cfg, tmp_path)
+        == "corrupt or unsupported image: ValueError: bad huffman table"
+    )
+    full = OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(decode, "_decode_uncached", failing(full))
+    with pytest.raises(OSError) as ei:  # a full disk stops the run; it is not this image's fault
+        decode_bytes(data, cfg, tmp_path)
+    assert ei.value is full
+
+
+def test_decode_file_reads_once_and_names_refusals(tmp_path: Path) -> None:
+    cfg = IngestConfig()
+    photo = tmp_path / "cat.jpg"
+    photo.write_bytes(_jpeg(skdata.chelsea()))
+    dec = decode.decode_file(photo, cfg, tmp_path / "cache")
+    assert dec.sha256 == decode.sha256_hex(photo.read_bytes()) and Path(dec.path).parent == tmp_path / "cache"
+    pdf = tmp_path / "sub" / "report.pdf"
+    pdf.parent.mkdir()
+    pdf.write_bytes(b"%PDF-1.4\n%%EOF\n")
+    assert (
+        _refusal(decode.decode_file, str(pdf), cfg, tmp_path / "cache")
+        == "not an image: a PDF document (named 'report.pdf')"
+    )
+    assert _refusal(
+        decode.decode_file, tmp_path / "none.jpg", IngestConfig(max_file_bytes=10), tmp_path
+    ).startswith("file not found")
+
+
+@pytest.mark.parametrize("brand", ["heic", "heix", "mif1", "msf1", "hevc", "heim", "heis"])
+def test_every_heif_brand_is_named(brand: str) -> None:
+    data = b"\x00\x00\x00\x18ftyp" + brand.encode() + b"\x00\x00\x00\x00"
+    assert decode.describe_non_image(data) == "a HEIC/HEIF image (unsupported; convert it to JPEG)"
+
+
+def test_describe_odd_headers() -> None:
+    # a brand that is not ASCII is shown, not a crash
+    got = decode.describe_non_image(b"\x00\x00\x00\x18ftyp\xff\xfeab\x00")
+    assert got == "an ISO media file (brand '\ufffd\ufffdab'), e.g. a video"
+    assert decode.describe_non_image(b"X%PDF-1.4") == "a text file"  # only BOM and blanks are skipped
+
+
+def test_walk_files_goes_on_after_a_refused_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "r"
+    (root / "a" / "deep").mkdir(parents=True)
+    (root / "a" / "deep" / "x.jpg").write_bytes(b"x")
+    (root / "b").mkdir()
+    (root / "b" / "y.jpg").write_bytes(b"y")
+    (root / "c").mkdir()
+    (root / "c" / "z.jpg").write_bytes(b"z")
+    (root / "linked").symlink_to(root / "b", target_is_directory=True)  # not walked
+    got = [(rel, reason) for _p, rel, reason in base.walk_files(root, max_depth=1)]
+    assert got == [
+        ("a/deep/", "folder nested deeper than 1 levels; not walked"),
+        ("b/y.jpg", None),
+        ("c/z.jpg", None),
+    ]
+    real_scandir = os.scandir
+
+    def flaky(path):
+        if Path(path).name == "b":
+            raise OSError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(base.os, "scandir", flaky)
+    got = [(rel, reason) for _p, rel, reason in base.walk_files(root)]
+    assert got == [
+        ("a/deep/x.jpg", None),
+        ("b/", "cannot list directory: Permission denied"),
+        ("c/z.jpg", None),
+    ]
+
+
+def test_read_head_default_and_json_message(tmp_path: Path) -> None:
+    p = tmp_path / "big.bin"
+    p.write_bytes(b"a" * 70_000)
+    assert len(base.read_head(p)) == 65536
+    with pytest.raises(base.JSONTooDeep, match=r"^JSON nested too deeply \(hostile or broken document\)$"):
+        base.loads_json("[" * 100_000)
+
+
+def test_mode_i_and_f_scaling() -> None:
+    def through(arr: np.ndarray, mode: str) -> list[int]:
+        return np.asarray(decode.normalise_to_rgb(Image.fromarray(arr, mode)))[..., 0].ravel().tolist()
+
+    i32 = np.int32
+    assert through(np.array([[0, 255]], i32), "I") == [0, 255]  # 8-bit range kept as is
+    assert through(np.array([[0, 256]], i32), "I") == [0, 1]  # one past: a 16-bit range
+    assert through(np.array([[0, 1000]], i32), "I") == [0, 4]
+    assert through(np.array([[0, 51529]], i32), "I") == [0, 201]  # 200.502: the full scale is 65535
+    assert through(np.array([[1000, 65535]], i32), "I") == [4, 255]
+    assert through(np.array([[1000, 65536]], i32), "I") == [0, 255]  # beyond 16 bits: stretched
+    assert through(np.array([[-1.0, 0.0, 1.0]], np.float32), "F") == [0, 128, 255]
+    assert through(np.array([[0.0, 1.0]], np.float32), "F") == [0, 1]  # within 0..255: taken as 8-bit
+    grey16 = Image.fromarray(np.array([[0, 51529, 65535]], np.uint16))
+    assert grey16.mode.startswith("I;16")
+    assert np.asarray(decode.normalise_to_rgb(grey16))[..., 0].ravel().tolist() == [0, 201, 255]
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "PA", "RGBa", "La"])
+def test_every_alpha_mode_is_composited_onto_white(mode: str) -> None:
+    im = Image.new(mode, (4, 4))  # all zero: fully transparent black
+    if mode == "PA":
+        im.putpalette([0, 0, 0] * 256)
+    out = decode.normalise_to_rgb(im)
+    assert out.mode == "RGB" and np.asarray(out).min() == 255
+
+
+def test_palettes() -> None:
+    rgba_pal = Image.new("P", (4, 4))
+    rgba_pal.putpalette([0, 0, 0, 0] * 256, "RGBA")  # transparent through the palette itself
+    assert np.asarray(decode.normalise_to_rgb(rgba_pal)).min() == 255
+    plain = Image.new("P", (4, 4))
+    plain.putpalette([10, 20, 30] * 256)
+    out = decode.normalise_to_rgb(plain)
+    assert out.mode == "RGB" and np.asarray(out)[0, 0].tolist() == [10, 20, 30]
+
+
+@pytest.mark.parametrize("fmt", ["TGA", "PCX", "SGI", "ICO"])
+def test_formats_outside_the_safe_list_are_not_parsed(tmp_path: Path, fmt: str) -> None:
+    buf = io.BytesIO()
+    Image.fromarray(skdata.chelsea()[:128, :128]).save(buf, format=fmt)
+    assert fmt not in decode.safe_formats()
+    assert _refusal(decode_bytes, buf.getvalue(), IngestConfig(), tmp_path).startswith("not an image: ")
+
+
+def test_copy_orientation_hash_and_quality(tmp_path: Path) -> None:
+    import imagehash
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees to display
+    buf = io.BytesIO()
+    Image.fromarray(skdata.chelsea()).save(buf, format="JPEG", quality=90, exif=exif.tobytes())
+    dec = decode_bytes(buf.getvalue(), IngestConfig(), tmp_path)
+    assert (dec.width, dec.height) == (300, 451)  # stored 451x300, shown upright
+    with Image.open(dec.path) as im:
+        assert im.size == (300, 451)
+        ref = io.BytesIO()
+        im.convert("RGB").save(ref, format="JPEG", quality=95)
+        with Image.open(ref) as q95:
+            assert im.quantization == q95.quantization  # re-encoded at quality 95
+    png = decode_bytes(_png(skdata.coffee()), IngestConfig(), tmp_path)
+    with Image.open(png.path) as im:
+        assert png.phash == str(imagehash.phash(im))  # the hash of the normalised copy
+
+
+def test_corrupt_data_reason(tmp_path: Path) -> None:
+    png = bytearray(_png(skdata.coffee()))
+    idat = png.index(b"IDAT")
+    png[idat + 40 : idat + 400] = bytes(360)  # garbage inside the compressed stream, length intact
+    reason = _refusal(decode_bytes, bytes(png), IngestConfig(), tmp_path)
+    assert reason.startswith(("corrupt PNG data: ", "truncated PNG file: ")) and not reason.endswith(": ")

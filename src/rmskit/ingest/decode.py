@@ -200,6 +200,8 @@ def _rescale_to_uint8(arr: np.ndarray, full_scale: float | None) -> np.ndarray:
 
 
 def _composite_on_white(im: Image.Image) -> Image.Image:
+    if im.mode == "La":  # Pillow converts premultiplied La only to LA
+        im = im.convert("LA")
     rgba = im.convert("RGBA")
     background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     return Image.alpha_composite(background, rgba).convert("RGB")
