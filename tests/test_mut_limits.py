@@ -222,3 +222,22 @@ def test_request_limiter_charges_only_positive_estimates(fake: FakeTime) -> None
 
     assert asyncio.run(go()) == (10.0, 9.0, -11.0, 3)
     assert fake.sleeps == []
+
+
+def test_request_limiter_corrects_only_what_was_charged(fake: FakeTime) -> None:
+    async def go() -> list[float]:
+        lim = RequestLimiter(4, tokens_per_minute=600, clock=fake)
+        assert lim.tpm is not None
+        levels = []
+        await lim.acquire()
+        lim.release(actual_tokens=5)  # nothing was charged (no estimate): nothing to correct
+        levels.append(lim.tpm.level)
+        await lim.acquire(0)
+        lim.release(0, actual_tokens=5)
+        levels.append(lim.tpm.level)
+        await lim.acquire(1)
+        lim.release(1, actual_tokens=5)  # one charged, five used: four more
+        levels.append(lim.tpm.level)
+        return levels
+
+    assert asyncio.run(go()) == [10.0, 10.0, 5.0]
