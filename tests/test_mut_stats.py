@@ -250,3 +250,60 @@ def test_compute_metrics_plumbing() -> None:
     with pytest.raises(ValueError, match=r"^scores must be probabilities in \[0, 1\]$"):
         compute_metrics(["safe"], [-0.01])
     compute_metrics(["safe", "unsafe"], [0.0, 1.0])  # both ends are probabilities
+
+
+def test_zero_one_integers_are_read_as_booleans() -> None:
+    yi, pi, bi = Y.astype(int).tolist(), PRED.astype(int).tolist(), PRED_B.astype(int).tolist()
+    kw = {"n_resamples": 100, "min_per_class": 5}
+    for metric in ("balanced_accuracy", "macro_f1", "kappa"):
+        assert stats.classifier_metric(metric, yi, pi, **kw) == stats.classifier_metric(metric, Y, PRED, **kw)
+        assert stats.paired_difference(metric, yi, pi, bi, **kw) == stats.paired_difference(
+            metric, Y, PRED, PRED_B, **kw
+        )
+    assert stats.auroc(yi, SCORES.tolist(), **kw) == stats.auroc(Y, SCORES, **kw)
+    assert stats.mean_balanced_accuracy([yi], [pi], n_resamples=100) == stats.mean_balanced_accuracy(
+        [Y], [PRED], n_resamples=100
+    )
+    assert stats.mean_balanced_accuracy([yi], [pi], [bi], n_resamples=100) == stats.mean_balanced_accuracy(
+        [Y], [PRED], [PRED_B], n_resamples=100
+    )
+
+
+def test_every_interval_is_reproducible_with_the_default_seed() -> None:
+    kw = {"n_resamples": 100}
+    assert stats.auroc(Y, SCORES, min_per_class=5, **kw) == stats.auroc(
+        Y, SCORES, min_per_class=5, seed=0, **kw
+    )
+    assert stats.paired_difference(
+        "kappa", Y, PRED, PRED_B, min_per_class=5, **kw
+    ) == stats.paired_difference("kappa", Y, PRED, PRED_B, min_per_class=5, seed=0, **kw)
+    assert stats.mean_balanced_accuracy([Y], [PRED], **kw) == stats.mean_balanced_accuracy(
+        [Y], [PRED], seed=0, **kw
+    )
+    x = np.eye(20)[np.r_[0:20, 0:5]]
+    assert stats.vendi(x, **kw) == stats.vendi(x, seed=0, **kw)
+    labels = ["unsafe"] * 25 + ["safe"] * 30
+    scores = list(np.r_[np.linspace(0.2, 1.0, 25), np.linspace(0.0, 0.7, 30)])
+    assert compute_metrics(labels, scores, n_resamples=100) == compute_metrics(
+        labels, scores, n_resamples=100, seed=0
+    )
+
+
+def test_f1_with_a_single_true_item_in_a_class() -> None:
+    y = [True, True, False, False]
+    one_tp = stats.classifier_metric(
+        "macro_f1", y, [True, False, False, False], min_per_class=1, n_resamples=20
+    )
+    assert one_tp.value == pytest.approx((2 / 3 + 0.8) / 2)  # F1(pos) = 2/(2+0+1), F1(neg) = 4/(4+1+0)
+    one_tn = stats.classifier_metric(
+        "macro_f1", y, [True, True, True, False], min_per_class=1, n_resamples=20
+    )
+    assert one_tn.value == pytest.approx((0.8 + 2 / 3) / 2)
+
+
+def test_insufficient_estimates_name_their_metric() -> None:
+    assert stats.auroc([True] * 3 + [False] * 3, [0.5] * 6).metric == "auroc"
+    assert stats.auroc([], []).reason == "undefined: no positive, negative items (needs both classes)"
+    few = stats.vendi(np.eye(5), n_resamples=10)
+    assert (few.metric, few.method) == ("vendi_score", "bootstrap basic (10 resamples, seed 0)")
+    assert stats.mean_balanced_accuracy([], []).metric == "mean_balanced_accuracy"
