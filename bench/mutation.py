@@ -159,10 +159,20 @@ def _equivalents() -> list[dict[str, str]]:
     return tomllib.loads(EQUIVALENT.read_text()).get("equivalent", []) if EQUIVALENT.exists() else []
 
 
+def _matches(eq: dict[str, str], old: list[str], new: list[str]) -> bool:
+    """`change`: a piece of a mutated line; `line`: the whole mutated line; `removed`: a piece of a
+    deleted line, for mutants that only delete (an argument, a keyword)."""
+    if "line" in eq:
+        return eq["line"] in new
+    if "removed" in eq:
+        return not new and any(eq["removed"] in ln for ln in old)
+    return any(eq["change"] in ln for ln in new)
+
+
 def _disposition(mutant: dict[str, Any], equivalents: list[dict[str, str]]) -> str:
-    _old, new = _changed_lines(mutant["diff"])
+    old, new = _changed_lines(mutant["diff"])
     for eq in equivalents:
-        if _function(mutant["name"]) == eq["function"] and any(eq["change"] in ln for ln in new):
+        if _function(mutant["name"]) == eq["function"] and _matches(eq, old, new):
             return "equivalent: " + eq["why"]
     return "OPEN: no test kills it and no reason is recorded"
 
