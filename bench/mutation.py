@@ -83,7 +83,7 @@ GROUPS: dict[str, Group] = {
         ("src/rmskit/pipeline/runner.py", "src/rmskit/pipeline/registry.py"),
         ("tests/test_build_pipeline.py", "tests/test_stage_resume.py", "tests/test_stage_registry.py"),
     ),
-    "export": Group(("src/rmskit/export/writer.py",), ("tests/test_export.py",)),
+    "export": Group(("src/rmskit/export/writer.py",), ("tests/test_mut_export.py", "tests/test_export.py")),
     "metrics": Group(
         ("src/rmskit/scoring/metrics.py", "src/rmskit/stats.py"),
         # the interval-coverage simulations take seconds per mutant: left out

@@ -1,0 +1,122 @@
+"""The export writer's safety mechanics called directly (rmskit.export.writer): the atomic folder swap,
+refusing to replace a folder rmskit did not write, cleaning only dead processes' leftovers, and the file
+listing the CLI prints. Pinned where `make mutate` found test_export.py loose."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rmskit.export import writer
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid  # reaped: no such process now (pids are not reused this fast)
+
+
+def test_pid_alive() -> None:
+    assert writer._pid_alive(os.getpid())
+    assert not writer._pid_alive(_dead_pid())
+    assert writer._pid_alive(1)  # init: alive even where signalling it is not permitted
+
+
+def test_atomic_dir_swaps_in_and_replaces_its_own_output(tmp_path: Path) -> None:
+    final = tmp_path / "out" / "ds"
+    with writer.atomic_dir(final) as tmp:
+        assert tmp.parent == final.parent and tmp.name.startswith(".ds.tmp-") and not any(tmp.iterdir())
+        (tmp / "a.txt").write_text("one")
+        (tmp / writer.MARKER).write_text("{}")
+    assert (final / "a.txt").read_text() == "one"
+    with writer.atomic_dir(final) as tmp:  # ours (marker): replaced as a whole
+        (tmp / "b.txt").write_text("two")
+        (tmp / writer.MARKER).write_text("{}")
+    assert sorted(p.name for p in final.iterdir()) == [writer.MARKER, "b.txt"]
+    assert sorted(p.name for p in final.parent.iterdir()) == ["ds"]  # no temp or old folder left
+
+
+def test_atomic_dir_failure_leaves_the_previous_output(tmp_path: Path) -> None:
+    final = tmp_path / "ds"
+    final.mkdir()
+    (final / writer.MARKER).write_text("{}")
+    (final / "keep.txt").write_text("old")
+    with pytest.raises(KeyboardInterrupt), writer.atomic_dir(final) as tmp:
+        (tmp / "half.txt").write_text("x")
+        raise KeyboardInterrupt
+    assert (final / "keep.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
+def test_atomic_dir_refuses_a_foreign_folder(tmp_path: Path) -> None:
+    final = tmp_path / "photos"
+    final.mkdir()
+    (final / "mine.jpg").write_text("x")
+    with pytest.raises(
+        writer.ExportError,
+        match=r"^.*photos exists and was not written by rmskit export; refusing to replace it$",
+    ):
+        with writer.atomic_dir(final):
+            pass
+    assert (final / "mine.jpg").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with writer.atomic_dir(empty) as tmp:  # an empty folder may be filled
+        (tmp / "x.txt").write_text("x")
+    assert (empty / "x.txt").exists()
+
+
+def test_clean_stale_removes_only_dead_writers_leftovers(tmp_path: Path) -> None:
+    dead, alive = _dead_pid(), os.getpid()
+    names = {
+        f".ds.tmp-{dead}-abcd1234": False,  # a crashed write: removed
+        f".ds.old-{dead}-abcd1234": False,
+        f".ds.tmp-{alive}-abcd1234": True,  # a write in progress: kept
+        ".ds.tmp-notapid-abcd1234": True,  # not ours to judge: kept
+        f".other.tmp-{dead}-abcd1234": True,  # another export's name
+    }
+    for n in names:
+        (tmp_path / n).mkdir()
+    (tmp_path / f".ds.tmp-{dead}-file0000").write_text("a file, not a folder")
+    writer._clean_stale(tmp_path, "ds")
+    for n, kept in names.items():
+        assert (tmp_path / n).exists() == kept, n
+    assert (tmp_path / f".ds.tmp-{dead}-file0000").exists()
+    with writer.atomic_dir(tmp_path / "ds"):  # atomic_dir cleans before writing
+        pass
+    assert not (tmp_path / f".ds.old-{dead}-abcd1234").exists()
+
+
+def test_files_listing(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.parquet").write_text("x")
+    (tmp_path / "README.md").write_text("x")
+    (tmp_path / ".hidden").write_text("x")
+    (tmp_path / "images").mkdir()
+    for i in range(3):
+        (tmp_path / "images" / f"{i}.jpg").write_text("x")
+    assert writer._files(tmp_path) == ["README.md", "data/train.parquet", "images/ (3 files)"]
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "samples.jsonl").write_text("")
+    assert writer._files(bare) == ["samples.jsonl"]
+    assert writer._card_files({"train": ["train.parquet"], "test": ["test.parquet"]}, True) == [
+        "README.md",
+        "data/train.parquet",
+        "data/test.parquet",
+        "samples.jsonl",
+        "images/<sha256>.<ext>",
+    ]
+    assert writer._card_files({"train": ["t.parquet"]}, False) == ["README.md", "data/t.parquet"]
+
+
+def test_unknown_format_is_refused_before_anything_is_read(tmp_path: Path) -> None:
+    msg = r"^unknown format 'csv'; choose one of jsonl, hf, llava, sharegpt, judge$"
+    with pytest.raises(ValueError, match=msg):
+        writer.export(tmp_path / "no-run", "csv")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=msg):
+        writer.export_summary(tmp_path / "no-run", "csv")  # type: ignore[arg-type]
