@@ -120,3 +120,51 @@ def test_unknown_format_is_refused_before_anything_is_read(tmp_path: Path) -> No
         writer.export(tmp_path / "no-run", "csv")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=msg):
         writer.export_summary(tmp_path / "no-run", "csv")  # type: ignore[arg-type]
+
+
+def test_every_format_layout_marker_and_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Function-scoped on purpose: test_export.py builds its exports once in a module fixture, which
+    mutmut credits to the first test only, so layout mutants went unchecked there."""
+    import json
+
+    from test_export import SECRET, build_ledger
+
+    import rmskit
+
+    monkeypatch.setenv("RMSKIT_TEST_API_KEY", SECRET)
+    run = build_ledger(tmp_path / "run")
+    ds = writer.write_dataset(run.run_dir)
+    assert ds.format == "dataset" and ds.path == str(run.run_dir / "dataset")
+    n_images = len(list((run.run_dir / "dataset" / "images").iterdir()))
+    assert ds.images == n_images > 0 and ds.samples == sum(ds.splits.values()) > 0
+    assert set(ds.splits) == {"train", "test"} and ds.edited == 1 and ds.dropped["rejected in review"] == 1
+    assert (
+        ds.files[0] == "README.md"
+        and "samples.jsonl" in ds.files
+        and ds.files[-1] == f"images/ ({n_images} files)"
+    )
+    assert any(f.startswith("data/") and f.endswith(".parquet") for f in ds.files)
+    layouts = {
+        "jsonl": {"samples.jsonl", "images"},
+        "hf": {"README.md", "data"},
+        "llava": {"train.json", "test.json", "dataset_info.json", "images"},
+        "sharegpt": {"train.json", "test.json", "dataset_info.json", "images"},
+    }
+    for fmt, want in layouts.items():
+        out = writer.export(run.run_dir, fmt)  # type: ignore[arg-type]
+        assert out == run.run_dir / "exports" / fmt
+        assert {p.name for p in out.iterdir() if not p.name.startswith(".")} == want, fmt
+        marker = json.loads((out / writer.MARKER).read_text())
+        assert marker["format"] == fmt and marker["run_dir"] == str(run.run_dir.resolve())
+        assert marker["rmskit_version"] == rmskit.__version__ and isinstance(marker["written_at"], float)
+        if "images" in want:
+            assert len(list((out / "images").iterdir())) == n_images
+    judge = writer.export(run.run_dir, "judge")
+    assert (judge / "images").is_dir() and json.loads((judge / writer.MARKER).read_text())[
+        "format"
+    ] == "judge"
+    assert (judge / "train.json").is_file()
+    summary = writer.export_summary(run.run_dir, "jsonl", tmp_path / "elsewhere")
+    assert summary.format == "jsonl" and summary.path == str(tmp_path / "elsewhere")
+    assert summary.files == ["samples.jsonl", f"images/ ({n_images} files)"] and summary.samples == ds.samples
+    assert json.loads((run.run_dir / "dataset" / writer.MARKER).read_text())["format"] == "dataset"
