@@ -20,10 +20,23 @@ def _dead_pid() -> int:
     return proc.pid  # reaped: no such process now (pids are not reused this fast)
 
 
-def test_pid_alive() -> None:
+def test_pid_alive(monkeypatch: pytest.MonkeyPatch) -> None:
     assert writer._pid_alive(os.getpid())
     assert not writer._pid_alive(_dead_pid())
-    assert writer._pid_alive(1)  # init: alive even where signalling it is not permitted
+
+    def not_permitted(pid: int, sig: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(writer.os, "kill", not_permitted)
+    assert writer._pid_alive(12345)  # exists, owned by someone else: alive
+
+
+def test_clean_stale_with_hyphens_in_the_name(tmp_path: Path) -> None:
+    dead = _dead_pid()
+    left = tmp_path / f".my-data-set.tmp-{dead}-abcd1234"
+    left.mkdir()
+    writer._clean_stale(tmp_path, "my-data-set")
+    assert not left.exists()
 
 
 def test_atomic_dir_swaps_in_and_replaces_its_own_output(tmp_path: Path) -> None:
