@@ -283,7 +283,7 @@ def test_every_interval_is_reproducible_with_the_default_seed() -> None:
     x = np.random.default_rng(1).normal(size=(25, 6))
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     assert stats.vendi(x, **kw) == stats.vendi(x, seed=0, **kw)
-    assert stats.vendi(x, seed=1, **kw).low != stats.vendi(x, **kw).low
+    assert stats.vendi(x, seed=1, **kw).high != stats.vendi(x, **kw).high
     labels = ["unsafe"] * 25 + ["safe"] * 30
     scores = list(np.r_[np.linspace(0.2, 1.0, 25), np.linspace(0.0, 0.7, 30)])
     assert compute_metrics(labels, scores, n_resamples=100) == compute_metrics(
