@@ -264,6 +264,9 @@ def render(data: dict[str, Any]) -> str:
             f"{name:<11} {g['killed']:>6} {survived:>5} {other:>5} {g['total']:>5}  {score:>7.1f}%  {excl:>11.1f}%"
             f"  {g['date']} @ {g['commit']}, {g['wall_s']} s{flag}"
         )
+    for name in GROUPS:
+        if name not in data["groups"]:
+            out.append(f"{name:<11} not run yet ({' '.join(GROUPS[name].modules)})")
     for name, g in data["groups"].items():
         out += ["", f"== {name}: {', '.join(g['modules'])}", f"   tests: {' '.join(g['tests'])}"]
         out += [
