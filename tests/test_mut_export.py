@@ -181,3 +181,50 @@ def test_every_format_layout_marker_and_summary(tmp_path: Path, monkeypatch: pyt
     assert summary.format == "jsonl" and summary.path == str(tmp_path / "elsewhere")
     assert summary.files == ["samples.jsonl", f"images/ ({n_images} files)"] and summary.samples == ds.samples
     assert json.loads((run.run_dir / "dataset" / writer.MARKER).read_text())["format"] == "dataset"
+
+
+def test_judge_probes_and_balance_reach_the_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from test_export import SECRET, build_ledger
+
+    from rmskit.ledger.store import Ledger
+
+    monkeypatch.setenv("RMSKIT_TEST_API_KEY", SECRET)
+    run = build_ledger(tmp_path / "run")
+    judge = writer.export(run.run_dir, "judge")
+    llava = writer.export(run.run_dir, "llava")
+    assert "rmskit_judge_train" in json.loads(
+        (judge / "dataset_info.json").read_text()
+    )  # judge items, not chats
+    assert "rmskit_judge_train" not in json.loads((llava / "dataset_info.json").read_text())
+    led = Ledger(run.run_dir)
+    led.set_meta("probes", {"text_only_leakage": 0.123})
+    led.close()
+    writer.write_dataset(run.run_dir)  # probe numbers stored in the run reach the cards
+    assert "0.123" in (run.run_dir / "dataset" / "README.md").read_text()
+    assert "0.123" in (writer.export(run.run_dir, "hf") / "README.md").read_text()
+    writer.write_dataset(run.run_dir, probes={"other": 0.456})  # given probes win over stored ones
+    card = (run.run_dir / "dataset" / "README.md").read_text()
+    assert "0.456" in card and "0.123" not in card
+    full = writer.export_summary(run.run_dir, "jsonl", tmp_path / "full")
+    capped = writer.export_summary(run.run_dir, "jsonl", tmp_path / "capped", balance=1)
+    assert capped.samples < full.samples and capped.dropped.get("category cap", 0) > 0
+    assert writer.write_dataset(run.run_dir, balance=1).dropped.get("category cap", 0) > 0
+    out = writer.export(run.run_dir, "jsonl", tmp_path / "b1", balance=1)
+    assert len((out / "samples.jsonl").read_text().splitlines()) == capped.samples
+
+
+def test_images_are_copied_when_hard_links_fail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    src = tmp_path / "a.jpg"
+    src.write_bytes(b"jpeg bytes")
+
+    def no_links(*_a: object) -> None:
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(writer.os, "link", no_links)
+    prep = SimpleNamespace(image_files={"ab": src}, image_name=lambda sha: f"{sha}.jpg")
+    writer._link_images(prep, tmp_path / "out" / "images")  # type: ignore[arg-type]
+    assert (tmp_path / "out" / "images" / "ab.jpg").read_bytes() == b"jpeg bytes"
