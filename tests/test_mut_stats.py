@@ -309,3 +309,30 @@ def test_insufficient_estimates_name_their_metric() -> None:
     few = stats.vendi(np.eye(5), n_resamples=10)
     assert (few.metric, few.method) == ("vendi_score", "bootstrap basic (10 resamples, seed 0)")
     assert stats.mean_balanced_accuracy([], []).metric == "mean_balanced_accuracy"
+
+
+def test_item_estimate_of_a_mean() -> None:
+    x = np.random.default_rng(5).random(40)
+
+    def mean(idx: np.ndarray) -> float:
+        return float(x[idx].mean())
+
+    e = stats.item_estimate("mean_x", 40, mean, n_resamples=400, seed=2)
+    assert (e.metric, e.n, e.confidence) == ("mean_x", 40, 0.95) and e.value == pytest.approx(x.mean())
+    assert e.method == "bootstrap percentile over items (400 resamples, seed 2)"
+    se = x.std(ddof=1) / math.sqrt(40)  # the percentile interval is close to the normal one
+    assert e.low == pytest.approx(x.mean() - 1.96 * se, abs=0.5 * se)
+    assert e.high == pytest.approx(x.mean() + 1.96 * se, abs=0.5 * se)
+    assert stats.item_estimate("mean_x", 40, mean, n_resamples=400) == stats.item_estimate(
+        "mean_x", 40, mean, n_resamples=400, seed=0
+    )
+    narrow = stats.item_estimate("mean_x", 40, mean, n_resamples=400, seed=2, confidence=0.5)
+    assert narrow.confidence == 0.5 and e.low < narrow.low < narrow.high < e.high
+    exact = stats.item_estimate("mean_x", 20, mean, n_resamples=50)  # exactly min_n: computed
+    assert exact.ok
+    few = stats.item_estimate("mean_x", 19, mean, n_resamples=50)
+    assert (few.metric, few.value, few.n, few.insufficient) == ("mean_x", None, 19, True)
+    assert few.reason == "insufficient: 19 items < 20"
+    assert few.method == "bootstrap percentile over items (50 resamples, seed 0)"
+    const = stats.item_estimate("c", 25, lambda idx: 3.0, n_resamples=50)  # noqa: ARG005
+    assert (const.value, const.low, const.high) == (3.0, 3.0, 3.0)
