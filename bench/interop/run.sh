@@ -5,7 +5,7 @@
 # the build summary; the result goes to bench/results/interop.json.
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
-IVENV=bench/interop/.venv
+IVENV=${INTEROP_VENV:-bench/interop/.venv}
 PORT=${INTEROP_PORT:-8765}
 OUT=${INTEROP_OUT:-runs/interop}
 test -x "$IVENV/bin/python" || python3 -m venv "$IVENV"

@@ -73,6 +73,14 @@ def _strictify(node: Any, drop: tuple[str, ...] = _STRICT_UNSUPPORTED) -> Any:
     return out
 
 
+def _without(node: Any, keys: tuple[str, ...]) -> Any:
+    if isinstance(node, dict):
+        return {k: _without(v, keys) for k, v in node.items() if k not in keys}
+    if isinstance(node, list):
+        return [_without(v, keys) for v in node]
+    return node
+
+
 @lru_cache(maxsize=512)
 def schema_for(model: type[BaseModel], full: bool = False) -> tuple[dict[str, Any], bool]:
     """(JSON schema, strict?) for `model`: the strict-compatible variant when possible, else pydantic's
@@ -100,7 +108,11 @@ def _response_format_json(model: type[BaseModel], mode: str = "json_schema", ful
     if mode == "json_object":
         return json.dumps({"type": "json_object"})
     if mode == "json_object_schema":
-        return json.dumps({"type": "json_object", "schema": model.model_json_schema()})
+        # llama.cpp compiles maxLength into one grammar rule per character: a 4000-character cap made
+        # a real server fail to parse the grammar and crash (make interop). Lengths are enforced
+        # leniently instead (clamp_to_schema), like the strict json_schema variant.
+        schema = _without(model.model_json_schema(), ("maxLength", "minLength"))
+        return json.dumps({"type": "json_object", "schema": schema})
     schema, strict = schema_for(model, full)
     return json.dumps(
         {

@@ -4,7 +4,8 @@ Each was observed on the real thing (issue 8) and is kept to what matters to a c
 
 - `llama-cpp-python` (its `[server]` extra, `--chat_format chatml`): `response_format` json_schema
   -> HTTP 500 whose body says "Input should be 'text' or 'json_object'"; `{"type": "json_object",
-  "schema": ...}` is honoured (grammar); image parts are dropped silently together with the text of
+  "schema": ...}` is honoured (grammar) unless a maxLength is large (the grammar builder fails:
+  HTTP 500 here; the real server segfaulted); image parts are dropped silently together with the text of
   their message, so the prompt shrinks and the answer is about nothing.
 - `llama-server` (llama.cpp's C++ server, text-only GGUF): json_schema honoured; any image part ->
   HTTP 500 "image input is not supported".
@@ -67,6 +68,18 @@ def _keywords(node: Any) -> set[str]:
     return set()
 
 
+GRAMMAR_MAX_LENGTH = 1000  # llama.cpp's grammar builder gives up (and the server died) on 4000
+
+
+def _max_length(node: Any) -> int:
+    if isinstance(node, dict):
+        own = node.get("maxLength") if isinstance(node.get("maxLength"), int) else 0
+        return max([own, *(_max_length(v) for v in node.values())])
+    if isinstance(node, list):
+        return max([0, *(_max_length(v) for v in node)])
+    return 0
+
+
 def apply(personality: str, body: dict[str, Any]) -> tuple[dict[str, Any], Verdict | None]:
     """(the body the 'model' sees, an error answer or None) for one chat request."""
     rf = body.get("response_format") or {}
@@ -82,6 +95,10 @@ def apply(personality: str, body: dict[str, Any]) -> tuple[dict[str, Any], Verdi
                 }
             ]
             return body, Verdict(500, str(detail), "internal_server_error")
+        if typ == "json_object" and _max_length(rf.get("schema")) >= GRAMMAR_MAX_LENGTH:
+            # Seen with llama-cpp-python 0.3.36 (make interop): maxLength 4000 expands into thousands of
+            # nested grammar rules, "failed to parse grammar", and the server process segfaulted.
+            return body, Verdict(500, "failed to parse grammar", "internal_server_error")
         return _drop_image_messages(body), None
     if personality == "llama-server":
         if _has_image(body):
