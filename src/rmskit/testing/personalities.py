@@ -73,7 +73,8 @@ GRAMMAR_MAX_LENGTH = 1000  # llama.cpp's grammar builder gives up (and the serve
 
 def _max_length(node: Any) -> int:
     if isinstance(node, dict):
-        own = node.get("maxLength") if isinstance(node.get("maxLength"), int) else 0
+        cap = node.get("maxLength")
+        own: int = cap if isinstance(cap, int) else 0
         return max([own, *(_max_length(v) for v in node.values())])
     if isinstance(node, list):
         return max([0, *(_max_length(v) for v in node)])
