@@ -73,29 +73,22 @@ class MSSBench(BaseAdapter):
                 cat = d.get("category") or d.get("Type") or "uncategorized"
                 safe_q = _as_list(d.get("safe_instructions")) or _as_list(d.get("safe_instruction"))
                 unsafe_q = _as_list(d.get("unsafe_instructions")) or _as_list(d.get("unsafe_instruction"))
-                for j, q in enumerate(safe_q):
-                    out.append(
+                sides: tuple[tuple[Label, str, list[str]], ...] = (
+                    ("safe", safe_img, safe_q),
+                    ("unsafe", unsafe_img, unsafe_q),
+                )
+                for label, img, queries in sides:
+                    out.extend(
                         BenchSample(
-                            id=f"emb{i}.{j}.safe",
-                            images=[safe_img],
+                            id=f"emb{i}.{j}.{label}",
+                            images=[img],
                             query=q,
-                            label="safe",
+                            label=label,
                             category=cat,
                             source=self.name,
                             kind="embodied",
                         )
-                    )
-                for j, q in enumerate(unsafe_q):
-                    out.append(
-                        BenchSample(
-                            id=f"emb{i}.{j}.unsafe",
-                            images=[unsafe_img],
-                            query=q,
-                            label="unsafe",
-                            category=cat,
-                            source=self.name,
-                            kind="embodied",
-                        )
+                        for j, q in enumerate(queries)
                     )
         return out
 
