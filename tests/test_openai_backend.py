@@ -424,6 +424,54 @@ def test_images_sent_as_resized_jpeg_data_urls(
             assert abs(c.size[0] / c.size[1] - 640 / 427) < 0.05
 
 
+def _sent_image_bytes(srv: OpenAITestServer, path: Path, max_side: int) -> bytes:
+    """The bytes of the image part one real request carried for the file at `path`."""
+    images._IMAGE_CACHE.clear()
+    run(
+        gen_once(
+            cfg(srv, image_max_side=max_side),
+            user("x", images=[ImageInput(sha256=path.stem.ljust(64, "0")[:64], path=path)]),
+        )
+    )
+    url = srv.chat_records()[-1].body["messages"][1]["content"][0]["image_url"]["url"]
+    head, b64 = url.split(",", 1)
+    assert head == "data:image/jpeg;base64"
+    return base64.b64decode(b64)
+
+
+def test_a_clean_small_jpeg_is_sent_as_its_own_bytes_and_others_are_reencoded(
+    tmp_path: Path, real_photos: dict[str, np.ndarray]
+) -> None:
+    """Ingest's normalised copies (RGB JPEG, no EXIF) within image_max_side skip the decode and
+    re-encode: the server gets the file byte for byte. EXIF (orientation, GPS), a larger side, a
+    non-RGB mode or a bloated file still go through the re-encode, which strips metadata."""
+    photo = Image.fromarray(real_photos["astronaut"]).convert("RGB")  # 512 x 512
+    clean = tmp_path / "clean.jpg"
+    photo.save(clean, quality=90)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    exif[0x010F] = "SecretCam"  # any EXIF at all may carry GPS: never sent as is
+    wide = photo.resize((512, 256))
+    tagged = tmp_path / "tagged.jpg"
+    wide.save(tagged, quality=90, exif=exif.tobytes())
+    grey = tmp_path / "grey.jpg"
+    photo.convert("L").save(grey, quality=90)
+    bloated = tmp_path / "bloated.jpg"
+    photo.resize((64, 64)).save(bloated, quality=90, comment=b"x" * 60000)
+    with OpenAITestServer(keep_bodies=True) as srv:
+        assert _sent_image_bytes(srv, clean, 512) == clean.read_bytes()
+        smaller = Image.open(io.BytesIO(_sent_image_bytes(srv, clean, 256)))
+        assert smaller.size == (256, 256)
+        sent = _sent_image_bytes(srv, tagged, 512)
+        assert sent != tagged.read_bytes()
+        rotated = Image.open(io.BytesIO(sent))
+        assert rotated.size == (256, 512) and not rotated.getexif()  # orientation applied, EXIF gone
+        g = Image.open(io.BytesIO(_sent_image_bytes(srv, grey, 512)))
+        assert g.mode == "RGB" and g.size == (512, 512)
+        b = _sent_image_bytes(srv, bloated, 512)
+        assert len(b) < 20000 and b"x" * 1000 not in b
+
+
 def test_unreadable_image_is_an_image_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"<html>not an image</html>")

@@ -38,11 +38,43 @@ def _cache_put(key: tuple[str, int], url: str) -> None:
             _image_cache_bytes -= len(evicted)
 
 
+_JPEG_PREFIX = "data:image/jpeg;base64,"
+# A JPEG sent as it is must be no larger than a q95 encoding of its pixels would be (about 1 byte per
+# pixel), so odd files (huge APP segments, embedded previews) still go through the re-encode.
+_PASS_BYTES_PER_PIXEL = 1.5
+
+
+def passthrough_data_url(path: Path, max_side: int) -> str | None:
+    """The file's own bytes as a data URL when re-encoding would change nothing a server sees: a
+    baseline-decodable RGB JPEG within `max_side`, without EXIF (no orientation to apply, no GPS to
+    leak) or comments. Ingest's normalised copies are such files, so most requests skip the decode
+    and re-encode (the largest client cost per image). None: the caller must re-encode."""
+    from PIL import Image
+
+    try:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as im:  # reads the header only
+            w, h = im.size
+            ok = (
+                im.format == "JPEG"
+                and im.mode == "RGB"
+                and max(w, h) <= max_side
+                and not {"exif", "comment", "adobe"} & im.info.keys()
+                and len(data) <= w * h * _PASS_BYTES_PER_PIXEL + 16384
+            )
+    except (OSError, ValueError, SyntaxError):
+        return None  # the re-encode reports the error
+    return _JPEG_PREFIX + base64.b64encode(data).decode("ascii") if ok else None
+
+
 def encode_image_data_url(path: Path, max_side: int, quality: int = 90) -> str:
     """A JPEG data URL of the image at `path`, longest side at most `max_side` (EXIF orientation
     applied, alpha flattened onto white). Blocking: call it off the event loop."""
     from PIL import Image, ImageOps
 
+    url = passthrough_data_url(path, max_side)
+    if url is not None:
+        return url
     with Image.open(path) as src:
         src.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced scale when much larger
         im = ImageOps.exif_transpose(src)
@@ -55,8 +87,19 @@ def encode_image_data_url(path: Path, max_side: int, quality: int = 90) -> str:
         if max(im.size) > max_side:
             im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
         buf = io.BytesIO()
-        im.save(buf, "JPEG", quality=quality)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+        # comment=b"": Pillow would otherwise copy the source's JPEG comment (free text) to the server
+        im.save(buf, "JPEG", quality=quality, comment=b"")
+    return _JPEG_PREFIX + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _small(path: Path) -> bool:
+    try:
+        return path.stat().st_size <= _INLINE_MAX_BYTES
+    except OSError:
+        return False
+
+
+_INLINE_MAX_BYTES = 256 * 1024
 
 
 class ImageURLs:
@@ -72,6 +115,12 @@ class ImageURLs:
         if url is not None:
             return url
         fut = self._pending.get(key)
+        if fut is None and _small(img.path):
+            # A small file is read on the loop: a thread hop costs more than the read itself.
+            url = passthrough_data_url(img.path, max_side)
+            if url is not None:
+                _cache_put(key, url)
+                return url
         if fut is None:
             # One encoding per image even when several requests for it start at once.
             fut = asyncio.ensure_future(asyncio.to_thread(encode_image_data_url, img.path, key[1]))
