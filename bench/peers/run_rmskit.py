@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib
 import os
 import sys
 import tempfile
@@ -17,9 +18,11 @@ from common import STAGES, cpu_now, image_paths, report  # noqa: E402
 
 from rmskit.config import BackendConfig, BuildConfig  # noqa: E402
 from rmskit.models import GenParams, ImageInput, Message, load_backend  # noqa: E402
-from rmskit.models import openai_compat  # noqa: E402, F401 - the SDK import is start-up (as the peers' imports are), not per request
 from rmskit.pipeline.runner import run_build  # noqa: E402
 from rmskit.records import ImageRecord  # noqa: E402
+
+# The SDK import is start-up (as the peers' imports are), not a cost per request.
+importlib.import_module("rmskit.models.openai_compat")
 
 
 def backend_cfg() -> BackendConfig:
