@@ -126,6 +126,8 @@ def run_one(peer: str, job: str, photos: list[str], latency: float, capacity: in
         "job_wall_s": res["t_end"] - res["t_job_start"],
         "marginal_cpu_ms": 1000 * (res["cpu_total_s"] - res["cpu_setup_s"]) / max(req, 1),
         "max_in_service": st["max_in_service"],
+        # issue 13 §6: from the endpoint's last response to the client's exit (curate, export, probes)
+        "finish_s": res["t_end"] - st["last_end_unix"],
         # The physical limit of a chained job: all requests through C slots, plus one chain's latency.
         "limit_s": req * latency / capacity + (1 if job == "a" else 5) * latency,
     }
@@ -149,6 +151,7 @@ def table(rows: list[dict[str, Any]], peers: list[str], latency: float, capacity
         line("marginal CPU ms per request", job, ".2f", "marginal_cpu_ms")
         line("peak RSS (MB)", job, ".0f", "peak_rss_mb")
         line("most requests in service at once", job, "d", "max_in_service")
+        line("finish: last response to client's end (s)", job, ".2f", "finish_s")
         if job == "b":
             line("wall time, whole client run (s)", job, ".1f", "wall_s")
             line("wall time, job only (after imports/set-up) (s)", job, ".1f", "job_wall_s")

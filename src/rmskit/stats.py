@@ -326,15 +326,39 @@ def paired_difference(
 # --- Vendi score -------------------------------------------------------------------------------------
 
 
+def _entropy_exp(ev: np.ndarray) -> float:
+    ev = ev[ev > 1e-12]
+    ev = ev / ev.sum()
+    return float(math.exp(-(ev * np.log(ev)).sum()))
+
+
 def _vendi_of(x: np.ndarray) -> float:
     """exp(entropy of the eigenvalues of K/n), K = cosine kernel of unit rows; uses whichever of the
     n x n kernel and the d x d dual is smaller (same non-zero spectrum)."""
     n = x.shape[0]
     gram = (x @ x.T) if n <= x.shape[1] else (x.T @ x)
-    ev = np.linalg.eigvalsh(gram / n)
-    ev = ev[ev > 1e-12]
-    ev = ev / ev.sum()
-    return float(math.exp(-(ev * np.log(ev)).sum()))
+    return _entropy_exp(np.linalg.eigvalsh(gram / n))
+
+
+class _WeightedVendi:
+    """The Vendi score of a bootstrap resample from its item counts w, without copying the resample:
+    the resample's kernel has the non-zero spectrum of X^T diag(w) X (d x d) or, when n <= d, of
+    diag(sqrt w) X X^T diag(sqrt w) (n x n), both exact."""
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.n, d = x.shape
+        self.dual = self.n > d
+        self.x32 = x.astype(np.float32)  # the gram in float32: ~2x faster, spectrum good to ~1e-6
+        self.kernel = None if self.dual else x @ x.T
+
+    def __call__(self, w: np.ndarray) -> float:
+        if self.dual:
+            gram = ((self.x32 * w[:, None].astype(np.float32)).T @ self.x32).astype(float)
+        else:
+            assert self.kernel is not None
+            s = np.sqrt(w)
+            gram = s[:, None] * self.kernel * s[None, :]
+        return _entropy_exp(np.linalg.eigvalsh(gram / self.n))
 
 
 def vendi(
@@ -346,6 +370,8 @@ def vendi(
     min_n: int = MIN_PER_CLASS,
 ) -> Estimate:
     """Vendi score of unit-norm embeddings (rows) with a bootstrap interval over items."""
+    from threadpoolctl import threadpool_limits
+
     xx = np.asarray(x, dtype=float)
     n = xx.shape[0]
     method = f"bootstrap basic ({n_resamples} resamples, seed {seed})"
@@ -358,19 +384,20 @@ def vendi(
             insufficient=True,
             reason=f"insufficient: {n} items < {min_n}",
         )
+    weighted = _WeightedVendi(xx)
 
     def stat(idx: Any, axis: int = -1) -> Any:
-        idx = np.asarray(idx)
-        if idx.ndim == 1:
-            return _vendi_of(xx[idx])
-        return np.array([_vendi_of(xx[row]) for row in idx.reshape(-1, idx.shape[-1])]).reshape(
-            idx.shape[:-1]
-        )
+        rows = np.asarray(idx).reshape(-1, n)
+        out = [weighted(np.bincount(r, minlength=n).astype(float)) for r in rows]
+        return np.array(out).reshape(np.shape(idx)[:-1]) if np.ndim(idx) > 1 else out[0]
 
-    value = _vendi_of(xx)
-    low, high = _bootstrap(
-        [np.arange(n)], stat, n_resamples=n_resamples, seed=seed, confidence=confidence, method="basic"
-    )
+    # One BLAS thread: hundreds of small eigendecompositions only contend for cores (measured 13x
+    # slower with OpenBLAS's threads on a busy 2-core machine).
+    with threadpool_limits(limits=1, user_api="blas"):
+        value = _vendi_of(xx)
+        low, high = _bootstrap(
+            [np.arange(n)], stat, n_resamples=n_resamples, seed=seed, confidence=confidence, method="basic"
+        )
     return Estimate(
         metric="vendi_score",
         value=value,

@@ -23,10 +23,10 @@ from rmskit.executors.progress import ClusterStats
 from rmskit.ledger import Ledger
 from rmskit.ledger.sync import RowBatch, apply_rows, seed_rows
 from rmskit.pipeline.feed import admitted
+from rmskit.pipeline.finish import finish_dataset
 from rmskit.pipeline.progress import ProgressView
 from rmskit.pipeline.runner import (
     BuildSummary,
-    _finish_dataset,
     _setup_logging,
     _store_run_meta,
 )
@@ -316,7 +316,7 @@ async def run_build_ray(
             await driver.run(items)
         summary_export: dict[str, Any] = {}
         if export:
-            summary_export = await asyncio.to_thread(_finish_dataset, run_dir, ledger)
+            summary_export = await asyncio.to_thread(finish_dataset, run_dir, ledger)
         ledger.set_meta("finished_at", time.time())
         usage = ledger.usage_by_stage()
         counts = ledger.image_counts()

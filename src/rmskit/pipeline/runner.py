@@ -25,6 +25,7 @@ from rmskit.ledger import Ledger
 from rmskit.models import AuthenticationError, ModelBackend, load_backend
 from rmskit.pipeline.caller import Caller, StageFailed
 from rmskit.pipeline.feed import admitted
+from rmskit.pipeline.finish import Finish
 from rmskit.pipeline.progress import ProgressView, Stats
 from rmskit.pipeline.prompting import prompts_fingerprint
 from rmskit.pipeline.quality import measure_agreement
@@ -77,6 +78,7 @@ class Pipeline:
         self._tasks: set[asyncio.Task] = set()
         self._main: asyncio.Task | None = None
         self._fatal: BaseException | None = None  # set by _abort
+        self.finish: Finish | None = None  # probes/export prepared while the run goes on
 
     # -- orchestration --------------------------------------------------------------------------
     async def run(self, items: Iterable[ImageRecord | Rejection]) -> None:
@@ -270,6 +272,8 @@ class Pipeline:
             return
         self.stats.samples_ok += 1
         self.kept += 1
+        if self.finish is not None:
+            self.finish.kept(data)
         if kind == "risky":
             self.coverage.add(category)
         if self._target_reached():
@@ -357,13 +361,20 @@ async def run_build(
 
             items = iter_sources(cfg.sources, cfg.ingest, run_dir / "images")
         log.info("build started: %d source(s) -> %s", len(cfg.sources), run_dir)
-        with ProgressView(stats, quiet=quiet):
-            await pipeline.run(items)
-            if cfg.verify_agreement:
-                await measure_agreement(cfg, ledger, callers, stats, backends or {}, created)
-        summary_export: dict[str, Any] = {}
-        if export:
-            summary_export = await asyncio.to_thread(_finish_dataset, run_dir, ledger)
+        finish = Finish() if export else None
+        pipeline.finish = finish
+        if finish is not None:
+            finish.start()
+        try:
+            with ProgressView(stats, quiet=quiet):
+                await pipeline.run(items)
+                if cfg.verify_agreement:
+                    await measure_agreement(cfg, ledger, callers, stats, backends or {}, created)
+        except BaseException:
+            if finish is not None:
+                await finish.cancel()
+            raise
+        summary_export = await finish.finish(run_dir, ledger) if finish is not None else {}
         ledger.set_meta("finished_at", time.time())
         usage = ledger.usage_by_stage()
         counts = ledger.image_counts()
@@ -392,28 +403,6 @@ async def run_build(
         logging.getLogger("rmskit").removeHandler(handler)
         handler.close()
         ledger.close()
-
-
-def _finish_dataset(run_dir: Path, ledger: Ledger) -> dict[str, Any]:
-    """Probes + dataset export. Failures here are reported, never lose the ledger's work."""
-    probes: dict[str, Any] | None = None
-    try:
-        from rmskit.scoring.probes import run_probes
-
-        samples = list(ledger.iter_samples("ok"))
-        if samples:
-            probes = run_probes(samples).model_dump(mode="json")
-            ledger.set_meta("probes", probes)
-    except Exception as exc:  # probes are a nice-to-have in the card
-        log.warning("probes skipped: %r", exc)
-    try:
-        from rmskit.export import write_dataset
-
-        write_dataset(run_dir, probes=probes)
-        return {"dataset_dir": str(run_dir / "dataset")}
-    except Exception as exc:
-        log.exception("export failed")
-        return {"export_error": f"{type(exc).__name__}: {exc}"}
 
 
 def build(cfg: BuildConfig, *, quiet: bool = False, executor: ExecutorConfig | None = None) -> BuildSummary:

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import time
 from collections import Counter
@@ -72,6 +74,48 @@ def _embedder() -> Any:
 def embed(texts: list[str]) -> Any:
     """Unit-norm MiniLM embeddings (n x 384)."""
     return _embedder().embed(texts)
+
+
+class QueryEmbeddings:
+    """Embeddings of the kept samples' queries, computed while the build still waits on the endpoint
+    (a background task, the ONNX run off the event loop), so the build's finish embeds only the last
+    few (issue 13 §6). Float32, one row per distinct query."""
+
+    def __init__(self, batch: int = 64, idle_s: float = 1.0) -> None:
+        self._done: dict[str, np.ndarray] = {}
+        self._todo: list[str] = []
+        self._batch, self._idle_s = batch, idle_s
+        self._wake = asyncio.Event()
+        self._closed = False
+
+    def add(self, text: str) -> None:
+        self._todo.append(text)
+        if len(self._todo) >= self._batch:
+            self._wake.set()
+
+    def close(self) -> None:
+        """No more queries: `run` embeds what is queued and returns."""
+        self._closed = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Embed queued queries in batches (a partial batch after `idle_s`) until closed or cancelled."""
+        while not self._closed or self._todo:
+            if not self._closed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._idle_s)
+                self._wake.clear()
+            todo, self._todo = [t for t in dict.fromkeys(self._todo) if t not in self._done], []
+            if todo:
+                for t, v in zip(todo, await asyncio.to_thread(embed, todo), strict=True):
+                    self._done[t] = v
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """Rows for `texts`: cached ones reused, the rest embedded now."""
+        missing = [t for t in dict.fromkeys(texts) if t not in self._done]
+        if missing:
+            self._done.update(zip(missing, embed(missing), strict=True))
+        return np.stack([self._done[t] for t in texts]) if texts else np.zeros((0, 384), np.float32)
 
 
 def leakage(
@@ -177,14 +221,16 @@ def run_probes(
     dup_threshold: float = 0.8,
     min_per_class: int = stats.MIN_PER_CLASS,
     n_resamples: int = 200,  # Vendi resamples cost an eigendecomposition each
+    embeddings: QueryEmbeddings | None = None,
 ) -> ProbeReport:
-    """All probes on BenchSamples, rmskit `Sample`s or dicts with query/label/kind/category."""
+    """All probes on BenchSamples, rmskit `Sample`s or dicts with query/label/kind/category.
+    `embeddings`: queries already embedded during a build (the rest are embedded here)."""
     t0 = time.perf_counter()
     rows = [_fields(s) for s in samples]
     if not rows:
         raise ValueError("no samples to probe")
     texts = [q for q, _, _ in rows]
-    x = embed(texts)
+    x = embeddings.embed(texts) if embeddings is not None else embed(texts)
     cats = Counter(c for _, _, c in rows)
     n = len(rows)
     dup = near_duplicate_rate(texts, dup_threshold)

@@ -93,6 +93,7 @@ class ServerStats(BaseModel):
     busy_s: float = 0.0  # sum of service times of requests that were served
     first_start: float | None = None
     last_end: float | None = None
+    last_end_unix: float | None = None  # wall clock (time.time) of last_end: compare with a client's end
     max_concurrent: int = 0  # most chat requests inside the server at once (any stage)
     max_in_service: int = 0  # most requests being served at once (<= capacity)
     capacity: int | None = None
@@ -622,6 +623,7 @@ class OpenAITestServer:
                 rec.delivered = delivered
                 rec.t_end = time.monotonic()
                 self._stats.last_end = rec.t_end
+                self._stats.last_end_unix = time.time()
                 key = str(status) if status else "none"
                 self._stats.statuses[key] = self._stats.statuses.get(key, 0) + 1
                 if fault:

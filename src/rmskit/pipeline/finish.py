@@ -1,0 +1,86 @@
+"""The build's end: text probes and the dataset export (issue 13 §6: finish soon after the last response).
+
+`Finish` starts with the run: it loads the finish's heavy modules (sklearn, datasketch, the export) in
+a thread while the run waits on the endpoint, and embeds each kept sample's query in the background,
+so after the last response only the last few queries are embedded and the probes' statistics and the
+export remain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from rmskit.ledger import Ledger
+from rmskit.scoring.probes import QueryEmbeddings
+
+log = logging.getLogger("rmskit.build")
+
+_HEAVY_MODULES = ("sklearn.linear_model", "sklearn.model_selection", "datasketch", "rmskit.export")
+
+
+class Finish:
+    def __init__(self) -> None:
+        self.queries = QueryEmbeddings()
+        self._embedding: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Call from the running event loop when the run starts."""
+        threading.Thread(target=_import_heavy_modules, name="rmskit-warm-imports", daemon=True).start()
+        self._embedding = asyncio.create_task(self.queries.run())
+
+    def kept(self, sample: dict[str, Any]) -> None:
+        if isinstance(q := sample.get("query"), str):
+            self.queries.add(q)
+
+    async def cancel(self) -> None:
+        """The run failed or was interrupted: drop the background embedding."""
+        if self._embedding is not None:
+            self._embedding.cancel()
+            await asyncio.gather(self._embedding, return_exceptions=True)
+            self._embedding = None
+
+    async def finish(self, run_dir: Path, ledger: Ledger) -> dict[str, Any]:
+        """The run is over: embed what is still queued (a batch already running is not wasted), then
+        probes and export."""
+        if self._embedding is not None:
+            self.queries.close()
+            await asyncio.gather(self._embedding, return_exceptions=True)  # a failure: finish reports it
+            self._embedding = None
+        return await asyncio.to_thread(finish_dataset, run_dir, ledger, self.queries)
+
+
+def _import_heavy_modules() -> None:
+    for name in _HEAVY_MODULES:
+        with contextlib.suppress(Exception):  # a missing module is reported where it is used
+            importlib.import_module(name)
+
+
+def finish_dataset(run_dir: Path, ledger: Ledger, queries: QueryEmbeddings | None = None) -> dict[str, Any]:
+    """Probes + dataset export. Failures here are reported, never lose the ledger's work."""
+    from threadpoolctl import threadpool_limits
+
+    probes: dict[str, Any] | None = None
+    # One BLAS thread: the probes' linear algebra is small and many threads only spin against each other.
+    with threadpool_limits(limits=1, user_api="blas"):
+        try:
+            from rmskit.scoring.probes import run_probes
+
+            samples = list(ledger.iter_samples("ok"))
+            if samples:
+                probes = run_probes(samples, embeddings=queries).model_dump(mode="json")
+                ledger.set_meta("probes", probes)
+        except Exception as exc:  # probes are a nice-to-have in the card
+            log.warning("probes skipped: %r", exc)
+    try:
+        from rmskit.export import write_dataset
+
+        write_dataset(run_dir, probes=probes)
+        return {"dataset_dir": str(run_dir / "dataset")}
+    except Exception as exc:
+        log.exception("export failed")
+        return {"export_error": f"{type(exc).__name__}: {exc}"}
