@@ -198,6 +198,15 @@ class OpenAIBackend(RemoteBackend):
         )
         self._max_tokens_key = "max_tokens"
         self._images = ImageURLs()
+        # The chat request goes straight to the SDK's HTTP client with these headers (the SDK's own,
+        # computed once): the SDK's per-request option and request building cost more client CPU
+        # than the HTTP exchange itself (issue 13 §4). Errors are raised as the SDK would raise them.
+        self._chat_url = str(self._client.base_url).rstrip("/") + "/chat/completions"
+        self._headers = {
+            k: v
+            for k, v in {**self._client.default_headers, **self._client.auth_headers}.items()
+            if isinstance(v, str)
+        }
 
     def __repr__(self) -> str:
         return f"OpenAIBackend(spec={self.cfg.spec!r}, endpoint={self.where!r})"
@@ -230,12 +239,15 @@ class OpenAIBackend(RemoteBackend):
     async def _send(self, payload: dict[str, Any]) -> bytes:
         """POST /chat/completions and read the body, at most cfg.max_response_bytes of it: the
         response is streamed so an oversized answer costs bounded memory."""
-        resp = await self._client.post(
-            "/chat/completions",
-            body=payload,
-            cast_to=_httpx.Response,
-            options={"headers": {"X-Stainless-Raw-Response": "stream"}},
+        req = self._http.build_request(
+            "POST", self._chat_url, content=json.dumps(payload).encode(), headers=self._headers
         )
+        try:
+            resp = await self._http.send(req, stream=True)
+        except _httpx.TimeoutException as e:  # what the SDK raises for the same failures
+            raise openai.APITimeoutError(request=req) from e
+        except Exception as e:
+            raise openai.APIConnectionError(request=req) from e
         cap = self.cfg.max_response_bytes
         try:
             declared = resp.headers.get("content-length")
@@ -246,6 +258,8 @@ class OpenAIBackend(RemoteBackend):
                 buf += chunk
                 if len(buf) > cap:
                     raise _TooLarge(f"over {cap:,} bytes")
+            if resp.status_code >= 400:
+                raise _status_error(resp, bytes(buf))
             return bytes(buf)
         finally:
             await resp.aclose()
@@ -347,6 +361,27 @@ class OpenAIBackend(RemoteBackend):
         if isinstance(e, openai.APIResponseValidationError):
             return Failure(ErrorKind.server, f"invalid response from {self.where}", retriable=True)
         return Failure(ErrorKind.other, self._scrub(f"{type(e).__name__}: {e}"), retriable=False)
+
+
+def _status_error(resp: Any, body: bytes) -> openai.APIStatusError:
+    """The SDK's exception for an HTTP error status (same class, status and parsed body)."""
+    resp._content = body  # the body was streamed: keep it readable as e.response.text
+    try:
+        parsed: Any = json.loads(body)
+    except ValueError:
+        parsed = body.decode("utf-8", "replace")
+    status = resp.status_code
+    classes: dict[int, type[openai.APIStatusError]] = {
+        400: openai.BadRequestError,
+        401: openai.AuthenticationError,
+        403: openai.PermissionDeniedError,
+        404: openai.NotFoundError,
+        409: openai.ConflictError,
+        422: openai.UnprocessableEntityError,
+        429: openai.RateLimitError,
+    }
+    cls = classes.get(status, openai.InternalServerError if status >= 500 else openai.APIStatusError)
+    return cls(f"Error code: {status} - {parsed}", response=resp, body=parsed)
 
 
 def _error_detail(e: openai.APIStatusError) -> str:
