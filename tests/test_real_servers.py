@@ -97,6 +97,23 @@ def test_probe_finds_what_each_server_really_supports(personality: str) -> None:
             assert "silently dropped" in probe.vision_how
 
 
+def test_the_vision_and_structured_probes_overlap_after_the_baseline() -> None:
+    """The probe costs two request latencies, not three: after the text baseline (which waits for a
+    starting server), the image request and the first structured-output request are in flight together."""
+    with OpenAITestServer(personality="vllm", keep_bodies=True, latency=0.3) as srv:
+
+        async def go() -> None:
+            await (await _started(cfg(srv.base_url))).aclose()
+
+        asyncio.run(go())
+        recs = srv.chat_records()
+        base = next(r for r in recs if "image_url" not in json.dumps(r.body) and not r.response_format)
+        image = next(r for r in recs if "image_url" in json.dumps(r.body))
+        structured = next(r for r in recs if r.response_format)
+        assert base.t_end <= min(image.t_start, structured.t_start)  # the baseline comes first
+        assert image.t_start < structured.t_end and structured.t_start < image.t_end  # then both at once
+
+
 def test_forced_overrides_skip_the_probe_steps_and_probe_is_cached_in_the_store() -> None:
     class Store(dict):
         def get_meta(self, k: str, default: Any = None) -> Any:

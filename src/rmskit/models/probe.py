@@ -17,6 +17,7 @@ the run's ledger meta when a store is given, else in memory for the process.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import logging
@@ -83,8 +84,6 @@ async def _call(b: RemoteBackend, payload: dict[str, Any]) -> Reply | Failure:
             raise AuthenticationError(b.where, got.status)
         if got.kind not in (ErrorKind.rate_limit, ErrorKind.timeout, ErrorKind.connection):
             return got
-        import asyncio
-
         await asyncio.sleep(b.policy.delay(attempt, got.retry_after))
     return got
 
@@ -153,20 +152,24 @@ async def run_probe(b: RemoteBackend) -> ProbeResult:
             if e.kind == ErrorKind.auth:
                 raise
             log.info("probe: /models failed at %s: %s", b.where, e)
-    if cfg.vision is not None:
-        vision, vision_how = cfg.vision, "forced"
-    else:
+    base_tokens = 0
+    if cfg.vision is None:
         # The text-only baseline goes through the full retry/outage path: a server still starting
         # is waited for here, once, instead of failing every probe request.
         base = await b._request(b._payload(_PARAMS, [{"role": "user", "content": _QUESTION}]), 200)
-        vision, vision_how = await _probe_vision(b, base.prompt_tokens)
-    if cfg.structured != "auto":
-        mode, full, tried, how = cfg.structured, False, {}, "forced"
-        if mode == "json_schema":
-            _, full, tried = await _probe_structured(b)
-    else:
-        mode, full, tried = await _probe_structured(b)
-        how = "probed"
+        base_tokens = base.prompt_tokens
+
+    async def vision_step() -> tuple[bool, str]:
+        return (cfg.vision, "forced") if cfg.vision is not None else await _probe_vision(b, base_tokens)
+
+    async def structured_step() -> tuple[str, bool, dict[str, str]]:
+        if cfg.structured == "auto" or cfg.structured == "json_schema":
+            return await _probe_structured(b)
+        return cfg.structured, False, {}
+
+    # The server is up now: the vision and structured-output probes run side by side (one latency).
+    (vision, vision_how), (probed_mode, full, tried) = await asyncio.gather(vision_step(), structured_step())
+    mode, how = (probed_mode, "probed") if cfg.structured == "auto" else (cfg.structured, "forced")
     return ProbeResult(
         endpoint=b.where,
         model=cfg.name,

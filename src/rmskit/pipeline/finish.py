@@ -1,9 +1,9 @@
 """The build's end: text probes and the dataset export (issue 13 §6: finish soon after the last response).
 
-`Finish` starts with the run: it loads the finish's heavy modules (sklearn, datasketch, the export) in
-a thread while the run waits on the endpoint, and embeds each kept sample's query in the background,
-so after the last response only the last few queries are embedded and the probes' statistics and the
-export remain."""
+`Finish` starts with the run: it embeds each kept sample's query in the background and, once every
+image is admitted, loads the finish's heavy modules (sklearn, datasketch, the export) in a thread
+during the run's tail. After the last response only the last few queries are embedded; the probes'
+statistics and the export remain."""
 
 from __future__ import annotations
 
@@ -27,11 +27,18 @@ class Finish:
     def __init__(self) -> None:
         self.queries = QueryEmbeddings()
         self._embedding: asyncio.Task[None] | None = None
+        self._warming = False
 
     def start(self) -> None:
         """Call from the running event loop when the run starts."""
-        threading.Thread(target=_import_heavy_modules, name="rmskit-warm-imports", daemon=True).start()
         self._embedding = asyncio.create_task(self.queries.run())
+
+    def feed_done(self) -> None:
+        """Every image is admitted: only the run's tail is left, with fewer requests to drive, so the
+        imports (seconds of CPU under the GIL) no longer slow the run's busiest part."""
+        if not self._warming:
+            self._warming = True
+            threading.Thread(target=_import_heavy_modules, name="rmskit-warm-imports", daemon=True).start()
 
     def kept(self, sample: dict[str, Any]) -> None:
         if isinstance(q := sample.get("query"), str):

@@ -543,6 +543,10 @@ class OpenAITestServer:
             payload = {**st.model_dump(), "span_s": st.span_s, "utilisation": st.utilisation()}
             await self._send(conn, writer, 200, json.dumps(payload).encode())
             return True
+        if method == "GET" and path.rstrip("/") == "/timeline":  # (start, end) of each chat request
+            spans = [[r.t_start, r.t_end] for r in self.chat_records()]
+            await self._send(conn, writer, 200, json.dumps(spans).encode())
+            return True
         if method == "POST" and path.rstrip("/") == "/reset":
             self.reset()
             await self._send(conn, writer, 200, b"{}")
