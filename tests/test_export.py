@@ -573,3 +573,17 @@ def test_cli(run: Run, tmp_path: Path) -> None:
     assert (out / "train.json").is_file() and "samples" in res.output
     res = runner.invoke(app, ["export", str(run.run_dir), "--format", "sharegpt"])
     assert res.exit_code == 0 and (run.run_dir / "exports" / "sharegpt" / "dataset_info.json").is_file()
+
+
+def test_the_parquet_schema_is_the_datasets_schema_without_importing_datasets() -> None:
+    """The build writes parquet with a schema made by pyarrow alone (no `datasets`/pandas in the build's
+    memory); it must be exactly what `datasets` itself would write, metadata included."""
+    import subprocess
+    import sys
+
+    from rmskit.export.parquet import arrow_schema, features
+
+    assert arrow_schema().equals(features().arrow_schema, check_metadata=True)
+    probe = "import sys; from rmskit.export.parquet import arrow_schema; arrow_schema(); print('datasets' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

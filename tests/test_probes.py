@@ -163,3 +163,29 @@ def test_linear_time_mean_distance_matches_the_pairwise_definition() -> None:
     x = rng.normal(size=(40, 16))
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     assert _mean_distance(x) == pytest.approx(mean_cosine_distance(x), abs=1e-9)
+
+
+def test_logistic_fit_matches_scikit_learn() -> None:
+    """The leakage probe's own L-BFGS logistic regression solves scikit-learn's objective: the same
+    probabilities (to 1e-3) on data with signal, and the same out-of-fold behaviour."""
+    from sklearn.linear_model import LogisticRegression
+
+    from rmskit.scoring.probes import cross_val_proba, logistic_fit
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(200, 12))
+    y = (x[:, 0] + 0.5 * x[:, 1] + rng.normal(scale=0.8, size=200) > 0).astype(int)
+    w, b = logistic_fit(x, y)
+    ours = 1 / (1 + np.exp(-(x @ w + b)))
+    ref = LogisticRegression(max_iter=5000, tol=1e-10).fit(x, y).predict_proba(x)[:, 1]
+    assert np.max(np.abs(ours - ref)) < 1e-3
+    oof = cross_val_proba(x, y, folds=5, seed=0)
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    sk = cross_val_predict(
+        LogisticRegression(max_iter=2000), x, y, cv=StratifiedKFold(5, shuffle=True, random_state=0)
+    )
+    train_acc, oof_acc = np.mean((ours >= 0.5) == y), np.mean((oof >= 0.5) == y)
+    assert oof.shape == (200,) and oof_acc < train_acc  # held-out folds: no peeking at the labels
+    assert abs(oof_acc - np.mean(sk == y)) <= 0.05  # other folds, same estimator: the same accuracy
+    assert np.array_equal(oof, cross_val_proba(x, y, folds=5, seed=0))  # seeded

@@ -42,6 +42,28 @@ def features() -> Any:
     return Features(cols)
 
 
+def arrow_schema() -> Any:
+    """`features().arrow_schema`, built with pyarrow alone: the same columns and the same `huggingface`
+    metadata (tests compare them), without importing `datasets` and pandas (~120 MB) into a build."""
+    import pyarrow as pa
+
+    def value(dtype: str) -> dict[str, str]:
+        return {"dtype": dtype, "_type": "Value"}
+
+    types: dict[str, Any] = {
+        "id": pa.string(),
+        "image": pa.struct([("bytes", pa.binary()), ("path", pa.string())]),
+    }
+    feats: dict[str, Any] = {"id": value("string"), "image": {"_type": "Image"}}
+    for k in TEXT_FIELDS[1:]:
+        types[k], feats[k] = pa.string(), value("string")
+    types["rounds"], feats["rounds"] = pa.int32(), value("int32")
+    for k in JSON_FIELDS:
+        types[k], feats[k] = pa.string(), value("string")
+    meta = {"huggingface": json.dumps({"info": {"features": feats}})}
+    return pa.schema(list(types.items()), metadata=meta)
+
+
 def _row(sample: Sample, image_bytes: bytes, image_name: str) -> dict[str, Any]:
     row: dict[str, Any] = {k: getattr(sample, k) for k in TEXT_FIELDS}
     row["image"] = {"bytes": image_bytes, "path": image_name}
@@ -104,7 +126,7 @@ def write_parquet(prep: Prepared, data_dir: Path) -> dict[str, list[str]]:
     """Write the non-empty splits (`datasets` refuses to load a split with no rows, so an empty split
     gets no file and no entry in the card's configs); returns split -> file names."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    schema = features().arrow_schema
+    schema = arrow_schema()
     written: dict[str, list[str]] = {}
     for split in SPLITS:
         samples = prep.by_split(split)

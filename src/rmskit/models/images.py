@@ -14,7 +14,9 @@ from rmskit.models.base import BackendError, ErrorKind, ImageInput
 _IMAGE_CACHE: OrderedDict[tuple[str, int], str] = OrderedDict()
 # Data URLs of recently used images, bounded by bytes: every image in the build's window (default
 # 2x concurrency) stays encoded while its stages run, so each image is encoded once, not per request.
-_IMAGE_CACHE_MAX_BYTES = 256 * 1024 * 1024
+# 64 MB holds a window of 128 images at ~500 KB each (1024 px JPEGs are ~150-250 KB as base64) and
+# keeps a long run's memory flat: the cache is full, not growing, after the first few hundred images.
+_IMAGE_CACHE_MAX_BYTES = 64 * 1024 * 1024
 _image_cache_bytes = 0
 _IMAGE_CACHE_LOCK = threading.Lock()
 

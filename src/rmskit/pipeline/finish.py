@@ -1,7 +1,7 @@
 """The build's end: text probes and the dataset export (issue 13 §6: finish soon after the last response).
 
 `Finish` starts with the run: it embeds each kept sample's query in the background and, once every
-image is admitted, loads the finish's heavy modules (sklearn, datasketch, the export) in a thread
+image is admitted, loads the finish's heavy modules (scipy, datasketch, pyarrow, the export) in a thread
 during the run's tail. After the last response only the last few queries are embedded; the probes'
 statistics and the export remain."""
 
@@ -20,7 +20,7 @@ from rmskit.scoring.probes import QueryEmbeddings
 
 log = logging.getLogger("rmskit.build")
 
-_HEAVY_MODULES = ("sklearn.linear_model", "sklearn.model_selection", "datasketch", "rmskit.export")
+_HEAVY_MODULES = ("scipy.optimize", "scipy.stats", "datasketch", "pyarrow.parquet", "rmskit.export")
 
 
 class Finish:

@@ -1,6 +1,6 @@
 """CPU probes of a safety dataset, in seconds, no GPU:
 
-- text-only leakage: cross-validated logistic regression on MiniLM embeddings of the *query alone*,
+- text-only leakage: cross-validated (L2) logistic regression on MiniLM embeddings of the *query alone*,
   risky vs. control/safe. Balanced accuracy / AUROC near 0.5 (with intervals, rmskit.stats) means the
   words don't give the risk away (it is in the image); near 1.0 means a text-only filter could solve
   the dataset. Plain accuracy is secondary: compare it with the majority baseline.
@@ -118,12 +118,49 @@ class QueryEmbeddings:
         return np.stack([self._done[t] for t in texts]) if texts else np.zeros((0, 384), np.float32)
 
 
+def logistic_fit(x: np.ndarray, y: np.ndarray, c: float = 1.0) -> tuple[np.ndarray, float]:
+    """(w, b) of L2-regularised logistic regression: scikit-learn's LogisticRegression(C=c) objective
+    (C * sum of log-losses + |w|^2 / 2, intercept not penalised), solved with scipy's L-BFGS. Written
+    out because importing scikit-learn pulls pandas and pyarrow into the build (~120 MB for one probe);
+    a test checks it against scikit-learn."""
+    from scipy.optimize import minimize
+    from scipy.special import expit
+
+    d = x.shape[1]
+    sign = np.where(y > 0, 1.0, -1.0)
+
+    def loss(p: np.ndarray) -> tuple[float, np.ndarray]:
+        w, b = p[:d], p[d]
+        m = -sign * (x @ w + b)
+        g = -c * sign * expit(m)  # d loss / d z
+        return float(c * np.logaddexp(0.0, m).sum() + 0.5 * w @ w), np.append(x.T @ g + w, g.sum())
+
+    res = minimize(
+        loss, np.zeros(d + 1), jac=True, method="L-BFGS-B", options={"maxiter": 2000, "gtol": 1e-6}
+    )
+    return res.x[:d], float(res.x[d])
+
+
+def cross_val_proba(x: np.ndarray, y: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Out-of-fold P(y=1) from `logistic_fit` over stratified, shuffled folds (each class dealt
+    round-robin into the folds after a seeded shuffle)."""
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(y), dtype=int)
+    for cls in (0, 1):
+        idx = np.flatnonzero(y == cls)
+        rng.shuffle(idx)
+        fold[idx] = np.arange(len(idx)) % folds
+    out = np.empty(len(y))
+    for f in range(folds):
+        test = fold == f
+        w, b = logistic_fit(x[~test], y[~test])
+        out[test] = 1.0 / (1.0 + np.exp(-(x[test] @ w + b)))
+    return out
+
+
 def leakage(
     x: Any, y: list[bool], folds: int = 5, seed: int = 0, min_per_class: int = stats.MIN_PER_CLASS
 ) -> LeakageResult:
-    import numpy as np
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
     n_r = sum(y)
     n_c = len(y) - n_r
@@ -144,16 +181,7 @@ def leakage(
             note="needs at least 2 risky and 2 control/safe queries",
         )
     yy = np.array(y, dtype=int)
-    proba = np.asarray(
-        cross_val_predict(
-            LogisticRegression(max_iter=2000),
-            x,
-            yy,
-            cv=StratifiedKFold(n_splits=k, shuffle=True, random_state=seed),
-            method="predict_proba",
-        ),
-        dtype=float,
-    )[:, 1]
+    proba = cross_val_proba(np.asarray(x, dtype=float), yy, k, seed)
     pred = proba >= 0.5
     return LeakageResult(
         n=len(y),
