@@ -82,3 +82,40 @@ def test_a_build_embeds_each_kept_query_once_and_its_probes_are_unchanged(
     fresh = json.loads(run_probes(samples).model_dump_json())
     for key in ("n", "vendi", "leakage", "near_duplicates", "category_entropy_normalized"):
         assert stored[key] == fresh[key]
+
+
+def test_embedding_probes_read_a_bounded_order_free_sample(monkeypatch) -> None:
+    """Past EMBED_LIMIT distinct queries the embedding probes read a bottom-k sample by text hash: the
+    same texts whatever order they arrive in, the background embedder holds only those (memory stays
+    flat on long runs), and the finish reuses them without embedding again."""
+    import random
+
+    from rmskit.scoring.probes import embedded_rows, text_key
+
+    monkeypatch.setattr(probes, "embed", lambda texts: np.ones((len(texts), 384), np.float32) / 384**0.5)
+    texts = [f"query number {i} about the ladder by the pool" for i in range(200)]
+    picked = {texts[i] for i in embedded_rows(texts, 50)}
+    assert len(picked) == 50 and picked == set(sorted(texts, key=text_key)[:50])
+    shuffled = random.Random(1).sample(texts, len(texts))
+    assert {shuffled[i] for i in embedded_rows(shuffled, 50)} == picked  # order does not matter
+    assert embedded_rows(texts, 500) == list(range(200))
+
+    async def go() -> QueryEmbeddings:
+        q = QueryEmbeddings(batch=16, idle_s=0.01, limit=50)
+        task = asyncio.create_task(q.run())
+        for t in shuffled:
+            q.add(t)
+            await asyncio.sleep(0)
+        q.close()
+        await task
+        return q
+
+    q = asyncio.run(go())
+    assert set(q._done) == picked  # nothing outside the sample is kept
+    calls: list[int] = []
+    monkeypatch.setattr(probes, "embed", lambda texts: calls.append(len(texts)) or np.ones((len(texts), 384)))
+    rows = [
+        {"query": t, "kind": "risky" if i % 2 else "control", "category": "c"} for i, t in enumerate(texts)
+    ]
+    rep = run_probes(rows, embeddings=q, embed_limit=50, n_resamples=20)
+    assert (rep.n, rep.n_embedded, rep.leakage.n) == (200, 50, 50) and calls == []

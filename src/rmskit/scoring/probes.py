@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import heapq
 import math
 import time
 from collections import Counter
@@ -44,6 +46,7 @@ class LeakageResult(BaseModel):
 
 class ProbeReport(BaseModel):
     n: int
+    n_embedded: int | None = None  # rows the embedding probes read (all, or a bottom-k of EMBED_LIMIT texts)
     leakage: LeakageResult
     vendi: Estimate  # effective number of distinct queries, bootstrap interval
     mean_pairwise_cosine_distance: Estimate  # bootstrap over queries
@@ -76,19 +79,54 @@ def embed(texts: list[str]) -> Any:
     return _embedder().embed(texts)
 
 
+# The embedding probes (leakage, Vendi, mean distance) read at most this many distinct queries: a
+# fixed sample chosen by a hash of the text (the same whatever the order samples arrive in), so memory
+# stays flat on big datasets (20k x 384 floats) while the intervals are already narrow.
+EMBED_LIMIT = 20_000
+
+
+def text_key(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8).digest(), "big")
+
+
+def embedded_rows(texts: list[str], limit: int = EMBED_LIMIT) -> list[int]:
+    """Indices of the rows the embedding probes use: all, or those whose text is among the `limit`
+    distinct texts with the smallest `text_key` (a bottom-k sample)."""
+    distinct = set(texts)
+    if len(distinct) <= limit:
+        return list(range(len(texts)))
+    keep = set(heapq.nsmallest(limit, distinct, key=text_key))
+    return [i for i, t in enumerate(texts) if t in keep]
+
+
 class QueryEmbeddings:
     """Embeddings of the kept samples' queries, computed while the build still waits on the endpoint
     (a background task, the ONNX run off the event loop), so the build's finish embeds only the last
-    few (issue 13 §6). Float32, one row per distinct query."""
+    few (issue 13 §6). Float32, one row per distinct query; at most `limit` of them, the same bottom-k
+    by `text_key` that `embedded_rows` picks at the end, so memory stays flat on long runs."""
 
-    def __init__(self, batch: int = 64, idle_s: float = 1.0) -> None:
+    def __init__(self, batch: int = 64, idle_s: float = 1.0, limit: int = EMBED_LIMIT) -> None:
         self._done: dict[str, np.ndarray] = {}
         self._todo: list[str] = []
-        self._batch, self._idle_s = batch, idle_s
+        self._batch, self._idle_s, self._limit = batch, idle_s, limit
         self._wake = asyncio.Event()
         self._closed = False
+        self._kept: list[tuple[int, str]] = []  # max-heap (negated keys) of the texts in the sample
+        self._in: set[str] = set()
 
     def add(self, text: str) -> None:
+        if text in self._in:
+            return
+        key = text_key(text)
+        if len(self._kept) >= self._limit:
+            if key >= -self._kept[0][0]:
+                return  # outside the bottom-k: the probes will not read it
+            _, out = heapq.heappushpop(self._kept, (-key, text))
+            self._in.discard(out)
+            self._done.pop(out, None)
+        else:
+            heapq.heappush(self._kept, (-key, text))
+        self._in.add(text)
         self._todo.append(text)
         if len(self._todo) >= self._batch:
             self._wake.set()
@@ -105,10 +143,11 @@ class QueryEmbeddings:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._idle_s)
                 self._wake.clear()
-            todo, self._todo = [t for t in dict.fromkeys(self._todo) if t not in self._done], []
+            todo, self._todo = [t for t in self._todo if t in self._in and t not in self._done], []
             if todo:
                 for t, v in zip(todo, await asyncio.to_thread(embed, todo), strict=True):
-                    self._done[t] = v
+                    if t in self._in:  # not pushed out of the sample meanwhile
+                        self._done[t] = v
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Rows for `texts`: cached ones reused, the rest embedded now."""
@@ -250,15 +289,19 @@ def run_probes(
     min_per_class: int = stats.MIN_PER_CLASS,
     n_resamples: int = 200,  # Vendi resamples cost an eigendecomposition each
     embeddings: QueryEmbeddings | None = None,
+    embed_limit: int = EMBED_LIMIT,
 ) -> ProbeReport:
     """All probes on BenchSamples, rmskit `Sample`s or dicts with query/label/kind/category.
-    `embeddings`: queries already embedded during a build (the rest are embedded here)."""
+    `embeddings`: queries already embedded during a build (the rest are embedded here). Leakage,
+    Vendi and mean distance read the `embedded_rows` sample (n_embedded); the rest read every row."""
     t0 = time.perf_counter()
     rows = [_fields(s) for s in samples]
     if not rows:
         raise ValueError("no samples to probe")
     texts = [q for q, _, _ in rows]
-    x = embeddings.embed(texts) if embeddings is not None else embed(texts)
+    sub = embedded_rows(texts, embed_limit)
+    sub_texts = [texts[i] for i in sub]
+    x = embeddings.embed(sub_texts) if embeddings is not None else embed(sub_texts)
     cats = Counter(c for _, _, c in rows)
     n = len(rows)
     dup = near_duplicate_rate(texts, dup_threshold)
@@ -267,10 +310,11 @@ def run_probes(
     xx = np.asarray(x, dtype=float)
     return ProbeReport(
         n=n,
-        leakage=leakage(x, [r for _, r, _ in rows], folds=folds, seed=seed, min_per_class=min_per_class),
-        vendi=stats.vendi(x, seed=seed, n_resamples=n_resamples, min_n=min_per_class),
+        n_embedded=len(sub),
+        leakage=leakage(xx, [rows[i][1] for i in sub], folds=folds, seed=seed, min_per_class=min_per_class),
+        vendi=stats.vendi(xx, seed=seed, n_resamples=n_resamples, min_n=min_per_class),
         mean_pairwise_cosine_distance=stats.item_estimate(
-            "mean_pairwise_cosine_distance", n, lambda idx: _mean_distance(xx[idx]), **boot
+            "mean_pairwise_cosine_distance", len(sub), lambda idx: _mean_distance(xx[idx]), **boot
         ),
         near_duplicates=stats.wilson(round(dup * n), n, "near_duplicate_rate"),
         near_duplicate_threshold=dup_threshold,
