@@ -119,3 +119,55 @@ def test_embedding_probes_read_a_bounded_order_free_sample(monkeypatch) -> None:
     ]
     rep = run_probes(rows, embeddings=q, embed_limit=50, n_resamples=20)
     assert (rep.n, rep.n_embedded, rep.leakage.n) == (200, 50, 50) and calls == []
+
+
+def test_an_image_is_encoded_once_and_its_encoding_dropped_when_its_stages_are_done(
+    tmp_path: Path, photo_dir: Path, monkeypatch
+) -> None:
+    """Over real HTTP: every request of an image reuses one encoding, and when the image is done its
+    data URL leaves the cache (memory holds the images in flight, not every image of the run)."""
+    import hashlib
+
+    from rmskit.config import BackendConfig, BuildConfig
+    from rmskit.models import images
+    from rmskit.records import ImageRecord
+    from rmskit.testing.openai_server import OpenAITestServer
+    from rmskit.testing.rms_script import responder
+
+    encoded: list[str] = []
+    real = images._cache_put
+
+    def counting(key: tuple[str, int], url: str) -> None:
+        encoded.append(key[0])
+        real(key, url)
+
+    monkeypatch.setattr(images, "_cache_put", counting)
+    paths = sorted(photo_dir.glob("*.jpg"))[:3]
+    recs = [
+        ImageRecord(
+            sha256=hashlib.sha256(p.read_bytes()).hexdigest(),
+            phash="0" * 16,
+            source_root=str(photo_dir),
+            source_path=p.name,
+            path=str(p),
+            width=512,
+            height=512,
+        )
+        for p in paths
+    ]
+    with OpenAITestServer(responder=responder, latency=0.01, keep_bodies=True) as srv:
+        cfg = BuildConfig(
+            sources=[str(photo_dir)],
+            out=tmp_path / "run",
+            embedder="hashing",
+            perceive="model",
+            model=BackendConfig(
+                spec="openai:test-model", base_url=srv.base_url, concurrency=8, image_max_side=4096
+            ),
+        )
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+        summary = asyncio.run(run_build(cfg, quiet=True, items=recs, export=False))
+        with_image = [r for r in srv.chat_records() if "image_url" in json.dumps(r.body)]
+    assert summary.images_done == 3 and len(with_image) > 6  # several requests per image carried it
+    assert sorted(encoded) == sorted(r.sha256 for r in recs)  # ...from one encoding each
+    assert not any(k[0] == r.sha256 for k in images._IMAGE_CACHE for r in recs)

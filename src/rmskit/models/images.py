@@ -29,9 +29,24 @@ def _cache_get(key: tuple[str, int]) -> str | None:
         return url
 
 
+def forget_image(sha256: str) -> None:
+    """Drop an image's data URLs once its stages are done (the pipeline calls this), so the cache holds
+    the images in flight rather than the last 64 MB of them."""
+    global _image_cache_bytes
+    with _IMAGE_CACHE_LOCK:
+        for side in _SIDES:
+            url = _IMAGE_CACHE.pop((sha256, side), None)
+            if url is not None:
+                _image_cache_bytes -= len(url)
+
+
+_SIDES: set[int] = set()  # the max_side values in use (one or two per run)
+
+
 def _cache_put(key: tuple[str, int], url: str) -> None:
     global _image_cache_bytes
     with _IMAGE_CACHE_LOCK:
+        _SIDES.add(key[1])
         old = _IMAGE_CACHE.pop(key, None)
         _image_cache_bytes += len(url) - (len(old) if old else 0)
         _IMAGE_CACHE[key] = url

@@ -23,6 +23,7 @@ from rmskit.console import is_storage_failure
 from rmskit.executors import ExecutorConfig
 from rmskit.ledger import Ledger
 from rmskit.models import AuthenticationError, ModelBackend, load_backend
+from rmskit.models.images import forget_image
 from rmskit.pipeline.caller import Caller, StageFailed
 from rmskit.pipeline.feed import admitted
 from rmskit.pipeline.finish import Finish
@@ -137,6 +138,12 @@ class Pipeline:
         return self.cfg.target is not None and self.kept >= self.cfg.target
 
     async def _image(self, rec: ImageRecord) -> None:
+        try:
+            await self._image_stages(rec)
+        finally:
+            forget_image(rec.sha256)  # its encoded pixels are not needed again in this run
+
+    async def _image_stages(self, rec: ImageRecord) -> None:
         ctx = StageContext(rec, self.ledger, self.callers, self.cfg.perceive, self.cfg.stage_max_tokens)
         try:
             plan = self._plan(rec)
