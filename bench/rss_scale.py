@@ -29,13 +29,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "peers"))
 
 
-def child(n: int, base_url: str) -> None:
-    from bench import make_photos  # bench/peers/bench.py
+def child(n: int, base_url: str, base: list[str]) -> None:
+    # only rmskit is imported here: the photo makers (skimage, sklearn) stay in the parent
     from rmskit.config import BackendConfig, BuildConfig
     from rmskit.pipeline.runner import run_build
     from rmskit.records import ImageRecord
 
-    base = make_photos(7)
     cfg = BuildConfig(
         sources=["/bench"],
         out=Path(tempfile.mkdtemp(prefix="rmskit-rss-")),
@@ -71,7 +70,7 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float:
     return 0.0
 
 
-def measure(n: int, latency: float, capacity: int) -> dict:
+def measure(n: int, latency: float, capacity: int, photos: list[str]) -> dict:
     env = {
         **os.environ,
         "PYTHONPATH": str(HERE.parent / "src"),
@@ -96,7 +95,10 @@ def measure(n: int, latency: float, capacity: int) -> dict:
         stats_url = url.removesuffix("/v1") + "/stats"
         t0 = time.time()
         proc = subprocess.Popen(
-            [sys.executable, __file__, "--child", str(n), url], env=env, stdout=subprocess.PIPE, text=True
+            [sys.executable, __file__, "--child", str(n), url, json.dumps(photos)],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         trace: list[tuple[float, int, float]] = []  # (time, requests so far, rss)
         while proc.poll() is None:
@@ -130,7 +132,7 @@ def measure(n: int, latency: float, capacity: int) -> dict:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(int(sys.argv[2]), sys.argv[3])
+        child(int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4]))
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, nargs="+", default=[1000, 10000])
@@ -144,8 +146,11 @@ def main() -> None:
         "| images | requests | samples | wall (s) | RSS at 25% / 50% / 75% of requests (MB) | at last response | peak incl. finish |",
         "|---|---|---|---|---|---|---|",
     ]
+    from bench import make_photos  # bench/peers/bench.py
+
+    photos = make_photos(7)
     for n in args.images:
-        r = measure(n, args.latency, args.capacity)
+        r = measure(n, args.latency, args.capacity, photos)
         q = r["rss"]
         lines.append(
             f"| {n} | {r['requests']} | {r['samples_ok']} | {r['wall_s']:.0f} | {q[0.25]:.0f} / {q[0.5]:.0f} / "

@@ -155,6 +155,12 @@ class OnnxMiniLM:
 _SHARED: OnnxMiniLM | None = None
 
 
+def release_shared() -> None:
+    """Drop the process-wide embedder (freed once no one else holds it; `shared()` makes a new one)."""
+    global _SHARED
+    _SHARED = None
+
+
 def shared() -> OnnxMiniLM:
     """One process-wide embedder (the session is ~90 MB; taxonomy and probes share it)."""
     global _SHARED

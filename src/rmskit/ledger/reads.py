@@ -99,6 +99,16 @@ class LedgerReads:
             )
         }
 
+    def probe_rows(self, status: str = "ok") -> list[dict[str, Any]]:
+        """{query, kind, label, category} of each sample with `status`: what the text probes read,
+        without decoding every sample's full record (11 KB each in memory)."""
+        rows = self.query(
+            "SELECT json_extract(data, '$.query'), kind, json_extract(data, '$.label'), category"
+            " FROM samples WHERE status=? ORDER BY created, id",
+            (status,),
+        )
+        return [{"query": q, "kind": k, "label": lab, "category": c} for q, k, lab, c in rows]
+
     def samples_stamp(self, status: str = "ok") -> tuple[int, float | None]:
         """(count, last write time) of the samples with `status`: changes whenever one is added or rewritten."""
         n, last = self.query("SELECT COUNT(*), MAX(created) FROM samples WHERE status=?", (status,))[0]

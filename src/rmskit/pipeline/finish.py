@@ -77,9 +77,9 @@ def finish_dataset(run_dir: Path, ledger: Ledger, queries: QueryEmbeddings | Non
         try:
             from rmskit.scoring.probes import run_probes
 
-            samples = list(ledger.iter_samples("ok"))
+            samples = ledger.probe_rows("ok")
             if samples:
-                probes = run_probes(samples, embeddings=queries).model_dump(mode="json")
+                probes = run_probes(samples, embeddings=queries, release=True).model_dump(mode="json")
                 ledger.set_meta("probes", probes)
         except Exception as exc:  # probes are a nice-to-have in the card
             log.warning("probes skipped: %r", exc)

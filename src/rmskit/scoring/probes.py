@@ -74,6 +74,22 @@ def _embedder() -> Any:
     return shared()
 
 
+def release_embedder() -> None:
+    """Let the MiniLM session go (~120 MB once the allocator returns it) when nothing else holds it,
+    e.g. after a build's last probe embedding and before its export."""
+    import gc
+
+    from rmskit import embedding
+
+    _embedder.cache_clear()
+    embedding.release_shared()
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # glibc only: hand freed heap pages back
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def embed(texts: list[str]) -> Any:
     """Unit-norm MiniLM embeddings (n x 384)."""
     return _embedder().embed(texts)
@@ -148,6 +164,9 @@ class QueryEmbeddings:
                 for t, v in zip(todo, await asyncio.to_thread(embed, todo), strict=True):
                     if t in self._in:  # not pushed out of the sample meanwhile
                         self._done[t] = v
+
+    def clear(self) -> None:
+        self._done.clear()
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Rows for `texts`: cached ones reused, the rest embedded now."""
@@ -290,10 +309,12 @@ def run_probes(
     n_resamples: int = 200,  # Vendi resamples cost an eigendecomposition each
     embeddings: QueryEmbeddings | None = None,
     embed_limit: int = EMBED_LIMIT,
+    release: bool = False,
 ) -> ProbeReport:
     """All probes on BenchSamples, rmskit `Sample`s or dicts with query/label/kind/category.
     `embeddings`: queries already embedded during a build (the rest are embedded here). Leakage,
-    Vendi and mean distance read the `embedded_rows` sample (n_embedded); the rest read every row."""
+    Vendi and mean distance read the `embedded_rows` sample (n_embedded); the rest read every row.
+    `release`: free the embedding model once the texts are embedded (a build's finish)."""
     t0 = time.perf_counter()
     rows = [_fields(s) for s in samples]
     if not rows:
@@ -302,6 +323,10 @@ def run_probes(
     sub = embedded_rows(texts, embed_limit)
     sub_texts = [texts[i] for i in sub]
     x = embeddings.embed(sub_texts) if embeddings is not None else embed(sub_texts)
+    if embeddings is not None:
+        embeddings.clear()  # the rows are in x now
+    if release:
+        release_embedder()
     cats = Counter(c for _, _, c in rows)
     n = len(rows)
     dup = near_duplicate_rate(texts, dup_threshold)
