@@ -4,7 +4,8 @@
 - balanced accuracy, macro-F1, AUROC, Cohen's kappa: stratified bootstrap (scipy `bootstrap`, each
   class resampled on its own so class counts stay fixed; seeded; 1,000 resamples by default);
 - Vendi score: bootstrap over items (basic interval, because duplicates in a resample bias the
-  resampled Vendi score downwards and the basic interval reflects that shift back);
+  resampled Vendi score downwards and the basic interval reflects that shift back); past 2,000 items
+  the delta method (influence function of the kernel's spectrum), as resamples get expensive;
 - two judges on the same items: paired stratified bootstrap of the difference, `excludes_zero`.
 
 Binary convention: `y` true = positive class (unsafe / risky); predictions are booleans (y_hat) or
@@ -361,6 +362,29 @@ class _WeightedVendi:
         return _entropy_exp(np.linalg.eigvalsh(gram / self.n))
 
 
+# Past this many items each Vendi resample costs an n x d^2 product: the interval comes from the delta
+# method instead (one pass; it agrees with the bootstrap at these sizes, tests/test_stats.py).
+VENDI_BOOTSTRAP_MAX_N = 2000
+
+
+def vendi_delta_se(x: np.ndarray) -> tuple[float, float]:
+    """(Vendi score, its standard error) by the delta method. The score is a smooth function of the
+    mean C = sum_i x_i x_i^T / n, so its influence function gives the error: with p = eigenvalues of
+    C over tr C, eigenvectors v_k and H = entropy(p), item i moves H by
+    -(1/tr C) [sum_k log p_k ((v_k . x_i)^2 - lambda_k) + H (|x_i|^2 - tr C)], and VS = exp(H)."""
+    n = x.shape[0]
+    lam, vecs = np.linalg.eigh((x.T @ x) / n)
+    keep = lam > 1e-12 * max(lam.max(), 1e-300)
+    lam, vecs = lam[keep], vecs[:, keep]
+    tr = float(lam.sum())
+    p = lam / tr
+    h = float(-(p * np.log(p)).sum())
+    proj = (x @ vecs) ** 2  # (v_k . x_i)^2
+    infl = -((proj - lam) @ np.log(p) + h * ((x * x).sum(axis=1) - tr)) / tr
+    value = math.exp(h)
+    return value, value * float(np.sqrt((infl**2).sum())) / n
+
+
 def vendi(
     x: Any,
     *,
@@ -368,13 +392,29 @@ def vendi(
     seed: int = 0,
     confidence: float = CONFIDENCE,
     min_n: int = MIN_PER_CLASS,
+    bootstrap_max_n: int = VENDI_BOOTSTRAP_MAX_N,
 ) -> Estimate:
-    """Vendi score of unit-norm embeddings (rows) with a bootstrap interval over items."""
+    """Vendi score of unit-norm embeddings (rows) with a bootstrap interval over items (a delta-method
+    interval past `bootstrap_max_n` items)."""
     from threadpoolctl import threadpool_limits
 
     xx = np.asarray(x, dtype=float)
     n = xx.shape[0]
     method = f"bootstrap basic ({n_resamples} resamples, seed {seed})"
+    if n > bootstrap_max_n and n >= min_n:
+        from scipy.stats import norm
+
+        value, se = vendi_delta_se(xx)
+        z = float(norm.ppf(0.5 + confidence / 2))
+        return Estimate(
+            metric="vendi_score",
+            value=value,
+            low=max(1.0, value - z * se),
+            high=min(float(n), value + z * se),
+            n=n,
+            method=f"delta method (influence function; more than {bootstrap_max_n} items)",
+            confidence=confidence,
+        )
     if n < min_n:
         return Estimate(
             metric="vendi_score",
