@@ -241,3 +241,40 @@ def test_request_limiter_corrects_only_what_was_charged(fake: FakeTime) -> None:
         return levels
 
     assert asyncio.run(go()) == [10.0, 10.0, 5.0]
+
+
+def test_priority_slots_serve_the_lowest_priority_first_and_survive_cancellation() -> None:
+    """Queued requests get free slots lowest priority value first (FIFO within one value); a waiter
+    cancelled in the queue is skipped, and one cancelled right after being handed a slot passes it on."""
+    from rmskit.models.limits import PrioritySlots
+
+    async def go() -> list[str]:
+        slots = PrioritySlots(1)
+        order: list[str] = []
+        await slots.acquire()  # the only slot is taken
+
+        async def want(name: str, prio: int) -> None:
+            await slots.acquire(prio)
+            order.append(name)
+            slots.release()
+
+        tasks = [
+            asyncio.create_task(want(n, p))
+            for n, p in [("late-a", 5), ("early", 0), ("late-b", 5), ("gone", 1)]
+        ]
+        await asyncio.sleep(0)
+        tasks[3].cancel()  # cancelled while queued: skipped
+        await asyncio.sleep(0)
+        slots.release()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        # handed a slot and cancelled before it ran: the slot is not lost
+        await slots.acquire()
+        t = asyncio.create_task(slots.acquire(0))
+        await asyncio.sleep(0)
+        slots.release()  # hands the slot to t...
+        t.cancel()  # ...which is cancelled before it resumes
+        await asyncio.gather(t, return_exceptions=True)
+        await asyncio.wait_for(slots.acquire(), 1.0)  # still acquirable
+        return order
+
+    assert asyncio.run(go()) == ["early", "late-a", "late-b"]

@@ -77,7 +77,10 @@ def test_a_stage_runs_as_a_plain_function_without_a_ledger() -> None:
         seen: list = []
 
         async def generate(self, messages, *, schema=None, params=None):
+            from rmskit.models.limits import request_priority
+
             self.seen.append((messages, params))
+            self.priority = request_priority.get()  # what a queued request is ranked by
             body = {"messages": [{"role": m.role, "content": m.content} for m in messages]}
             return Result(text=json.dumps(answer(body)), model=self.model_id)
 
@@ -91,6 +94,7 @@ def test_a_stage_runs_as_a_plain_function_without_a_ledger() -> None:
         )
     )
     assert set(out) == {"risky", "natural", "hazard_identified", "reason"}
+    assert backend.priority == list(STAGES).index("check_combined") > 0  # the stage's pipeline rank
     messages, params = backend.seen[0]
     assert '"setting": "kitchen"' in messages[1].content  # text-only model: the description, no pixels
     assert params.max_tokens == STAGES["check_combined"].max_tokens

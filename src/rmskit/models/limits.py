@@ -7,6 +7,9 @@ beyond what a semaphore/lock needs; pydantic appears only in the (rarely built) 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import heapq
+import itertools
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -104,6 +107,45 @@ class LimiterStats(BaseModel):
     tpm_wait_s: float = 0.0
 
 
+# The priority of the requests the current task sends (lower first). A build sets each stage's rank
+# (perceive 0 ... check_response last): when requests queue for slots, the youngest images' early
+# stages go first, so the images admitted last do not wait behind everyone's late stages and the run's
+# tail (the last chains, with free slots) is as short as one chain.
+request_priority: contextvars.ContextVar[int] = contextvars.ContextVar("rmskit_request_priority", default=0)
+
+
+class PrioritySlots:
+    """`n` slots handed out lowest `priority` first, first come first served within one priority."""
+
+    def __init__(self, n: int) -> None:
+        self._free = n
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+
+    async def acquire(self, priority: int = 0) -> None:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (priority, next(self._seq), fut))
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():  # handed a slot, then cancelled: pass it on
+                self.release()
+            else:
+                fut.cancel()  # skipped by release()
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            _, _, fut = heapq.heappop(self._waiters)
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self._free += 1
+
+
 class RequestLimiter:
     """Concurrency slot + rpm + tpm, acquired in that order (a request holding no slot must not drain
     the rate buckets, or requests would burst when slots free up). Use:
@@ -125,7 +167,7 @@ class RequestLimiter:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
         self.concurrency = concurrency
-        self._sem: asyncio.Semaphore | None = None  # created lazily inside the running loop
+        self._sem: PrioritySlots | None = None  # created lazily inside the running loop
         self.rpm = TokenBucket(requests_per_minute, clock=clock) if requests_per_minute else None
         self.tpm = TokenBucket(tokens_per_minute, clock=clock) if tokens_per_minute else None
         self.in_flight = 0
@@ -133,8 +175,8 @@ class RequestLimiter:
 
     async def acquire(self, estimated_tokens: float = 0.0) -> None:
         if self._sem is None:
-            self._sem = asyncio.Semaphore(self.concurrency)
-        await self._sem.acquire()
+            self._sem = PrioritySlots(self.concurrency)
+        await self._sem.acquire(request_priority.get())
         try:
             if self.rpm is not None:
                 await self.rpm.acquire(1.0)

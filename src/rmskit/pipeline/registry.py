@@ -185,6 +185,8 @@ _SPECS = [
 ]
 
 STAGES: dict[str, StageSpec] = {s.name: s for s in _SPECS}
+# Pipeline order: the priority of a stage's requests when they queue for slots (models.limits)
+STAGE_RANK: dict[str, int] = {name: i for i, name in enumerate(STAGES)}
 # Deterministic checks the runner computes itself (no prompt): also valid `required_checks`.
 LOCAL_CHECKS: dict[str, str] = {"lexical": "the query uses hazard words"}
 

@@ -23,10 +23,11 @@ from pydantic import BaseModel
 
 from rmskit.ledger import Ledger
 from rmskit.models.base import ImageInput, Message
+from rmskit.models.limits import request_priority
 from rmskit.pipeline import schemas
 from rmskit.pipeline.caller import Caller, StageFailed
 from rmskit.pipeline.prompting import render
-from rmskit.pipeline.registry import stage
+from rmskit.pipeline.registry import STAGE_RANK, stage
 from rmskit.records import ImageRecord
 
 # Words that name a hazard or harmful outcome outright; a query containing one leaks (cheap
@@ -135,7 +136,11 @@ async def run_stage(
     """Run one stage: render, ask, return the parsed output (raises StageFailed)."""
     messages, _, schema = render_stage(name, inputs, caller.vision)
     cap = max_tokens if max_tokens is not None else stage(name).max_tokens
-    return await caller.ask(name, messages, schema, max_tokens=cap)
+    token = request_priority.set(STAGE_RANK[name])  # early stages first when requests queue
+    try:
+        return await caller.ask(name, messages, schema, max_tokens=cap)
+    finally:
+        request_priority.reset(token)
 
 
 class StageContext:
