@@ -52,6 +52,11 @@ _INGEST_SLOW = (
     "hf_hub saved_to_disk parquet materialize example_coco 1500_levels"
 ).split()
 
+_REQUEST_SLOW = (
+    "images_sent tpm_limiter rpm_limiter concurrency_limit 429_retry_after retry_after_ms stall "
+    "ten_percent"
+).split()
+
 GROUPS: dict[str, Group] = {
     "curate": Group(("src/rmskit/curate/",), ("tests/test_curate.py",)),
     "ingest": Group(
@@ -73,10 +78,17 @@ GROUPS: dict[str, Group] = {
             "bucket or limiter or retry or concurrency",
         ),
     ),
-    # the shared request layer (retries, structured fallback); remote.py lands with the models rework
+    # the shared request layer (retries, structured fallback). The HTTP tests that wait on real time
+    # (Retry-After, stalls, rate limits) or load photos take seconds per mutant: left out; the scripted
+    # wire of test_mut_request.py checks the same arithmetic exactly, on a fake clock.
     "request": Group(
         ("src/rmskit/models/remote.py", "src/rmskit/models/structured.py"),
-        ("tests/test_openai_backend.py",),
+        (
+            "tests/test_mut_request.py",
+            "tests/test_openai_backend.py",
+            "-k",
+            " and ".join(f"not {n}" for n in _REQUEST_SLOW),
+        ),
     ),
     # the runner and its resume/target logic, with the stage registry beside it
     "runner": Group(
@@ -114,6 +126,13 @@ def _group_dir(name: str, group: Group) -> Path:
         "pytest_add_cli_args_test_selection": list(group.tests),
         "also_copy": ["src/rmskit/"],  # the unmutated rest of the package, so imports resolve
         "use_git_change_detection": False,  # the folder is a mirror, not a checkout
+        # fork each mutant's test run from a process that has only collected the tests, not from the
+        # one that ran them for coverage: that one's functools caches (schema_for, ...) would answer
+        # for the mutated functions, and their mutants would survive without ever running
+        "process_isolation": "forkserver",
+        # a mutant that hangs (a retry loop that never ends) is detected after 5x the tests' own time
+        # (mutmut's default 15x made each hang cost half a minute)
+        "timeout_multiplier": 5.0,
     }
     lines = ["", "[tool.mutmut]", *(f"{k} = {json.dumps(v)}" for k, v in cfg.items())]
     (d / "pyproject.toml").write_text(text + "\n".join(lines) + "\n")
