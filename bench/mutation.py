@@ -53,8 +53,7 @@ _INGEST_SLOW = (
 ).split()
 
 _REQUEST_SLOW = (
-    "images_sent tpm_limiter rpm_limiter concurrency_limit 429_retry_after retry_after_ms stall "
-    "ten_percent"
+    "images_sent tpm_limiter rpm_limiter concurrency_limit 429_retry_after retry_after_ms stall ten_percent"
 ).split()
 
 GROUPS: dict[str, Group] = {
@@ -93,7 +92,13 @@ GROUPS: dict[str, Group] = {
     # the runner and its resume/target logic, with the stage registry beside it
     "runner": Group(
         ("src/rmskit/pipeline/runner.py", "src/rmskit/pipeline/registry.py"),
-        ("tests/test_build_pipeline.py", "tests/test_stage_resume.py", "tests/test_stage_registry.py"),
+        (
+            "tests/test_mut_runner.py",
+            "tests/test_build_pipeline.py",
+            "tests/test_stage_resume.py",
+            "tests/test_stage_registry.py",
+            "tests/test_schema_parity.py",
+        ),
     ),
     "export": Group(("src/rmskit/export/writer.py",), ("tests/test_mut_export.py", "tests/test_export.py")),
     "metrics": Group(
