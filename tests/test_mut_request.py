@@ -51,7 +51,7 @@ class Outer(BaseModel):
     inner: Inner = Field(description="the inner one")
     maybe: Inner | None = None
     many: list[Inner] = Field(default_factory=list, max_length=2)
-    pair: tuple[int, str]
+    pair: tuple[int, Annotated[str, Field(max_length=3)]]
     color: Color
     score: float = 0.5
     flag: bool = False
@@ -78,7 +78,7 @@ OUTER_STRICT_PROPS = {
     "pair": {
         "maxItems": 2,
         "minItems": 2,
-        "prefixItems": [{"type": "integer"}, {"type": "string"}],
+        "prefixItems": [{"type": "integer"}, {"type": "string"}],  # the maxLength dropped
         "title": "Pair",
         "type": "array",
     },
@@ -123,6 +123,7 @@ def test_full_strict_schema_keeps_length_caps_everywhere_and_drops_only_defaults
     props = sch["properties"]
     assert props["name"] == {"maxLength": 4, "minLength": 1, "title": "Name", "type": "string"}
     assert props["opt_words"]["anyOf"][0] == {"items": {"maxLength": 3, "type": "string"}, "type": "array"}
+    assert props["pair"]["prefixItems"] == [{"type": "integer"}, {"maxLength": 3, "type": "string"}]
     assert "default" not in json.dumps(sch)
     assert sch["required"] == list(OUTER_STRICT_PROPS)
 
@@ -132,11 +133,14 @@ Exotic = Annotated[
     str,
     WithJsonSchema(
         {
-            "allOf": [{"type": "object", "properties": {"a": {"type": "string", "default": "x"}}}],
+            "allOf": [
+                {"properties": {"a": {"type": "string", "default": "x"}}}
+            ],  # an object by its properties
             "oneOf": [{"type": "object", "properties": {"b": {"type": "integer", "minLength": 1}}}],
             "not": {"type": "object", "properties": {"c": {"type": "string", "maxLength": 2}}},
             "definitions": {"D": {"type": "object", "properties": {"d": {"type": "string", "default": ""}}}},
             "title": "E",
+            "additionalProperties": False,  # on a node that is no object: kept as it is
         }
     ),
 ]
@@ -158,18 +162,25 @@ def test_strict_variant_recurses_into_every_subschema_keyword() -> None:
             "required": [name],
         }
 
+    untyped = closed("a", "string")
+    del untyped["type"]
     assert sch["properties"]["e"] == {
-        "allOf": [closed("a", "string")],
+        "allOf": [untyped],
         "oneOf": [closed("b", "integer")],
         "not": closed("c", "string"),
         "definitions": {"D": closed("d", "string")},
         "title": "E",
+        "additionalProperties": False,
     }
     full, _ = schema_for(WithExotic, full=True)  # only `default` goes; lengths stay, in every branch
     assert full["properties"]["e"]["oneOf"][0]["properties"]["b"] == {"type": "integer", "minLength": 1}
     assert full["properties"]["e"]["not"]["properties"]["c"] == {"type": "string", "maxLength": 2}
     assert full["properties"]["e"]["definitions"]["D"]["properties"]["d"] == {"type": "string"}
     assert full["properties"]["e"]["allOf"][0]["properties"]["a"] == {"type": "string"}
+
+
+class AnyObject(BaseModel):
+    o: Annotated[dict[str, int], WithJsonSchema({"type": "object"})]
 
 
 class ExtraAllowed(BaseModel):
@@ -193,6 +204,8 @@ def test_open_or_empty_objects_are_not_strict_and_closed_ones_are() -> None:
         "type": "json_schema",
         "json_schema": {"name": "ExtraAllowed", "schema": sch, "strict": False},
     }
+    sch, strict = schema_for(AnyObject)  # an object that declares no properties
+    assert strict is False and sch == AnyObject.model_json_schema()
     sch, strict = schema_for(Empty)
     assert strict is False and sch == {"properties": {}, "title": "Empty", "type": "object"}
     sch, strict = schema_for(ExtraForbidden)  # already closed: stays strict
@@ -216,6 +229,7 @@ def test_json_object_schema_mode_drops_lengths_at_every_depth() -> None:
     del expected["$defs"]["Inner"]["properties"]["label"]["maxLength"]
     del expected["$defs"]["Inner"]["properties"]["words"]["items"]["maxLength"]
     del expected["properties"]["opt_words"]["anyOf"][0]["items"]["maxLength"]
+    del expected["properties"]["pair"]["prefixItems"][1]["maxLength"]
     assert rf["schema"] == expected  # everything else (defaults, maxItems, descriptions) kept
     assert response_format_for(Outer, "json_object") == {"type": "json_object"}
     assert response_format_for(Outer, "prompt") is None
@@ -236,6 +250,27 @@ def test_brief_instruction_names_every_field_kind() -> None:
         "pair: list of value, color: one of red|blue, score: number, flag: true/false, "
         "count: integer or value, opt_words: list of text or value}"
     )
+
+
+class Handwritten(BaseModel):
+    """A model whose schema is written by hand: refs that resolve nowhere, an object without
+    properties, a list of types."""
+
+    @classmethod
+    def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return {
+            "type": "object",
+            "properties": {
+                "a": {"$ref": "#/$defs/Nope"},
+                "b": {"$ref": "Nope"},
+                "c": {"type": "object"},
+                "d": {"type": ["string", "null"]},
+            },
+        }
+
+
+def test_brief_instruction_of_odd_schemas_says_value() -> None:
+    assert json_brief(Handwritten) == "Answer with one JSON object: {a: value, b: value, c: {}, d: value}"
 
 
 def test_json_instruction_goes_into_the_system_message() -> None:
@@ -296,8 +331,29 @@ def test_clamp_truncates_at_every_depth_and_says_where() -> None:
         "count": 3,
         "opt_words": ["wxy", "ok"],
     }
-    exact = {"name": "abcd", "inner": {"label": "abcde", "tags": ["a", "b"]}, "many": [{}, {}]}
+    exact = {
+        "name": "abcd",
+        "inner": {"label": "abcde", "tags": ["a", "b"], "words": ["abc"]},
+        "many": [{}, {}],
+    }
     assert clamp_to_schema(exact, Outer.model_json_schema()) == []  # at the cap: nothing cut
+    # hand-written schemas: a $ref that resolves nowhere clamps nothing; every branch of a union is applied
+    assert clamp_to_schema({"label": "abcdefgh"}, {"$ref": "#/$defs/Inner"}) == []
+    assert clamp_to_schema({"label": "abcdefgh"}, {"$ref": "#/$defs/Gone", "$defs": {}}) == []
+    cap = {"properties": {"label": {"maxLength": 2}}}
+    assert clamp_to_schema({"label": "abcd"}, {"$ref": "Cap", "$defs": {"Cap": cap}}) == [
+        "label: truncated 4 -> 2 chars"
+    ]
+    union = {
+        "anyOf": [
+            {"type": "object", "properties": {"a": {"maxLength": 1}}},
+            {"type": "object", "properties": {"b": {"maxLength": 1}}},
+        ]
+    }
+    assert clamp_to_schema({"a": "xx", "b": "yy"}, union) == [
+        "a: truncated 2 -> 1 chars",
+        "b: truncated 2 -> 1 chars",
+    ]
     ref = {"$ref": "#/$defs/Inner"}  # a $ref at the top resolves against the root given
     assert clamp_to_schema({"label": "abcdefgh"}, ref, _root=Outer.model_json_schema()) == [
         "label: truncated 8 -> 5 chars"
@@ -400,6 +456,15 @@ def test_reask_message_quotes_the_error_and_names_the_schema() -> None:
         ('```{"a": 1}', {"a": 1}),
         ('```json\n{"a": 1}\n```\nand also {"b": 2}', {"a": 1}),
         ('``` {"a": [1]}\n', {"a": [1]}),
+        ('```json [v2]\n{"a": 1}', {"a": 1}),  # an unclosed fence: its language line is skipped
+        ('```json\n{"a":\n1}', {"a": 1}),
+        ('```json {"a": 1}', {"a": 1}),
+        ('``` {"a":\n1}', {"a": 1}),
+        ('```{"a":\n1}', {"a": 1}),
+        ('see {"a": 1}, or not', {"a": 1}),  # the span ends at its closing bracket
+        ('x {"": 1} y', {"": 1}),  # an empty string: its closing quote is no escaped character
+        ('a ] b {"a": 1} c', {"a": 1}),  # text before the opening bracket does not count
+        ('don\'t {"a": 1} end', {"a": 1}),
     ],
 )
 def test_extract_json_without_repair_finds_the_exact_span(text: str, expected: Any) -> None:
@@ -854,3 +919,15 @@ def test_an_answer_that_never_validates_is_a_parse_error(clock: Clock) -> None:
     res = go(b, schema=Small)
     assert res.parsed == {"label": "ok"} and b.stats.adjustments == 0
     assert b.sent[1]["messages"][-1]["content"] == reask_message("the model refused: no", Small).content
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('Result: {"a": "b", X} then {"c": 1} ok', {"a": "b"}),
+        ('{"a": 1, X"b": 2}  trailing {x}', {"a": 1, 'X"b': 2}),
+    ],
+)
+def test_repair_sees_only_the_first_balanced_span(text: str, expected: Any) -> None:
+    # a bare X is neither a quote nor a bracket: the span still ends at the first balanced "}"
+    assert extract_json(text) == expected
