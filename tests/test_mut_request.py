@@ -558,7 +558,7 @@ class Scripted(RemoteBackend):
         )
 
     def _adapt(self, failure: Failure, payload: dict[str, Any]) -> bool:
-        return self.adapt(failure, payload) if self.adapt else False
+        return self.adapt(failure, payload) if self.adapt else super()._adapt(failure, payload)
 
 
 _REAL_SLEEP = asyncio.sleep
@@ -658,6 +658,9 @@ def test_a_plain_answer_counts_tokens_and_releases_the_limiter_with_the_actual_u
     assert (s.calls, s.succeeded, s.failed, s.requests, s.retries) == (1, 1, 0, 1, 0)
     assert (s.prompt_tokens, s.completion_tokens) == (30, 12)
     assert clock.sleeps == []
+    b.script.append(ok(pt=1, ct=2))
+    go(b)  # the counters add up over calls
+    assert (s.calls, s.succeeded, s.requests, s.prompt_tokens, s.completion_tokens) == (2, 2, 2, 31, 14)
 
 
 def test_images_and_params_enter_the_token_estimate(clock: Clock) -> None:
@@ -743,6 +746,14 @@ def test_a_refused_connection_waits_out_the_outage_window_without_spending_retri
     assert clock.sleeps == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 64.0, 64.0, 45.0]  # up to 300 s
     assert str(ei.value) == "connection: connection refused (for 300s, outage window 300s)"
     assert ei.value.retriable is True and len(b.script) == 1
+
+
+def test_the_last_wait_of_an_outage_is_cut_to_the_window(clock: Clock) -> None:
+    refused = fail(ErrorKind.connection, "refused", status=None, refused=True)
+    b = Scripted(rcfg(outage_window_s=3.5), [refused] * 4)
+    with pytest.raises(BackendError):
+        go(b)
+    assert clock.sleeps == [1.0, 2.0, 0.5] and len(b.sent) == 4
 
 
 def test_another_failure_restarts_the_outage_window(clock: Clock) -> None:
@@ -931,3 +942,57 @@ def test_an_answer_that_never_validates_is_a_parse_error(clock: Clock) -> None:
 def test_repair_sees_only_the_first_balanced_span(text: str, expected: Any) -> None:
     # a bare X is neither a quote nor a bracket: the span still ends at the first balanced "}"
     assert extract_json(text) == expected
+
+
+class Bare(Scripted):
+    """A server that reports neither usage nor the model's name."""
+
+    def _parse_reply(self, body: bytes) -> Reply:
+        return Reply(json.loads(body)["text"])
+
+
+def test_a_reply_without_usage_or_model_counts_zero_and_names_the_configured_model(clock: Clock) -> None:
+    res = go(Bare(rcfg(), [ok()]))
+    assert (res.usage.prompt_tokens, res.usage.completion_tokens) == (0, 0)
+    assert res.model == "the-model" and res.finish_reason is None and res.attempts == 1
+
+
+def test_a_known_server_gets_the_full_schema_with_its_length_caps(clock: Clock) -> None:
+    b = Scripted(rcfg(), [ok('{"label": "ab"}')])
+    b.full_constraints = True  # what the probe sets when the server accepts maxLength & co.
+    go(b, schema=Small)
+    sch = b.sent[0]["response_format"]["json_schema"]["schema"]
+    assert sch["properties"]["label"] == {"maxLength": 5, "title": "Label", "type": "string"}
+
+
+def test_the_capability_probe_runs_once_and_is_cached(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[Any, Any, Any]] = []
+
+    async def probe(backend: Any, store: Any, *, echo: Any = None) -> str:
+        calls.append((backend, store, echo))
+        return f"probed #{len(calls)}"
+
+    monkeypatch.setattr("rmskit.models.probe.probe_and_apply", probe)
+    b = Scripted(rcfg(), [])
+    store, echo = object(), print
+
+    async def twice() -> list[Any]:
+        return list(await asyncio.gather(b.start(store, echo=echo), b.start(None)))
+
+    assert asyncio.run(twice()) == ["probed #1", "probed #1"]
+    assert calls == [(b, store, echo)] and b.probe_result == "probed #1"
+
+
+def test_a_refusal_beside_a_usable_answer_is_ignored_and_adjustments_add_up(clock: Clock) -> None:
+    b = Scripted(rcfg(), [ok('{"label": "abcdefg"}', refusal="meh"), ok('{"label": "abcdefg"}')])
+    assert go(b, schema=Small).parsed == {"label": "abcde"}
+    assert go(b, schema=Small).parsed == {"label": "abcde"}
+    assert b.stats.adjustments == 2 and b.stats.reasks == 0
+
+
+def test_a_format_refused_on_a_reask_is_a_final_bad_request(clock: Clock) -> None:
+    b = Scripted(rcfg(), [ok("nothing"), fail(message="HTTP 500: schema gone")])
+    with pytest.raises(BackendError) as ei:
+        go(b, schema=Small)
+    assert ei.value.kind == ErrorKind.bad_request and str(ei.value) == "bad_request: HTTP 500: schema gone"
+    assert b.stats.structured_mode == "json_schema" and len(b.sent) == 2

@@ -19,6 +19,7 @@ import rmskit
 from rmskit.config import BackendConfig, BuildConfig
 from rmskit.ledger import Ledger
 from rmskit.models.base import AuthenticationError
+from rmskit.pipeline.progress import Stats
 from rmskit.pipeline.prompting import prompts_fingerprint
 from rmskit.pipeline.registry import (
     ROLES,
@@ -192,11 +193,22 @@ def test_the_image_window_defaults_to_twice_the_largest_concurrency(
     assert summary.images_done == window + 3 and backend.peak == window
 
 
-def test_the_target_stops_after_the_image_that_reached_it_and_counts_earlier_runs(tmp_path: Path) -> None:
+def test_the_target_stops_after_the_image_that_reached_it_and_counts_earlier_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shown: list[Stats] = []  # what the progress display is given
+
+    class Shown(Stats):
+        def __init__(self, **kw: Any) -> None:
+            super().__init__(**kw)
+            shown.append(self)
+
+    monkeypatch.setattr("rmskit.pipeline.runner.Stats", Shown)
     # one image at a time, 3 samples each (2 risky + the control), every sample kept
     cfg = _cfg(tmp_path, perceive="model", target=6, image_window=1)
     summary = _build(cfg, ScriptedBackend(), _images(10))
     assert summary.stopped_at_target and (summary.images_done, summary.samples_ok) == (2, 6)
+    assert shown[0].ingest_finished and (shown[0].images_done, shown[0].samples_ok) == (2, 6)
     again = ScriptedBackend()  # target already met: nothing is sent
     summary = _build(cfg, again, _images(10))
     assert summary.stopped_at_target and again.requests == [] and summary.samples_ok == 6
