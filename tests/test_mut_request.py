@@ -476,6 +476,7 @@ def test_extract_json_repairs_only_when_allowed_and_refuses_empty_repairs() -> N
     with pytest.raises(JSONExtractError):
         extract_json(broken, repair=False)
     assert extract_json(broken) == {"a": 1, "b": [2, 3]}
+    assert extract_json('```\n```\n{"a": 1,}') == {"a": 1}  # an empty fenced block is skipped
     # the first candidate that parses is taken, even if a later one would too
     assert extract_json('```\n{"a": 1,}\n```\n```\n{"b": 2}\n```') == {"b": 2}
     assert extract_json('```\n{"a": 1,}\n```\n```\n{"b": 2,}\n```') == {"a": 1}
@@ -697,6 +698,10 @@ def test_retries_stop_at_the_budget_with_a_clear_error(clock: Clock) -> None:
     with pytest.raises(BackendError) as ei:
         go(b)
     assert str(ei.value) == "server: HTTP 503" and clock.sleeps == [1.0, 2.0]  # no suffix, no wait
+    b.script.append(fail())
+    with pytest.raises(BackendError):
+        go(b)
+    assert (b.stats.calls, b.stats.failed, b.stats.succeeded) == (2, 2, 0)
 
 
 def test_a_final_failure_is_not_retried(clock: Clock) -> None:
