@@ -17,8 +17,9 @@ from test_build_pipeline import ScriptedBackend, _cfg, _images, _run
 
 import rmskit
 from rmskit.config import BackendConfig, BuildConfig
+from rmskit.executors import ExecutorConfig
 from rmskit.ledger import Ledger
-from rmskit.models.base import AuthenticationError
+from rmskit.models.base import AuthenticationError, ErrorKind
 from rmskit.pipeline.progress import Stats
 from rmskit.pipeline.prompting import prompts_fingerprint
 from rmskit.pipeline.registry import (
@@ -32,7 +33,7 @@ from rmskit.pipeline.registry import (
     stage,
     writer_for,
 )
-from rmskit.pipeline.runner import BuildSummary, Pipeline, run_build
+from rmskit.pipeline.runner import BuildSummary, Pipeline, build, run_build
 from rmskit.pipeline.stages import sample_id
 from rmskit.records import Rejection
 from rmskit.testing.rms_script import stage_of
@@ -441,3 +442,97 @@ def test_perceive_model_without_vision_is_refused_with_the_way_out(
         "--stage-model perceive=SPEC, or derive perception from captions/instances with --perceive annotations"
     )
     assert [b.closed for b in Started.made] == [1]  # closed even so
+
+
+class Slow(ScriptedBackend):
+    """Records each request's output cap; `slow` prompt stages answer only after a pause."""
+
+    def __init__(self, slow: tuple[str, ...] = (), **kw: Any) -> None:
+        super().__init__(**kw)
+        self.slow = slow
+        self.caps: dict[str, set[int]] = {}
+
+    async def generate(self, messages, *, schema=None, params=None):
+        stage = stage_of(messages[0].content)
+        if params is not None:
+            self.caps.setdefault(stage, set()).add(params.max_tokens)
+        if stage in self.slow:
+            await asyncio.sleep(0.3)
+        return await super().generate(messages, schema=schema, params=params)
+
+
+def test_a_transient_failure_leaves_the_image_pending_after_its_other_samples_finish(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shown: list[Stats] = []
+
+    class Shown(Stats):
+        def __init__(self, **kw: Any) -> None:
+            super().__init__(**kw)
+            shown.append(self)
+
+    monkeypatch.setattr("rmskit.pipeline.runner.Stats", Shown)
+    imgs = _images(2)
+    # the risky responses fail (server down) at once, the controls answer slowly: they are still kept
+    backend = Slow(slow=("respond_control",), fail_stage="respond", fail_kind=ErrorKind.server)
+    cfg = _cfg(tmp_path, perceive="model", stage_max_tokens={"compose": 99})
+    summary = _build(cfg, backend, imgs)
+    assert (summary.images_pending, summary.images_done, summary.samples_ok) == (2, 0, 2)
+    assert shown[0].images_pending == 2 and shown[0].images_failed == 0
+    with Ledger(tmp_path / "run", readonly=True) as led:
+        rows = led.query("SELECT status, error FROM images ORDER BY rowid")
+        kept = [(s["kind"], s["category"]) for s in led.iter_samples("ok")]
+    assert [tuple(r) for r in rows] == [("pending", "respond: server: server after 6 attempts")] * 2
+    assert kept == [("control", "none")] * 2
+    log = (tmp_path / "run" / "build.log").read_text()
+    for i in imgs:
+        line = f"image {i.source_path} ({i.sha256[:12]}) left for a re-run: respond: server: server after 6 attempts"
+        assert line in log
+    assert backend.caps["compose"] == {99} and backend.caps["perceive"] == {700}  # the configured caps
+
+
+def test_stopping_at_the_target_cancels_the_images_in_flight_cleanly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    made: list[Pipeline] = []
+
+    class Seen(Pipeline):
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    monkeypatch.setattr("rmskit.pipeline.runner.Pipeline", Seen)
+    cfg = _cfg(tmp_path, perceive="model", target=1, image_window=4)
+    with caplog.at_level(logging.ERROR):
+        summary = _build(cfg, Slow(slow=("respond",)), _images(8))
+    assert summary.stopped_at_target and 1 <= summary.samples_ok <= 1 + 3 * 4
+    assert summary.images_done < 8 and summary.images_failed == 0
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert made[0]._tasks == set()  # finished image tasks are not kept
+
+
+def test_build_runs_the_sources_and_the_executor_it_is_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    Started.made = []
+    monkeypatch.setattr("rmskit.pipeline.runner.load_backend", lambda c: Started(c))
+    seen: list[Any] = []
+
+    def sources(srcs: list[str], ingest: Any, cache: Path) -> list[Any]:
+        seen.append((srcs, cache))
+        return _images(1)
+
+    monkeypatch.setattr("rmskit.ingest.sources.iter_sources", sources)
+    cfg = _cfg(tmp_path, perceive="model")
+    summary = build(cfg)  # not quiet by default: the probe line is shown
+    assert summary.images_done == 1 and seen == [(["/src"], tmp_path / "run" / "images")]
+    assert "probed openai:scripted" in capsys.readouterr().err
+    assert build(cfg, quiet=True, executor=ExecutorConfig(kind="local")).images_done == 1
+    assert capsys.readouterr().err == ""
+
+    async def on_ray(c: BuildConfig, ex: ExecutorConfig, *, quiet: bool) -> Any:
+        return (c, ex, quiet)
+
+    monkeypatch.setattr("rmskit.executors.ray.run_build_ray", on_ray)
+    ray = ExecutorConfig(kind="ray")
+    assert build(cfg, quiet=True, executor=ray) == (cfg, ray, True)  # type: ignore[comparison-overlap]
