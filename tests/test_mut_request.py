@@ -477,6 +477,8 @@ def test_extract_json_repairs_only_when_allowed_and_refuses_empty_repairs() -> N
         extract_json(broken, repair=False)
     assert extract_json(broken) == {"a": 1, "b": [2, 3]}
     assert extract_json('```\n```\n{"a": 1,}') == {"a": 1}  # an empty fenced block is skipped
+    # a candidate the repairer gives up on (it raises on 5000 open brackets) does not end the search
+    assert extract_json("```\n" + "[" * 5000 + '\n```\n```\n{"a": 1,}\n```') == {"a": 1}
     # the first candidate that parses is taken, even if a later one would too
     assert extract_json('```\n{"a": 1,}\n```\n```\n{"b": 2}\n```') == {"b": 2}
     assert extract_json('```\n{"a": 1,}\n```\n```\n{"b": 2,}\n```') == {"a": 1}
