@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 import re
 from datetime import datetime
@@ -540,3 +541,92 @@ def test_build_runs_the_sources_and_the_executor_it_is_given(
     monkeypatch.setattr("rmskit.executors.ray.run_build_ray", on_ray)
     ray = ExecutorConfig(kind="ray")
     assert build(cfg, quiet=True, executor=ray) == (cfg, ray, True)  # type: ignore[comparison-overlap]
+
+
+def test_failed_images_are_counted_and_logged_once_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shown: list[Stats] = []
+
+    class Shown(Stats):
+        def __init__(self, **kw: Any) -> None:
+            super().__init__(**kw)
+            shown.append(self)
+
+    monkeypatch.setattr("rmskit.pipeline.runner.Stats", Shown)
+    imgs = _images(4)
+    real_adj = Pipeline._adjustments
+
+    def bug(self, sha, sid):
+        if sha == imgs[3].sha256:
+            raise ValueError("a bug")
+        return real_adj(self, sha, sid)
+
+    monkeypatch.setattr(Pipeline, "_adjustments", bug)
+    # images 1 and 2: discover refused for good (a bad request); image 3: a bug; image 0: fine
+
+    class Picky(ScriptedBackend):
+        async def generate(self, messages, *, schema=None, params=None):
+            shas = {i.sha256 for m in messages for i in m.images}
+            self.fail_stage = "discover" if shas & {imgs[1].sha256, imgs[2].sha256} else None
+            return await super().generate(messages, schema=schema, params=params)
+
+    summary = _build(
+        _cfg(tmp_path, perceive="model", image_window=1), Picky(fail_kind=ErrorKind.bad_request), imgs
+    )
+    assert (summary.images_done, summary.images_failed) == (1, 3)
+    assert (shown[0].images_done, shown[0].images_failed, shown[0].images_pending) == (1, 3, 0)
+    log = (tmp_path / "run" / "build.log").read_text()
+    for i in imgs[1:3]:
+        line = f"image {i.source_path} ({i.sha256[:12]}) failed: discover: bad_request: bad_request after 6 attempts"
+        assert log.count(line) == 1
+    assert log.count(f"ERROR rmskit.pipeline: image {imgs[3].source_path} crashed") == 1
+
+
+class Truncating(ScriptedBackend):
+    async def generate(self, messages, *, schema=None, params=None):
+        res = await super().generate(messages, schema=schema, params=params)
+        stage = self.requests[-1]["stage"]
+        if stage in ("perceive", "compose"):
+            return res.model_copy(update={"adjustments": [f"{stage} field: cut"]})
+        return res
+
+
+def test_each_sample_records_its_own_truncations_and_its_images(tmp_path: Path) -> None:
+    _build(_cfg(tmp_path, perceive="model"), Truncating(), _images(1))
+    with Ledger(tmp_path / "run", readonly=True) as led:
+        samples = list(led.iter_samples("ok"))
+        assert len(samples) == 3
+        for s in samples:
+            caps = s["checks"]["caps"]["adjustments"]
+            perceive = [c for c in caps if c.startswith("perceive:")]
+            compose = [c for c in caps if c.startswith("compose:")]
+            assert len(perceive) == 1 and "perceive field: cut" in perceive[0]
+            assert len(compose) == (s["rounds"] if s["kind"] == "risky" else 0)  # its own rounds only
+            assert len(caps) == len(perceive) + len(compose)
+
+
+def test_a_resumed_image_renders_the_plan_it_first_saw(tmp_path: Path) -> None:
+    a, b = _images(2)
+
+    class FailA(ScriptedBackend):
+        async def generate(self, messages, *, schema=None, params=None):
+            shas = {i.sha256 for m in messages for i in m.images}
+            self.fail_stage = "discover" if a.sha256 in shas and self.fail_kind == ErrorKind.server else None
+            return await super().generate(messages, schema=schema, params=params)
+
+    cfg = _cfg(tmp_path, perceive="model", image_window=1)
+    first = FailA()
+    _build(cfg, first, [a, b])  # a: discover fails (server down), b: done, the taxonomy grows
+    again = ScriptedBackend()
+    summary = _build(cfg, again, [a, b])
+    assert summary.images_done == 2
+
+    def discover_of_a(backend: ScriptedBackend) -> list[str]:
+        return [
+            json.dumps(r["body"])
+            for r in backend.requests
+            if r["stage"] == "discover" and a.sha256 in r["shas"]
+        ]
+
+    assert discover_of_a(again) == discover_of_a(first)[:1]  # the same prompt: the stored plan
