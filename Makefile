@@ -41,7 +41,9 @@ typecheck: setup
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(PY) bench/peers/bench.py --out bench/results/peers.txt
+	HF_HUB_OFFLINE=1 $(PY) bench/peers/bench.py --jobs a --peers rmskit --latency 0.02 --out bench/results/peers.txt
 	HF_HUB_OFFLINE=1 $(PY) bench/startup.py
+	HF_HUB_OFFLINE=1 $(PY) bench/rss_scale.py --out bench/results/rss_scale.txt
 	HF_HUB_OFFLINE=1 $(PY) bench/orchestration.py
 	HF_HUB_OFFLINE=1 $(PY) bench/scale.py
 	HF_HUB_OFFLINE=1 $(PY) bench/local_backend.py
