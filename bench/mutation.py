@@ -91,13 +91,16 @@ GROUPS: dict[str, Group] = {
     ),
     # the runner and its resume/target logic, with the stage registry beside it
     "runner": Group(
-        ("src/rmskit/pipeline/runner.py", "src/rmskit/pipeline/registry.py"),
+        ("src/rmskit/pipeline/runner.py", "src/rmskit/pipeline/registry.py", "src/rmskit/pipeline/finish.py"),
         (
             "tests/test_mut_runner.py",
             "tests/test_build_pipeline.py",
             "tests/test_stage_resume.py",
             "tests/test_stage_registry.py",
             "tests/test_schema_parity.py",
+            "tests/test_finish.py",
+            "-k",
+            "not encoded_once",  # real HTTP + photos: seconds per mutant; the rest of test_finish covers finish.py
         ),
     ),
     "export": Group(("src/rmskit/export/writer.py",), ("tests/test_mut_export.py", "tests/test_export.py")),
