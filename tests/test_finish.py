@@ -99,6 +99,9 @@ def test_embedding_probes_read_a_bounded_order_free_sample(monkeypatch) -> None:
     shuffled = random.Random(1).sample(texts, len(texts))
     assert {shuffled[i] for i in embedded_rows(shuffled, 50)} == picked  # order does not matter
     assert embedded_rows(texts, 500) == list(range(200))
+    repeated = [texts[i % 7] for i in range(300)]  # few distinct texts, many rows: rows are capped too
+    rows = embedded_rows(repeated, 50)
+    assert len(rows) == 50 and rows == sorted(rows) and len({repeated[i] for i in rows}) <= 7
 
     async def go() -> QueryEmbeddings:
         q = QueryEmbeddings(batch=16, idle_s=0.01, limit=50)

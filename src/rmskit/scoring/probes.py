@@ -106,13 +106,11 @@ def text_key(text: str) -> int:
 
 
 def embedded_rows(texts: list[str], limit: int = EMBED_LIMIT) -> list[int]:
-    """Indices of the rows the embedding probes use: all, or those whose text is among the `limit`
-    distinct texts with the smallest `text_key` (a bottom-k sample)."""
-    distinct = set(texts)
-    if len(distinct) <= limit:
+    """Indices of the rows the embedding probes use: all, or the `limit` rows with the smallest
+    (`text_key`, position) - a bottom-k sample by text, so repeated texts cannot grow it past `limit`."""
+    if len(texts) <= limit:
         return list(range(len(texts)))
-    keep = set(heapq.nsmallest(limit, distinct, key=text_key))
-    return [i for i, t in enumerate(texts) if t in keep]
+    return sorted(heapq.nsmallest(limit, range(len(texts)), key=lambda i: (text_key(texts[i]), i)))
 
 
 class QueryEmbeddings:
