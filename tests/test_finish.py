@@ -174,3 +174,64 @@ def test_an_image_is_encoded_once_and_its_encoding_dropped_when_its_stages_are_d
     assert summary.images_done == 3 and len(with_image) > 6  # several requests per image carried it
     assert sorted(encoded) == sorted(r.sha256 for r in recs)  # ...from one encoding each
     assert not any(k[0] == r.sha256 for k in images._IMAGE_CACHE for r in recs)
+
+
+def test_finish_warms_imports_once_in_a_daemon_thread_and_tolerates_missing_modules(monkeypatch) -> None:
+    import sys
+    import threading
+
+    seen: list[tuple[str, bool]] = []
+    done = threading.Event()
+
+    def fake() -> None:
+        t = threading.current_thread()
+        seen.append((t.name, t.daemon))
+        done.set()
+
+    monkeypatch.setattr(finish_mod, "_import_heavy_modules", fake)
+    f = finish_mod.Finish()
+    f.feed_done()
+    f.feed_done()  # the tail is announced once per run, but a second call must not start another thread
+    assert done.wait(5)
+    for t in threading.enumerate():
+        if t.name == "rmskit-warm-imports":
+            t.join(5)
+    assert seen == [("rmskit-warm-imports", True)]
+    monkeypatch.undo()
+    monkeypatch.setattr(finish_mod, "_HEAVY_MODULES", ("no_such_module_rmskit", "json"))
+    sys.modules.pop("no_such_module_rmskit", None)
+    finish_mod._import_heavy_modules()  # a missing module is skipped, the next still imported
+
+
+def test_finish_drains_the_background_embedder_and_cancel_drops_it(tmp_path: Path, monkeypatch) -> None:
+    calls: list[list[str]] = []
+    _counting_embed(monkeypatch, calls)
+    got: dict[str, object] = {}
+
+    def fake_finish(run_dir, ledger, queries):
+        got["queries"], got["done"] = queries, dict(queries._done)
+        return {"dataset_dir": str(run_dir)}
+
+    monkeypatch.setattr(finish_mod, "finish_dataset", fake_finish)
+
+    async def go() -> tuple[dict, finish_mod.Finish]:
+        f = finish_mod.Finish()
+        f.start()
+        for i in range(3):
+            f.kept({"query": f"may I stack these boxes number {i}", "kind": "risky"})
+        f.kept({"query": None})  # a sample without a query is ignored
+        out = await f.finish(tmp_path, None)  # type: ignore[arg-type]
+        assert f._embedding is None
+        g = finish_mod.Finish()
+        g.start()
+        task = g._embedding
+        await g.cancel()
+        assert task is not None and task.cancelled() and g._embedding is None
+        await g.cancel()  # twice is fine
+        return out, f
+
+    out, f = asyncio.run(go())
+    assert out == {"dataset_dir": str(tmp_path)}
+    assert got["queries"] is f.queries
+    assert sorted(got["done"]) == [f"may I stack these boxes number {i}" for i in range(3)]  # type: ignore[arg-type]
+    assert [len(c) for c in calls] == [3]  # one background batch, drained by finish

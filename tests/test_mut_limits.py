@@ -243,7 +243,7 @@ def test_request_limiter_corrects_only_what_was_charged(fake: FakeTime) -> None:
     assert asyncio.run(go()) == [10.0, 10.0, 5.0]
 
 
-def test_priority_slots_serve_the_lowest_priority_first_and_survive_cancellation() -> None:
+def test_limiter_priority_slots_serve_the_lowest_priority_first_and_survive_cancellation() -> None:
     """Queued requests get free slots lowest priority value first (FIFO within one value); a waiter
     cancelled in the queue is skipped, and one cancelled right after being handed a slot passes it on."""
     from rmskit.models.limits import PrioritySlots
