@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,15 @@ def export_onnx(dest: Path | None = None) -> Path:
     src = model_dir()
     dest = dest or onnx_path(src)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    bert = AutoModel.from_pretrained(str(src)).eval()
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a one-off export inside a quiet build must print nothing
+    try:
+        bert = AutoModel.from_pretrained(str(src)).eval()
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
     class _Encoder(torch.nn.Module):  # keyword call: forward()'s positional order varies by version
         def __init__(self) -> None:
@@ -161,12 +170,17 @@ def release_shared() -> None:
     _SHARED = None
 
 
+_SHARED_LOCK = threading.Lock()
+
+
 def shared() -> OnnxMiniLM:
-    """One process-wide embedder (the session is ~90 MB; taxonomy and probes share it)."""
+    """One process-wide embedder (the session is ~90 MB; taxonomy and probes share it). Locked: the
+    build's background embedder and its taxonomy may ask at once, and must not export or load twice."""
     global _SHARED
-    if _SHARED is None:
-        _SHARED = OnnxMiniLM()
-    return _SHARED
+    with _SHARED_LOCK:
+        if _SHARED is None:
+            _SHARED = OnnxMiniLM()
+        return _SHARED
 
 
 def main(argv: list[str]) -> int:
