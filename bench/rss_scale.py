@@ -117,7 +117,6 @@ def measure(n: int, latency: float, capacity: int, photos: list[str]) -> dict:
     at = {}
     for q in (0.25, 0.5, 0.75):
         at[q] = next((r for _, k, r in trace if k >= q * total), 0.0)
-    last = max((r for _, k, r in trace if k >= total), default=0.0)
     end_of_run = next((r for _, k, r in trace if k >= total), 0.0)
     return {
         "images": n,
@@ -125,7 +124,6 @@ def measure(n: int, latency: float, capacity: int, photos: list[str]) -> dict:
         "wall_s": time.time() - t0,
         "rss": at,
         "rss_last_response": end_of_run,
-        "rss_max_after": last,
         "peak": max(peak, max(r for _, _, r in trace)),
     }
 

@@ -466,9 +466,8 @@ class Slow(ScriptedBackend):
         return await super().generate(messages, schema=schema, params=params)
 
 
-def test_a_transient_failure_leaves_the_image_pending_after_its_other_samples_finish(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _capture_stats(monkeypatch: pytest.MonkeyPatch) -> list[Stats]:
+    """Every progress Stats the runner creates, to read its counters after the build."""
     shown: list[Stats] = []
 
     class Shown(Stats):
@@ -477,6 +476,13 @@ def test_a_transient_failure_leaves_the_image_pending_after_its_other_samples_fi
             shown.append(self)
 
     monkeypatch.setattr("rmskit.pipeline.runner.Stats", Shown)
+    return shown
+
+
+def test_a_transient_failure_leaves_the_image_pending_after_its_other_samples_finish(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shown = _capture_stats(monkeypatch)
     imgs = _images(2)
     # the risky responses fail (server down) at once, the controls answer slowly: they are still kept
     backend = Slow(slow=("respond_control",), fail_stage="respond", fail_kind=ErrorKind.server)
@@ -546,14 +552,7 @@ def test_build_runs_the_sources_and_the_executor_it_is_given(
 def test_failed_images_are_counted_and_logged_once_each(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    shown: list[Stats] = []
-
-    class Shown(Stats):
-        def __init__(self, **kw: Any) -> None:
-            super().__init__(**kw)
-            shown.append(self)
-
-    monkeypatch.setattr("rmskit.pipeline.runner.Stats", Shown)
+    shown = _capture_stats(monkeypatch)
     imgs = _images(4)
     real_adj = Pipeline._adjustments
 

@@ -399,9 +399,9 @@ def test_images_sent_as_resized_jpeg_data_urls(
     calls: list[Path] = []
     real_encode = images.encode_image_data_url
 
-    def counting(path: Path, max_side: int, quality: int = 90) -> str:
+    def counting(path: Path, max_side: int, quality: int = 90, **kw: Any) -> str:
         calls.append(path)
-        return real_encode(path, max_side, quality)
+        return real_encode(path, max_side, quality, **kw)
 
     monkeypatch.setattr(images, "encode_image_data_url", counting)
     imgs = [ImageInput(sha256=f"{n:0<64}"[:64], path=p) for n, p in paths.items()]

@@ -84,12 +84,12 @@ def passthrough_data_url(path: Path, max_side: int) -> str | None:
     return _JPEG_PREFIX + base64.b64encode(data).decode("ascii") if ok else None
 
 
-def encode_image_data_url(path: Path, max_side: int, quality: int = 90) -> str:
+def encode_image_data_url(path: Path, max_side: int, quality: int = 90, *, passthrough: bool = True) -> str:
     """A JPEG data URL of the image at `path`, longest side at most `max_side` (EXIF orientation
     applied, alpha flattened onto white). Blocking: call it off the event loop."""
     from PIL import Image, ImageOps
 
-    url = passthrough_data_url(path, max_side)
+    url = passthrough_data_url(path, max_side) if passthrough else None
     if url is not None:
         return url
     with Image.open(path) as src:
@@ -132,7 +132,9 @@ class ImageURLs:
         if url is not None:
             return url
         fut = self._pending.get(key)
+        tried = False  # the pass-through was tried here: the re-encode need not read the file for it again
         if fut is None and _small(img.path):
+            tried = True
             # A small file is read on the loop: a thread hop costs more than the read itself.
             url = passthrough_data_url(img.path, max_side)
             if url is not None:
@@ -140,7 +142,9 @@ class ImageURLs:
                 return url
         if fut is None:
             # One encoding per image even when several requests for it start at once.
-            fut = asyncio.ensure_future(asyncio.to_thread(encode_image_data_url, img.path, key[1]))
+            fut = asyncio.ensure_future(
+                asyncio.to_thread(encode_image_data_url, img.path, key[1], passthrough=not tried)
+            )
             self._pending[key] = fut
 
             def _done(f: asyncio.Future[str], key: tuple[str, int] = key) -> None:
