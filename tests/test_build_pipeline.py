@@ -319,6 +319,48 @@ def test_required_checks_gate_but_every_check_is_recorded(tmp_path: Path) -> Non
     assert all(s["checks"]["response"]["pass"] is False for s in led.iter_samples("ok"))
 
 
+def test_empty_query_or_response_is_never_kept(tmp_path: Path) -> None:
+    """A model that answers with blank text passes every lexical test; it must still not be kept."""
+
+    class Blank(ScriptedBackend):
+        def __init__(self, stage: str, field: str) -> None:
+            super().__init__()
+            self.blank_stage, self.field = stage, field
+
+        async def generate(self, messages, *, schema=None, params=None):
+            from rmskit.testing.rms_script import stage_of
+
+            res = await super().generate(messages, schema=schema, params=params)
+            if stage_of(messages[0].content) != self.blank_stage:
+                return res
+            content = {**json.loads(res.text), self.field: "  "}
+            return Result(text=json.dumps(content), parsed=content, model=self.model_id)
+
+    for stage, field in (("compose", "query"), ("respond", "response")):
+        backend = Blank(stage, field)
+        cfg = _cfg(
+            tmp_path / stage,
+            perceive="model",
+            scenarios_per_image=2,
+            max_rounds=2,
+            required_checks=["lexical"],
+            controls=False,
+        )
+        summary = _run(cfg, backend, _images(1))
+        assert summary.samples_ok == 0 and summary.samples_failed == 2, (stage, summary)
+        led = Ledger(tmp_path / stage / "run")
+        for s in led.iter_samples("failed"):
+            rounds = led.rounds(s["id"], "query" if field == "query" else "response")
+            assert [r["round"] for r in rounds] == [1, 2]
+            for r in rounds:
+                assert r["data"]["checks"] == {"nonempty": {"pass": False, "reason": f"the {field} is empty"}}
+        # Each blank round asks again once (max_rounds=2) and sends no check for the blank text.
+        stages = [r["stage"] for r in backend.requests]
+        assert stages.count(stage) == 4
+        checks = "check_text_only" if stage == "compose" else "check_response"
+        assert stages.count(checks) == 0
+
+
 def test_dry_run_estimates_without_calling_anything(tmp_path: Path, photo_dir: Path) -> None:
     from typer.testing import CliRunner
 

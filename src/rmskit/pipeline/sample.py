@@ -85,7 +85,10 @@ class SampleLoop:
             inputs = self.ctx.inputs(self.perception, attempts=attempts, query=query, **self._scenario_vars())
             out = await self.ctx.stage(writer.name, key, inputs, distinct=distinct)
             text = out[field].strip()
-            if text in seen:  # the same failing answer again: don't re-send its checks
+            if not text:  # an empty query or response is never kept, whatever checks are required
+                checks = {"nonempty": {"pass": False, "reason": f"the {field} is empty"}}
+                feedback, passed = f"the {field} was empty: write one", False
+            elif text in seen:  # the same failing answer again: don't re-send its checks
                 prev, checks, prev_fb = seen[text]
                 feedback, passed = f"{prev_fb}; it repeats attempt {prev} word for word", False
             else:
