@@ -4,6 +4,7 @@ from a ledger built by hand with real photos, review decisions and a fake API ke
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import json
 import os
@@ -587,3 +588,54 @@ def test_the_parquet_schema_is_the_datasets_schema_without_importing_datasets() 
     probe = "import sys; from rmskit.export.parquet import arrow_schema; arrow_schema(); print('datasets' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_export_reads_samples_back_in_chunks_and_holds_only_light_records(
+    run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Memory on long runs (issue 13 §5): curation holds a few fields per sample, the writers read the
+    full samples back in chunks; chunks of 2 give byte-identical files."""
+    prepare_mod = importlib.import_module("rmskit.export.prepare")  # the package re-exports prepare()
+
+    prep = prepare(run.run_dir)
+    light = {"id", "image_sha256", "kind", "category", "query", "label", "split"}
+    for rec in prep.result.kept:
+        if rec["id"] == run.edited:  # a sample with review edits is read whole (its edit provenance)
+            assert "response" in rec and rec["edited"]["fields"] == ["query", "response"]
+        else:
+            assert set(rec) == light, set(rec) - light
+    reads: list[int] = []
+    real_query = Ledger.query
+
+    def counting(self: Ledger, sql: str, params: tuple | dict = ()) -> list[tuple]:
+        if "WHERE id IN" in sql:
+            reads.append(len(params))
+        return real_query(self, sql, params)
+
+    monkeypatch.setattr(prepare_mod, "_CHUNK", 2)
+    monkeypatch.setattr(Ledger, "query", counting)
+    out = export(run.run_dir, "jsonl", tmp_path / "chunked")
+    assert reads and max(reads) == 2 and sum(reads) == len(prep.samples)
+    assert (out / "samples.jsonl").read_text() == (run.exports["jsonl"] / "samples.jsonl").read_text()
+    for fmt in ("llava", "judge"):
+        out = export(run.run_dir, fmt, tmp_path / f"chunked-{fmt}")
+        for name in ("train.json", "test.json"):
+            assert (out / name).read_text() == (run.exports[fmt] / name).read_text()
+
+
+@pytest.mark.parametrize("splits", [[], ["train"], ["test", "train", "test", None, "train"]])
+def test_split_arrays_are_the_text_json_dumps_gives(tmp_path: Path, splits: list[str | None]) -> None:
+    from types import SimpleNamespace
+
+    from rmskit.export.convo import write_split_arrays
+
+    samples = [SimpleNamespace(id=i, split=sp) for i, sp in enumerate(splits)]
+
+    def make(s) -> dict:
+        return {"id": s.id, "text": 'line\nbreak "quoted" é', "nested": {"xs": [1, {"y": []}], "e": {}}}
+
+    files = write_split_arrays(samples, make, tmp_path)  # type: ignore[arg-type]
+    assert files == {"train": "train.json", "test": "test.json"}
+    for sp in ("train", "test"):
+        want = json.dumps([make(s) for s in samples if s.split == sp], ensure_ascii=False, indent=1)
+        assert (tmp_path / f"{sp}.json").read_text(encoding="utf-8") == want + "\n"

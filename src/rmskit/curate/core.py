@@ -6,13 +6,14 @@ order), so rerunning on the same ledger gives the same result."""
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
 
 from rmskit.curate.dedup import near_duplicate_images, near_duplicate_queries
 from rmskit.curate.split import split_of, unit_hash
-from rmskit.records import ImageRecord, Sample
+from rmskit.records import Sample
 
 EDITABLE = ("query", "response", "category")
 
@@ -48,7 +49,7 @@ class CurateResult(BaseModel):
     stats: CurateStats
 
 
-def _apply_review(sample: dict[str, Any], state: dict[str, Any] | None) -> dict[str, Any]:
+def apply_review(sample: dict[str, Any], state: dict[str, Any] | None) -> dict[str, Any]:
     """The sample with review edits applied and their provenance in `edited`."""
     out = {k: v for k, v in sample.items() if k in Sample.model_fields and k != "image"}
     edits = {k: v for k, v in ((state or {}).get("edits") or {}).items() if k in EDITABLE}
@@ -70,9 +71,18 @@ def _nested_counts(kept: list[dict[str, Any]], field: str) -> dict[str, dict[str
     return {split: dict(sorted(c.items())) for split, c in sorted(out.items())}
 
 
+class ImageInfo(Protocol):
+    """What curation reads of an image (an `ImageRecord`, or the export's light `ImageRef`)."""
+
+    @property
+    def phash(self) -> str: ...
+    @property
+    def source_path(self) -> str: ...
+
+
 def curate(
     samples: list[dict[str, Any]],
-    images: dict[str, ImageRecord],
+    images: Mapping[str, ImageInfo],
     *,
     review: dict[str, dict[str, Any]] | None = None,
     seed: int = 0,
@@ -112,7 +122,7 @@ def curate(
                 )
             )
             continue
-        live.append(_apply_review(raw, state))
+        live.append(apply_review(raw, state))
 
     # 2. perceptual near-duplicate images, among images that still have samples
     used = {s["image_sha256"] for s in live}

@@ -78,7 +78,7 @@ def size_category(n: int) -> str:
 
 def license_of(prep: Prepared) -> tuple[str, dict[str, int]]:
     """The Hub license id for the whole dataset, and per-license sample counts."""
-    counts = Counter(s.license or "unknown" for s in prep.samples)
+    counts = prep.samples.digest.licenses
     ids = {lic.strip().lower() for lic in counts}
     if not counts or ids == {"unknown"}:
         return "unknown", dict(counts)
@@ -125,10 +125,7 @@ def _models_per_stage(prep: Prepared) -> list[list[Any]]:
     config = prep.meta.get("config") or {}
     main = (config.get("model") or {}).get("spec")
     per_stage = config.get("stage_models") or {}
-    used: dict[str, Counter[str]] = {}
-    for s in prep.samples:
-        for stage, model in (s.models or {}).items():
-            used.setdefault(stage, Counter())[model] += 1
+    used = prep.samples.digest.models
     rows = []
     for stage in sorted(
         set(STAGES) | set(used), key=lambda x: (x not in STAGES, STAGES.index(x) if x in STAGES else 0, x)
@@ -142,10 +139,7 @@ def _models_per_stage(prep: Prepared) -> list[list[Any]]:
 
 def _prompt_versions(prep: Prepared) -> list[list[Any]]:
     current = prep.meta.get("prompt_versions") or {}
-    used: dict[str, Counter[str]] = {}
-    for s in prep.samples:
-        for stage, ver in (s.prompt_versions or {}).items():
-            used.setdefault(stage, Counter())[ver] += 1
+    used = prep.samples.digest.prompts
     rows = []
     for stage in sorted(set(current) | set(used)):
         seen = ", ".join(f"{v} ({n})" for v, n in sorted(used.get(stage, Counter()).items()))
@@ -270,7 +264,7 @@ def render_card(
         "Categories grew from the data: proposed names were merged into existing categories (aliases) "
         "or became new ones.\n\n"
     )
-    counts = Counter(s.category for s in prep.samples if s.kind == "risky")
+    counts = prep.samples.digest.risky_categories
     tax_rows = [
         [
             t["name"],

@@ -12,6 +12,8 @@ LLaMA-Factory uses as its dataset_dir / media_dir) and a dataset_info.json regis
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,15 +66,30 @@ def dataset_info(fmt: ConvoFormat, files: dict[str, str], name: str = "rmskit") 
     return {f"{name}_{split}": {"file_name": fname, **entry} for split, fname in files.items()}
 
 
-def write_conversations(samples: list[Sample], fmt: ConvoFormat, out: Path) -> list[str]:
+def write_split_arrays(
+    samples: Iterable[Sample], make: Callable[[Sample], dict[str, Any]], out: Path
+) -> dict[str, str]:
+    """train.json and test.json in one pass, a record at a time (the text `json.dumps(records,
+    indent=1)` gives, without holding the records); returns split -> file name."""
+    files = {split: f"{split}.json" for split in ("train", "test")}
+    with ExitStack() as stack:
+        fhs = {sp: stack.enter_context((out / f).open("w", encoding="utf-8")) for sp, f in files.items()}
+        started: set[str] = set()
+        for s in samples:
+            fh = fhs.get(s.split or "")
+            if fh is None:
+                continue
+            text = json.dumps(make(s), ensure_ascii=False, indent=1).replace("\n", "\n ")
+            fh.write((",\n " if s.split in started else "[\n ") + text)
+            started.add(str(s.split))
+        for sp, fh in fhs.items():
+            fh.write("\n]\n" if sp in started else "[]\n")
+    return files
+
+
+def write_conversations(samples: Iterable[Sample], fmt: ConvoFormat, out: Path) -> list[str]:
     """Write <out>/train.json, <out>/test.json and <out>/dataset_info.json; returns the file names."""
-    make = llava_record if fmt == "llava" else sharegpt_record
-    files: dict[str, str] = {}
-    for split in ("train", "test"):
-        recs = [make(s) for s in samples if s.split == split]
-        fname = f"{split}.json"
-        (out / fname).write_text(json.dumps(recs, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-        files[split] = fname
+    files = write_split_arrays(samples, llava_record if fmt == "llava" else sharegpt_record, out)
     info = json.dumps(dataset_info(fmt, files), indent=2)
     (out / "dataset_info.json").write_text(info + "\n", encoding="utf-8")
     return [*files.values(), "dataset_info.json"]

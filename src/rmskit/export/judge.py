@@ -11,10 +11,11 @@ Writes train.json, test.json, images/ and dataset_info.json (entries `rmskit_jud
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from rmskit.export.convo import dataset_info
+from rmskit.export.convo import dataset_info, write_split_arrays
 from rmskit.records import Sample
 from rmskit.scoring.prompts import DEFAULT_PROMPT, judge_turns
 
@@ -37,14 +38,9 @@ def judge_record(s: Sample, version: str = DEFAULT_PROMPT) -> dict[str, Any]:
     }
 
 
-def write_judge(samples: list[Sample], out: Path, version: str = DEFAULT_PROMPT) -> list[str]:
+def write_judge(samples: Iterable[Sample], out: Path, version: str = DEFAULT_PROMPT) -> list[str]:
     """Write <out>/train.json, <out>/test.json and <out>/dataset_info.json; returns the file names."""
-    files: dict[str, str] = {}
-    for split in ("train", "test"):
-        recs = [judge_record(s, version) for s in samples if s.split == split]
-        fname = f"{split}.json"
-        (out / fname).write_text(json.dumps(recs, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-        files[split] = fname
+    files = write_split_arrays(samples, lambda s: judge_record(s, version), out)
     info = dataset_info("sharegpt", files, name="rmskit_judge")
     (out / "dataset_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return [*files.values(), "dataset_info.json"]

@@ -129,11 +129,10 @@ def write_parquet(prep: Prepared, data_dir: Path) -> dict[str, list[str]]:
     schema = arrow_schema()
     written: dict[str, list[str]] = {}
     for split in SPLITS:
-        samples = prep.by_split(split)
-        if not samples:
+        if not prep.result.stats.samples.get(split):
             continue
         out = _SplitWriter(data_dir, split, schema)
-        for sample in samples:
+        for sample in prep.by_split(split):
             data = prep.image_files[sample.image_sha256].read_bytes()
             out.add(_row(sample, data, prep.image_name(sample.image_sha256)), len(data))
         written[split] = out.close()

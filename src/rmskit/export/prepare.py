@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import time
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from rmskit.config import BuildConfig
-from rmskit.curate import CurateResult, curate
+from rmskit.curate import CurateResult, apply_review, curate
 from rmskit.ledger.store import LEDGER_NAME, Ledger
 from rmskit.pipeline.quality import pass_rates_by_category
-from rmskit.records import ImageRecord, Sample
+from rmskit.records import Sample
 
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 
@@ -20,13 +24,80 @@ class NotARunError(FileNotFoundError):
     """The directory has no ledger."""
 
 
+# What curation reads of every sample; the rest (response, checks, scenario, ...) is read back from the
+# ledger in chunks while writing, so an export never holds every full sample at once.
+_LIGHT = ("image_sha256", "kind", "category", "query", "label")
+_CHUNK = 512
+
+
+@dataclass
+class SampleDigest:
+    """The dataset card's per-sample counts, gathered in one pass."""
+
+    licenses: Counter[str] = field(default_factory=Counter)
+    models: dict[str, Counter[str]] = field(default_factory=dict)  # stage -> model -> n
+    prompts: dict[str, Counter[str]] = field(default_factory=dict)  # stage -> prompt version -> n
+    risky_categories: Counter[str] = field(default_factory=Counter)
+
+
+class KeptSamples:
+    """The curated samples in id order, as `Sample`s read back from the ledger on each pass (the review's
+    edits applied again, the curated split set, `image` = "images/<sha><ext>")."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        split: dict[str, str],
+        review: dict[str, dict[str, Any]],
+        image_name: Callable[[str], str],
+    ) -> None:
+        self.run_dir = run_dir
+        self._split = split  # id -> split, in id order
+        self._review = review
+        self._image_name = image_name
+
+    def __len__(self) -> int:
+        return len(self._split)
+
+    def __iter__(self) -> Iterator[Sample]:
+        return self.of_split(None)
+
+    @cached_property
+    def digest(self) -> SampleDigest:
+        d = SampleDigest()
+        for s in self:
+            d.licenses[s.license or "unknown"] += 1
+            for stage, model in (s.models or {}).items():
+                d.models.setdefault(stage, Counter())[model] += 1
+            for stage, ver in (s.prompt_versions or {}).items():
+                d.prompts.setdefault(stage, Counter())[ver] += 1
+            if s.kind == "risky":
+                d.risky_categories[s.category] += 1
+        return d
+
+    def of_split(self, split: str | None) -> Iterator[Sample]:
+        ids = [i for i, sp in self._split.items() if split is None or sp == split]
+        if not ids:
+            return
+        with Ledger(self.run_dir, readonly=True) as led:
+            for start in range(0, len(ids), _CHUNK):
+                chunk = ids[start : start + _CHUNK]
+                marks = ",".join("?" * len(chunk))
+                rows = dict(led.query(f"SELECT id, data FROM samples WHERE id IN ({marks})", tuple(chunk)))
+                for sid in chunk:
+                    s = apply_review(json.loads(rows[sid]), self._review.get(sid))
+                    s["split"] = self._split[sid]
+                    yield Sample.model_validate(
+                        {**s, "image": f"images/{self._image_name(s['image_sha256'])}"}
+                    )
+
+
 @dataclass
 class Prepared:
     run_dir: Path
-    result: CurateResult
-    samples: list[Sample]  # kept samples, `image` = "images/<sha><ext>" (relative to the export root)
+    result: CurateResult  # `kept`: the curation's light records (id, split, the fields curation reads)
+    samples: KeptSamples
     image_files: dict[str, Path]  # sha -> normalised image file in the run
-    image_records: dict[str, ImageRecord]  # sha -> record, for kept samples' images
     meta: dict[str, Any] = field(default_factory=dict)  # config, prompt_versions, dates, probes, ...
     taxonomy: list[dict[str, Any]] = field(default_factory=list)
     usage: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -38,8 +109,8 @@ class Prepared:
     def image_name(self, sha: str) -> str:
         return f"{sha}{image_suffix(self.image_files[sha])}"
 
-    def by_split(self, split: str) -> list[Sample]:
-        return [s for s in self.samples if s.split == split]
+    def by_split(self, split: str) -> Iterator[Sample]:
+        return self.samples.of_split(split)
 
 
 def image_suffix(path: Path) -> str:
@@ -51,7 +122,23 @@ def is_run_dir(path: Path) -> bool:
     return (Path(path) / LEDGER_NAME).is_file()
 
 
-def _locate_image(rec: ImageRecord, run_dir: Path) -> Path | None:
+class ImageRef(NamedTuple):
+    """What an export reads of an image record (not the whole `ImageRecord`: 100k of those are ~250 MB)."""
+
+    sha256: str
+    phash: str
+    source_path: str
+    path: str
+
+
+def _image_refs(led: Ledger, used: set[str]) -> dict[str, ImageRef]:
+    """The used images in ingest order (curation keeps the earlier of two near-duplicates)."""
+    cols = ", ".join(f"json_extract(data, '$.{k}')" for k in ImageRef._fields[1:])
+    rows = led.query(f"SELECT sha256, {cols} FROM images ORDER BY seq")
+    return {row[0]: ImageRef(*row) for row in rows if row[0] in used}
+
+
+def _locate_image(rec: ImageRef, run_dir: Path) -> Path | None:
     """The normalised copy: where the record says, else in this run's images/ (a moved run directory)."""
     recorded = Path(rec.path)
     if recorded.is_file():
@@ -88,9 +175,10 @@ def prepare(run_dir: Path, *, balance: int | None = None) -> Prepared:
             )
         }
         meta["pass_rates"] = [r.model_dump(mode="json") for r in pass_rates_by_category(led)]
-        raw = list(led.iter_samples("ok"))
-        records = {rec.sha256: rec for rec in led.iter_images()}
         review = led.review_state()
+        raw = _light_samples(led, review)
+        # only images whose normalised file exists can be exported; curate drops the others' samples
+        records = _image_refs(led, {s["image_sha256"] for s in raw})
         taxonomy = [{k: v for k, v in t.items() if k != "embedding"} for t in led.taxonomy()]
         usage = led.usage_by_stage()
         counts = led.image_counts()
@@ -100,13 +188,9 @@ def prepare(run_dir: Path, *, balance: int | None = None) -> Prepared:
     config: dict[str, Any] = stored if isinstance(stored, dict) else {}
     params = _config_defaults()
     params.update({k: config[k] for k in params if config.get(k) is not None})
-    # only images whose normalised file exists can be exported; curate drops the others' samples
     files: dict[str, Path] = {}
-    used = {s.get("image_sha256") for s in raw}
-    available: dict[str, ImageRecord] = {}
+    available: dict[str, ImageRef] = {}
     for sha, rec in records.items():
-        if sha not in used:
-            continue
         path = _locate_image(rec, run_dir)
         if path is not None:
             files[sha] = path
@@ -115,9 +199,8 @@ def prepare(run_dir: Path, *, balance: int | None = None) -> Prepared:
     prep = Prepared(
         run_dir=run_dir,
         result=result,
-        samples=[],
+        samples=KeptSamples(run_dir, {}, review, lambda sha: sha),
         image_files={},
-        image_records={},
         meta=meta,
         taxonomy=taxonomy,
         usage=usage,
@@ -127,9 +210,20 @@ def prepare(run_dir: Path, *, balance: int | None = None) -> Prepared:
     )
     kept_shas = {s["image_sha256"] for s in result.kept}
     prep.image_files = {sha: files[sha] for sha in sorted(kept_shas)}
-    prep.image_records = {sha: available[sha] for sha in sorted(kept_shas)}
-    prep.samples = [
-        Sample.model_validate({**s, "image": f"images/{prep.image_name(s['image_sha256'])}"})
-        for s in result.kept
-    ]
+    prep.samples = KeptSamples(run_dir, {s["id"]: s["split"] for s in result.kept}, review, prep.image_name)
     return prep
+
+
+def _light_samples(led: Ledger, review: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The kept samples' fields curation reads; a sample with review edits is read whole (few, and its
+    edit provenance compares every edited field with the original)."""
+    cols = ", ".join(f"json_extract(data, '$.{k}')" for k in _LIGHT)
+    out: list[dict[str, Any]] = []
+    edited = {sid for sid, st in review.items() if st.get("edits")}
+    for row in led.query(f"SELECT id, {cols} FROM samples WHERE status='ok' ORDER BY id"):
+        light: dict[str, Any] = dict(zip(("id", *_LIGHT), row, strict=True))
+        if row[0] in edited:
+            (data,) = led.query("SELECT data FROM samples WHERE id=?", (row[0],))[0]
+            light = {**json.loads(data), "id": row[0]}
+        out.append(light)
+    return out
