@@ -189,3 +189,44 @@ def test_logistic_fit_matches_scikit_learn() -> None:
     assert oof.shape == (200,) and oof_acc < train_acc  # held-out folds: no peeking at the labels
     assert abs(oof_acc - np.mean(sk == y)) <= 0.05  # other folds, same estimator: the same accuracy
     assert np.array_equal(oof, cross_val_proba(x, y, folds=5, seed=0))  # seeded
+
+
+def _near_duplicate_rate_pairwise(texts: list[str], threshold: float = 0.8, num_perm: int = 64) -> float:
+    """The definition, one MinHash per text and every pair compared (the reference for the LSH version)."""
+    from datasketch import MinHash
+
+    def shingles(t: str) -> set[str]:
+        w = t.lower().split()
+        return {" ".join(w[i : i + 3]) for i in range(len(w) - 2)} if len(w) >= 3 else {" ".join(w)}
+
+    hashes = []
+    for t in texts:
+        m = MinHash(num_perm=num_perm, seed=1)
+        for sh in shingles(t):
+            m.update(sh.encode("utf-8"))
+        hashes.append(m)
+    dup = sum(
+        any(j != i and hashes[j].jaccard(m) >= threshold for j in range(len(hashes))) for i, m in enumerate(hashes)
+    )
+    return dup / len(texts) if texts else 0.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_near_duplicate_rate_equals_the_pairwise_definition(seed: int) -> None:
+    """Repeats, near-repeats (one word changed in a long query), short texts and distinct texts."""
+    rng = np.random.default_rng(seed)
+    words = [f"w{i}" for i in range(40)]
+    base = [" ".join(rng.choice(words, size=int(rng.integers(1, 14)))) for _ in range(25)]
+    texts = []
+    for t in base:
+        texts.append(t)
+        r = rng.random()
+        if r < 0.3:
+            texts += [t] * int(rng.integers(1, 4))  # exact repeats
+        elif r < 0.6:
+            w = t.split()
+            w[-1] = "changed"
+            texts.append(" ".join(w))  # a near repeat when the text is long
+    rng.shuffle(texts)
+    assert near_duplicate_rate(texts) == pytest.approx(_near_duplicate_rate_pairwise(texts))
+    assert near_duplicate_rate([]) == 0.0

@@ -276,25 +276,30 @@ def mean_cosine_distance(x: Any) -> float:
 
 
 def near_duplicate_rate(texts: list[str], threshold: float = 0.8, num_perm: int = 64) -> float:
+    """Share of texts with another text at MinHash-estimated Jaccard >= threshold (word 3-shingles).
+    Identical texts are grouped first (each copy of a repeated text is a duplicate), so the LSH sees each
+    distinct text once: a run with many repeats costs its distinct texts, not n^2 candidate pairs."""
     from datasketch import MinHash, MinHashLSH
 
-    def shingles(t: str) -> set[str]:
+    def shingles(t: str) -> list[bytes]:
         w = t.lower().split()
-        return {" ".join(w[i : i + 3]) for i in range(len(w) - 2)} if len(w) >= 3 else {" ".join(w)}
+        sh = {" ".join(w[i : i + 3]) for i in range(len(w) - 2)} if len(w) >= 3 else {" ".join(w)}
+        return [x.encode("utf-8") for x in sh]
 
+    if not texts:
+        return 0.0
+    counts = Counter(texts)
+    distinct = list(counts)
+    # one set of permutations for all (MinHash() draws its own each time: most of the cost at 100k texts)
+    hashes = MinHash.bulk([shingles(t) for t in distinct], num_perm=num_perm, seed=1)
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-    hashes = []
-    for i, t in enumerate(texts):
-        m = MinHash(num_perm=num_perm, seed=1)
-        for sh in shingles(t):
-            m.update(sh.encode("utf-8"))
-        lsh.insert(str(i), m)
-        hashes.append(m)
+    for i, m in enumerate(hashes):
+        lsh.insert(i, m)
     dup = 0
     for i, m in enumerate(hashes):
-        if any(str(j) != str(i) and hashes[int(str(j))].jaccard(m) >= threshold for j in lsh.query(m)):
-            dup += 1
-    return dup / len(texts) if texts else 0.0
+        if counts[distinct[i]] > 1 or any(j != i and hashes[j].jaccard(m) >= threshold for j in lsh.query(m)):
+            dup += counts[distinct[i]]
+    return dup / len(texts)
 
 
 def run_probes(
