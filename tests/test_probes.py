@@ -206,7 +206,8 @@ def _near_duplicate_rate_pairwise(texts: list[str], threshold: float = 0.8, num_
             m.update(sh.encode("utf-8"))
         hashes.append(m)
     dup = sum(
-        any(j != i and hashes[j].jaccard(m) >= threshold for j in range(len(hashes))) for i, m in enumerate(hashes)
+        any(j != i and hashes[j].jaccard(m) >= threshold for j in range(len(hashes)))
+        for i, m in enumerate(hashes)
     )
     return dup / len(texts) if texts else 0.0
 
