@@ -5,8 +5,13 @@ The prompts are captured from a real build: `run_build` against the scripted tes
 (keep_bodies) on real photos, text parts only (the embedded model has no vision), each with its
 stage's schema and token budget. Both modes then replay the same requests, all submitted at once as
 the pipeline's workers would, through one EmbeddedBackend:
-  before = prefix cache off, batches drawn by sampling settings only (the code before this change)
-  after  = prefix cache on, batches drawn from requests sharing the head request's system prompt
+  before = prefix cache off, batches drawn by sampling settings only, `model.generate` (the code
+           before issue 13 §7)
+  after  = each row's stage system prompt from the prefix KV cache (LRU) and the rest of its prompt
+           prefilled at batch 1 without padding; batches mix stages (head's stage first); a decode
+           loop that drops rows as they finish (models/prefix_kv.py, models/decode.py)
+Both modes run with the same torch intra-op threads (--threads, default 1 as the embedded backend
+now uses); with 2 threads on a loaded 2-core machine every op waits at an OpenMP barrier.
 
   python bench/local_backend.py --device cpu            # 2 photos, ~20 requests, both modes
   python bench/local_cpu.py --photos 1 --max-tokens 48  # shorter
@@ -87,12 +92,12 @@ def capture(n_photos: int) -> list[tuple[str, list[Message], int]]:
 
 
 def replay(
-    reqs: list[tuple[str, list[Message], int]], after: bool, max_tokens: int, batch: int
+    reqs: list[tuple[str, list[Message], int]], after: bool, max_tokens: int, batch: int, threads: int = 1
 ) -> dict[str, Any]:
     from rmskit.models.batching import take_same_sampling
     from rmskit.models.embedded import EmbeddedBackend
 
-    backend = EmbeddedBackend(BackendConfig(max_batch=batch))
+    backend = EmbeddedBackend(BackendConfig(max_batch=batch, cpu_threads=threads))
     backend.prefix_cache = after
     if not after:
         backend._batcher.select = take_same_sampling
@@ -125,6 +130,7 @@ def replay(
         "completion_tokens": st.completion_tokens,
         "cached_tokens": getattr(st, "cached_prompt_tokens", 0),
         "cpu_s": time.process_time() - c0,
+        "load": os.getloadavg()[0],
     }
 
 
@@ -134,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64, help="cap on each request's token budget")
     ap.add_argument("--batch", type=int, default=8, help="max_batch of the backend")
     ap.add_argument("--modes", default="before,after")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (both modes)")
     args = ap.parse_args(argv)
-    import torch
 
     reqs = capture(args.photos)
     stages = sorted({s for s, _, _ in reqs})
@@ -143,16 +149,19 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(reqs)} requests captured from a real build of {args.photos} photo(s); stages: {', '.join(stages)}"
     )
     print(
-        f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs; tokens capped at {args.max_tokens}"
+        f"torch threads {args.threads}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
+        f"tokens capped at {args.max_tokens}"
     )
-    rows = [replay(reqs, m == "after", args.max_tokens, args.batch) for m in args.modes.split(",")]
+    rows = [
+        replay(reqs, m == "after", args.max_tokens, args.batch, args.threads) for m in args.modes.split(",")
+    ]
     for r in rows:
         print(
             f"{r['mode']:<6} | {r['requests']} requests in {r['seconds']:.1f} s | {r['rps']:.3f} requests/s | "
             f"{r['batches']} batches (mean {r['mean_batch']:.1f}) | prompt tokens {r['prompt_tokens']} "
             f"({r['cached_tokens']} from the prefix cache) | "
             f"new tokens {r['completion_tokens']} | CPU {r['cpu_s']:.0f} s "
-            f"({r['requests'] / r['cpu_s']:.3f} requests per CPU-second)",
+            f"({r['requests'] / r['cpu_s']:.3f} requests per CPU-second) | load average {r['load']:.1f}",
             flush=True,
         )
     if len(rows) == 2:

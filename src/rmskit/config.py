@@ -52,6 +52,9 @@ class BackendConfig(BaseModel):
     device: str | None = None
     dtype: str | None = None
     max_batch: int = Field(default=8, ge=1)
+    # torch intra-op threads for an in-process model on CPU (None: torch's default, one per core;
+    # the embedded model uses 1, see models/embedded.py).
+    cpu_threads: int | None = Field(default=None, ge=1)
     vision: bool | None = None  # None: probed (remote) or read from the model config (local)
 
     @field_validator("base_url")

@@ -136,6 +136,12 @@ class EmbeddedBackend(HFBackend):
         update: dict[str, object] = {"vision": False}
         if cfg.device is None:
             update["device"] = "cpu"  # 135M params: an accelerator buys little and costs a transfer
+        if cfg.cpu_threads is None:
+            # One intra-op thread: decoding a 135M model is dominated by per-op latency, and with two
+            # threads every op waits at an OpenMP barrier for the slower one; on a 2-core machine
+            # shared with the pipeline (or anything else) that made requests ~5x costlier per
+            # CPU-second (bench/results/local_cpu.txt). The other core serves the pipeline.
+            update["cpu_threads"] = 1
         super().__init__(
             cfg.model_copy(update=update),
             source="",  # resolved on load (the conversion may take a while)

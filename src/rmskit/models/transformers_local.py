@@ -5,15 +5,16 @@ grammar-constrained JSON (see grammar.py for why xgrammar).
   AutoModelForImageTextToText + AutoProcessor and their chat template; text LLMs with
   AutoModelForCausalLM + AutoTokenizer; a GGUF file through `gguf_file=` (dequantised by transformers).
 - Concurrent `generate` calls are queued; one worker task drains the queue into batches of up to
-  `cfg.max_batch` requests sharing sampling settings (schemas and token budgets may differ per row),
-  left-pads them and runs `model.generate` in a worker thread so the event loop stays free.
+  `cfg.max_batch` requests sharing sampling settings (schemas and token budgets may differ per row)
+  and runs them in a worker thread so the event loop stays free. VLMs: left-padded `model.generate`.
+  Text models: prompts prefilled from a per-stage prefix KV cache (prefix_kv.py), then a decode loop
+  that drops finished rows (decode.py).
 - Weights load lazily on the first request (or `await backend.load()`), once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import gc
 import inspect
 import json
@@ -35,6 +36,8 @@ from rmskit.models.base import (
     Usage,
 )
 from rmskit.models.batching import Batcher, Pending, take_same_sampling
+from rmskit.models.decode import decode_rows
+from rmskit.models.prefix_kv import PrefixCacheMixin, cache_kwarg, preallocated, take_stage_first
 
 if TYPE_CHECKING:
     from rmskit.config import BackendConfig
@@ -171,16 +174,11 @@ def load_processor(source: str) -> Any:
 # ---------------------------------------------------------------- batching
 
 
-class HFBackend:
+class HFBackend(PrefixCacheMixin):
     """transformers in-process backend (`hf:ORG/NAME` or a local path)."""
 
     # Subclasses for small models set this: a weak model under greedy decoding loops inside strings.
     repetition_penalty: float | None = None
-    # Reuse the KV cache of a batch's shared prompt prefix (system prompt + shared part of the user
-    # prompt); text models only. Benchmarks and tests switch it off to compare.
-    prefix_cache: bool = True
-    prefix_min_tokens = 16  # shorter shared prefixes are not worth a cache entry
-    prefix_entries = 8  # LRU size: about one entry per stage
 
     def __init__(
         self,
@@ -210,8 +208,8 @@ class HFBackend:
         self._batcher = Batcher(
             self._run_batch,
             max_batch=cfg.max_batch,
-            # Text models batch one stage at a time so the rows share their prompt prefix (KV cache).
-            select=take_same_sampling if self.capabilities.vision else take_same_prompt_head,
+            # Text models take the head's stage first (shared prefix KV), then any other stage.
+            select=take_same_sampling if self.capabilities.vision else take_stage_first,
             name=f"rmskit-hf:{self.model_id}",
         )
 
@@ -382,6 +380,9 @@ class HFBackend:
         live = [batch[i] for i in rows]
         import torch
 
+        threads = self.cfg.cpu_threads if self.device == "cpu" else None
+        if threads:  # every batch, here: OpenMP keeps the count per thread, and this one generates
+            torch.set_num_threads(threads)
         # inference_mode, not a global set_grad_enabled(False): grad mode is per thread, and turning
         # it off for the caller's thread would break training in the same process (e.g. the judge).
         with self._gen_lock, torch.inference_mode():  # one generate at a time per model
@@ -406,7 +407,8 @@ class HFBackend:
             )
             past = None
         else:
-            enc, past = self._encode_text(texts, [self._head_text(p) for p in rows])
+            reserve = max(p.params.max_tokens for p in rows) + 1
+            enc, past = self._encode_text(texts, [self._head_text(p) for p in rows], reserve)
         enc = enc.to(self.model.device)
         if "pixel_values" in enc:
             enc["pixel_values"] = enc["pixel_values"].to(self.model.dtype)
@@ -425,10 +427,10 @@ class HFBackend:
         if self.repetition_penalty:
             gen_kwargs["repetition_penalty"] = self.repetition_penalty
         if past is not None:
-            gen_kwargs[_cache_kwarg()] = past
+            gen_kwargs[cache_kwarg()] = past
         procs = LogitsProcessorList()
         schemas = [p.schema for p in rows]
-        grammar_proc = None
+        grammars = None
         if any(s is not None for s in schemas) and self.cfg.structured != "prompt":
             from rmskit.models.grammar import BatchGrammarProcessor
 
@@ -444,12 +446,27 @@ class HFBackend:
         if params.seed is not None:
             torch.manual_seed(params.seed)
         try:
-            seqs = self.model.generate(**enc, logits_processor=procs, stopping_criteria=stops, **gen_kwargs)
+            if past is not None and preallocated(past):  # finished rows leave the batch (decode.py)
+                new = decode_rows(
+                    self.model,
+                    enc,
+                    past,
+                    budgets=budgets,
+                    eos_ids=self._eos_ids,
+                    params=params,
+                    repetition_penalty=self.repetition_penalty,
+                    grammars=grammars,
+                    vocab_size=self._vocab_size,
+                )
+            else:
+                seqs = self.model.generate(
+                    **enc, logits_processor=procs, stopping_criteria=stops, **gen_kwargs
+                )
+                new = seqs[:, prompt_len:].tolist()
         except torch.cuda.OutOfMemoryError as e:
             raise BackendError(
                 ErrorKind.server, f"out of GPU memory at batch {len(rows)}", retriable=True
             ) from e
-        new = seqs[:, prompt_len:].tolist()
         mask = enc["attention_mask"]
         self.stats.batches += 1
         self.stats.requests += len(rows)
@@ -471,95 +488,6 @@ class HFBackend:
                 Result(text=text, parsed=parsed, usage=usage, finish_reason=finish, model=self.model_id)
             )
         return results
-
-    # -- shared-prefix KV cache (text models)
-
-    def _head_text(self, p: Pending) -> str:
-        """The rendered system message alone: the part of a prompt shared by every request of a stage."""
-        m = p.messages[0] if p.messages else None
-        if m is None or m.role != "system":
-            return ""
-        return self.tokenizer.apply_chat_template([{"role": "system", "content": m.content}], tokenize=False)
-
-    def _encode_text(self, texts: list[str], heads: list[str]) -> tuple[Any, Any]:
-        """Token batch + (when the rows share a long enough prompt prefix) a KV cache of that prefix
-        for every row. Two levels: the stage's system prompt (kept in a small LRU, reused by every later
-        batch of the stage) and, for a batch of several rows, the rest of their common prefix (computed
-        once for the batch instead of once per row). Rows are laid out [prefix][pad...][own suffix]: the
-        positions generate derives from the attention mask are those of the uncached left-padded
-        batch, so greedy outputs are the same; only the prefix's prefill is skipped."""
-        import torch
-        from transformers import BatchEncoding
-
-        tok = self.tokenizer
-        ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts] if self.prefix_cache else []
-        # At least one uncached token per row: generate needs an input to start from.
-        n = _common_prefix(ids, min(len(r) for r in ids) - 1) if ids else 0
-        head = _common_prefix([ids[0], tok(heads[0], add_special_tokens=False)["input_ids"]], n) if ids else 0
-        base = head if head >= self.prefix_min_tokens else 0
-        if n - base < self.prefix_min_tokens or len(ids) == 1:
-            n = base  # no shared user part worth a pass of its own
-        if n == 0:
-            return tok(texts, padding=True, return_tensors="pt", add_special_tokens=False), None
-        cache = copy.deepcopy(self._stage_kv(tuple(ids[0][:base]))) if base else None
-        if n > base:  # the batch's shared user part, on top of the stage entry
-            cache = self._forward_kv(ids[0][base:n], cache, n)
-        width = max(len(r) for r in ids) - n
-        rows = [r[:n] + [tok.pad_token_id] * (width - (len(r) - n)) + r[n:] for r in ids]
-        mask = [[1] * n + [0] * (width - (len(r) - n)) + [1] * (len(r) - n) for r in ids]
-        if len(ids) > 1:
-            cache.batch_repeat_interleave(len(ids))  # pyright: ignore[reportOptionalMemberAccess]
-        # Rows x prefix, less the one pass the batch's own shared part still cost.
-        self.stats.cached_prompt_tokens += n * len(ids) - (n - base)
-        return BatchEncoding({"input_ids": torch.tensor(rows), "attention_mask": torch.tensor(mask)}), cache
-
-    def _stage_kv(self, prefix: tuple[int, ...]) -> Any:
-        """KV cache of a stage's system prompt (one forward pass the first time; LRU of a few)."""
-        if prefix in self._prefixes:
-            self._prefixes.move_to_end(prefix)
-            return self._prefixes[prefix]
-        kv = self._forward_kv(list(prefix), None, len(prefix))
-        self._prefixes[prefix] = kv
-        while len(self._prefixes) > self.prefix_entries:
-            self._prefixes.popitem(last=False)
-        return kv
-
-    def _forward_kv(self, tokens: list[int], cache: Any, total: int) -> Any:
-        """`cache` (or a new one) extended by `tokens`; `total` = cached + new length."""
-        import torch
-
-        dev = self.model.device
-        ids = torch.tensor([tokens], device=dev)
-        kwargs = {_cache_kwarg(): cache} if cache is not None else {}
-        out = self.model(
-            input_ids=ids,
-            attention_mask=torch.ones((1, total), dtype=torch.long, device=dev),
-            use_cache=True,
-            **kwargs,
-        )
-        return getattr(out, "cache", None) or out.past_key_values
-
-
-def _common_prefix(seqs: list[list[int]], limit: int) -> int:
-    n = 0
-    while n < limit and all(len(r) > n and r[n] == seqs[0][n] for r in seqs):
-        n += 1
-    return n
-
-
-def take_same_prompt_head(backlog: list[Pending], max_batch: int) -> list[Pending]:
-    """The oldest request plus those with its sampling settings and its system prompt (same stage),
-    so the batch shares a long prompt prefix; the oldest always goes first, so nothing starves."""
-    head = backlog[0]
-    return [p for p in backlog if p.group == head.group and p.messages[:1] == head.messages[:1]][:max_batch]
-
-
-def _cache_kwarg() -> str:
-    """generate()'s name for a ready KV cache: `cache` from transformers 5.x on, `past_key_values`
-    before (still accepted there, with a deprecation warning)."""
-    from transformers.generation import utils
-
-    return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
 
 
 class _RowBudget(StoppingCriteria):
