@@ -9,7 +9,8 @@ the pipeline's workers would, through one EmbeddedBackend:
            before issue 13 §7)
   after  = each row's stage system prompt from the prefix KV cache (LRU) and the rest of its prompt
            prefilled at batch 1 without padding; batches mix stages (head's stage first); a decode
-           loop that drops rows as they finish (models/prefix_kv.py, models/decode.py)
+           loop that drops rows as they finish (models/prefix_kv.py, models/decode.py); bf16 weights
+           where the CPU has native bf16 (before: fp32, as the original code)
 Both modes run with the same torch intra-op threads (--threads, default 1 as the embedded backend
 now uses); with 2 threads on a loaded 2-core machine every op waits at an OpenMP barrier.
 
@@ -97,7 +98,9 @@ def replay(
     from rmskit.models.batching import take_same_sampling
     from rmskit.models.embedded import EmbeddedBackend
 
-    backend = EmbeddedBackend(BackendConfig(max_batch=batch, cpu_threads=threads))
+    # before = the original dtype (fp32 on CPU); after = the embedded default (bf16 where the CPU has it)
+    dtype = None if after else "fp32"
+    backend = EmbeddedBackend(BackendConfig(max_batch=batch, cpu_threads=threads, dtype=dtype))
     backend.prefix_cache = after
     if not after:
         backend._batcher.select = take_same_sampling

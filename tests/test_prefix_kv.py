@@ -184,6 +184,11 @@ def test_cpu_threads_applied_and_embedded_uses_one(
 
     assert EmbeddedBackend(BackendConfig()).cfg.cpu_threads == 1
     assert EmbeddedBackend(BackendConfig(cpu_threads=2)).cfg.cpu_threads == 2  # the user's choice stays
+    from rmskit.models.embedded import cpu_has_bf16
+
+    # bf16 only where the CPU computes it natively; an explicit dtype always wins.
+    assert EmbeddedBackend(BackendConfig()).cfg.dtype == ("bf16" if cpu_has_bf16() else None)
+    assert EmbeddedBackend(BackendConfig(dtype="fp32")).cfg.dtype == "fp32"
     calls: list[int] = []
     real = torch.set_num_threads
     monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), real(n)))
