@@ -26,11 +26,19 @@ def test_embedded_build_on_three_real_photos(tmp_path: Path) -> None:
     cfg = BuildConfig(
         sources=[str(manifest)],
         out=tmp_path / "run",
+        # Reproducible: greedy decoding in fp32 (the reference numerics; CPUs with native bf16 default
+        # to bf16, whose rounding flips this 135M model's near-ties). With sampling, CI once kept 0 of 3.
+        # Measured on this config: 3 of 3 kept, 25 requests; the same texts before and after the
+        # prefix-KV rewrite of the embedded backend.
         model=BackendConfig(
-            spec="embedded", concurrency=8, max_batch=8, params=GenParams(temperature=0.3, max_tokens=400)
+            spec="embedded",
+            concurrency=8,
+            max_batch=8,
+            dtype="fp32",
+            params=GenParams(temperature=0.0, max_tokens=400),
         ),
         scenarios_per_image=1,
-        max_rounds=1,
+        max_rounds=2,  # a query that uses a hazard word gets one rewrite with the feedback
         # Gate on the deterministic check only (like `make demo`): a 135M model's verdicts are noise,
         # but every model check still runs and is recorded.
         required_checks=["lexical"],
@@ -38,7 +46,7 @@ def test_embedded_build_on_three_real_photos(tmp_path: Path) -> None:
         embedder="minilm",
         stage_max_tokens={
             "discover": 400,
-            "compose": 100,
+            "compose": 160,  # room to close the JSON (at 100, compose outputs were cut off)
             "check_text_only": 80,
             "check_combined": 80,
             "check_leakage": 80,
@@ -67,7 +75,7 @@ def test_embedded_build_on_three_real_photos(tmp_path: Path) -> None:
     kept = list(led.iter_samples("ok"))
     assert kept, "the tiny model must get at least one sample through the deterministic gate"
     for s in kept:
-        assert s["checks"]["lexical"]["pass"] and s["query"] and s["response"]
+        assert s["checks"]["lexical"]["pass"] and s["query"].strip() and s["response"].strip()
         assert {"text_only", "combined", "leakage", "response"} <= set(s["checks"])  # all recorded
     lines = (tmp_path / "run" / "dataset" / "samples.jsonl").read_text().splitlines()
     assert lines and all(json.loads(line)["query"] for line in lines)
