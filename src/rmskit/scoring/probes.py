@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from pydantic import BaseModel
@@ -297,7 +297,8 @@ def near_duplicate_rate(texts: list[str], threshold: float = 0.8, num_perm: int 
         lsh.insert(i, m)
     dup = 0
     for i, m in enumerate(hashes):
-        if counts[distinct[i]] > 1 or any(j != i and hashes[j].jaccard(m) >= threshold for j in lsh.query(m)):
+        near = cast("list[int]", lsh.query(m))  # the keys inserted above
+        if counts[distinct[i]] > 1 or any(j != i and hashes[j].jaccard(m) >= threshold for j in near):
             dup += counts[distinct[i]]
     return dup / len(texts)
 
