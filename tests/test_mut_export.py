@@ -233,11 +233,11 @@ def test_images_are_copied_when_hard_links_fail(tmp_path: Path, monkeypatch: pyt
 
 def test_pid_alive_only_probes_a_live_process() -> None:
     """The liveness probe is signal 0: it must not disturb the process it asks about."""
-    import time
-
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    # the child restores SIGHUP's default action (dying), which it may inherit as ignored (nohup)
+    code = "import signal, time; signal.signal(signal.SIGHUP, signal.SIG_DFL); print('ready', flush=True); time.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
-        time.sleep(0.2)  # let the child start its sleep (its default SIGHUP action is to die)
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
         assert writer._pid_alive(child.pid)
         with pytest.raises(subprocess.TimeoutExpired):
             child.wait(timeout=0.3)  # still running: it got no real signal
