@@ -282,15 +282,19 @@ def test_jsonl_and_card_are_utf8_whatever_the_locale(
     from test_export import SECRET, build_ledger
 
     from rmskit.export.prepare import prepare
+    from rmskit.ledger.store import Ledger
 
     monkeypatch.setenv("RMSKIT_TEST_API_KEY", SECRET)
     run = build_ledger(tmp_path / "run")
+    first = next(iter(prepare(run.run_dir).samples)).id
+    query = "Ist das gefährlich? 危险吗"
+    with Ledger(run.run_dir) as led:
+        led.execute("UPDATE samples SET data = json_set(data, '$.query', ?) WHERE id = ?", (query, first))
     prep = prepare(run.run_dir)
-    prep.samples[0] = prep.samples[0].model_copy(update={"query": "Ist das gefährlich? 危险吗"})
     writer._write_jsonl(prep, tmp_path / "s.jsonl")
     lines = (tmp_path / "s.jsonl").read_bytes().decode("utf-8").splitlines()
     assert lines == [s.model_dump_json() for s in prep.samples]
-    assert "Ist das gefährlich? 危险吗" in lines[0]
+    assert sum(query in line for line in lines) == 1
     writer._write_hf(prep, tmp_path / "hf", None, with_jsonl=False)
     card = (tmp_path / "hf" / "README.md").read_bytes().decode("utf-8")
     assert "Hamming distance ≤ " in card  # the card has non-ASCII text of its own
