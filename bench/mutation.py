@@ -109,6 +109,7 @@ GROUPS: dict[str, Group] = {
         # the interval-coverage simulations take seconds per mutant: left out
         (
             "tests/test_mut_stats.py",
+            "tests/test_mut_metrics.py",
             "tests/test_score_metrics.py",
             "tests/test_stats.py",
             "-k",

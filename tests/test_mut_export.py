@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -228,3 +229,123 @@ def test_images_are_copied_when_hard_links_fail(tmp_path: Path, monkeypatch: pyt
     prep = SimpleNamespace(image_files={"ab": src}, image_name=lambda sha: f"{sha}.jpg")
     writer._link_images(prep, tmp_path / "out" / "images")  # type: ignore[arg-type]
     assert (tmp_path / "out" / "images" / "ab.jpg").read_bytes() == b"jpeg bytes"
+
+
+def test_pid_alive_only_probes_a_live_process() -> None:
+    """The liveness probe is signal 0: it must not disturb the process it asks about."""
+    # the child restores SIGHUP's default action (dying), which it may inherit as ignored (nohup)
+    code = "import signal, time; signal.signal(signal.SIGHUP, signal.SIG_DFL); print('ready', flush=True); time.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        assert writer._pid_alive(child.pid)
+        with pytest.raises(subprocess.TimeoutExpired):
+            child.wait(timeout=0.3)  # still running: it got no real signal
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_clean_stale_ignores_a_leftover_it_cannot_remove(tmp_path: Path) -> None:
+    """A leftover that rmtree refuses (here a symlink to a folder) is left alone; the export goes on
+    and the folder the link points to is untouched."""
+    dead = _dead_pid()
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "precious.txt").write_text("keep")
+    link = tmp_path / f".ds.tmp-{dead}-abcd1234"
+    link.symlink_to(target, target_is_directory=True)
+    writer._clean_stale(tmp_path, "ds")
+    with writer.atomic_dir(tmp_path / "ds") as tmp:
+        (tmp / "a.txt").write_text("a")
+    assert (tmp_path / "ds" / "a.txt").read_text() == "a"
+    assert link.is_symlink() and (target / "precious.txt").read_text() == "keep"
+
+
+@pytest.fixture
+def ascii_locale() -> Iterator[None]:
+    """The C locale's ASCII as the default file encoding (as on a bare server or a Windows code page):
+    files written without an explicit encoding then fail on non-ASCII text."""
+    import locale
+
+    old = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_CTYPE, old)
+
+
+def test_jsonl_and_card_are_utf8_whatever_the_locale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ascii_locale: None
+) -> None:
+    from test_export import SECRET, build_ledger
+
+    from rmskit.export.prepare import prepare
+    from rmskit.ledger.store import Ledger
+
+    monkeypatch.setenv("RMSKIT_TEST_API_KEY", SECRET)
+    run = build_ledger(tmp_path / "run")
+    first = next(iter(prepare(run.run_dir).samples)).id
+    query = "Ist das gefährlich? 危险吗"
+    with Ledger(run.run_dir) as led:
+        led.execute("UPDATE samples SET data = json_set(data, '$.query', ?) WHERE id = ?", (query, first))
+    prep = prepare(run.run_dir)
+    writer._write_jsonl(prep, tmp_path / "s.jsonl")
+    lines = (tmp_path / "s.jsonl").read_bytes().decode("utf-8").splitlines()
+    assert lines == [s.model_dump_json() for s in prep.samples]
+    assert sum(query in line for line in lines) == 1
+    writer._write_hf(prep, tmp_path / "hf", None, with_jsonl=False)
+    card = (tmp_path / "hf" / "README.md").read_bytes().decode("utf-8")
+    assert "Hamming distance ≤ " in card  # the card has non-ASCII text of its own
+
+
+def test_card_lists_data_files_export_time_and_jsonl_only_when_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import calendar
+    import re
+    import time
+
+    from test_export import SECRET, build_ledger
+
+    monkeypatch.setenv("RMSKIT_TEST_API_KEY", SECRET)
+    run = build_ledger(tmp_path / "run")
+    before = time.time()
+    writer.write_dataset(run.run_dir)
+    hf = writer.export(run.run_dir, "hf")
+    for root, with_jsonl in ((run.run_dir / "dataset", True), (hf, False)):
+        card = (root / "README.md").read_text(encoding="utf-8")
+        front = card.split("---\n")[1]
+        assert "data_files:\n" in front
+        assert "  - split: train\n    path: data/train-*.parquet\n" in front
+        assert "  - split: test\n    path: data/test-*.parquet\n" in front
+        when = re.search(r"exported (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) UTC", card)
+        assert when is not None
+        stamp = calendar.timegm(time.strptime(when.group(1), "%Y-%m-%d %H:%M:%S"))
+        assert before - 1 <= stamp <= time.time() + 1
+        assert ("- `samples.jsonl`\n" in card) is with_jsonl
+        assert ("- `images/<sha256>.<ext>`\n" in card) is with_jsonl
+        parquet = sorted(p.relative_to(root).as_posix() for p in (root / "data").iterdir())
+        assert parquet and all(f"- `{p}`\n" in card for p in parquet)
+
+
+def test_llava_and_sharegpt_exports_have_their_own_record_shapes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from test_export import SECRET, build_ledger
+
+    monkeypatch.setenv("RMSKIT_TEST_API_KEY", SECRET)
+    run = build_ledger(tmp_path / "run")
+    llava = json.loads((writer.export(run.run_dir, "llava") / "train.json").read_text(encoding="utf-8"))
+    share = json.loads((writer.export(run.run_dir, "sharegpt") / "train.json").read_text(encoding="utf-8"))
+    assert llava and len(llava) == len(share)
+    for lr, sr in zip(llava, share, strict=True):
+        assert set(lr) == {"id", "image", "conversations"} and set(sr) == {"id", "messages", "images"}
+        assert lr["id"] == sr["id"] and [lr["image"]] == sr["images"]
+        assert [t["from"] for t in lr["conversations"]] == ["human", "gpt"]
+        assert lr["conversations"][0]["value"] == "<image>\n" + sr["messages"][0]["content"][len("<image>") :]
+    info = json.loads((run.run_dir / "exports" / "llava" / "dataset_info.json").read_text())
+    assert info["rmskit_train"]["columns"] == {"messages": "conversations", "images": "image"}

@@ -650,3 +650,167 @@ def test_corrupt_data_reason(tmp_path: Path) -> None:
     png[idat + 40 : idat + 400] = bytes(360)  # garbage inside the compressed stream, length intact
     reason = _refusal(decode_bytes, bytes(png), IngestConfig(), tmp_path)
     assert reason.startswith(("corrupt PNG data: ", "truncated PNG file: ")) and not reason.endswith(": ")
+
+
+# -- third pass: colour management, odd EXIF, decoder failures without a message ---------------------------
+def _swapped_rgb_profile() -> bytes:
+    """A real RGB display profile whose red and blue primaries are exchanged: lcms's sRGB profile with
+    its rXYZ and bXYZ tag entries swapped and its name changed (so it is not taken for sRGB). Pixels
+    tagged with it are colour-managed to sRGB as the same image with red and blue exchanged."""
+    from PIL import ImageCms
+
+    b = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    entries = {bytes(b[132 + 12 * i : 136 + 12 * i]): 132 + 12 * i + 4 for i in range(b[131])}
+    r_at, b_at = entries[b"rXYZ"], entries[b"bXYZ"]
+    b[r_at : r_at + 4], b[b_at : b_at + 4] = b[b_at : b_at + 4], b[r_at : r_at + 4]
+    return bytes(b).replace("sRGB".encode("utf-16-be"), "BGRs".encode("utf-16-be"))
+
+
+def _s15(v: float) -> bytes:
+    return struct.pack(">i", round(v * 65536))
+
+
+def _cmyk_profile() -> bytes:
+    """A minimal ICC v2 printer profile, CMYK -> Lab through one lut8 A2B0 table: grey whose lightness
+    is 100 at C = 0 and 0 at C = 100%, whatever M, Y and K are (far from Pillow's naive conversion)."""
+    corners = [255 if c == 0 else 0 for c in (0, 1) for _m in (0, 1) for _y in (0, 1) for _k in (0, 1)]
+    clut = b"".join(bytes([lightness, 128, 128]) for lightness in corners)
+    ramp = bytes(range(256))
+    identity = b"".join(_s15(v) for v in (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    lut = b"mft1" + b"\0" * 4 + bytes([4, 3, 2, 0]) + identity + ramp * 4 + clut + ramp * 3
+    text = b"test CMYK\0"
+    desc = b"desc" + b"\0" * 4 + struct.pack(">I", len(text)) + text + b"\0" * 78
+    d50 = _s15(0.9642) + _s15(1.0) + _s15(0.8249)
+    tags = [(b"desc", desc), (b"wtpt", b"XYZ " + b"\0" * 4 + d50), (b"A2B0", lut)]
+    off = 128 + 4 + 12 * len(tags)
+    table, body = b"", b""
+    for sig, data in tags:
+        body += b"\0" * (-(off + len(body)) % 4)
+        table += struct.pack(">4sII", sig, off + len(body), len(data))
+        body += data
+    # size, CMM, version 2.1, class, colour space, PCS, date, signature, flags etc., illuminant, the rest
+    fields = (b"lcms", bytes([2, 0x10, 0, 0]), b"prtr", b"CMYK", b"Lab ", b"", b"acsp", b"", d50, b"")
+    header = struct.pack(">I4s4s4s4s4s12s4s28s12s48s", off + len(body), *fields)
+    assert len(header) == 128
+    return header + struct.pack(">I", len(tags)) + table + body
+
+
+def test_rgb_with_a_foreign_profile_is_colour_managed(tmp_path: Path) -> None:
+    arr = skdata.chelsea()[:72, :96]
+    tagged = Image.fromarray(arr)
+    tagged.info["icc_profile"] = _swapped_rgb_profile()
+    out = np.asarray(decode.normalise_to_rgb(tagged)).astype(int)
+    assert np.abs(out - arr[..., ::-1].astype(int)).max() <= 1  # red and blue exchanged
+    # the same through a real PNG file: the copy holds the managed pixels (and no profile)
+    dec = decode_bytes(_png(arr, icc_profile=_swapped_rgb_profile()), IngestConfig(), tmp_path)
+    with Image.open(dec.path) as im:
+        assert "icc_profile" not in im.info
+        assert np.abs(np.asarray(im).astype(int) - arr[..., ::-1].astype(int)).max() <= 1
+
+
+def test_cmyk_with_a_profile_is_colour_managed(tmp_path: Path) -> None:
+    cmyk = Image.new("CMYK", (80, 80))
+    cmyk.paste((0, 0, 0, 255), (0, 0, 40, 80))  # black ink only: white under this profile
+    cmyk.paste((255, 0, 0, 0), (40, 0, 80, 80))  # full cyan: black under this profile
+    naive = np.asarray(cmyk.convert("RGB"))
+    assert naive[0, 0].tolist() == [0, 0, 0] and naive[0, 79].tolist() == [0, 255, 255]
+    cmyk.info["icc_profile"] = _cmyk_profile()
+    out = np.asarray(decode.normalise_to_rgb(cmyk)).astype(int)
+    assert out.shape == (80, 80, 3)
+    assert np.abs(out[:, :40] - 255).max() <= 1 and out[:, 40:].max() <= 1
+    buf = io.BytesIO()
+    cmyk.save(buf, format="TIFF", icc_profile=_cmyk_profile())
+    dec = decode_bytes(buf.getvalue(), IngestConfig(), tmp_path)
+    assert (dec.orig_format, dec.orig_mode) == ("TIFF", "CMYK")
+    with Image.open(dec.path) as im:
+        px = np.asarray(im).astype(int)
+    assert np.abs(px[:, :40] - 255).max() <= 1 and px[:, 40:].max() <= 1
+
+
+def test_palette_without_transparency_is_converted_plainly() -> None:
+    rgb = Image.fromarray(skdata.chelsea()[:32, :32])
+    pal = rgb.quantize(colors=16)
+    assert "transparency" not in pal.info and pal.palette is not None and pal.palette.mode == "RGB"
+    out = decode.normalise_to_rgb(pal)
+    assert out.mode == "RGB" and np.array_equal(np.asarray(out), np.asarray(pal.convert("RGB")))
+
+
+def test_malformed_exif_keeps_the_pixels_as_stored(tmp_path: Path) -> None:
+    """EXIF with orientation 6 (rotate) and a Make tag stored as a FLOAT: Pillow's exif_transpose raises
+    on it; the photo is kept, unrotated, rather than refused."""
+    from PIL import ImageOps
+
+    ifd = b"MM\x00*\x00\x00\x00\x08" + struct.pack(">H", 2)
+    ifd += struct.pack(">HHI", 0x010F, 11, 1) + b"\x77\x98\x2c\x91"  # Make as FLOAT
+    ifd += struct.pack(">HHIHH", 0x0112, 3, 1, 6, 0) + b"\0\0\0\0"  # Orientation 6
+    buf = io.BytesIO()
+    Image.fromarray(skdata.chelsea()[:72, :96]).save(buf, format="JPEG", exif=b"Exif\x00\x00" + ifd)
+    with Image.open(io.BytesIO(buf.getvalue())) as im, pytest.raises(AttributeError):
+        ImageOps.exif_transpose(im)
+    dec = decode_bytes(buf.getvalue(), IngestConfig(), tmp_path)
+    assert (dec.width, dec.height) == (96, 72)
+
+
+@pytest.mark.parametrize(
+    ("exc", "reason"),
+    [
+        (EOFError(), "truncated PNG file: unexpected end of data"),
+        (EOFError("no more data"), "truncated PNG file: no more data"),
+        (OSError(), "corrupt PNG data: OSError"),
+        (ValueError(), "corrupt PNG data: ValueError"),
+        (SyntaxError("bad chunk"), "corrupt PNG data: bad chunk"),
+    ],
+)
+def test_decoder_failures_without_a_message_are_still_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exc: Exception, reason: str
+) -> None:
+    """A plugin may raise a bare exception while decoding: the refusal still says what happened."""
+    from PIL import ImageFile
+
+    def fail(self: ImageFile.ImageFile) -> None:
+        raise exc
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", fail)
+    data = _png(np.full((64, 64, 3), 7, np.uint8))
+    assert _refusal(decode_bytes, data, IngestConfig(), tmp_path) == reason
+
+
+def test_describe_non_image_reads_4_kb_and_finds_html_in_the_first_1024_bytes() -> None:
+    assert decode.describe_non_image(b"a" * 4096 + b"\x00" * 8) == "a text file"  # only 4 KB are read
+    assert (
+        decode.describe_non_image(b"a" * 4095 + b"\x00")
+        == "unrecognised binary data (starts with 61 61 61 61 61 61 61 61)"
+    )
+    assert decode.describe_non_image(b"x" * 1019 + b"<html>") == "an HTML document"
+    assert decode.describe_non_image(b"x" * 1020 + b"<html>") == "a text file"
+
+
+def test_walk_files_skips_an_entry_it_cannot_stat(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An entry that vanishes or cannot be stat'ed between listing and checking is skipped; the rest of
+    the folder is still walked."""
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        (tmp_path / name).write_bytes(b"x")
+    real_scandir = os.scandir
+
+    class Vanished:
+        def __init__(self, entry: os.DirEntry[str]) -> None:
+            self.name, self.path = entry.name, entry.path
+
+        def is_dir(self, follow_symlinks: bool = True) -> bool:
+            raise FileNotFoundError(2, "No such file or directory")
+
+        is_file = is_dir
+
+    class Listing:
+        def __init__(self, path: Path) -> None:
+            self.it = real_scandir(path)
+
+        def __enter__(self) -> list[object]:
+            entries = list(self.it)
+            return [Vanished(e) if e.name == "a.jpg" else e for e in entries]
+
+        def __exit__(self, *exc: object) -> None:
+            self.it.close()
+
+    monkeypatch.setattr(base.os, "scandir", Listing)
+    assert [rel for _p, rel, _r in base.walk_files(tmp_path)] == ["b.jpg", "c.jpg"]

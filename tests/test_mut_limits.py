@@ -278,3 +278,85 @@ def test_limiter_priority_slots_serve_the_lowest_priority_first_and_survive_canc
         return order
 
     assert asyncio.run(go()) == ["early", "late-a", "late-b"]
+
+
+def test_limiter_priority_slots_default_priority_is_zero_fifo() -> None:
+    """A default acquire queues at priority 0: FIFO with explicit 0s, ahead of any 1."""
+    from rmskit.models.limits import PrioritySlots
+
+    async def go() -> list[str]:
+        slots = PrioritySlots(1)
+        await slots.acquire()
+        order: list[str] = []
+
+        async def want(name: str, prio: int | None) -> None:
+            await (slots.acquire() if prio is None else slots.acquire(prio))
+            order.append(name)
+            slots.release()
+
+        tasks = []
+        for name, prio in [("default", None), ("zero", 0), ("one", 1)]:
+            tasks.append(asyncio.create_task(want(name, prio)))
+            await asyncio.sleep(0)  # queue them in this order
+        slots.release()
+        await asyncio.gather(*tasks)
+        return order
+
+    assert asyncio.run(go()) == ["default", "zero", "one"]
+
+
+def test_limiter_priority_slots_count_exactly_and_a_cancelled_waiter_frees_nothing() -> None:
+    """n slots: n acquires pass at once, the next waits; releases give back exactly one slot each; a
+    waiter cancelled in the queue gives back nothing (it held no slot)."""
+    from rmskit.models.limits import PrioritySlots
+
+    async def passes(slots: PrioritySlots) -> bool:
+        try:
+            await asyncio.wait_for(slots.acquire(), 0.05)
+        except TimeoutError:
+            return False
+        return True
+
+    async def go() -> list[bool]:
+        slots = PrioritySlots(3)
+        got = [await passes(slots) for _ in range(4)]  # three pass, the fourth waits
+        for _ in range(3):
+            slots.release()
+        got += [await passes(slots) for _ in range(4)]  # all three came back, no more
+        slots.release()
+        got.append(await passes(slots))  # one release: one slot
+        got.append(await passes(slots))
+        queued = asyncio.create_task(slots.acquire())
+        await asyncio.sleep(0)
+        queued.cancel()  # cancelled while queued: it held no slot, so none is freed
+        await asyncio.gather(queued, return_exceptions=True)
+        got.append(await passes(slots))
+        return got
+
+    assert asyncio.run(go()) == [True, True, True, False, True, True, True, False, True, False, False]
+
+
+def test_request_limiter_queues_by_the_request_priority_of_the_task() -> None:
+    """RequestLimiter hands queued slots by the calling task's `request_priority`, not FIFO."""
+    from rmskit.models.limits import request_priority
+
+    async def go() -> list[int]:
+        lim = RequestLimiter(1)
+        await lim.acquire()
+        order: list[int] = []
+
+        async def want(prio: int) -> None:
+            request_priority.set(prio)
+            await lim.acquire()
+            order.append(prio)
+            lim.release()
+
+        tasks = []
+        for prio in (3, 1, 2, 0):
+            tasks.append(asyncio.create_task(want(prio)))
+            await asyncio.sleep(0)
+        lim.release()
+        await asyncio.gather(*tasks)
+        return order
+
+    assert asyncio.run(go()) == [0, 1, 2, 3]
