@@ -94,6 +94,7 @@ GROUPS: dict[str, Group] = {
         ("src/rmskit/pipeline/runner.py", "src/rmskit/pipeline/registry.py", "src/rmskit/pipeline/finish.py"),
         (
             "tests/test_mut_runner.py",
+            "tests/test_mut_runner2.py",
             "tests/test_build_pipeline.py",
             "tests/test_stage_resume.py",
             "tests/test_stage_registry.py",

@@ -158,7 +158,7 @@ class Pipeline:
             ]
             if self.cfg.controls:
                 jobs.append(self._control(ctx, perception))
-            results = await asyncio.gather(*jobs, return_exceptions=True)
+            results = await _gather_finished(jobs)
             for r in results:  # every sample ran to its end or to a transient failure
                 if isinstance(r, BaseException):
                     raise r
@@ -287,6 +287,19 @@ class Pipeline:
             self.coverage.add(category)
         if self._target_reached():
             self.stop.set()
+
+
+async def _gather_finished(jobs: list[Any]) -> list[Any]:
+    """gather(return_exceptions=True), but a cancel that arrives once every job has ended (the target,
+    reached by this image's last sample, stops the run) does not discard the results: the image is done."""
+    gathered = asyncio.gather(*jobs, return_exceptions=True)
+    try:
+        return await gathered
+    except asyncio.CancelledError:
+        if not gathered.done() or gathered.cancelled():  # a job was still running: it was cut short
+            raise
+        asyncio.current_task().uncancel()  # type: ignore[union-attr]
+        return gathered.result()
 
 
 def _ends_the_run(exc: BaseException) -> bool:
