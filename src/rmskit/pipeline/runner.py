@@ -296,9 +296,10 @@ async def _gather_finished(jobs: list[Any]) -> list[Any]:
     try:
         return await gathered
     except asyncio.CancelledError:
-        if not gathered.done() or gathered.cancelled():  # a job was still running: it was cut short
+        # The cancel surfaces here only once `gathered` is done: cancelled if a job was still running
+        # (cut short: the image stays pending), else with every job's result (the task then ends normally).
+        if gathered.cancelled():
             raise
-        asyncio.current_task().uncancel()  # type: ignore[union-attr]
         return gathered.result()
 
 
