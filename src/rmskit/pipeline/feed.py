@@ -5,6 +5,7 @@ that still have work admitted."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
@@ -50,17 +51,32 @@ async def _aiter_threaded(items: Iterable[Any], maxsize: int):
     done = object()
     cancelled = threading.Event()
 
+    def put(x: Any) -> bool:
+        """Hand `x` to the loop; False once the consumer is gone (it stopped early, e.g. at --target: the
+        loop's shutdown cancels a pending put, then the loop closes). The thread then ends quietly."""
+        if cancelled.is_set():
+            return False
+        coro = queue.put(x)
+        try:
+            asyncio.run_coroutine_threadsafe(coro, loop).result()
+        except RuntimeError:  # the loop is closed
+            coro.close()  # never scheduled: no "never awaited" warning
+            cancelled.set()
+            return False
+        except concurrent.futures.CancelledError:  # the loop's shutdown cancelled the pending put
+            cancelled.set()
+            return False
+        return True
+
     def pump() -> None:
         try:
             for item in items:
-                if cancelled.is_set():
+                if not put(item):
                     return
-                asyncio.run_coroutine_threadsafe(queue.put(item), loop).result()
         except BaseException as exc:  # surface source errors on the loop side
-            asyncio.run_coroutine_threadsafe(queue.put(exc), loop).result()
-        finally:
-            if not cancelled.is_set():
-                asyncio.run_coroutine_threadsafe(queue.put(done), loop).result()
+            put(exc)
+            return
+        put(done)
 
     thread = threading.Thread(target=pump, name="rmskit-ingest", daemon=True)
     thread.start()
