@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from rmskit.config import BackendConfig
 from rmskit.models import images
 from rmskit.models.base import BackendError, ErrorKind, GenParams, ImageInput, Message
-from rmskit.models.limits import RequestLimiter, RetryPolicy, TokenBucket, parse_retry_after
+from rmskit.models.limits import RequestLimiter, RetryPolicy, TokenBucket, parse_retry_after, request_priority
 from rmskit.models.openai_compat import OpenAIBackend
 from rmskit.models.structured import (
     extract_json,
@@ -496,6 +496,47 @@ def test_concurrency_limit_is_respected() -> None:
         b = run(go())
         assert srv.stats().max_concurrent <= 3
         assert b.limiter.peak_in_flight == 3
+
+
+def test_calls_waiting_for_a_slot_hold_no_built_request(tmp_path: Path) -> None:
+    """40 calls gathered at once with concurrency 3: at most 2 x 3 of them have read and encoded their
+    image at any moment (10k gathered calls once held 10k encoded images, 516 MB); the rest wait first,
+    lowest request_priority first."""
+    photo = tmp_path / "p.jpg"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(photo, quality=90)
+    with OpenAITestServer(latency=0.05) as srv:
+
+        async def go() -> tuple[int, list[int]]:
+            b = OpenAIBackend(cfg(srv, concurrency=3))
+            real = b._render
+            built, peak, order = 0, 0, []
+
+            async def render(messages):
+                nonlocal built, peak
+                built += 1
+                peak = max(peak, built)
+                order.append(int(messages[-1].content))
+                return await real(messages)
+
+            async def call(i: int) -> None:
+                nonlocal built
+                request_priority.set(1 if i < 30 else 0)  # the last ten were asked later but rank first
+                img = ImageInput(sha256=f"{i:064x}", path=photo)
+                try:
+                    await b.generate(user(f"{i}", images=[img]))
+                finally:
+                    built -= 1
+
+            b._render = render  # type: ignore[method-assign]
+            await asyncio.gather(*[call(i) for i in range(40)])
+            await b.aclose()
+            return peak, order
+
+        peak, order = run(go())
+        assert peak == 6
+        assert sorted(order) == list(range(40))
+        # the first six went straight in; of the 34 that waited, the ten with priority 0 went first
+        assert sorted(order[6:16]) == list(range(30, 40))
 
 
 def test_rpm_limiter_spaces_requests() -> None:

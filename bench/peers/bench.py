@@ -85,11 +85,13 @@ def run_one(peer: str, job: str, photos: list[str], latency: float, capacity: in
     try:
         base_url = (server.stdout.readline() if server.stdout else "").split()[-1]
         py = sys.executable if peer == "rmskit" else str(ensure_venv(peer))
+        images_file = Path(tempfile.mkdtemp(prefix="peers-list-")) / "images.json"
+        images_file.write_text(json.dumps(photos))
         env = {
             **os.environ,
             "PEER_BASE_URL": base_url,
             "PEER_CONCURRENCY": str(capacity),
-            "PEER_IMAGES": json.dumps(photos),
+            "PEER_IMAGES_FILE": str(images_file),
             "OPENAI_API_KEY": "sk-bench",
             "CURATOR_DISABLE_CACHE": "1",
             "CURATOR_VIEWER": "0",

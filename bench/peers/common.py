@@ -67,7 +67,8 @@ def user_text(stage: str, row: dict[str, Any]) -> str:
 
 
 def image_paths() -> list[str]:
-    return json.loads(os.environ["PEER_IMAGES"])
+    # a file, not the list itself: 10k paths exceed one environment string's limit (128 KB on Linux)
+    return json.loads(Path(os.environ["PEER_IMAGES_FILE"]).read_text())
 
 
 def report(name: str, job: str, t_setup_cpu: float, extra: dict[str, Any] | None = None) -> None:
