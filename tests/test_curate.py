@@ -456,6 +456,20 @@ def test_query_dup_names_the_most_similar_then_earliest_kept() -> None:
         near_duplicate_queries([("a", "one two three"), ("a", "something else entirely here")], 0.8)
 
 
+def test_query_dup_names_the_most_similar_of_well_separated_candidates() -> None:
+    # At threshold 0.3 both kept queries are certain LSH candidates of c (Jaccard 0.6 and 0.48; a and b
+    # share 0.23, so both are kept): c is reported against the more similar one. The LSH returns its
+    # candidates as a set (order depends on the string hash seed), so 12 trios under different keys make
+    # "whichever candidate came first" fail here with certainty but for a chance of 2^-12.
+    a, b, c = _words(0, 20), _words(12, 32), _words(4, 26)
+    for n in range(12):
+        items = [(f"a{n}", a), (f"b{n}", b)]
+        items = items[::-1] if n % 2 else items
+        got = near_duplicate_queries([*items, (f"c{n}", c)], 0.3)
+        assert got.keys() == {f"c{n}"} and got[f"c{n}"].of == f"a{n}"
+        assert got[f"c{n}"].similarity == pytest.approx(0.6)
+
+
 def test_split_boundary_and_error() -> None:
     sha = hashlib.sha256(b"x").hexdigest()
     u = unit_hash(0, sha)
