@@ -11,7 +11,7 @@ import logging
 import re
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import pytest
 from pydantic import BaseModel
@@ -39,6 +39,8 @@ from rmskit.pipeline.runner import BuildSummary, Pipeline, build, run_build
 from rmskit.pipeline.stages import sample_id
 from rmskit.records import Rejection
 from rmskit.testing.rms_script import stage_of
+
+T = TypeVar("T")
 
 
 def _check(name: str):
@@ -466,17 +468,23 @@ class Slow(ScriptedBackend):
         return await super().generate(messages, schema=schema, params=params)
 
 
+def _capture(monkeypatch: pytest.MonkeyPatch, name: str, base: type[T]) -> list[T]:
+    """Every instance of `base` the runner creates under `rmskit.pipeline.runner.<name>`, to read after
+    the build."""
+    made: list[T] = []
+
+    class Seen(base):
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, **kw)
+            made.append(cast(T, self))
+
+    monkeypatch.setattr(f"rmskit.pipeline.runner.{name}", Seen)
+    return made
+
+
 def _capture_stats(monkeypatch: pytest.MonkeyPatch) -> list[Stats]:
     """Every progress Stats the runner creates, to read its counters after the build."""
-    shown: list[Stats] = []
-
-    class Shown(Stats):
-        def __init__(self, **kw: Any) -> None:
-            super().__init__(**kw)
-            shown.append(self)
-
-    monkeypatch.setattr("rmskit.pipeline.runner.Stats", Shown)
-    return shown
+    return _capture(monkeypatch, "Stats", Stats)
 
 
 def test_a_transient_failure_leaves_the_image_pending_after_its_other_samples_finish(
@@ -505,14 +513,7 @@ def test_a_transient_failure_leaves_the_image_pending_after_its_other_samples_fi
 def test_stopping_at_the_target_cancels_the_images_in_flight_cleanly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    made: list[Pipeline] = []
-
-    class Seen(Pipeline):
-        def __init__(self, *a: Any, **kw: Any) -> None:
-            super().__init__(*a, **kw)
-            made.append(self)
-
-    monkeypatch.setattr("rmskit.pipeline.runner.Pipeline", Seen)
+    made = _capture(monkeypatch, "Pipeline", Pipeline)
     cfg = _cfg(tmp_path, perceive="model", target=1, image_window=4)
     with caplog.at_level(logging.ERROR):
         summary = _build(cfg, Slow(slow=("respond",)), _images(8))

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 from test_build_pipeline import STAGES as ROLE_NAMES
 from test_build_pipeline import ScriptedBackend, _cfg, _images
-from test_mut_runner import Fatal, Probed, Started, _build, _capture_stats
+from test_mut_runner import Fatal, Probed, Started, _build, _capture, _capture_stats
 
 from rmskit.config import BackendConfig
 from rmskit.ledger import Ledger, RunLock
@@ -380,14 +380,7 @@ def test_the_pipeline_runs_without_a_finish_as_the_ray_worker_uses_it(tmp_path: 
 def test_a_run_ended_by_refused_credentials_leaves_no_image_task_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    made: list[Pipeline] = []
-
-    class Seen(Pipeline):
-        def __init__(self, *a: Any, **kw: Any) -> None:
-            super().__init__(*a, **kw)
-            made.append(self)
-
-    monkeypatch.setattr("rmskit.pipeline.runner.Pipeline", Seen)
+    made = _capture(monkeypatch, "Pipeline", Pipeline)
     cfg = _cfg(tmp_path, perceive="model", image_window=4)
     backends: dict[str, Any] = dict.fromkeys(ROLE_NAMES, Fatal())
 
