@@ -181,33 +181,6 @@ def test_an_image_is_encoded_once_and_its_encoding_dropped_when_its_stages_are_d
     assert not any(k[0] == r.sha256 for k in images._IMAGE_CACHE for r in recs)
 
 
-def test_finish_warms_imports_once_in_a_daemon_thread_and_tolerates_missing_modules(monkeypatch) -> None:
-    import sys
-    import threading
-
-    seen: list[tuple[str, bool]] = []
-    done = threading.Event()
-
-    def fake() -> None:
-        t = threading.current_thread()
-        seen.append((t.name, t.daemon))
-        done.set()
-
-    monkeypatch.setattr(finish_mod, "_import_heavy_modules", fake)
-    f = finish_mod.Finish()
-    f.feed_done()
-    f.feed_done()  # the tail is announced once per run, but a second call must not start another thread
-    assert done.wait(5)
-    for t in threading.enumerate():
-        if t.name == "rmskit-warm-imports":
-            t.join(5)
-    assert seen == [("rmskit-warm-imports", True)]
-    monkeypatch.undo()
-    monkeypatch.setattr(finish_mod, "_HEAVY_MODULES", ("no_such_module_rmskit", "json"))
-    sys.modules.pop("no_such_module_rmskit", None)
-    finish_mod._import_heavy_modules()  # a missing module is skipped, the next still imported
-
-
 def test_finish_drains_the_background_embedder_and_cancel_drops_it(tmp_path: Path, monkeypatch) -> None:
     calls: list[list[str]] = []
     _counting_embed(monkeypatch, calls)

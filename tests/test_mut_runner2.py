@@ -9,7 +9,6 @@ import ctypes
 import json
 import locale
 import re
-import sys
 import time
 import types
 from datetime import datetime
@@ -436,18 +435,6 @@ def test_a_failed_background_embedding_does_not_lose_the_export(
     backends: dict[str, Any] = dict.fromkeys(ROLE_NAMES, ScriptedBackend())
     summary = asyncio.run(run_build(cfg, quiet=True, items=_images(1), backends=backends))
     assert summary.dataset_dir == str(tmp_path / "run" / "dataset") and summary.samples_ok == 3
-
-
-def test_the_warm_up_imports_each_module_and_skips_a_missing_one(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    (tmp_path / "rmskit_warm_probe.py").write_text("LOADED = True\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "rmskit_warm_probe", raising=False)
-    monkeypatch.setattr(finish_mod, "_HEAVY_MODULES", ("rmskit_no_such_module", "rmskit_warm_probe"))
-    finish_mod._import_heavy_modules()
-    assert sys.modules["rmskit_warm_probe"].LOADED is True
-    monkeypatch.delitem(sys.modules, "rmskit_warm_probe")
 
 
 def _load_openmp() -> None:

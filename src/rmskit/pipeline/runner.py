@@ -127,8 +127,6 @@ class Pipeline:
             tasks.add(task)
             task.add_done_callback(lambda t: (tasks.discard(t), slots.release(), self._settled(t)))
         self.stats.ingest_finished = True
-        if self.finish is not None:
-            self.finish.feed_done()
         if self.stop.is_set():
             for t in tasks:
                 t.cancel()
