@@ -8,6 +8,7 @@ dependency). Jobs: (a) one call per image; (b) the chained call graph (see commo
   python bench/peers/bench.py --quick          # small run (~2 min on 2 cores)
   python bench/peers/bench.py                  # ~2k requests per job at L=0.3 s, C=64
   python bench/peers/bench.py --latency 0.02 --images 2000
+  python bench/peers/bench.py --repeat 3       # each peer 3 times, interleaved; medians (wall: min-max)
 Columns: utilisation = server busy / (span x C); requests/s = requests / the client process's whole
 wall time (start-up and finish included); marginal CPU = client CPU (with its child processes) after
 set-up / requests; peak RSS = the client's largest process.
@@ -19,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -135,12 +137,40 @@ def run_one(peer: str, job: str, photos: list[str], latency: float, capacity: in
     }
 
 
+def median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One peer's repeated runs of one job: the median of every number, and each number's runs."""
+    out = dict(runs[0])
+    for k, v in runs[0].items():
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            vals = [r[k] for r in runs]
+            med = statistics.median(vals)
+            out[k] = type(v)(med) if isinstance(v, int) else med
+            out[k + "_runs"] = vals
+    out["repeats"] = len(runs)
+    return out
+
+
 def table(rows: list[dict[str, Any]], peers: list[str], latency: float, capacity: int) -> str:
-    by = {(r["peer"], r["job"]): r for r in rows}
-    out = [f"latency {latency} s, capacity {capacity}; values: {' / '.join(peers)}"]
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["peer"], r["job"]), []).append(r)
+    by = {k: median_row(v) for k, v in groups.items()}
+    reps = max(len(v) for v in groups.values())
+    note = f"; median of {reps} interleaved runs (wall: median [min-max])" if reps > 1 else ""
+    out = [f"latency {latency} s, capacity {capacity}; values: {' / '.join(peers)}{note}"]
 
     def line(label: str, job: str, fmt: str, key: str) -> None:
-        vals = [format(by[(p, job)][key], fmt) if (p, job) in by else "-" for p in peers]
+        vals = []
+        for p in peers:
+            r = by.get((p, job))
+            if r is None:
+                vals.append("-")
+                continue
+            v = format(r[key], fmt)
+            if reps > 1 and key in ("wall_s", "job_wall_s"):
+                runs = r[key + "_runs"]
+                v += f" [{format(min(runs), fmt)}-{format(max(runs), fmt)}]"
+            vals.append(v)
         out.append(f"| {label:<44} | {' / '.join(vals)} |")
 
     for job in ("a", "b"):
@@ -169,6 +199,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=2000, help="job a images; job b uses a fifth")
     ap.add_argument("--peers", default="rmskit,curator,distilabel")
     ap.add_argument("--jobs", default="a,b")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per peer and job, interleaved; medians")
     ap.add_argument("--out", type=Path, help="also append the table here")
     args = ap.parse_args()
     n_a = 200 if args.quick else args.images
@@ -180,14 +211,16 @@ def main() -> None:
     rows = []
     for job in args.jobs.split(","):
         photos = make_photos(n_a if job == "a" else n_b)
-        for p in peers:
-            r = run_one(p, job, photos, args.latency, args.capacity)
-            print(
-                f"  {p} job {job}: {r['requests']} requests in {r['wall_s']:.1f} s",
-                file=sys.stderr,
-                flush=True,
-            )
-            rows.append(r)
+        # interleaved (a b c a b c ...), so a slow spell of the machine hits every peer alike
+        for _ in range(args.repeat):
+            for p in peers:
+                r = run_one(p, job, photos, args.latency, args.capacity)
+                print(
+                    f"  {p} job {job}: {r['requests']} requests in {r['wall_s']:.1f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                rows.append(r)
     head = (
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | {platform.node()} | {os.cpu_count()} CPUs | "
         f"{platform.python_version()} | images: job a {n_a}, job b {n_b}"

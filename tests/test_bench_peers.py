@@ -1,0 +1,55 @@
+"""bench/peers/bench.py's table: repeated runs of a peer are reported as medians, wall time with its
+spread, so one slow spell of a shared machine cannot decide the comparison."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("peers_bench", ROOT / "bench" / "peers" / "bench.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["peers_bench"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _row(peer: str, wall: float, rss: float, requests: int = 100) -> dict:
+    return {
+        "peer": peer,
+        "job": "b",
+        "requests": requests,
+        "utilisation": 0.9,
+        "rps": requests / wall,
+        "marginal_cpu_ms": 1.0,
+        "peak_rss_mb": rss,
+        "max_in_service": 64,
+        "finish_s": 0.5,
+        "wall_s": wall,
+        "job_wall_s": wall - 1,
+        "limit_s": 5.0,
+    }
+
+
+def test_repeated_runs_are_reported_as_medians_with_the_wall_spread() -> None:
+    bench = _bench()
+    rows = [_row("rmskit", w, rss) for w, rss in ((10.0, 300), (30.0, 200), (12.0, 250))]
+    rows += [_row("curator", 20.0, 290)]
+    text = bench.table(rows, ["rmskit", "curator"], 0.3, 64)
+    assert "median of 3 interleaved runs" in text
+    lines = {
+        ln.split("|")[1].strip(): ln.split("|")[2].strip() for ln in text.splitlines() if ln.startswith("|")
+    }
+    assert lines["wall time, whole client run (s)"] == "12.0 [10.0-30.0] / 20.0 [20.0-20.0]"
+    assert lines["peak RSS (MB)"] == "250 / 290"
+    assert lines["requests (delivered)"] == "100 / 100"
+
+
+def test_a_single_run_prints_plain_values() -> None:
+    text = _bench().table([_row("rmskit", 10.0, 300)], ["rmskit"], 0.3, 64)
+    assert "median" not in text and "| 10.0 |" in text
