@@ -11,6 +11,8 @@ with a few tiny requests instead of assumed.
    strict (constraints dropped, enforced leniently), json_object + schema (llama.cpp), plain
    json_object; a mode counts when the answer parses and validates. Else JSON-in-prompt + repair.
 
+Steps 2-4 start together (one request latency when the server is up); only the baseline waits out a
+server that is still starting, and a step whose early request met no server is redone after it.
 Overrides (`vision`, `structured` in BackendConfig) skip the matching step. The result is cached in
 the run's ledger meta when a store is given, else in memory for the process.
 """
@@ -21,6 +23,7 @@ import asyncio
 import base64
 import io
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -71,8 +74,17 @@ def _red_png() -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-async def _call(b: RemoteBackend, payload: dict[str, Any]) -> Reply | Failure:
-    """One probe request; transient failures (429, timeouts, drops) are retried a few times."""
+_TRANSIENT = (ErrorKind.rate_limit, ErrorKind.timeout, ErrorKind.connection)
+
+
+class _NotUpYet(Exception):
+    """An early probe request (sent beside the baseline) met a server that is not answering yet."""
+
+
+async def _call(b: RemoteBackend, payload: dict[str, Any], early: bool = False) -> Reply | Failure:
+    """One probe request; transient failures (429, timeouts, drops) are retried a few times. `early`:
+    still transient after those, raise _NotUpYet (the step is redone once the baseline got through)
+    instead of reading the failure as the server's answer."""
     got: Reply | Failure = Failure(ErrorKind.other, "not sent", retriable=False)
     for attempt in range(3):
         got = await b._once(payload, 200)
@@ -82,9 +94,11 @@ async def _call(b: RemoteBackend, payload: dict[str, Any]) -> Reply | Failure:
             from rmskit.models.base import AuthenticationError
 
             raise AuthenticationError(b.where, got.status)
-        if got.kind not in (ErrorKind.rate_limit, ErrorKind.timeout, ErrorKind.connection):
+        if got.kind not in _TRANSIENT:
             return got
         await asyncio.sleep(b.policy.delay(attempt, got.retry_after))
+    if early:
+        raise _NotUpYet(got.message)
     return got
 
 
@@ -92,10 +106,12 @@ def _why(got: Failure) -> str:
     return got.message[:120]
 
 
-async def _probe_vision(b: RemoteBackend, base_tokens: int) -> tuple[bool, str]:
+async def _vision_reply(b: RemoteBackend, early: bool = False) -> Reply | Failure:
     parts = [{"type": "image_url", "image_url": {"url": _red_png()}}, {"type": "text", "text": _QUESTION}]
-    with_image = [{"role": "user", "content": parts}]
-    got = await _call(b, b._payload(_PARAMS, with_image))
+    return await _call(b, b._payload(_PARAMS, [{"role": "user", "content": parts}]), early)
+
+
+def _vision_verdict(got: Reply | Failure, base_tokens: int) -> tuple[bool, str]:
     if isinstance(got, Failure):
         return False, f"probed: image request refused ({_why(got)})"
     if got.prompt_tokens and base_tokens:
@@ -109,7 +125,7 @@ async def _probe_vision(b: RemoteBackend, base_tokens: int) -> tuple[bool, str]:
     return seen, f"probed: no token counts; answer {'names' if seen else 'does not name'} the colour"
 
 
-async def _probe_structured(b: RemoteBackend) -> tuple[str, bool, dict[str, str]]:
+async def _probe_structured(b: RemoteBackend, early: bool = False) -> tuple[str, bool, dict[str, str]]:
     tried: dict[str, str] = {}
     msgs = [Message(role="user", content="Name the colour of a ripe tomato.")]
     ladder = [
@@ -127,7 +143,7 @@ async def _probe_structured(b: RemoteBackend) -> tuple[str, bool, dict[str, str]
         )
         payload = b._payload(_PARAMS.model_copy(update={"max_tokens": 48}), await b._render(prompted))
         payload["response_format"] = response_format_for(ProbeAnswer, mode, full=full)
-        got = await _call(b, payload)
+        got = await _call(b, payload, early)
         if isinstance(got, Failure):
             named = any(w in got.message.lower() for w in FORMAT_WORDS)
             tried[label] = ("refused: " if named else "failed: ") + _why(got)
@@ -152,23 +168,48 @@ async def run_probe(b: RemoteBackend) -> ProbeResult:
             if e.kind == ErrorKind.auth:
                 raise
             log.info("probe: /models failed at %s: %s", b.where, e)
-    base_tokens = 0
-    if cfg.vision is None:
-        # The text-only baseline goes through the full retry/outage path: a server still starting
-        # is waited for here, once, instead of failing every probe request.
-        base = await b._request(b._payload(_PARAMS, [{"role": "user", "content": _QUESTION}]), 200)
-        base_tokens = base.prompt_tokens
+    probe_vision, probe_structured = cfg.vision is None, cfg.structured in ("auto", "json_schema")
+    # One latency when the server is up: the text-only baseline, the image request and the first
+    # structured-output request go out together. Only the baseline takes the full retry/outage path
+    # (a server still starting is waited for there, once); a step whose early request met no server
+    # yet is redone after the baseline got through, so a late server is not read as "no vision".
+    base_task = (
+        asyncio.ensure_future(b._request(b._payload(_PARAMS, [{"role": "user", "content": _QUESTION}]), 200))
+        if probe_vision
+        else None
+    )
 
-    async def vision_step() -> tuple[bool, str]:
-        return (cfg.vision, "forced") if cfg.vision is not None else await _probe_vision(b, base_tokens)
+    async def step(fn: Any) -> Any:
+        if base_task is None:
+            return await fn(False)
+        try:
+            return await fn(True)
+        except _NotUpYet:
+            await asyncio.shield(base_task)
+            return await fn(False)
 
-    async def structured_step() -> tuple[str, bool, dict[str, str]]:
-        if cfg.structured == "auto" or cfg.structured == "json_schema":
-            return await _probe_structured(b)
-        return cfg.structured, False, {}
-
-    # The server is up now: the vision and structured-output probes run side by side (one latency).
-    (vision, vision_how), (probed_mode, full, tried) = await asyncio.gather(vision_step(), structured_step())
+    tasks = [
+        t
+        for t in (
+            base_task,
+            asyncio.ensure_future(step(lambda e: _vision_reply(b, e))) if probe_vision else None,
+            asyncio.ensure_future(step(lambda e: _probe_structured(b, e))) if probe_structured else None,
+        )
+        if t is not None
+    ]
+    try:
+        await asyncio.gather(*tasks)
+    finally:  # one failed (an outage past the window, auth): the others are not left running
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    results: Iterator[Any] = iter([t.result() for t in tasks[1 if probe_vision else 0 :]])
+    if probe_vision:
+        assert base_task is not None
+        vision, vision_how = _vision_verdict(next(results), base_task.result().prompt_tokens)
+    else:
+        vision, vision_how = bool(cfg.vision), "forced"
+    probed_mode, full, tried = next(results) if probe_structured else (cfg.structured, False, {})
     mode, how = (probed_mode, "probed") if cfg.structured == "auto" else (cfg.structured, "forced")
     return ProbeResult(
         endpoint=b.where,
