@@ -40,7 +40,7 @@ typecheck: setup
 	$(VENV)/bin/pyright -p pyproject.toml
 
 bench: setup
-	HF_HUB_OFFLINE=1 $(PY) bench/peers/bench.py --out bench/results/peers.txt
+	HF_HUB_OFFLINE=1 $(PY) bench/peers/bench.py --repeat 3 --out bench/results/peers.txt
 	HF_HUB_OFFLINE=1 $(PY) bench/peers/bench.py --jobs a --peers rmskit --latency 0.02 --out bench/results/peers.txt
 	HF_HUB_OFFLINE=1 $(PY) bench/peers/bench.py --jobs a --images 10000 --out bench/results/peers.txt
 	HF_HUB_OFFLINE=1 $(PY) bench/startup.py
