@@ -53,3 +53,10 @@ def test_repeated_runs_are_reported_as_medians_with_the_wall_spread() -> None:
 def test_a_single_run_prints_plain_values() -> None:
     text = _bench().table([_row("rmskit", 10.0, 300)], ["rmskit"], 0.3, 64)
     assert "median" not in text and "| 10.0 |" in text
+
+
+def test_in_service_is_the_mean_number_of_requests_per_step() -> None:
+    # two requests over [0, 1) and one over [0.5, 1.5): 2, then 3, then 1 in service per 0.5 s
+    spans = [[0.0, 1.0], [0.0, 1.0], [0.5, 1.5]]
+    assert _bench().in_service(spans) == [2.0, 3.0, 1.0]
+    assert _bench().in_service([]) == []

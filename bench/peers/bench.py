@@ -9,6 +9,7 @@ dependency). Jobs: (a) one call per image; (b) the chained call graph (see commo
   python bench/peers/bench.py                  # ~2k requests per job at L=0.3 s, C=64
   python bench/peers/bench.py --latency 0.02 --images 2000
   python bench/peers/bench.py --repeat 3       # each peer 3 times, interleaved; medians (wall: min-max)
+  python bench/peers/bench.py --jobs b --timeline   # + requests in service per 0.5 s (where slots idle)
 Columns: utilisation = server busy / (span x C); requests/s = requests / the client process's whole
 wall time (start-up and finish included); marginal CPU = client CPU (with its child processes) after
 set-up / requests; peak RSS = the client's largest process.
@@ -77,7 +78,21 @@ def make_photos(n: int) -> list[str]:
     return paths
 
 
-def run_one(peer: str, job: str, photos: list[str], latency: float, capacity: int) -> dict[str, Any]:
+def in_service(spans: list[list[float]], step: float = 0.5) -> list[float]:
+    """Mean requests in service per `step` seconds, from the server's (start, end) of each request."""
+    if not spans:
+        return []
+    first, last = min(s for s, _ in spans), max(e for _, e in spans)
+    out, t = [], first
+    while t < last:
+        out.append(sum(max(0.0, min(e, t + step) - max(s, t)) for s, e in spans) / step)
+        t += step
+    return out
+
+
+def run_one(
+    peer: str, job: str, photos: list[str], latency: float, capacity: int, timeline: bool = False
+) -> dict[str, Any]:
     server = subprocess.Popen(
         [sys.executable, str(HERE / "server.py"), "--latency", str(latency), "--capacity", str(capacity)],
         stdout=subprocess.PIPE,
@@ -115,6 +130,7 @@ def run_one(peer: str, job: str, photos: list[str], latency: float, capacity: in
             raise RuntimeError(f"{peer} job {job} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
         res = json.loads(lines[-1].removeprefix("PEER-RESULT "))
         st = httpx.get(base_url.removesuffix("/v1") + "/stats").json()
+        spans = httpx.get(base_url.removesuffix("/v1") + "/timeline").json() if timeline else []
     finally:
         server.terminate()
         server.wait()
@@ -134,6 +150,7 @@ def run_one(peer: str, job: str, photos: list[str], latency: float, capacity: in
         "finish_s": res["t_end"] - st["last_end_unix"],
         # The physical limit of a chained job: all requests through C slots, plus one chain's latency.
         "limit_s": req * latency / capacity + (1 if job == "a" else 5) * latency,
+        "in_service": in_service(spans),
     }
 
 
@@ -200,6 +217,7 @@ def main() -> None:
     ap.add_argument("--peers", default="rmskit,curator,distilabel")
     ap.add_argument("--jobs", default="a,b")
     ap.add_argument("--repeat", type=int, default=1, help="runs per peer and job, interleaved; medians")
+    ap.add_argument("--timeline", action="store_true", help="print requests in service per 0.5 s per run")
     ap.add_argument("--out", type=Path, help="also append the table here")
     args = ap.parse_args()
     n_a = 200 if args.quick else args.images
@@ -214,12 +232,18 @@ def main() -> None:
         # interleaved (a b c a b c ...), so a slow spell of the machine hits every peer alike
         for _ in range(args.repeat):
             for p in peers:
-                r = run_one(p, job, photos, args.latency, args.capacity)
+                r = run_one(p, job, photos, args.latency, args.capacity, args.timeline)
                 print(
                     f"  {p} job {job}: {r['requests']} requests in {r['wall_s']:.1f} s",
                     file=sys.stderr,
                     flush=True,
                 )
+                if args.timeline:
+                    print(
+                        f"  in service per 0.5 s: {' '.join(f'{x:.0f}' for x in r['in_service'])}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 rows.append(r)
     head = (
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | {platform.node()} | {os.cpu_count()} CPUs | "
