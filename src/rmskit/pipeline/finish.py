@@ -6,7 +6,7 @@ and the export run (their modules, scipy, datasketch and pyarrow, are imported t
 
 Importing them in a thread during the run's tail instead (as before) saved that second of finish but
 cost as much: the imports held the GIL while the last chains waited for the event loop (the tail grew by
-~0.6 s), and with the embedder still loaded the peak RSS rose from ~275 to ~348 MB (job b, 400 images,
+~0.8 s), and with the embedder still loaded the peak RSS rose from ~275 to ~348 MB (job b, 400 images,
 bench/peers)."""
 
 from __future__ import annotations
