@@ -1,0 +1,54 @@
+"""The Parquet writer builds its Arrow columns from buffers (export/parquet.py `arrow_table`): the same
+table `pa.Table.from_pylist` gives, without the pandas import that `pa.array` triggers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pyarrow as pa
+
+from rmskit.export.parquet import JSON_FIELDS, TEXT_FIELDS, arrow_schema, arrow_table
+
+
+def _rows(n: int) -> list[dict]:
+    rows = []
+    for i in range(n):
+        row: dict = {k: f"{k} {i} — naïve ünïcode ☂" if i % 3 else "" for k in TEXT_FIELDS}
+        row["image"] = {"bytes": bytes([0, 255, i % 256]) * (i + 1) if i % 4 else b"", "path": f"img{i}.jpg"}
+        row["rounds"] = i % 5
+        for k in JSON_FIELDS:
+            row[k] = None if (i + len(k)) % 2 else '{"a": [1, 2], "b": "x"}'
+        rows.append(row)
+    return rows
+
+
+def test_arrow_table_equals_from_pylist() -> None:
+    schema = arrow_schema()
+    for n in (1, 7, 100):
+        rows = _rows(n)
+        got = arrow_table(rows, schema)
+        want = pa.Table.from_pylist(rows, schema=schema)
+        assert got.schema.equals(want.schema, check_metadata=True)
+        assert got.equals(want)
+        assert got.column("checks").null_count == want.column("checks").null_count
+    assert arrow_table(_rows(7), schema).column("checks").null_count > 0  # the validity bitmap is used
+
+
+def test_unexpected_values_fall_back_to_pa_array() -> None:
+    """A null int, a float column: not the export's shapes, so `pa.array` builds them, as before."""
+    schema = pa.schema([("n", pa.int32()), ("s", pa.string()), ("f", pa.float64())])
+    rows = [{"n": None, "s": "x", "f": 1.5}, {"n": 2, "s": None, "f": None}]
+    assert arrow_table(rows, schema).equals(pa.Table.from_pylist(rows, schema=schema))
+
+
+def test_writing_parquet_does_not_import_pandas(tmp_path) -> None:
+    code = (
+        "import sys, pyarrow.parquet as pq\n"
+        "from rmskit.export.parquet import arrow_schema, arrow_table\n"
+        "from tests.test_export_arrow import _rows\n"
+        f"pq.write_table(arrow_table(_rows(20), arrow_schema()), {str(tmp_path / 'x.parquet')!r})\n"
+        "print('pandas' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
