@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pyarrow as pa
+import pytest
 
 from rmskit.export.parquet import JSON_FIELDS, TEXT_FIELDS, arrow_schema, arrow_table
 
@@ -40,6 +41,13 @@ def test_unexpected_values_fall_back_to_pa_array() -> None:
     schema = pa.schema([("n", pa.int32()), ("s", pa.string()), ("f", pa.float64())])
     rows = [{"n": None, "s": "x", "f": 1.5}, {"n": 2, "s": None, "f": None}]
     assert arrow_table(rows, schema).equals(pa.Table.from_pylist(rows, schema=schema))
+
+
+def test_bytes_in_a_string_column_still_get_pyarrows_utf8_check() -> None:
+    schema = pa.schema([("s", pa.string())])
+    assert arrow_table([{"s": "ok"}, {"s": b"fine"}], schema).column("s").to_pylist() == ["ok", "fine"]
+    with pytest.raises(pa.ArrowInvalid):
+        arrow_table([{"s": b"\xff\xfe"}], schema)
 
 
 def test_writing_parquet_does_not_import_pandas(tmp_path) -> None:

@@ -90,9 +90,9 @@ def _column(values: list[Any], typ: Any) -> Any:
         return pa.Array.from_buffers(
             typ, n, [None, pa.py_buffer(np.asarray(values, dtype=np.int32).tobytes())]
         )
-    if (pa.types.is_string(typ) or pa.types.is_binary(typ)) and all(
-        v is None or isinstance(v, str | bytes) for v in values
-    ):
+    kind = str if pa.types.is_string(typ) else bytes if pa.types.is_binary(typ) else None
+    # str only for strings: bytes there would skip pyarrow's UTF-8 check
+    if kind is not None and all(v is None or isinstance(v, kind) for v in values):
         data = [v.encode("utf-8") if isinstance(v, str) else v for v in values]
         offsets = np.zeros(n + 1, dtype=np.int64)
         np.cumsum([0 if d is None else len(d) for d in data], out=offsets[1:])
