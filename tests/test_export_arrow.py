@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -58,5 +59,6 @@ def test_writing_parquet_does_not_import_pandas(tmp_path) -> None:
         f"pq.write_table(arrow_table(_rows(20), arrow_schema()), {str(tmp_path / 'x.parquet')!r})\n"
         "print('pandas' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    root = Path(__file__).resolve().parents[1]  # `tests.test_export_arrow` imports from the repo root
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
     assert out.stdout.strip() == "False"

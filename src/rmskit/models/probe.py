@@ -74,6 +74,8 @@ def _red_png() -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+# Retried within a probe step. Not base.TRANSIENT_KINDS: a 5xx to a probe request may be the server
+# refusing that format (llama.cpp answers 500), read as the step's answer, not retried.
 _TRANSIENT = (ErrorKind.rate_limit, ErrorKind.timeout, ErrorKind.connection)
 
 
