@@ -28,6 +28,7 @@ def _row(peer: str, wall: float, rss: float, requests: int = 100) -> dict:
         "rps": requests / wall,
         "marginal_cpu_ms": 1.0,
         "peak_rss_mb": rss,
+        "tree_rss_mb": rss + 100,
         "max_in_service": 64,
         "finish_s": 0.5,
         "wall_s": wall,
@@ -47,6 +48,7 @@ def test_repeated_runs_are_reported_as_medians_with_the_wall_spread() -> None:
     }
     assert lines["wall time, whole client run (s)"] == "12.0 [10.0-30.0] / 20.0 [20.0-20.0]"
     assert lines["peak RSS (MB)"] == "250 / 290"
+    assert lines["peak RSS, all client processes (MB)"] == "350 / 390"
     assert lines["requests (delivered)"] == "100 / 100"
 
 
@@ -60,3 +62,24 @@ def test_in_service_is_the_mean_number_of_requests_per_step() -> None:
     spans = [[0.0, 1.0], [0.0, 1.0], [0.5, 1.5]]
     assert _bench().in_service(spans) == [2.0, 3.0, 1.0]
     assert _bench().in_service([]) == []
+
+
+def test_tree_rss_sums_a_process_and_its_children() -> None:
+    """A parent holding ~60 MB that starts a child holding ~120 MB: the tree's peak counts both."""
+    import subprocess
+
+    import pytest
+
+    if not Path("/proc/self/status").exists():
+        pytest.skip("reads /proc")
+    child = "b = bytearray(120 << 20); import time; time.sleep(3)"
+    parent = (
+        f"import subprocess, sys; a = bytearray(60 << 20); subprocess.run([sys.executable, '-c', {child!r}])"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", parent])
+    tree = _bench().TreeRSS(proc.pid, every=0.05)
+    tree.start()
+    proc.wait(timeout=60)
+    tree.stop.set()
+    tree.join()
+    assert tree.peak_kb / 1024 > 180  # both buffers (bytearray pages are touched: zero-filled)

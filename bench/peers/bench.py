@@ -12,7 +12,8 @@ dependency). Jobs: (a) one call per image; (b) the chained call graph (see commo
   python bench/peers/bench.py --jobs b --timeline   # + requests in service per 0.5 s (where slots idle)
 Columns: utilisation = server busy / (span x C); requests/s = requests / the client process's whole
 wall time (start-up and finish included); marginal CPU = client CPU (with its child processes) after
-set-up / requests; peak RSS = the client's largest process.
+set-up / requests; peak RSS = the client's largest process (ru_maxrss); peak RSS, all processes = the
+client's process tree summed (sampled from /proc every 0.1 s: a client may start worker processes).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -121,13 +123,22 @@ def run_one(
         if peer != "rmskit":
             env.pop("PYTHONPATH", None)
         t0 = time.time()
-        proc = subprocess.run(
-            [py, str(HERE / f"run_{peer}.py"), job], env=env, capture_output=True, text=True, timeout=1800
+        proc = subprocess.Popen(
+            [py, str(HERE / f"run_{peer}.py"), job],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
+        tree = TreeRSS(proc.pid)
+        tree.start()
+        stdout, stderr = proc.communicate(timeout=1800)
         wall = time.time() - t0
-        lines = [x for x in proc.stdout.splitlines() if x.startswith("PEER-RESULT ")]
+        tree.stop.set()
+        tree.join()
+        lines = [x for x in stdout.splitlines() if x.startswith("PEER-RESULT ")]
         if proc.returncode != 0 or not lines:
-            raise RuntimeError(f"{peer} job {job} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+            raise RuntimeError(f"{peer} job {job} failed ({proc.returncode}):\n{stderr[-4000:]}")
         res = json.loads(lines[-1].removeprefix("PEER-RESULT "))
         st = httpx.get(base_url.removesuffix("/v1") + "/stats").json()
         spans = httpx.get(base_url.removesuffix("/v1") + "/timeline").json() if timeline else []
@@ -142,6 +153,7 @@ def run_one(
         "delivered": st["delivered"],
         "utilisation": st["busy_s"] / (span * capacity),
         "rps": req / wall,
+        "tree_rss_mb": tree.peak_kb / 1024,
         "wall_s": wall,
         "job_wall_s": res["t_end"] - res["t_job_start"],
         "marginal_cpu_ms": 1000 * (res["cpu_total_s"] - res["cpu_setup_s"]) / max(req, 1),
@@ -152,6 +164,43 @@ def run_one(
         "limit_s": req * latency / capacity + (1 if job == "a" else 5) * latency,
         "in_service": in_service(spans),
     }
+
+
+class TreeRSS(threading.Thread):
+    """The peak of the RSS summed over a process and all its descendants, sampled from /proc (Linux;
+    elsewhere it stays 0). ru_maxrss gives only the largest single process."""
+
+    def __init__(self, pid: int, every: float = 0.1) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.every, self.peak_kb = pid, every, 0
+        self.stop = threading.Event()
+
+    @staticmethod
+    def _tree(pid: int) -> list[int]:
+        out, todo = [], [pid]
+        while todo:
+            p = todo.pop()
+            out.append(p)
+            for kids in Path(f"/proc/{p}/task").glob("*/children"):
+                try:
+                    todo += [int(k) for k in kids.read_text().split()]
+                except OSError:
+                    pass
+        return out
+
+    @staticmethod
+    def _rss_kb(pid: int) -> int:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        except OSError:
+            pass
+        return 0
+
+    def run(self) -> None:
+        while not self.stop.wait(self.every):
+            self.peak_kb = max(self.peak_kb, sum(self._rss_kb(p) for p in self._tree(self.pid)))
 
 
 def median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -199,6 +248,7 @@ def table(rows: list[dict[str, Any]], peers: list[str], latency: float, capacity
         line("requests/s over the client's whole run", job, ".0f", "rps")
         line("marginal CPU ms per request", job, ".2f", "marginal_cpu_ms")
         line("peak RSS (MB)", job, ".0f", "peak_rss_mb")
+        line("peak RSS, all client processes (MB)", job, ".0f", "tree_rss_mb")
         line("most requests in service at once", job, "d", "max_in_service")
         line("finish: last response to client's end (s)", job, ".2f", "finish_s")
         if job == "b":

@@ -1,18 +1,24 @@
 """The build's end: text probes and the dataset export (issue 13 §6: finish soon after the last response).
 
-`Finish` starts with the run: it embeds each kept sample's query in the background, so after the last
-response only the last few queries are embedded; then the embedder is let go and the probes' statistics
-and the export run (their modules, scipy, datasketch and pyarrow, are imported then: ~1 s).
+`Finish` starts with the run. By default it starts a worker process (finish_worker.py) that imports the
+probes' and the export's modules (scipy, datasketch, pyarrow: ~1.5 s of CPU) and embeds each kept
+sample's query while the build waits on the endpoint, at a lower CPU priority; after the last response
+only the last few queries are embedded, then the worker runs the probes and the export and the build
+stores the probes. If the worker cannot start or fails, the same finish runs here (`inline`).
 
-Importing them in a thread during the run's tail instead (as before) saved that second of finish but
-cost as much: the imports held the GIL while the last chains waited for the event loop (the tail grew by
-~0.8 s), and with the embedder still loaded the peak RSS rose from ~275 to ~348 MB (job b, 400 images,
-bench/peers)."""
+`RMSKIT_FINISH=inline` keeps everything in the build's process: the queries are embedded there in the
+background and the modules are imported after the last response (~1 s). Importing them in a thread
+during the run's tail instead cost as much as it saved: the imports held the GIL while the last chains
+waited for the event loop (the tail grew by ~0.8 s), and with the embedder still loaded the peak RSS
+rose from ~275 to ~348 MB (job b, 400 images, bench/peers)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,42 +27,133 @@ from rmskit.scoring.probes import QueryEmbeddings
 
 log = logging.getLogger("rmskit.build")
 
+MODES = ("worker", "inline")
+
+
+def mode() -> str:
+    m = os.environ.get("RMSKIT_FINISH", "worker")
+    if m not in MODES:
+        raise ValueError(f"RMSKIT_FINISH={m!r}: choose one of {', '.join(MODES)}")
+    return m
+
 
 class Finish:
-    def __init__(self) -> None:
-        self.queries = QueryEmbeddings()
+    def __init__(self, worker: bool | None = None) -> None:
+        self.worker = mode() == "worker" if worker is None else worker
+        self.queries = QueryEmbeddings()  # inline mode only
         self._embedding: asyncio.Task[None] | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._stderr: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
+    async def start(self) -> None:
         """Call from the running event loop when the run starts."""
+        if self.worker:
+            from rmskit.pipeline import finish_worker
+
+            try:
+                self._proc = await asyncio.create_subprocess_exec(
+                    *finish_worker.command(),
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                    env=finish_worker.environment(),
+                    limit=1 << 24,  # the result line holds the probes' report
+                    start_new_session=True,  # the terminal's Ctrl-C is the build's to handle, not the worker's
+                )
+            except OSError as exc:
+                log.warning("finish worker did not start (%r): the finish runs in this process", exc)
+            else:
+                self._stderr = asyncio.create_task(_forward(self._proc.stderr))
+                return
         self._embedding = asyncio.create_task(self.queries.run())
 
+    def _alive(self) -> bool:
+        p = self._proc
+        return p is not None and p.returncode is None and p.stdin is not None and not p.stdin.is_closing()
+
     def kept(self, sample: dict[str, Any]) -> None:
-        if isinstance(q := sample.get("query"), str):
+        if not isinstance(q := sample.get("query"), str):
+            return
+        if self._proc is None:
             self.queries.add(q)
+        elif self._alive():
+            self._proc.stdin.write(json.dumps({"q": q}).encode() + b"\n")  # type: ignore[union-attr]
 
     async def cancel(self) -> None:
-        """The run failed or was interrupted: drop the background embedding."""
+        """The run failed or was interrupted: drop the background embedding (and the worker)."""
         if self._embedding is not None:
             self._embedding.cancel()
             await asyncio.gather(self._embedding, return_exceptions=True)
             self._embedding = None
+        if self._proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
+            await self._proc.wait()
+            await self._close_stderr()
+            self._proc = None
+
+    async def _close_stderr(self) -> None:
+        if self._stderr is not None:
+            await asyncio.gather(self._stderr, return_exceptions=True)
+            self._stderr = None
 
     async def finish(self, run_dir: Path, ledger: Ledger) -> dict[str, Any]:
         """The run is over: embed what is still queued (a batch already running is not wasted), then
-        probes and export."""
+        probes and export, in the worker when there is one."""
+        if self._proc is not None:
+            done = await self._worker_finish(run_dir)
+            if done is not None:
+                probes, result = done
+                if probes is not None:
+                    ledger.set_meta("probes", probes)
+                return result
+            log.warning("finish worker failed: the finish runs in this process")
+            return await asyncio.to_thread(finish_dataset, run_dir, ledger)
         if self._embedding is not None:
             self.queries.close()
             await asyncio.gather(self._embedding, return_exceptions=True)  # a failure: finish reports it
             self._embedding = None
         return await asyncio.to_thread(finish_dataset, run_dir, ledger, self.queries)
 
+    async def _worker_finish(self, run_dir: Path) -> tuple[dict[str, Any] | None, dict[str, Any]] | None:
+        proc, self._proc = self._proc, None
+        assert proc is not None and proc.stdin is not None and proc.stdout is not None
+        try:
+            proc.stdin.write(json.dumps({"finish": str(run_dir)}).encode() + b"\n")
+            await proc.stdin.drain()
+            proc.stdin.close()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # it died: read what it said, then the inline finish
+        line = b""
+        try:
+            line = await proc.stdout.readline()
+        finally:
+            if proc.returncode is None and not line:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+            await proc.wait()
+            await self._close_stderr()
+        try:
+            msg = json.loads(line)
+            return msg["probes"], msg["result"]
+        except (ValueError, KeyError, TypeError):
+            log.warning("finish worker ended (exit %s) without a result", proc.returncode)
+            return None
 
-def finish_dataset(run_dir: Path, ledger: Ledger, queries: QueryEmbeddings | None = None) -> dict[str, Any]:
-    """Probes + dataset export. Failures here are reported, never lose the ledger's work."""
+
+async def _forward(stream: asyncio.StreamReader | None) -> None:
+    """The worker's stderr (warnings, tracebacks) into the build's log, line by line."""
+    if stream is None:
+        return
+    while line := await stream.readline():
+        log.warning("finish worker: %s", line.decode("utf-8", "replace").rstrip())
+
+
+def probe_run(ledger: Ledger, queries: QueryEmbeddings | None = None) -> dict[str, Any] | None:
+    """The CPU probes of the run's kept samples (None when there are none, or they failed: the probes
+    are a nice-to-have in the card)."""
     from threadpoolctl import threadpool_limits
 
-    probes: dict[str, Any] | None = None
     # One BLAS thread: the probes' linear algebra is small and many threads only spin against each other.
     with threadpool_limits(limits=1, user_api="blas"):
         try:
@@ -64,10 +161,14 @@ def finish_dataset(run_dir: Path, ledger: Ledger, queries: QueryEmbeddings | Non
 
             samples = ledger.probe_rows("ok")
             if samples:
-                probes = run_probes(samples, embeddings=queries, release=True).model_dump(mode="json")
-                ledger.set_meta("probes", probes)
-        except Exception as exc:  # probes are a nice-to-have in the card
+                return run_probes(samples, embeddings=queries, release=True).model_dump(mode="json")
+        except Exception as exc:
             log.warning("probes skipped: %r", exc)
+    return None
+
+
+def write_export(run_dir: Path, probes: dict[str, Any] | None) -> dict[str, Any]:
+    """The dataset export. A failure is reported, never loses the ledger's work."""
     try:
         from rmskit.export import write_dataset
 
@@ -76,3 +177,11 @@ def finish_dataset(run_dir: Path, ledger: Ledger, queries: QueryEmbeddings | Non
     except Exception as exc:
         log.exception("export failed")
         return {"export_error": f"{type(exc).__name__}: {exc}"}
+
+
+def finish_dataset(run_dir: Path, ledger: Ledger, queries: QueryEmbeddings | None = None) -> dict[str, Any]:
+    """Probes + dataset export in this process."""
+    probes = probe_run(ledger, queries)
+    if probes is not None:
+        ledger.set_meta("probes", probes)
+    return write_export(run_dir, probes)

@@ -385,7 +385,7 @@ async def run_build(
         finish = Finish() if export else None
         pipeline.finish = finish
         if finish is not None:
-            finish.start()
+            await finish.start()
         try:
             with ProgressView(stats, quiet=quiet):
                 await pipeline.run(items)

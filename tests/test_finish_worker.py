@@ -1,0 +1,195 @@
+"""The build's finish in a worker process (pipeline/finish_worker.py, the default outside these tests):
+the same probes and dataset as the finish in the build's own process, and no way for the worker to
+lose the export or outlive the build."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_build_pipeline import STAGES, ScriptedBackend, _cfg
+
+from rmskit.ledger import Ledger
+from rmskit.pipeline import finish as finish_mod
+from rmskit.pipeline import finish_worker
+from rmskit.pipeline.runner import run_build
+
+
+def _spawned(monkeypatch: pytest.MonkeyPatch) -> list[asyncio.subprocess.Process]:
+    """Record the worker processes `Finish` starts."""
+    procs: list[asyncio.subprocess.Process] = []
+    real = asyncio.create_subprocess_exec
+
+    async def spy(*args: Any, **kw: Any) -> asyncio.subprocess.Process:
+        p = await real(*args, **kw)
+        procs.append(p)
+        return p
+
+    monkeypatch.setattr(finish_mod.asyncio, "create_subprocess_exec", spy)
+    return procs
+
+
+def _build(tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch, photos: Path) -> Path:
+    """The scripted build of real photos (ingested from `photos`), finished in `mode`."""
+    monkeypatch.setenv("RMSKIT_FINISH", mode)
+    cfg = _cfg(tmp_path / mode, perceive="model").model_copy(update={"sources": [str(photos)]})
+    backends = dict.fromkeys(STAGES, ScriptedBackend())
+    summary = asyncio.run(run_build(cfg, quiet=True, backends=backends))
+    assert summary.export_error is None and summary.dataset_dir == str(cfg.out / "dataset")
+    return cfg.out
+
+
+def _without_seconds(probes: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in probes.items() if k != "seconds"}
+
+
+def test_the_worker_finish_equals_the_inline_finish_and_the_worker_is_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, photo_dir: Path
+) -> None:
+    procs = _spawned(monkeypatch)
+    inline = _build(tmp_path, "inline", monkeypatch, photo_dir)
+    assert procs == []
+    worker = _build(tmp_path, "worker", monkeypatch, photo_dir)
+    assert len(procs) == 1 and procs[0].returncode == 0  # it ended, and was reaped
+    with Ledger(inline, readonly=True) as a, Ledger(worker, readonly=True) as b:
+        pa, pb = a.get_meta("probes"), b.get_meta("probes")
+    assert pa["n"] >= 6 and _without_seconds(pa) == _without_seconds(pb)
+    jsonl = (worker / "dataset" / "samples.jsonl").read_text()
+    assert len(jsonl.splitlines()) >= 6 and jsonl == (inline / "dataset" / "samples.jsonl").read_text()
+    files = sorted(str(p.relative_to(worker)) for p in (worker / "dataset").rglob("*"))
+    assert files == sorted(str(p.relative_to(inline)) for p in (inline / "dataset").rglob("*"))
+    card = (worker / "dataset" / "README.md").read_text(encoding="utf-8")
+    assert "CPU probes measured" in card
+    assert "finish worker" not in (worker / "build.log").read_text()  # nothing went wrong
+
+
+def _probed_and_exported(run: Path) -> None:
+    with Ledger(run, readonly=True) as led:
+        ok = led.sample_counts()["ok"]
+        assert ok >= 6 and led.get_meta("probes")["n"] == ok
+    assert len((run / "dataset" / "samples.jsonl").read_text().splitlines()) >= 6
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        "import sys; sys.exit(3)",  # dies at once: the build's queries go to a closed pipe
+        "import sys; print('not json'); sys.stdin.read()",  # a result that is not one
+        "import sys; sys.stdin.read(); print('boom', file=sys.stderr); sys.exit(1)",  # fails at the finish
+    ],
+)
+def test_a_failed_worker_leaves_the_finish_to_the_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, photo_dir: Path, script: str
+) -> None:
+    monkeypatch.setattr(finish_worker, "command", lambda: [sys.executable, "-c", script])
+    run = _build(tmp_path, "worker", monkeypatch, photo_dir)
+    _probed_and_exported(run)
+    log = (run / "build.log").read_text()
+    assert "finish worker failed: the finish runs in this process" in log
+    if "boom" in script:
+        assert "finish worker: boom" in log  # its stderr is in the build's log
+
+
+def test_a_worker_that_cannot_start_leaves_the_finish_to_the_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, photo_dir: Path
+) -> None:
+    monkeypatch.setattr(finish_worker, "command", lambda: [str(tmp_path / "no-such-python")])
+    run = _build(tmp_path, "worker", monkeypatch, photo_dir)
+    _probed_and_exported(run)
+    assert "finish worker did not start" in (run / "build.log").read_text()
+
+
+def test_a_cancelled_build_kills_its_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RMSKIT_FINISH", "worker")
+
+    async def go() -> asyncio.subprocess.Process:
+        f = finish_mod.Finish()
+        await f.start()
+        proc = f._proc
+        assert proc is not None and proc.returncode is None
+        f.kept({"query": "how do I clean this shelf"})
+        await f.cancel()
+        await f.cancel()  # twice is fine
+        return proc
+
+    proc = asyncio.run(go())
+    assert proc.returncode is not None
+
+
+def test_an_unknown_finish_mode_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RMSKIT_FINISH", "thread")
+    with pytest.raises(ValueError, match="RMSKIT_FINISH"):
+        finish_mod.Finish()
+
+
+def test_the_worker_ends_when_its_build_is_gone(tmp_path: Path) -> None:
+    """End of stdin without "finish" (the build's process was killed): the worker exits, says nothing
+    on stdout and writes nothing."""
+    proc = subprocess.Popen(
+        finish_worker.command(),
+        env=finish_worker.environment(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+    )
+    out, err = proc.communicate(b'{"q": "how warm is this room"}\n', timeout=120)
+    assert proc.returncode == 0, err.decode()
+    assert out == b"" and list(tmp_path.iterdir()) == []
+
+
+def test_the_worker_finds_this_rmskit_when_it_is_not_installed(tmp_path: Path) -> None:
+    env = finish_worker.environment()
+    root = env["PYTHONPATH"].split(os.pathsep)[0]
+    assert (Path(root) / "rmskit" / "pipeline" / "finish_worker.py").is_file()
+    code = "import rmskit, sys; print(rmskit.__file__)"
+    clean = {k: v for k, v in env.items() if k != "VIRTUAL_ENV"}
+    out = subprocess.check_output([sys.executable, "-c", code], env=clean, cwd=tmp_path, text=True)
+    assert Path(out.strip()).resolve().parent.parent == Path(root)
+
+
+def _workers_marked(mark: str) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                environ = (d / "environ").read_bytes()
+                cmd = (d / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if mark.encode() in environ and b"finish_worker" in cmd:
+                pids.append(int(d.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
+def test_a_killed_build_leaves_no_worker_behind(tmp_path: Path, photo_dir: Path) -> None:
+    """kill -9 of a build (a CLI process, the worker's parent) mid-run: its worker sees the end of its
+    stdin and exits on its own."""
+    from rmskit.testing.openai_server import OpenAITestServer
+    from rmskit.testing.rms_script import responder
+
+    mark = f"rmskit-test-{os.getpid()}-{time.time_ns()}"
+    env = {**os.environ, "RMSKIT_FINISH": "worker", "OPENAI_API_KEY": "sk-test", "RMSKIT_TEST_MARK": mark}
+    with OpenAITestServer(responder=responder, latency=0.5) as srv:
+        cmd = [
+            sys.executable, "-m", "rmskit.cli", "build", str(photo_dir), "--out", str(tmp_path / "run"),
+            "--model", "openai:test-model", "--base-url", srv.base_url, "--embedder", "hashing", "--quiet",
+        ]  # fmt: skip
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while not _workers_marked(mark) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _workers_marked(mark), "the build started no worker"
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 60  # the worker may still be importing (~1.5 s CPU)
+        while _workers_marked(mark) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert _workers_marked(mark) == []
