@@ -129,7 +129,7 @@ def test_an_unknown_finish_mode_is_refused(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_the_worker_ends_when_its_build_is_gone(tmp_path: Path) -> None:
-    """End of stdin without "finish" (the build's process was killed): the worker exits, says nothing
+    """End of stdin without a request (the build's process was killed): the worker exits, says nothing
     on stdout and writes nothing."""
     proc = subprocess.Popen(
         finish_worker.command(),
@@ -139,7 +139,7 @@ def test_the_worker_ends_when_its_build_is_gone(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
         cwd=tmp_path,
     )
-    out, err = proc.communicate(b'{"q": "how warm is this room"}\n', timeout=120)
+    out, err = proc.communicate(b"", timeout=120)
     assert proc.returncode == 0, err.decode()
     assert out == b"" and list(tmp_path.iterdir()) == []
 
@@ -193,3 +193,46 @@ def test_a_killed_build_leaves_no_worker_behind(tmp_path: Path, photo_dir: Path)
         while _workers_marked(mark) and time.monotonic() < deadline:
             time.sleep(0.05)
     assert _workers_marked(mark) == []
+
+
+def test_query_embeddings_cross_to_the_worker_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rows the build embedded reach the worker unchanged (unicode, empty set too), so its probes
+    embed nothing again."""
+    import numpy as np
+
+    from rmskit.scoring import probes
+    from rmskit.scoring.probes import QueryEmbeddings, run_probes
+
+    q = QueryEmbeddings()
+    texts = ["how warm is this room?", "¿puedo subir a esta escalera? 梯子", "x" * 600]
+    rows = np.random.default_rng(0).normal(size=(3, 384)).astype(np.float32)
+    q._done = dict(zip(texts, rows, strict=True))
+    q.save(tmp_path / "q.npz")
+    back = QueryEmbeddings.load(tmp_path / "q.npz")
+    assert list(back._done) == texts and all(
+        np.array_equal(back._done[t], r) for t, r in zip(texts, rows, strict=True)
+    )
+    QueryEmbeddings().save(tmp_path / "empty.npz")
+    assert QueryEmbeddings.load(tmp_path / "empty.npz")._done == {}
+
+    monkeypatch.setattr(probes, "embed", lambda t: pytest.fail(f"embedded again: {t}"))
+    samples = [{"query": t, "kind": k, "category": "c"} for t in texts for k in ("risky", "control")]
+    assert run_probes(samples, embeddings=back, n_resamples=20).n == 6
+
+
+def test_the_handed_over_embeddings_file_is_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, photo_dir: Path
+) -> None:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(tmp))
+    saved: list[Path] = []
+    real = finish_mod.QueryEmbeddings.save
+
+    def spy(self: Any, path: Path) -> None:
+        saved.append(path)
+        real(self, path)
+
+    monkeypatch.setattr(finish_mod.QueryEmbeddings, "save", spy)
+    _probed_and_exported(_build(tmp_path, "worker", monkeypatch, photo_dir))
+    assert len(saved) == 1 and saved[0].parent == tmp and list(tmp.iterdir()) == []

@@ -1,16 +1,17 @@
 """The build's end: text probes and the dataset export (issue 13 §6: finish soon after the last response).
 
-`Finish` starts with the run. By default it starts a worker process (finish_worker.py) that imports the
-probes' and the export's modules (scipy, datasketch, pyarrow: ~1.5 s of CPU) and embeds each kept
-sample's query while the build waits on the endpoint, at a lower CPU priority; after the last response
-only the last few queries are embedded, then the worker runs the probes and the export and the build
-stores the probes. If the worker cannot start or fails, the same finish runs here (`inline`).
+`Finish` starts with the run. It embeds each kept sample's query in the background (with the MiniLM
+the taxonomy may already hold), so after the last response only the last few queries are embedded.
+By default it also starts a worker process (finish_worker.py) that imports the probes' and the
+export's modules (scipy, datasketch, pyarrow: ~1.5 s of CPU, ~100 MB) while the build waits on the
+endpoint, at a lower CPU priority; after the last response the worker gets the embeddings, runs the
+probes and the export, and the build stores the probes. If the worker cannot start or fails, the
+same finish runs here.
 
-`RMSKIT_FINISH=inline` keeps everything in the build's process: the queries are embedded there in the
-background and the modules are imported after the last response (~1 s). Importing them in a thread
-during the run's tail instead cost as much as it saved: the imports held the GIL while the last chains
-waited for the event loop (the tail grew by ~0.8 s), and with the embedder still loaded the peak RSS
-rose from ~275 to ~348 MB (job b, 400 images, bench/peers)."""
+`RMSKIT_FINISH=inline` keeps the finish in the build's process: its modules are imported after the
+last response (~1 s; a job (b) finish of 1.0 s instead of 0.2, bench/peers) and the process tree holds
+~150 MB less. Importing them in a thread during the run's tail instead cost as much as it saved: the
+imports held the GIL while the last chains waited for the event loop (the tail grew by ~0.8 s)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -40,47 +42,39 @@ def mode() -> str:
 class Finish:
     def __init__(self, worker: bool | None = None) -> None:
         self.worker = mode() == "worker" if worker is None else worker
-        self.queries = QueryEmbeddings()  # inline mode only
+        self.queries = QueryEmbeddings()
         self._embedding: asyncio.Task[None] | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._stderr: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Call from the running event loop when the run starts."""
-        if self.worker:
-            from rmskit.pipeline import finish_worker
-
-            try:
-                self._proc = await asyncio.create_subprocess_exec(
-                    *finish_worker.command(),
-                    stdin=asyncio.subprocess.PIPE,
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.PIPE,
-                    env=finish_worker.environment(),
-                    limit=1 << 24,  # the result line holds the probes' report
-                    start_new_session=True,  # the terminal's Ctrl-C is the build's to handle, not the worker's
-                )
-            except OSError as exc:
-                log.warning("finish worker did not start (%r): the finish runs in this process", exc)
-            else:
-                self._stderr = asyncio.create_task(_forward(self._proc.stderr))
-                return
         self._embedding = asyncio.create_task(self.queries.run())
+        if not self.worker:
+            return
+        from rmskit.pipeline import finish_worker
 
-    def _alive(self) -> bool:
-        p = self._proc
-        return p is not None and p.returncode is None and p.stdin is not None and not p.stdin.is_closing()
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *finish_worker.command(),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=finish_worker.environment(),
+                limit=1 << 24,  # the answer line holds the probes' report
+                start_new_session=True,  # the terminal's Ctrl-C is the build's to handle, not the worker's
+            )
+        except OSError as exc:
+            log.warning("finish worker did not start (%r): the finish runs in this process", exc)
+        else:
+            self._stderr = asyncio.create_task(_forward(self._proc.stderr))
 
     def kept(self, sample: dict[str, Any]) -> None:
-        if not isinstance(q := sample.get("query"), str):
-            return
-        if self._proc is None:
+        if isinstance(q := sample.get("query"), str):
             self.queries.add(q)
-        elif self._alive():
-            self._proc.stdin.write(json.dumps({"q": q}).encode() + b"\n")  # type: ignore[union-attr]
 
     async def cancel(self) -> None:
-        """The run failed or was interrupted: drop the background embedding (and the worker)."""
+        """The run failed or was interrupted: drop the background embedding and the worker."""
         if self._embedding is not None:
             self._embedding.cancel()
             await asyncio.gather(self._embedding, return_exceptions=True)
@@ -100,6 +94,10 @@ class Finish:
     async def finish(self, run_dir: Path, ledger: Ledger) -> dict[str, Any]:
         """The run is over: embed what is still queued (a batch already running is not wasted), then
         probes and export, in the worker when there is one."""
+        if self._embedding is not None:
+            self.queries.close()
+            await asyncio.gather(self._embedding, return_exceptions=True)  # a failure: finish reports it
+            self._embedding = None
         if self._proc is not None:
             done = await self._worker_finish(run_dir)
             if done is not None:
@@ -108,37 +106,50 @@ class Finish:
                     ledger.set_meta("probes", probes)
                 return result
             log.warning("finish worker failed: the finish runs in this process")
-            return await asyncio.to_thread(finish_dataset, run_dir, ledger)
-        if self._embedding is not None:
-            self.queries.close()
-            await asyncio.gather(self._embedding, return_exceptions=True)  # a failure: finish reports it
-            self._embedding = None
         return await asyncio.to_thread(finish_dataset, run_dir, ledger, self.queries)
 
     async def _worker_finish(self, run_dir: Path) -> tuple[dict[str, Any] | None, dict[str, Any]] | None:
         proc, self._proc = self._proc, None
         assert proc is not None and proc.stdin is not None and proc.stdout is not None
-        try:
-            proc.stdin.write(json.dumps({"finish": str(run_dir)}).encode() + b"\n")
-            await proc.stdin.drain()
-            proc.stdin.close()
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # it died: read what it said, then the inline finish
+        fd, npz = tempfile.mkstemp(prefix="rmskit-queries-", suffix=".npz")
+        os.close(fd)
         line = b""
         try:
+            try:
+                await asyncio.to_thread(self.queries.save, Path(npz))
+            except OSError as exc:  # e.g. a full disk: the worker embeds the queries again
+                log.warning("query embeddings not handed to the finish worker: %r", exc)
+                npz = ""
+            request = {"finish": str(run_dir), "embeddings": npz or None}
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # it died: the answer is empty
+                proc.stdin.write(json.dumps(request).encode() + b"\n")
+                await proc.stdin.drain()
+                proc.stdin.close()
+            # The worker has the rows now (or never will): let the model go while it works.
+            release = asyncio.create_task(asyncio.to_thread(_release_embedder))
             line = await proc.stdout.readline()
+            await release
         finally:
             if proc.returncode is None and not line:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
             await proc.wait()
             await self._close_stderr()
+            if npz:
+                with contextlib.suppress(OSError):
+                    os.unlink(npz)
         try:
             msg = json.loads(line)
             return msg["probes"], msg["result"]
         except (ValueError, KeyError, TypeError):
             log.warning("finish worker ended (exit %s) without a result", proc.returncode)
             return None
+
+
+def _release_embedder() -> None:
+    from rmskit.scoring.probes import release_embedder
+
+    release_embedder()
 
 
 async def _forward(stream: asyncio.StreamReader | None) -> None:

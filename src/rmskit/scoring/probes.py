@@ -166,6 +166,19 @@ class QueryEmbeddings:
     def clear(self) -> None:
         self._done.clear()
 
+    def save(self, path: Path) -> None:
+        """The embedded queries and their rows, to an .npz (for the build's finish worker)."""
+        texts = list(self._done)
+        x = np.stack([self._done[t] for t in texts]) if texts else np.zeros((0, 384), np.float32)
+        np.savez(path, texts=np.array(texts, dtype=str), x=x)
+
+    @classmethod
+    def load(cls, path: Path) -> QueryEmbeddings:
+        q = cls()
+        with np.load(path) as f:  # no pickles: texts are a unicode array
+            q._done = dict(zip(f["texts"].tolist(), f["x"], strict=True))
+        return q
+
     def embed(self, texts: list[str]) -> np.ndarray:
         """Rows for `texts`: cached ones reused, the rest embedded now."""
         missing = [t for t in dict.fromkeys(texts) if t not in self._done]
