@@ -31,6 +31,7 @@ def _row(peer: str, wall: float, rss: float, requests: int = 100) -> dict:
         "tree_rss_mb": rss + 100,
         "max_in_service": 64,
         "finish_s": 0.5,
+        "first_request_s": 0.25,
         "wall_s": wall,
         "job_wall_s": wall - 1,
         "limit_s": 5.0,

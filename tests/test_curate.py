@@ -585,3 +585,21 @@ def test_balance_of_one_is_seeded_and_zero_is_refused(photos: dict[str, ImageRec
     assert chosen[0] == [want]
     with pytest.raises(ValueError, match=r"^balance must be >= 1$"):
         curate(samples, {rec.sha256: rec}, balance=0)
+
+
+def test_lsh_params_are_datasketchs_own_computed_once(monkeypatch) -> None:
+    """The (bands, rows) an index is built with are exactly what datasketch integrates for that
+    threshold; the integration runs once per (threshold, num_perm) in a process."""
+    import datasketch.lsh
+    from datasketch import MinHashLSH
+
+    from rmskit.curate.dedup import lsh_params
+
+    for t, n in ((0.8, 128), (0.8, 64), (0.5, 128), (0.9, 32)):
+        fresh = MinHashLSH(threshold=t, num_perm=n)
+        assert lsh_params(t, n) == (fresh.b, fresh.r)
+    calls: list[float] = []
+    real = datasketch.lsh._optimal_param
+    monkeypatch.setattr(datasketch.lsh, "_optimal_param", lambda *a: calls.append(a[0]) or real(*a))
+    lsh_params.cache_clear()
+    assert lsh_params(0.7, 128) == lsh_params(0.7, 128) and calls == [0.7]

@@ -5,6 +5,7 @@ lose the export or outlive the build."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -236,3 +237,30 @@ def test_the_handed_over_embeddings_file_is_removed(
     monkeypatch.setattr(finish_mod.QueryEmbeddings, "save", spy)
     _probed_and_exported(_build(tmp_path, "worker", monkeypatch, photo_dir))
     assert len(saved) == 1 and saved[0].parent == tmp and list(tmp.iterdir()) == []
+
+
+def test_the_warm_worker_has_every_blas_at_one_thread() -> None:
+    """The worker limits BLAS once after its imports (all BLAS libraries loaded by then), and the
+    probes' own limiter then costs nothing."""
+    code = (
+        "import json; from threadpoolctl import threadpool_info; "
+        "from rmskit.pipeline import finish_worker, finish; finish_worker._warm(); "
+        "print(json.dumps([finish.blas_limited, "
+        "[i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas']]))"
+    )
+    env = {**finish_worker.environment(), "OPENBLAS_NUM_THREADS": "2"}
+    out = subprocess.check_output([sys.executable, "-c", code], env=env, text=True)
+    limited, threads = json.loads(out.strip().splitlines()[-1])
+    assert limited is True and threads and set(threads) == {1}
+
+
+def test_letting_no_embedder_go_costs_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    from rmskit import embedding
+    from rmskit.scoring import probes
+
+    probes._embedder.cache_clear()
+    monkeypatch.setattr(embedding, "_SHARED", None)
+    monkeypatch.setattr(gc, "collect", lambda *a: pytest.fail("collected with nothing to let go"))
+    probes.release_embedder()

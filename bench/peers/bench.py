@@ -160,6 +160,8 @@ def run_one(
         "max_in_service": st["max_in_service"],
         # issue 13 §6: from the endpoint's last response to the client's exit (curate, export, probes)
         "finish_s": res["t_end"] - st["last_end_unix"],
+        # from the job's start (after imports) to the endpoint's first request: set-up inside the job
+        "first_request_s": st["last_end_unix"] - span - res["t_job_start"],
         # The physical limit of a chained job: all requests through C slots, plus one chain's latency.
         "limit_s": req * latency / capacity + (1 if job == "a" else 5) * latency,
         "in_service": in_service(spans),
@@ -250,6 +252,7 @@ def table(rows: list[dict[str, Any]], peers: list[str], latency: float, capacity
         line("peak RSS (MB)", job, ".0f", "peak_rss_mb")
         line("peak RSS, all client processes (MB)", job, ".0f", "tree_rss_mb")
         line("most requests in service at once", job, "d", "max_in_service")
+        line("start: job start to first request (s)", job, ".2f", "first_request_s")
         line("finish: last response to client's end (s)", job, ".2f", "finish_s")
         if job == "b":
             line("wall time, whole client run (s)", job, ".1f", "wall_s")

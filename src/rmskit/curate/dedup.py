@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 NUM_PERM = 128
@@ -118,6 +119,16 @@ class QueryDup:
     similarity: float
 
 
+@lru_cache(maxsize=16)
+def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
+    """datasketch's (bands, rows) for `threshold`: it integrates them numerically for each new index
+    (~13 ms, twice per build finish), so they are computed once per process."""
+    from datasketch import MinHashLSH
+
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    return lsh.b, lsh.r
+
+
 def near_duplicate_queries(items: Iterable[tuple[str, str]], threshold: float) -> dict[str, QueryDup]:
     """`items` = [(key, text)] in priority order; returns {dropped key: QueryDup(kept key, jaccard)}.
     A later text whose shingle set has Jaccard >= threshold with an earlier kept one is dropped."""
@@ -126,7 +137,7 @@ def near_duplicate_queries(items: Iterable[tuple[str, str]], threshold: float) -
     from datasketch import MinHash, MinHashLSH  # ~1 s to import: only when curating
 
     hashes = MinHash.bulk([[s.encode() for s in sorted(sh)] for sh in sets], num_perm=NUM_PERM)
-    lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
+    lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM, params=lsh_params(threshold, NUM_PERM))
     kept_sets: dict[str, set[str]] = {}
     order: dict[str, int] = {}
     dropped: dict[str, QueryDup] = {}

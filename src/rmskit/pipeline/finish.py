@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -163,10 +164,7 @@ async def _forward(stream: asyncio.StreamReader | None) -> None:
 def probe_run(ledger: Ledger, queries: QueryEmbeddings | None = None) -> dict[str, Any] | None:
     """The CPU probes of the run's kept samples (None when there are none, or they failed: the probes
     are a nice-to-have in the card)."""
-    from threadpoolctl import threadpool_limits
-
-    # One BLAS thread: the probes' linear algebra is small and many threads only spin against each other.
-    with threadpool_limits(limits=1, user_api="blas"):
+    with one_blas_thread():
         try:
             from rmskit.scoring.probes import run_probes
 
@@ -176,6 +174,23 @@ def probe_run(ledger: Ledger, queries: QueryEmbeddings | None = None) -> dict[st
         except Exception as exc:
             log.warning("probes skipped: %r", exc)
     return None
+
+
+# The finish worker limits BLAS to one thread once, for its whole life (finding the libraries takes
+# ~13 ms each time).
+blas_limited = False
+
+
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """One BLAS thread: the probes' linear algebra is small and many threads only spin against each other."""
+    if blas_limited:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 def write_export(run_dir: Path, probes: dict[str, Any] | None) -> dict[str, Any]:

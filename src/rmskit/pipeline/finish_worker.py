@@ -48,9 +48,19 @@ def _warm() -> None:
     import pyarrow.parquet  # noqa: F401
     import scipy.optimize  # noqa: F401
     import scipy.stats  # noqa: F401  (~0.7 s: scipy 1.17 rewrites docstrings at import)
+    from threadpoolctl import threadpool_limits
 
     import rmskit.export  # noqa: F401
-    import rmskit.scoring.probes  # noqa: F401
+    from rmskit.config import BuildConfig
+    from rmskit.curate.dedup import NUM_PERM, lsh_params
+    from rmskit.pipeline import finish
+    from rmskit.scoring.probes import PROBE_DUP_THRESHOLD, PROBE_NUM_PERM
+
+    threadpool_limits(limits=1, user_api="blas")  # for good (after the imports that load BLAS)
+    finish.blas_limited = True
+    # The finish's two LSH indexes at their default thresholds (curation's is a build setting).
+    lsh_params(BuildConfig.model_fields["query_dup_threshold"].default, NUM_PERM)
+    lsh_params(PROBE_DUP_THRESHOLD, PROBE_NUM_PERM)
 
     # These modules live as long as the worker: keep their objects out of the collections the
     # finish runs (letting an embedder go collects; ~60 ms each over scipy's objects).

@@ -81,6 +81,8 @@ def release_embedder() -> None:
 
     from rmskit import embedding
 
+    if _embedder.cache_info().currsize == 0 and embedding._SHARED is None:
+        return  # none loaded: spare the collection (~20 ms in a process holding scipy)
     _embedder.cache_clear()
     embedding.release_shared()
     gc.collect()
@@ -288,11 +290,19 @@ def mean_cosine_distance(x: Any) -> float:
     return 1.0 - mean_sim
 
 
-def near_duplicate_rate(texts: list[str], threshold: float = 0.8, num_perm: int = 64) -> float:
+PROBE_NUM_PERM = 64
+PROBE_DUP_THRESHOLD = 0.8
+
+
+def near_duplicate_rate(
+    texts: list[str], threshold: float = PROBE_DUP_THRESHOLD, num_perm: int = PROBE_NUM_PERM
+) -> float:
     """Share of texts with another text at MinHash-estimated Jaccard >= threshold (word 3-shingles).
     Identical texts are grouped first (each copy of a repeated text is a duplicate), so the LSH sees each
     distinct text once: a run with many repeats costs its distinct texts, not n^2 candidate pairs."""
     from datasketch import MinHash, MinHashLSH
+
+    from rmskit.curate.dedup import lsh_params
 
     def shingles(t: str) -> list[bytes]:
         w = t.lower().split()
@@ -305,7 +315,7 @@ def near_duplicate_rate(texts: list[str], threshold: float = 0.8, num_perm: int 
     distinct = list(counts)
     # one set of permutations for all (MinHash() draws its own each time: most of the cost at 100k texts)
     hashes = MinHash.bulk([shingles(t) for t in distinct], num_perm=num_perm, seed=1)
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, params=lsh_params(threshold, num_perm))
     for i, m in enumerate(hashes):
         lsh.insert(i, m)
     dup = 0
@@ -321,7 +331,7 @@ def run_probes(
     *,
     folds: int = 5,
     seed: int = 0,
-    dup_threshold: float = 0.8,
+    dup_threshold: float = PROBE_DUP_THRESHOLD,
     min_per_class: int = stats.MIN_PER_CLASS,
     n_resamples: int = 200,  # Vendi resamples cost an eigendecomposition each
     embeddings: QueryEmbeddings | None = None,
@@ -394,7 +404,7 @@ def probe(
     options: dict[str, Any] | None = None,
     folds: int = 5,
     seed: int = 0,
-    dup_threshold: float = 0.8,
+    dup_threshold: float = PROBE_DUP_THRESHOLD,
 ) -> ProbeReport:
     """Load a dataset (any adapter; images need not exist: probes read text only) and probe it."""
     from rmskit.scoring.adapters import load_benchmark
