@@ -8,7 +8,8 @@ The build is job (b) of bench/peers (one scenario per image, no controls, hashin
 export and probes included). The images cycle through 7 real photos (320 px JPEGs) under distinct
 hashes, so every image is new to the pipeline and its caches. The parent samples the child's VmRSS
 every 0.5 s and reads the server's request count, so RSS is reported at each quarter of the run, at
-the last response, and at its peak (the finish included)."""
+the last response, and at its peak (the finish included); the last column sums the build process and
+its finish worker (pipeline/finish_worker.py), sampled every 0.1 s."""
 
 from __future__ import annotations
 
@@ -71,6 +72,8 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float:
 
 
 def measure(n: int, latency: float, capacity: int, photos: list[str]) -> dict:
+    from bench import TreeRSS  # bench/peers/bench.py
+
     env = {
         **os.environ,
         "PYTHONPATH": str(HERE.parent / "src"),
@@ -100,6 +103,8 @@ def measure(n: int, latency: float, capacity: int, photos: list[str]) -> dict:
             stdout=subprocess.PIPE,
             text=True,
         )
+        tree = TreeRSS(proc.pid)  # the build and its finish worker together, every 0.1 s
+        tree.start()
         trace: list[tuple[float, int, float]] = []  # (time, requests so far, rss)
         while proc.poll() is None:
             reqs = httpx.get(stats_url).json()["requests"]
@@ -107,6 +112,8 @@ def measure(n: int, latency: float, capacity: int, photos: list[str]) -> dict:
             trace.append((time.time() - t0, reqs, rss_mb(proc.pid)))
             peak = hwm or (trace[-1][2] if trace else 0.0)
             time.sleep(0.5)
+        tree.stop.set()
+        tree.join()
         out = proc.stdout.read() if proc.stdout else ""
         res = json.loads(next(x for x in out.splitlines() if x.startswith("RSS-RESULT ")).split(" ", 1)[1])
         st = httpx.get(stats_url).json()
@@ -125,6 +132,7 @@ def measure(n: int, latency: float, capacity: int, photos: list[str]) -> dict:
         "rss": at,
         "rss_last_response": end_of_run,
         "peak": max(peak, max(r for _, _, r in trace)),
+        "tree_peak": tree.peak_kb / 1024,
     }
 
 
@@ -141,8 +149,8 @@ def main() -> None:
     lines = [
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | {os.cpu_count()} CPUs | latency {args.latency} s, "
         f"capacity {args.capacity}",
-        "| images | requests | samples | wall (s) | RSS at 25% / 50% / 75% of requests (MB) | at last response | peak incl. finish |",
-        "|---|---|---|---|---|---|---|",
+        "| images | requests | samples | wall (s) | RSS at 25% / 50% / 75% of requests (MB) | at last response | peak incl. finish | peak, build + finish worker |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     from bench import make_photos  # bench/peers/bench.py
 
@@ -152,7 +160,7 @@ def main() -> None:
         q = r["rss"]
         lines.append(
             f"| {n} | {r['requests']} | {r['samples_ok']} | {r['wall_s']:.0f} | {q[0.25]:.0f} / {q[0.5]:.0f} / "
-            f"{q[0.75]:.0f} | {r['rss_last_response']:.0f} | {r['peak']:.0f} |"
+            f"{q[0.75]:.0f} | {r['rss_last_response']:.0f} | {r['peak']:.0f} | {r['tree_peak']:.0f} |"
         )
         print(lines[-1], file=sys.stderr, flush=True)
     text = "\n".join(lines)

@@ -20,16 +20,18 @@ import threading
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
+from bench import TreeRSS  # noqa: E402  (bench/peers/bench.py)
 from rmskit.testing.openai_server import OpenAITestServer
 from rmskit.testing.rms_script import responder as rms_responder
 
 
-def _proc(pid: int) -> tuple[float, float]:
-    """(CPU seconds, peak RSS MB) of a live process, from /proc."""
+def _proc(pid: int, field: str = "VmHWM") -> tuple[float, float]:
+    """(CPU seconds, peak RSS MB; or `field`) of a live process, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     hwm = next(
-        line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmHWM")
+        line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith(field)
     )
     return cpu, int(hwm.split()[1]) / 1024
 
@@ -54,6 +56,9 @@ def measure(embedder: str) -> dict[str, Any]:
         with lock:
             if "cpu_s" not in seen and "p" in child:
                 seen["cpu_s"], seen["rss_mb"] = _proc(child["p"].pid)
+                # its children (the finish worker, importing at nice 10 meanwhile): CPU and RSS now
+                kids = [_proc(k, "VmRSS") for k in TreeRSS._tree(child["p"].pid)[1:]]
+                seen["kids_cpu_s"], seen["kids_rss_mb"] = sum(c for c, _ in kids), sum(r for _, r in kids)
         return rms_responder(body)
 
     with OpenAITestServer(responder=respond, latency=0.05) as srv:
@@ -93,7 +98,8 @@ def main() -> None:
         r = measure(emb)
         print(
             f"openai: path, --embedder {r['embedder']:<7} | CPU to first request {r['cpu_s']:.2f} s | "
-            f"peak RSS at first request {r['rss_mb']:.0f} MB | peak RSS whole run (4 photos) "
+            f"peak RSS at first request {r['rss_mb']:.0f} MB | finish worker then: {r['kids_cpu_s']:.2f} s CPU, "
+            f"{r['kids_rss_mb']:.0f} MB | peak RSS whole run (4 photos, build process) "
             f"{r['run_peak_rss_mb']:.0f} MB, CPU {r['run_cpu_s']:.1f} s | torch imported by runner+openai_compat: {r['torch_on_import']}",
             flush=True,
         )
