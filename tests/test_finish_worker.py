@@ -145,7 +145,25 @@ def test_the_worker_ends_when_its_build_is_gone(tmp_path: Path) -> None:
     assert out == b"" and list(tmp_path.iterdir()) == []
 
 
-def test_the_worker_finds_this_rmskit_when_it_is_not_installed(tmp_path: Path) -> None:
+def test_an_installed_rmskit_puts_no_site_directory_on_pythonpath(monkeypatch: pytest.MonkeyPatch) -> None:
+    import site
+
+    import rmskit
+
+    root = str(Path(rmskit.__file__).resolve().parent.parent)
+    monkeypatch.setattr(site, "getsitepackages", lambda: [root])
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    assert finish_worker.environment()["PYTHONPATH"] == "/elsewhere"
+
+
+def test_the_worker_finds_this_rmskit_when_it_is_not_installed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import site
+
+    monkeypatch.setattr(site, "getsitepackages", lambda: [])  # as if run from a source tree
+    monkeypatch.setattr(site, "getusersitepackages", lambda: str(tmp_path / "user-site"))
+    monkeypatch.delenv("PYTHONPATH", raising=False)
     env = finish_worker.environment()
     root = env["PYTHONPATH"].split(os.pathsep)[0]
     assert (Path(root) / "rmskit" / "pipeline" / "finish_worker.py").is_file()

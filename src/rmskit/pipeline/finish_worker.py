@@ -33,12 +33,18 @@ def command() -> list[str]:
 
 
 def environment() -> dict[str, Any]:
-    """The parent's environment, with this rmskit first on the path (it may not be installed)."""
+    """The parent's environment; when this rmskit is not in an installed site directory (a source tree
+    on sys.path), its folder goes on PYTHONPATH. A site directory itself never does: PYTHONPATH comes
+    before the standard library, and a site directory there could shadow it."""
+    import site
+
     import rmskit
 
-    root = str(Path(rmskit.__file__).resolve().parent.parent)
+    root = Path(rmskit.__file__).resolve().parent.parent
+    sites = {Path(p).resolve() for p in [*site.getsitepackages(), site.getusersitepackages()]}
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    if root not in sites:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
     return env
 
 
