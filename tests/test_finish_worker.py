@@ -282,3 +282,14 @@ def test_letting_no_embedder_go_costs_nothing(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(embedding, "_SHARED", None)
     monkeypatch.setattr(gc, "collect", lambda *a: pytest.fail("collected with nothing to let go"))
     probes.release_embedder()
+
+
+def test_unreadable_embeddings_are_made_again_and_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, photo_dir: Path
+) -> None:
+    """A damaged hand-over file: the worker embeds the queries itself (same probes), and the build's
+    log says so."""
+    monkeypatch.setattr(finish_mod.QueryEmbeddings, "save", lambda self, path: path.write_bytes(b"not npz"))
+    run = _build(tmp_path, "worker", monkeypatch, photo_dir)
+    _probed_and_exported(run)
+    assert "could not read the query embeddings" in (run / "build.log").read_text()

@@ -141,10 +141,13 @@ class Finish:
                     os.unlink(npz)
         try:
             msg = json.loads(line)
-            return msg["probes"], msg["result"]
+            probes, result = msg["probes"], msg["result"]
         except (ValueError, KeyError, TypeError):
             log.warning("finish worker ended (exit %s) without a result", proc.returncode)
             return None
+        if npz and not msg.get("embeddings_read"):
+            log.warning("finish worker could not read the query embeddings: it embedded the queries again")
+        return probes, result
 
 
 def _release_embedder() -> None:

@@ -10,7 +10,7 @@ the same imports took ~1 s of the finish, and importing them in a thread during 
 the tail as much as it saved (the GIL).
 
 Protocol: stdin, one JSON line {"finish": run_dir, "embeddings": npz path or null}; stdout, one JSON
-line {"probes": {...} | null, "result": {...}}. Anything else the libraries print goes to stderr, which
+line {"probes": {...} | null, "result": {...}, "embeddings_read": bool}. Anything else the libraries print goes to stderr, which
 the build forwards to its log. End of stdin without a request (the build was cancelled, or its process
 died) ends the worker at once."""
 
@@ -85,7 +85,8 @@ def serve(request: dict[str, Any]) -> dict[str, Any]:
             queries = QueryEmbeddings.load(Path(request["embeddings"]))
     with Ledger(run_dir, readonly=True) as ledger:
         probes = probe_run(ledger, queries)
-    return {"probes": probes, "result": write_export(run_dir, probes)}
+    result = write_export(run_dir, probes)
+    return {"probes": probes, "result": result, "embeddings_read": queries is not None}
 
 
 def main() -> None:
