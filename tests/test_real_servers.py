@@ -57,7 +57,11 @@ def cfg(url: str, **kw: Any) -> BackendConfig:
 
 async def _started(c: BackendConfig, store: Any = None) -> OpenAIBackend:
     b = OpenAIBackend(c)
-    await b.start(store)
+    try:
+        await b.start(store)
+    except BaseException:
+        await b.aclose()  # as the build does: the probe's requests may have opened connections
+        raise
     return b
 
 
@@ -117,6 +121,23 @@ def test_the_probe_costs_one_latency_when_the_server_is_up() -> None:
         assert len(recs) == 3
         latest_start = max(base.t_start, image.t_start, structured.t_start)
         assert latest_start < min(base.t_end, image.t_end, structured.t_end)  # all three at once
+
+
+def test_the_models_list_is_asked_beside_the_probe_requests() -> None:
+    """GET /models is a round trip of its own on a remote server: it goes out with the probe's three
+    requests, not before them."""
+    with OpenAITestServer(personality="vllm", keep_bodies=True, latency=0.3, models_latency=0.3) as srv:
+
+        async def go() -> Any:
+            b = await _started(cfg(srv.base_url))
+            await b.aclose()
+            return b.probe_result
+
+        probe = asyncio.run(go())
+        assert probe.models == ["test-model"] and probe.structured_mode == "json_schema"
+        (m_start, m_end), recs = srv.models_spans[0], srv.chat_records()
+        assert len(srv.models_spans) == 1 and len(recs) == 3
+        assert max(r.t_start for r in recs) < m_end and m_start < min(r.t_end for r in recs)
 
 
 def test_a_server_still_starting_is_waited_for_then_probed_in_full() -> None:
@@ -225,7 +246,9 @@ def test_401_raises_authentication_error_without_the_key(monkeypatch: pytest.Mon
             asyncio.run(_started(cfg(srv.base_url, api_key_env="RMSKIT_T_KEY")))
         msg = str(ei.value)
         assert msg.startswith("auth: authentication failed at http://127.0.0.1") and "0123456789" not in msg
-        assert srv.chat_records() == []  # stopped at /models
+        # stopped at the probe: /models and its three requests go out together, all refused
+        recs = srv.chat_records()
+        assert len(recs) <= 3 and all(r.fault == "unauthorized" for r in recs)
 
 
 def test_oversized_body_is_a_per_request_too_large_error() -> None:
@@ -314,7 +337,8 @@ def test_build_with_every_request_401_stops_at_once(tmp_path: Path) -> None:
     src = _examples(tmp_path)
     with OpenAITestServer(responder=rms_responder, auth_token="the-right-key") as srv:
         proc = _build(src, tmp_path / "run", srv.base_url)
-        assert srv.chat_records() == []
+        recs = srv.chat_records()  # only the probe's requests, all refused
+        assert len(recs) <= 3 and all(r.fault == "unauthorized" for r in recs)
     assert proc.returncode == 2
     assert "authentication failed at http://127.0.0.1" in proc.stderr and "sk-test-build" not in proc.stderr
     assert "Traceback" not in proc.stderr

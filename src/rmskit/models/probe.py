@@ -161,15 +161,19 @@ async def _probe_structured(b: RemoteBackend, early: bool = False) -> tuple[str,
 
 async def run_probe(b: RemoteBackend) -> ProbeResult:
     cfg = b.cfg
-    models: list[str] | None = None
     list_models = getattr(b, "list_models", None)
-    if list_models is not None:
+
+    async def models_listed() -> list[str] | None:
+        """GET /models, beside the probe's requests (a round trip of its own on a remote server)."""
         try:
-            models = await list_models()
+            return await list_models() if list_models is not None else None
         except BackendError as e:
             if e.kind == ErrorKind.auth:
                 raise
             log.info("probe: /models failed at %s: %s", b.where, e)
+            return None
+
+    models_task = asyncio.ensure_future(models_listed())
     probe_vision, probe_structured = cfg.vision is None, cfg.structured in ("auto", "json_schema")
     # One latency when the server is up: the text-only baseline, the image request and the first
     # structured-output request go out together. Only the baseline takes the full retry/outage path
@@ -190,9 +194,10 @@ async def run_probe(b: RemoteBackend) -> ProbeResult:
             await asyncio.shield(base_task)
             return await fn(False)
 
-    tasks = [
+    tasks: list[asyncio.Future[Any]] = [
         t
         for t in (
+            models_task,
             base_task,
             asyncio.ensure_future(step(lambda e: _vision_reply(b, e))) if probe_vision else None,
             asyncio.ensure_future(step(lambda e: _probe_structured(b, e))) if probe_structured else None,
@@ -205,7 +210,8 @@ async def run_probe(b: RemoteBackend) -> ProbeResult:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    results: Iterator[Any] = iter([t.result() for t in tasks[1 if probe_vision else 0 :]])
+    models = models_task.result()
+    results: Iterator[Any] = iter([t.result() for t in tasks[2 if probe_vision else 1 :]])
     if probe_vision:
         assert base_task is not None
         vision, vision_how = _vision_verdict(next(results), base_task.result().prompt_tokens)

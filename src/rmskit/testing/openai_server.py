@@ -342,6 +342,7 @@ class OpenAITestServer:
         personality: str | None = None,
         auth_token: str | None = None,
         max_body_repeat: int = 1,
+        models_latency: float = 0.0,
     ) -> None:
         if personality is not None:
             from rmskit.testing.personalities import PERSONALITIES
@@ -351,6 +352,9 @@ class OpenAITestServer:
         self.personality = personality  # behave like a real server (rmskit.testing.personalities)
         self.auth_token = auth_token  # when set, any other Bearer token gets 401 (chat and /models)
         self.max_body_repeat = max_body_repeat  # >1: pad answers with whitespace to this many copies
+        # A remote server's GET /models is a round trip too; each one's (start, end), time.monotonic().
+        self.models_latency = models_latency
+        self.models_spans: list[tuple[float, float]] = []
         unknown = {k for k in [*fault_kinds, *(s for s in script if s)] if k not in FAULT_KINDS}
         if unknown:
             raise ValueError(f"unknown fault kind(s) {sorted(unknown)}; known: {', '.join(FAULT_KINDS)}")
@@ -526,6 +530,10 @@ class OpenAITestServer:
             auth = next((v.decode("latin-1") for k, v in req.headers if k == b"authorization"), None)
             return await self._chat(conn, writer, path, raw, auth)
         if method == "GET" and path.rstrip("/").endswith("/models"):
+            t_start = time.monotonic()
+            if self.models_latency:
+                await asyncio.sleep(self.models_latency)
+            self.models_spans.append((t_start, time.monotonic()))
             auth = next((v.decode("latin-1") for k, v in req.headers if k == b"authorization"), None)
             if self.auth_token is not None and auth != f"Bearer {self.auth_token}":
                 await self._send(
