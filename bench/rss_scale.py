@@ -9,7 +9,8 @@ export and probes included). The images cycle through 7 real photos (320 px JPEG
 hashes, so every image is new to the pipeline and its caches. The parent samples the child's VmRSS
 every 0.5 s and reads the server's request count, so RSS is reported at each quarter of the run, at
 the last response, and at its peak (the finish included); the last column sums the build process and
-its finish worker (pipeline/finish_worker.py), sampled every 0.1 s."""
+its finish worker (pipeline/finish_worker.py), sampled every 0.1 s, as RSS and as PSS (shared library
+pages divided between the two)."""
 
 from __future__ import annotations
 
@@ -133,6 +134,7 @@ def measure(n: int, latency: float, capacity: int, photos: list[str]) -> dict:
         "rss_last_response": end_of_run,
         "peak": max(peak, max(r for _, _, r in trace)),
         "tree_peak": tree.peak_kb / 1024,
+        "tree_pss": tree.peak_pss_kb / 1024,
     }
 
 
@@ -149,7 +151,7 @@ def main() -> None:
     lines = [
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | {os.cpu_count()} CPUs | latency {args.latency} s, "
         f"capacity {args.capacity}",
-        "| images | requests | samples | wall (s) | RSS at 25% / 50% / 75% of requests (MB) | at last response | peak incl. finish | peak, build + finish worker |",
+        "| images | requests | samples | wall (s) | RSS at 25% / 50% / 75% of requests (MB) | at last response | peak incl. finish | peak, build + finish worker: RSS / PSS |",
         "|---|---|---|---|---|---|---|---|",
     ]
     from bench import make_photos  # bench/peers/bench.py
@@ -160,7 +162,7 @@ def main() -> None:
         q = r["rss"]
         lines.append(
             f"| {n} | {r['requests']} | {r['samples_ok']} | {r['wall_s']:.0f} | {q[0.25]:.0f} / {q[0.5]:.0f} / "
-            f"{q[0.75]:.0f} | {r['rss_last_response']:.0f} | {r['peak']:.0f} | {r['tree_peak']:.0f} |"
+            f"{q[0.75]:.0f} | {r['rss_last_response']:.0f} | {r['peak']:.0f} | {r['tree_peak']:.0f} / {r['tree_pss']:.0f} |"
         )
         print(lines[-1], file=sys.stderr, flush=True)
     text = "\n".join(lines)

@@ -29,6 +29,7 @@ def _row(peer: str, wall: float, rss: float, requests: int = 100) -> dict:
         "marginal_cpu_ms": 1.0,
         "peak_rss_mb": rss,
         "tree_rss_mb": rss + 100,
+        "tree_pss_mb": rss + 50,
         "max_in_service": 64,
         "finish_s": 0.5,
         "first_request_s": 0.25,
@@ -84,3 +85,4 @@ def test_tree_rss_sums_a_process_and_its_children() -> None:
     tree.stop.set()
     tree.join()
     assert tree.peak_kb / 1024 > 180  # both buffers (bytearray pages are touched: zero-filled)
+    assert 180 < tree.peak_pss_kb / 1024 <= tree.peak_kb / 1024  # private pages count whole in PSS

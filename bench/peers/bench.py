@@ -14,7 +14,8 @@ Columns: utilisation = server busy / (span x C); requests/s = requests / the cli
 wall time (start-up and finish included); marginal CPU = client CPU (with its child processes) after
 set-up / requests; peak RSS = the client's largest process (ru_maxrss); peak RSS, all processes = the
 client's process tree summed (sampled from /proc every 0.1 s, and at least the largest process's peak:
-a client may start worker processes).
+a client may start worker processes); peak PSS = the same tree's proportional set size summed (shared
+library pages divided among the processes mapping them: what the tree really holds).
 """
 
 from __future__ import annotations
@@ -156,6 +157,7 @@ def run_one(
         "rps": req / wall,
         # sampled sums miss short peaks; the tree held at least its largest process's peak
         "tree_rss_mb": max(tree.peak_kb / 1024, res["peak_rss_mb"]),
+        "tree_pss_mb": tree.peak_pss_kb / 1024,
         "wall_s": wall,
         "job_wall_s": res["t_end"] - res["t_job_start"],
         "marginal_cpu_ms": 1000 * (res["cpu_total_s"] - res["cpu_setup_s"]) / max(req, 1),
@@ -171,12 +173,14 @@ def run_one(
 
 
 class TreeRSS(threading.Thread):
-    """The peak of the RSS summed over a process and all its descendants, sampled from /proc (Linux;
-    elsewhere it stays 0). ru_maxrss gives only the largest single process."""
+    """The peak memory of a process and all its descendants together, sampled from /proc (Linux;
+    elsewhere it stays 0); ru_maxrss gives only the largest single process. Two sums: RSS (a library
+    page that two of them map counts twice) and PSS (each shared page divided among the processes
+    that map it: the memory the tree really holds, as smem reports it)."""
 
     def __init__(self, pid: int, every: float = 0.1) -> None:
         super().__init__(daemon=True)
-        self.pid, self.every, self.peak_kb = pid, every, 0
+        self.pid, self.every, self.peak_kb, self.peak_pss_kb = pid, every, 0, 0
         self.stop = threading.Event()
 
     @staticmethod
@@ -193,18 +197,28 @@ class TreeRSS(threading.Thread):
         return out
 
     @staticmethod
-    def _rss_kb(pid: int) -> int:
+    def _field_kb(path: str, field: str) -> int:
         try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+            for line in Path(path).read_text().splitlines():
+                if line.startswith(field):
                     return int(line.split()[1])
         except OSError:
             pass
         return 0
 
+    @staticmethod
+    def _rss_kb(pid: int) -> int:
+        return TreeRSS._field_kb(f"/proc/{pid}/status", "VmRSS:")
+
+    @staticmethod
+    def _pss_kb(pid: int) -> int:
+        return TreeRSS._field_kb(f"/proc/{pid}/smaps_rollup", "Pss:")
+
     def run(self) -> None:
         while not self.stop.wait(self.every):
-            self.peak_kb = max(self.peak_kb, sum(self._rss_kb(p) for p in self._tree(self.pid)))
+            tree = self._tree(self.pid)
+            self.peak_kb = max(self.peak_kb, sum(self._rss_kb(p) for p in tree))
+            self.peak_pss_kb = max(self.peak_pss_kb, sum(self._pss_kb(p) for p in tree))
 
 
 def median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -253,6 +267,7 @@ def table(rows: list[dict[str, Any]], peers: list[str], latency: float, capacity
         line("marginal CPU ms per request", job, ".2f", "marginal_cpu_ms")
         line("peak RSS (MB)", job, ".0f", "peak_rss_mb")
         line("peak RSS, all client processes (MB)", job, ".0f", "tree_rss_mb")
+        line("peak PSS, all client processes (MB)", job, ".0f", "tree_pss_mb")
         line("most requests in service at once", job, "d", "max_in_service")
         line("start: job start to first request (s)", job, ".2f", "first_request_s")
         line("finish: last response to client's end (s)", job, ".2f", "finish_s")
