@@ -223,20 +223,27 @@ def test_query_embeddings_cross_to_the_worker_whole(tmp_path: Path, monkeypatch:
     from rmskit.scoring.probes import QueryEmbeddings, run_probes
 
     q = QueryEmbeddings()
-    texts = ["how warm is this room?", "¿puedo subir a esta escalera? 梯子", "x" * 600]
-    rows = np.random.default_rng(0).normal(size=(3, 384)).astype(np.float32)
+    texts = [
+        "how warm is this room?",
+        "¿puedo subir a esta escalera? 梯子",
+        "x" * 6000,
+        "nul at the end\x00",
+        "",
+    ]
+    rows = np.random.default_rng(0).normal(size=(len(texts), 384)).astype(np.float32)
     q._done = dict(zip(texts, rows, strict=True))
     q.save(tmp_path / "q.npz")
     back = QueryEmbeddings.load(tmp_path / "q.npz")
     assert list(back._done) == texts and all(
         np.array_equal(back._done[t], r) for t, r in zip(texts, rows, strict=True)
     )
+    assert (tmp_path / "q.npz").stat().st_size < 20_000 + rows.nbytes  # the long text widens no row
     QueryEmbeddings().save(tmp_path / "empty.npz")
     assert QueryEmbeddings.load(tmp_path / "empty.npz")._done == {}
 
     monkeypatch.setattr(probes, "embed", lambda t: pytest.fail(f"embedded again: {t}"))
     samples = [{"query": t, "kind": k, "category": "c"} for t in texts for k in ("risky", "control")]
-    assert run_probes(samples, embeddings=back, n_resamples=20).n == 6
+    assert run_probes(samples, embeddings=back, n_resamples=20).n == 10
 
 
 def test_the_handed_over_embeddings_file_is_removed(

@@ -169,16 +169,22 @@ class QueryEmbeddings:
         self._done.clear()
 
     def save(self, path: Path) -> None:
-        """The embedded queries and their rows, to an .npz (for the build's finish worker)."""
-        texts = list(self._done)
-        x = np.stack([self._done[t] for t in texts]) if texts else np.zeros((0, 384), np.float32)
-        np.savez(path, texts=np.array(texts, dtype=str), x=x)
+        """The embedded queries and their rows, to an .npz (for the build's finish worker). Texts go as
+        one UTF-8 blob with offsets: no pickles, exact (NULs too), and a long text does not widen every
+        row as a fixed-width unicode array would."""
+        texts = [t.encode("utf-8", "surrogatepass") for t in self._done]
+        x = np.stack(list(self._done.values())) if texts else np.zeros((0, 384), np.float32)
+        ends = np.cumsum([len(t) for t in texts], dtype=np.int64)
+        np.savez(path, blob=np.frombuffer(b"".join(texts), dtype=np.uint8), ends=ends, x=x)
 
     @classmethod
     def load(cls, path: Path) -> QueryEmbeddings:
         q = cls()
-        with np.load(path) as f:  # no pickles: texts are a unicode array
-            q._done = dict(zip(f["texts"].tolist(), f["x"], strict=True))
+        with np.load(path) as f:
+            blob, ends, x = f["blob"].tobytes(), f["ends"].tolist(), f["x"]
+        starts = [0, *ends[:-1]] if ends else []
+        texts = [blob[a:b].decode("utf-8", "surrogatepass") for a, b in zip(starts, ends, strict=True)]
+        q._done = dict(zip(texts, x, strict=True))
         return q
 
     def embed(self, texts: list[str]) -> np.ndarray:
