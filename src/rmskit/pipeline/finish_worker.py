@@ -1,7 +1,7 @@
 """The build's finish in its own process: `python -m rmskit.pipeline.finish_worker` (started by `Finish`).
 
 While the run goes on it imports the modules the probes and the export need (scipy, datasketch,
-pyarrow, the export: ~1.5 s of CPU), at a lower CPU priority (nice 10), so it takes the cores' idle
+pyarrow, the export: ~1 s of CPU), at a lower CPU priority (nice 10), so it takes the cores' idle
 time and never the build's GIL. After the last response the build sends the run directory (and the
 kept queries' embeddings, which it computed in the background with the MiniLM it may already hold for
 its taxonomy); the worker runs the probes and the export on a read-only ledger and answers with the
