@@ -63,13 +63,9 @@ def child(n: int, base_url: str, base: list[str]) -> None:
 
 
 def rss_mb(pid: int, field: str = "VmRSS") -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    from bench import proc_kb  # bench/peers/bench.py
+
+    return proc_kb(pid, field) / 1024
 
 
 def measure(n: int, latency: float, capacity: int, photos: list[str]) -> dict:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
-from bench import TreeRSS  # noqa: E402  (bench/peers/bench.py)
+from bench import TreeRSS, proc_kb  # noqa: E402  (bench/peers/bench.py)
 from rmskit.testing.openai_server import OpenAITestServer
 from rmskit.testing.rms_script import responder as rms_responder
 
@@ -30,10 +30,7 @@ def _proc(pid: int, field: str = "VmHWM") -> tuple[float, float]:
     """(CPU seconds, peak RSS MB; or `field`) of a live process, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    hwm = next(
-        line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith(field)
-    )
-    return cpu, int(hwm.split()[1]) / 1024
+    return cpu, proc_kb(pid, field) / 1024
 
 
 def _photos(n: int) -> Path:

@@ -172,6 +172,17 @@ def run_one(
     }
 
 
+def proc_kb(pid: int, field: str, file: str = "status") -> int:
+    """A kB field (VmRSS, VmHWM, Pss...) of /proc/<pid>/<file>; 0 when the process is gone (or not Linux)."""
+    try:
+        for line in Path(f"/proc/{pid}/{file}").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 class TreeRSS(threading.Thread):
     """The peak memory of a process and all its descendants together, sampled from /proc (Linux;
     elsewhere it stays 0); ru_maxrss gives only the largest single process. Two sums: RSS (a library
@@ -197,22 +208,12 @@ class TreeRSS(threading.Thread):
         return out
 
     @staticmethod
-    def _field_kb(path: str, field: str) -> int:
-        try:
-            for line in Path(path).read_text().splitlines():
-                if line.startswith(field):
-                    return int(line.split()[1])
-        except OSError:
-            pass
-        return 0
-
-    @staticmethod
     def _rss_kb(pid: int) -> int:
-        return TreeRSS._field_kb(f"/proc/{pid}/status", "VmRSS:")
+        return proc_kb(pid, "VmRSS")
 
     @staticmethod
     def _pss_kb(pid: int) -> int:
-        return TreeRSS._field_kb(f"/proc/{pid}/smaps_rollup", "Pss:")
+        return proc_kb(pid, "Pss", "smaps_rollup")
 
     def run(self) -> None:
         while not self.stop.wait(self.every):
