@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from rmskit.ledger import Ledger
-from rmskit.scoring.probes import QueryEmbeddings
+from rmskit.scoring.probes import QueryEmbeddings, release_embedder
 
 log = logging.getLogger("rmskit.build")
 
@@ -109,25 +109,35 @@ class Finish:
             log.warning("finish worker failed: the finish runs in this process")
         return await asyncio.to_thread(finish_dataset, run_dir, ledger, self.queries)
 
+    async def _hand_over(self) -> str | None:
+        """The embedded queries in a temporary .npz for the worker; None when it could not be written
+        (e.g. a full disk: the worker embeds the queries again)."""
+        npz = None
+        try:
+            fd, npz = tempfile.mkstemp(prefix="rmskit-queries-", suffix=".npz")
+            os.close(fd)
+            await asyncio.to_thread(self.queries.save, Path(npz))
+            return npz
+        except OSError as exc:
+            log.warning("query embeddings not handed to the finish worker: %r", exc)
+            if npz is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(npz)
+            return None
+
     async def _worker_finish(self, run_dir: Path) -> tuple[dict[str, Any] | None, dict[str, Any]] | None:
         proc, self._proc = self._proc, None
         assert proc is not None and proc.stdin is not None and proc.stdout is not None
-        fd, npz = tempfile.mkstemp(prefix="rmskit-queries-", suffix=".npz")
-        os.close(fd)
+        npz = await self._hand_over()
         line = b""
         try:
-            try:
-                await asyncio.to_thread(self.queries.save, Path(npz))
-            except OSError as exc:  # e.g. a full disk: the worker embeds the queries again
-                log.warning("query embeddings not handed to the finish worker: %r", exc)
-                npz = ""
-            request = {"finish": str(run_dir), "embeddings": npz or None}
+            request = {"finish": str(run_dir), "embeddings": npz}
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # it died: the answer is empty
                 proc.stdin.write(json.dumps(request).encode() + b"\n")
                 await proc.stdin.drain()
                 proc.stdin.close()
             # The worker has the rows now (or never will): let the model go while it works.
-            release = asyncio.create_task(asyncio.to_thread(_release_embedder))
+            release = asyncio.create_task(asyncio.to_thread(release_embedder))
             line = await proc.stdout.readline()
             await release
         finally:
@@ -148,12 +158,6 @@ class Finish:
         if npz and not msg.get("embeddings_read"):
             log.warning("finish worker could not read the query embeddings: it embedded the queries again")
         return probes, result
-
-
-def _release_embedder() -> None:
-    from rmskit.scoring.probes import release_embedder
-
-    release_embedder()
 
 
 async def _forward(stream: asyncio.StreamReader | None) -> None:
