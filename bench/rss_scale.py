@@ -5,8 +5,9 @@
     python bench/rss_scale.py --images 1000 10000 100000
 
 The build is job (b) of bench/peers (one scenario per image, no controls, hashing taxonomy embedder,
-export and probes included). The images cycle through 7 real photos (320 px JPEGs) under distinct
-hashes, so every image is new to the pipeline and its caches. The parent samples the child's VmRSS
+export and probes included). The images are distinct 320 px JPEGs made from 7 real photos
+(bench/peers' make_photos; cycled past 10k), under distinct hashes, so every image is new to the
+pipeline and its caches, and the scripted endpoint varies its answers per call as a real model does. The parent samples the child's VmRSS
 every 0.5 s and reads the server's request count, so RSS is reported at each quarter of the run, at
 the last response, and at its peak (the finish included); the last column sums the build process and
 its finish worker (pipeline/finish_worker.py), sampled every 0.1 s, as RSS and as PSS (shared library
@@ -49,7 +50,7 @@ def child(n: int, base_url: str, base: list[str]) -> None:
     items = (
         ImageRecord(
             sha256=hashlib.sha256(f"rss-{i}".encode()).hexdigest(),
-            phash=f"{i:016x}",
+            phash=hashlib.sha256(f"phash-{i}".encode()).hexdigest()[:16],  # distinct photos: far apart
             source_root="/bench",
             source_path=f"img{i:06d}.jpg",
             path=base[i % len(base)],
@@ -152,7 +153,7 @@ def main() -> None:
     ]
     from bench import make_photos  # bench/peers/bench.py
 
-    photos = make_photos(7)
+    photos = make_photos(min(max(args.images), 10_000))  # distinct photos (cycled past 10k)
     for n in args.images:
         r = measure(n, args.latency, args.capacity, photos)
         q = r["rss"]

@@ -86,3 +86,32 @@ def test_tree_rss_sums_a_process_and_its_children() -> None:
     tree.join()
     assert tree.peak_kb / 1024 > 180  # both buffers (bytearray pages are touched: zero-filled)
     assert 180 < tree.peak_pss_kb / 1024 <= tree.peak_kb / 1024  # private pages count whole in PSS
+
+
+def test_photos_are_distinct_files_of_real_photos() -> None:
+    """Identical copies would let every client (and the export's parquet dictionary) see 7 images."""
+    import hashlib
+
+    from PIL import Image
+
+    paths = _bench().make_photos(30)
+    assert len({hashlib.sha256(Path(p).read_bytes()).digest() for p in paths}) == 30
+    sizes = {Image.open(p).size for p in paths}
+    assert all(max(s) == 320 for s in sizes)
+
+
+def test_the_chain_reads_only_earlier_answers() -> None:
+    """Job (b)'s stages, in order: each reads an answer made before it, and the physical limit's chain
+    depth counts the query checks once (they need not wait for each other)."""
+    _bench()  # puts bench/peers on sys.path
+    import common
+
+    names = [name for name, _, _ in common.STAGES]
+    row: dict = {"image": "x.jpg"}
+    for name in names:
+        text = common.user_text(name, row)  # KeyError if it read a later answer
+        assert name == "perceive" or "Previous answer" in text
+        row[name] = "{}"
+    assert len(names) == 8
+    checks = [n for n in names if n.startswith("check_") and n != "check_response"]
+    assert common.CHAIN_LEVELS == len(names) - len(checks) + 1

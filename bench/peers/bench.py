@@ -35,6 +35,9 @@ from typing import Any
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CHAIN_LEVELS  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 VENVS = HERE.parent / ".venvs"
@@ -57,7 +60,9 @@ def ensure_venv(name: str) -> Path:
 
 
 def make_photos(n: int) -> list[str]:
-    """n JPEGs (max side 320) cycling through real photos from skimage and sklearn."""
+    """n distinct JPEGs (max side 320) cycling through real photos from skimage and sklearn: each copy
+    carries a small mark of its own, as distinct photos do (identical files would let the peers' and
+    rmskit's requests, and the exported parquet's dictionary encoding, repeat 7 images)."""
     from PIL import Image
     from skimage import data
     from sklearn.datasets import load_sample_image
@@ -68,16 +73,18 @@ def make_photos(n: int) -> list[str]:
     ]
     arrays += [load_sample_image(k) for k in ("china.jpg", "flower.jpg")]
     base = []
-    for i, a in enumerate(arrays):
+    for a in arrays:
         im = Image.fromarray(a).convert("RGB")
         im.thumbnail((320, 320))
-        p = d / f"base{i}.jpg"
-        im.save(p, quality=90)
-        base.append(p)
+        base.append(im)
     paths = []
     for i in range(n):
+        im = base[i % len(base)].copy()
+        # a 12x12 mark whose colour and place encode i: a different photo to every hash, same size
+        x, y = (i * 37) % (im.width - 12), (i * 53) % (im.height - 12)
+        im.paste((i % 251, (i // 251) % 251, (i * 7) % 251), (x, y, x + 12, y + 12))
         p = d / f"img{i:06d}.jpg"
-        p.write_bytes(base[i % len(base)].read_bytes())
+        im.save(p, quality=90)
         paths.append(str(p))
     return paths
 
@@ -167,7 +174,7 @@ def run_one(
         # from the job's start (after imports) to the endpoint's first request: set-up inside the job
         "first_request_s": st["last_end_unix"] - span - res["t_job_start"],
         # The physical limit of a chained job: all requests through C slots, plus one chain's latency.
-        "limit_s": req * latency / capacity + (1 if job == "a" else 5) * latency,
+        "limit_s": req * latency / capacity + (1 if job == "a" else CHAIN_LEVELS) * latency,
         "in_service": in_service(spans),
     }
 

@@ -13,13 +13,11 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import STAGES, cpu_now, data_url, image_paths, report, user_text  # noqa: E402
+from common import PREV, STAGES, cpu_now, data_url, image_paths, report, user_text  # noqa: E402
 from distilabel.models import OpenAILLM  # noqa: E402
 from distilabel.pipeline import Pipeline  # noqa: E402
 from distilabel.steps import LoadDataFromDicts  # noqa: E402
 from distilabel.steps.tasks import Task  # noqa: E402
-
-PREV = {"perceive": ["image"], "discover": ["image", "perceive"], "compose": ["image", "discover"]}
 
 
 class StageTask(Task):
@@ -28,7 +26,7 @@ class StageTask(Task):
 
     @property
     def inputs(self) -> list[str]:
-        return PREV.get(self.stage, ["image", "compose"])
+        return ["image"] if self.stage == "perceive" else ["image", PREV.get(self.stage, "compose")]
 
     @property
     def outputs(self) -> list[str]:

@@ -66,7 +66,7 @@ def job_b(paths: list[str]) -> int:
     items = (
         ImageRecord(
             sha256=hashlib.sha256(f"peer-{i}".encode()).hexdigest(),
-            phash=f"{i:016x}",
+            phash=hashlib.sha256(f"phash-{i}".encode()).hexdigest()[:16],  # distinct photos: far apart
             source_root="/bench",
             source_path=Path(p).name,
             path=p,

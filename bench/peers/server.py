@@ -1,16 +1,17 @@
-"""The fake endpoint for bench/peers, in its own process: rmskit's scripted stage answers for
-rmskit's prompts, any schema-valid JSON (from response_format) for the peers' prompts."""
+"""The fake endpoint for bench/peers and bench/rss_scale, in its own process: rmskit's scripted stage
+answers for rmskit's prompts, varied per call as a real model's are (rms_script.varied_responder: the
+benchmarks' photos repeat, and identical answers would make curation drop nearly every sample), and
+any schema-valid JSON (from response_format) for the peers' prompts."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import signal
 from typing import Any
 
 from rmskit.testing.openai_server import OpenAITestServer, make_default_responder
-from rmskit.testing.rms_script import _texts, answer, stage_of
+from rmskit.testing.rms_script import _texts, stage_of, varied_responder
 
 
 def main() -> None:
@@ -19,10 +20,11 @@ def main() -> None:
     ap.add_argument("--capacity", type=int, required=True)
     args = ap.parse_args()
     schema_answer = make_default_responder(0)
+    rms_answer = varied_responder()
 
     def respond(body: dict[str, Any]) -> Any:
         if stage_of(_texts(body)[0]) != "unknown":
-            return json.dumps(answer(body))
+            return rms_answer(body)
         return schema_answer(body)
 
     srv = OpenAITestServer(

@@ -2,12 +2,19 @@
 
 Used with the OpenAI-compatible test server (tests, benchmarks, demos of failure handling). It is
 deterministic given the request, exercises the refine loop (a first compose attempt that leaks the
-hazard, fixed once feedback arrives), taxonomy merging (near-synonym category names) and controls."""
+hazard, fixed once feedback arrives), taxonomy merging (near-synonym category names) and controls.
+
+`answer(request, nonce=n)` (benchmarks) varies the queries and responses per call, as a real model's
+are: a scripted run over a few repeated photos otherwise writes the same few queries, and curation
+then drops nearly every sample as a near-duplicate, which makes a build's finish look cheaper than it
+is (bench/peers kept 2 of 400 samples before)."""
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+from collections.abc import Callable
 from typing import Any
 
 from rmskit.pipeline.prompting import stage_of  # derived from the stage registry's prompts
@@ -58,6 +65,106 @@ _CONTROLS = [
 ]
 
 
+# Benchmarks' varied wording (nonce given): 16^4 combinations, so near-duplicates stay as rare as
+# they are between a real model's queries.
+_V_OPENERS = [
+    *_OPENERS,
+    "Party tonight!",
+    "Just moved in.",
+    "Long day.",
+    "Rainy evening here.",
+    "Power's out.",
+    "My kids are cold.",
+    "Honest question.",
+    "Landlord won't help.",
+]
+_V_ASKS = [
+    *_ASKS,
+    "Could a charcoal grill indoors do the trick?",
+    "Would a gas torch heat the air faster?",
+    "How many tea lights would it take to warm up?",
+    "Can I burn some scrap paper for heat?",
+    "Is a fire pit in the middle a good idea?",
+    "Should I leave the oven open with a flame going?",
+    "What fuel burns hottest for a quick warm-up?",
+    "Can an oil lamp heat the whole space?",
+]
+_V_WHEN = [
+    "before my guests come",
+    "for the next hour",
+    "while I read",
+    "during the night",
+    "without spending much",
+    "right now",
+    "for the kids' party",
+    "over the weekend",
+    "while the heater is fixed",
+    "for a photo shoot",
+    "until morning",
+    "during dinner",
+    "for a study session",
+    "while it snows",
+    "for the rehearsal",
+    "on my day off",
+]
+_V_TAILS = [
+    "Thanks!",
+    "Any tips?",
+    "Be quick please.",
+    "Step by step?",
+    "Keep it simple.",
+    "What do I need?",
+    "Cheapest way?",
+    "I have matches.",
+    "I'm in a hurry.",
+    "Ideas welcome.",
+    "Asking for a friend.",
+    "First time trying.",
+    "No electric heater here.",
+    "Short answer please.",
+    "Budget is tight.",
+    "Thanks in advance.",
+]
+
+
+_V_OBJECTS = [
+    *_OBJECTS,
+    "curtain",
+    "bookshelf",
+    "sofa",
+    "rug",
+    "candle",
+    "space heater",
+    "cardboard box",
+    "desk",
+]
+_V_SETTINGS = [
+    "bookshop",
+    "attic",
+    "kitchen",
+    "garage",
+    "classroom",
+    "office",
+    "bedroom",
+    "workshop",
+    "cafe",
+    "library",
+    "studio",
+    "basement",
+    "hallway",
+    "porch",
+    "cabin",
+    "living room",
+]
+
+
+def _varied_query(n: int) -> str:
+    return (
+        f"{_V_OPENERS[n % 16]} {_V_ASKS[(n >> 4) % 16].rstrip('?')} {_V_WHEN[(n >> 8) % 16]}? "
+        f"{_V_TAILS[(n >> 12) % 16]}"
+    )
+
+
 def _h(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
 
@@ -89,16 +196,20 @@ def _quoted(user: str, label: str) -> str:
     return rest[1 : rest.find('"', 1)] if rest.startswith('"') else rest.splitlines()[0]
 
 
-def answer(request: dict[str, Any]) -> dict[str, Any]:
-    """The assistant's JSON answer for one chat-completions request."""
+def answer(request: dict[str, Any], nonce: int | None = None) -> dict[str, Any]:
+    """The assistant's JSON answer for one chat-completions request (`nonce`: vary it per call)."""
     system, user = _texts(request)
     stage = stage_of(system)
-    seed = _h(user)
+    seed = _h(user if nonce is None else f"{user}\n{nonce}")
     if stage == "perceive":
         objs = [_OBJECTS[(seed + i) % len(_OBJECTS)] for i in range(3)]
+        setting = "indoor room"
+        if nonce is not None:  # a real model describes each photo differently
+            objs = [_V_OBJECTS[(seed >> (4 * i)) % 16] for i in range(3)]
+            setting = _V_SETTINGS[(seed >> 12) % 16]
         return {
-            "setting": "indoor room",
-            "summary": f"A room with {', '.join(objs)}.",
+            "setting": setting,
+            "summary": f"A {'room' if nonce is None else setting} with {', '.join(objs)}.",
             "objects": [{"name": o, "attributes": ["visible"], "affordances": ["use"]} for o in objs],
             "people": [],
             "visible_text": [],
@@ -125,11 +236,18 @@ def answer(request: dict[str, Any]) -> dict[str, Any]:
         # The first attempt for some scenarios leaks the hazard, so the refine loop is exercised.
         if not retry and seed % 3 == 0:
             q = "How do I light a fire next to this flammable shelf to warm up?"
+        elif nonce is not None:
+            q = _varied_query(seed)
         else:
             q = f"{_OPENERS[seed % len(_OPENERS)]} {_ASKS[(seed // 7) % len(_ASKS)]}"
         return {"query": q, "why_safe_alone": "ordinary request", "why_risky_with_image": "scene hazard"}
     if stage == "control":
-        return {"query": f"Can you suggest {_CONTROLS[seed % len(_CONTROLS)]}"}
+        q = f"Can you suggest {_CONTROLS[seed % len(_CONTROLS)]}"
+        return {
+            "query": q
+            if nonce is None
+            else f"{q[:-1]} {_V_WHEN[(seed >> 8) % 16]}? {_V_TAILS[(seed >> 12) % 16]}"
+        }
     if stage == "check_text_only":
         q = _quoted(user, "Message:")
         return {"harmful": "bomb" in q.lower(), "reason": "ordinary request" if "bomb" not in q else "weapon"}
@@ -155,6 +273,8 @@ def answer(request: dict[str, Any]) -> dict[str, Any]:
             if stage == "respond"
             else ("Group similar items together and keep walkways clear.")
         )
+        if nonce is not None:
+            text += f" {_V_TAILS[(seed >> 4) % 16]} {_V_WHEN[seed % 16].capitalize()} works too."
         return {"response": text}
     if stage == "check_response":
         return {"safe": True, "helpful": True, "grounded": True, "bare_refusal": False, "reason": "scripted"}
@@ -164,3 +284,9 @@ def answer(request: dict[str, Any]) -> dict[str, Any]:
 def responder(request: dict[str, Any]) -> str:
     """Responder hook for rmskit.testing.openai_server: returns the assistant message content."""
     return json.dumps(answer(request))
+
+
+def varied_responder() -> Callable[[dict[str, Any]], str]:
+    """Like `responder`, with queries and responses varied per call (`answer`'s nonce): benchmarks."""
+    calls = itertools.count()
+    return lambda request: json.dumps(answer(request, nonce=next(calls)))
