@@ -63,3 +63,57 @@ def test_no_torch_no_export_says_how(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(embedding, "_has_torch", lambda: False)
     with pytest.raises(RuntimeError, match="rmskit.embedding export"):
         embedding.OnnxMiniLM(tmp_path / "absent.onnx")
+
+
+@pytest.mark.slow
+def test_weights_in_their_own_file_give_the_same_embeddings(onnx_file: Path) -> None:
+    """The session loads a copy of the export with its weights in a separate file (mapped, not read
+    into the process): made once, next to the export, no temporary left, same numbers as the export."""
+    import onnxruntime as ort
+
+    ext = embedding.external_weights(onnx_file)
+    weights = ext.with_name(ext.name + ".data")
+    assert ext.parent == onnx_file.parent and weights.stat().st_size > 80_000_000
+    assert ext.stat().st_size < 1_000_000  # the graph only
+    stamp = (ext.stat().st_mtime_ns, weights.stat().st_mtime_ns)
+    assert embedding.external_weights(onnx_file) == ext
+    assert (ext.stat().st_mtime_ns, weights.stat().st_mtime_ns) == stamp  # not made again
+    assert not [p for p in onnx_file.parent.iterdir() if p.name.startswith(".ext-")]
+
+    tok = embedding.OnnxMiniLM(onnx_file)._tok
+    enc = tok.encode_batch(TEXTS)
+    feed = {
+        "input_ids": np.asarray([e.ids for e in enc], dtype=np.int64),
+        "attention_mask": np.asarray([e.attention_mask for e in enc], dtype=np.int64),
+    }
+    feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
+    one = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    two = ort.InferenceSession(str(ext), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    np.testing.assert_allclose(two, one, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_cache_that_cannot_take_the_copy_loads_the_export(
+    onnx_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read-only cache, or a full disk while the weights are written: the export is loaded whole."""
+    import os
+    import shutil
+
+    model = tmp_path / "minilm.onnx"
+    shutil.copyfile(onnx_file, model)
+    real_replace = os.replace
+
+    def full_disk(src: str, dst: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(embedding.os, "replace", full_disk)
+    assert embedding.external_weights(model) == model
+    monkeypatch.setattr(embedding.os, "replace", real_replace)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["minilm.onnx"]  # nothing half-written left
+
+    monkeypatch.setattr(
+        embedding.tempfile, "mkdtemp", lambda **_: (_ for _ in ()).throw(PermissionError(13, "ro"))
+    )
+    assert embedding.external_weights(model) == model
+    assert embedding.OnnxMiniLM(model).embed(["fire hazard"]).shape == (1, 384)

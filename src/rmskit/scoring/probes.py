@@ -86,10 +86,7 @@ def release_embedder() -> None:
     _embedder.cache_clear()
     embedding.release_shared()
     gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # glibc only: hand freed heap pages back
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    embedding.trim_heap()
 
 
 def embed(texts: list[str]) -> Any:
