@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
@@ -49,9 +50,17 @@ class CurateResult(BaseModel):
     stats: CurateStats
 
 
+@lru_cache(maxsize=1)
+def _sample_fields() -> frozenset[str]:
+    """`Sample`'s field names but `image` (pydantic's `model_fields` costs ~1 µs per lookup: 20k of
+    them per export pass of 400 samples)."""
+    return frozenset(Sample.model_fields) - {"image"}
+
+
 def apply_review(sample: dict[str, Any], state: dict[str, Any] | None) -> dict[str, Any]:
     """The sample with review edits applied and their provenance in `edited`."""
-    out = {k: v for k, v in sample.items() if k in Sample.model_fields and k != "image"}
+    fields = _sample_fields()
+    out = {k: v for k, v in sample.items() if k in fields}
     edits = {k: v for k, v in ((state or {}).get("edits") or {}).items() if k in EDITABLE}
     changed = {k: v for k, v in edits.items() if sample.get(k) != v}
     if changed:

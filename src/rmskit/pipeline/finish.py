@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from rmskit.embedding import BATCH as EMBED_BATCH
 from rmskit.ledger import Ledger
 from rmskit.scoring.probes import QueryEmbeddings, release_embedder
 
@@ -43,7 +44,9 @@ def mode() -> str:
 class Finish:
     def __init__(self, worker: bool | None = None) -> None:
         self.worker = mode() == "worker" if worker is None else worker
-        self.queries = QueryEmbeddings()
+        # Embed as soon as one model batch is queued: after the last response only the last few
+        # queries are left (a batch of 64 left up to 0.2 s of embedding after it).
+        self.queries = QueryEmbeddings(batch=EMBED_BATCH)
         self._embedding: asyncio.Task[None] | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._stderr: asyncio.Task[None] | None = None
