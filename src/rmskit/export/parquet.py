@@ -17,7 +17,6 @@ from rmskit.records import Sample
 SPLITS = ("train", "test")
 ROW_GROUP = 100  # rows per row group, as the Hub's own image datasets use
 SHARD_BYTES = 500_000_000  # start a new shard past this many image bytes
-COMPRESSION = "zstd"
 JSON_FIELDS = ("checks", "models", "prompt_versions", "scenario", "edited")
 TEXT_FIELDS = (
     "id",
@@ -133,7 +132,7 @@ class _SplitWriter:
         path = self.data_dir / f".{self.split}-{len(self.shards):05d}.partial"
         self.shards.append(path)
         self.shard_bytes = 0
-        return self._pq.ParquetWriter(path, self.schema, compression=COMPRESSION)
+        return self._pq.ParquetWriter(path, self.schema, compression="zstd")
 
     def _flush(self) -> None:
         if self.batch:

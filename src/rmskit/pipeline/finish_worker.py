@@ -68,29 +68,9 @@ def _warm() -> None:
     lsh_params(BuildConfig.model_fields["query_dup_threshold"].default, NUM_PERM)
     lsh_params(PROBE_DUP_THRESHOLD, PROBE_NUM_PERM)
 
-    _first_parquet()
-
     # These modules live as long as the worker: keep their objects out of the collections the
     # finish runs (letting an embedder go collects; ~60 ms each over scipy's objects).
     gc.freeze()
-
-
-def _first_parquet() -> None:
-    """Write one row with the export's schema and codec: pyarrow's first zstd write sets up its codec
-    and pools (~25 ms), which the finish would otherwise pay."""
-    import tempfile
-
-    import pyarrow.parquet as pq
-
-    from rmskit.export.parquet import COMPRESSION, arrow_schema, arrow_table
-
-    schema = arrow_schema()
-    with tempfile.TemporaryDirectory(prefix="rmskit-warm-") as tmp:
-        writer = pq.ParquetWriter(Path(tmp) / "warm.parquet", schema, compression=COMPRESSION)
-        writer.write_table(
-            arrow_table([{"id": "warm", "image": {"bytes": b"\xff\xd8", "path": "x.jpg"}}], schema)
-        )
-        writer.close()
 
 
 def serve(request: dict[str, Any]) -> dict[str, Any]:
