@@ -91,12 +91,17 @@ def measure(n: int, latency: float, capacity: int, photos: list[str]) -> dict:
         text=True,
         env=env,
     )
+    listing: Path | None = None
     try:
         url = (server.stdout.readline() if server.stdout else "").split()[-1]
         stats_url = url.removesuffix("/v1") + "/stats"
         t0 = time.time()
+        fd, name = tempfile.mkstemp(prefix="rmskit-rss-photos-", suffix=".json")
+        os.close(fd)
+        listing = Path(name)
+        listing.write_text(json.dumps(photos))  # a file: 10k paths exceed the argument list's limit
         proc = subprocess.Popen(
-            [sys.executable, __file__, "--child", str(n), url, json.dumps(photos)],
+            [sys.executable, __file__, "--child", str(n), url, str(listing)],
             env=env,
             stdout=subprocess.PIPE,
             text=True,
@@ -118,6 +123,8 @@ def measure(n: int, latency: float, capacity: int, photos: list[str]) -> dict:
     finally:
         server.terminate()
         server.wait()
+        if listing is not None:
+            listing.unlink(missing_ok=True)
     total = st["requests"]
     at = {}
     for q in (0.25, 0.5, 0.75):
@@ -137,7 +144,7 @@ def measure(n: int, latency: float, capacity: int, photos: list[str]) -> dict:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4]))
+        child(int(sys.argv[2]), sys.argv[3], json.loads(Path(sys.argv[4]).read_text()))
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, nargs="+", default=[1000, 10000])
