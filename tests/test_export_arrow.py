@@ -62,3 +62,18 @@ def test_writing_parquet_does_not_import_pandas(tmp_path) -> None:
     root = Path(__file__).resolve().parents[1]  # `tests.test_export_arrow` imports from the repo root
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
     assert out.stdout.strip() == "False"
+
+
+def test_every_column_but_the_image_bytes_is_compressed(tmp_path) -> None:
+    """pyarrow leaves a column missing from a per-column codec map uncompressed: the map names them all."""
+    import pyarrow.parquet as pq
+
+    from rmskit.export.parquet import compression
+
+    schema = arrow_schema()
+    with pq.ParquetWriter(tmp_path / "x.parquet", schema, compression=compression(schema)) as w:
+        w.write_table(arrow_table(_rows(20), schema))
+    meta = pq.ParquetFile(tmp_path / "x.parquet").metadata.row_group(0)
+    codecs = {meta.column(i).path_in_schema: meta.column(i).compression for i in range(meta.num_columns)}
+    assert codecs.pop("image.bytes") == "UNCOMPRESSED"
+    assert set(codecs.values()) == {"ZSTD"} and len(codecs) == len(TEXT_FIELDS) + len(JSON_FIELDS) + 2

@@ -61,8 +61,8 @@ def ensure_venv(name: str) -> Path:
 
 def make_photos(n: int) -> list[str]:
     """n distinct JPEGs (max side 320) cycling through real photos from skimage and sklearn: each copy
-    carries a small mark of its own, as distinct photos do (identical files would let the peers' and
-    rmskit's requests, and the exported parquet's dictionary encoding, repeat 7 images)."""
+    is its own crop with a mark of its own, as distinct photos are (identical files would let the
+    peers' and rmskit's requests, and the exported parquet's encoding and compression, repeat 7 images)."""
     from PIL import Image
     from skimage import data
     from sklearn.datasets import load_sample_image
@@ -75,12 +75,15 @@ def make_photos(n: int) -> list[str]:
     base = []
     for a in arrays:
         im = Image.fromarray(a).convert("RGB")
-        im.thumbnail((320, 320))
+        im.thumbnail((336, 336))
         base.append(im)
     paths = []
     for i in range(n):
-        im = base[i % len(base)].copy()
-        # a 12x12 mark whose colour and place encode i: a different photo to every hash, same size
+        b = base[i % len(base)]
+        # a window shifted by i (every JPEG block sees other pixels: no byte runs shared with another
+        # copy, as between real photos) and a 12x12 mark whose colour and place encode i
+        dx, dy = (i // 7) % 16, (i // 112) % 16
+        im = b.crop((dx, dy, dx + b.width - 16, dy + b.height - 16))
         x, y = (i * 37) % (im.width - 12), (i * 53) % (im.height - 12)
         im.paste((i % 251, (i // 251) % 251, (i * 7) % 251), (x, y, x + 12, y + 12))
         p = d / f"img{i:06d}.jpg"

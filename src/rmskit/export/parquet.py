@@ -115,6 +115,18 @@ def arrow_table(rows: list[dict[str, Any]], schema: Any) -> Any:
     )
 
 
+def compression(schema: Any) -> dict[str, str]:
+    """zstd for every column but the image bytes: JPEG/PNG data is compressed already (zstd saved 1% on
+    200 distinct photos, at ~40% of the writer's time), so it is stored as is."""
+    cols: dict[str, str] = {}
+    for f in schema:
+        if f.name == "image":
+            cols.update({f"image.{sub.name}": "none" if sub.name == "bytes" else "zstd" for sub in f.type})
+        else:
+            cols[f.name] = "zstd"
+    return cols
+
+
 class _SplitWriter:
     """Shards of one split: row groups of ROW_GROUP rows, a new shard past SHARD_BYTES of images."""
 
@@ -132,7 +144,7 @@ class _SplitWriter:
         path = self.data_dir / f".{self.split}-{len(self.shards):05d}.partial"
         self.shards.append(path)
         self.shard_bytes = 0
-        return self._pq.ParquetWriter(path, self.schema, compression="zstd")
+        return self._pq.ParquetWriter(path, self.schema, compression=compression(self.schema))
 
     def _flush(self) -> None:
         if self.batch:
