@@ -1,6 +1,6 @@
 """The fake endpoint for bench/peers and bench/rss_scale, in its own process: rmskit's scripted stage
 answers for rmskit's prompts, varied per call as a real model's are (rms_script.varied_responder: the
-benchmarks' photos repeat, and identical answers would make curation drop nearly every sample), and
+script's few default wordings would make curation drop nearly every sample as a near-duplicate), and
 any schema-valid JSON (from response_format) for the peers' prompts."""
 
 from __future__ import annotations
