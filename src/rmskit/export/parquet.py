@@ -144,7 +144,8 @@ class _SplitWriter:
         path = self.data_dir / f".{self.split}-{len(self.shards):05d}.partial"
         self.shards.append(path)
         self.shard_bytes = 0
-        return self._pq.ParquetWriter(path, self.schema, compression=compression(self.schema))
+        codecs: Any = compression(self.schema)  # pyarrow takes a per-column dict; its stubs say str
+        return self._pq.ParquetWriter(path, self.schema, compression=codecs)
 
     def _flush(self) -> None:
         if self.batch:
