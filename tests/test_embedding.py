@@ -112,8 +112,23 @@ def test_a_cache_that_cannot_take_the_copy_loads_the_export(
     monkeypatch.setattr(embedding.os, "replace", real_replace)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["minilm.onnx"]  # nothing half-written left
 
-    monkeypatch.setattr(
-        embedding.tempfile, "mkdtemp", lambda **_: (_ for _ in ()).throw(PermissionError(13, "ro"))
-    )
+    def read_only(**_: object) -> str:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(embedding.tempfile, "mkdtemp", read_only)
     assert embedding.external_weights(model) == model
     assert embedding.OnnxMiniLM(model).embed(["fire hazard"]).shape == (1, 384)
+
+
+@pytest.mark.slow
+def test_the_heap_is_trimmed_after_several_model_batches_only(
+    onnx_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README: ORT's freed intermediates go back to the system after a multi-batch call; a taxonomy
+    lookup (one batch) does not pay for the trim."""
+    trims: list[int] = []
+    monkeypatch.setattr(embedding, "trim_heap", lambda: trims.append(1))
+    e = embedding.OnnxMiniLM(onnx_file)
+    e.embed(["fire hazard"])
+    e.embed(TEXTS[:2] * embedding.BATCH)
+    assert trims == [1]
