@@ -258,12 +258,18 @@ def test_query_embeddings_cross_to_the_worker_whole(tmp_path: Path, monkeypatch:
     assert run_probes(samples, embeddings=back, n_resamples=20).n == 10
 
 
-def test_the_handed_over_embeddings_file_is_removed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, photo_dir: Path
-) -> None:
+@pytest.fixture
+def own_tempdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty folder as `tempfile`'s default, so a test sees every temporary file the build leaves."""
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     monkeypatch.setattr("tempfile.tempdir", str(tmp))
+    return tmp
+
+
+def test_the_handed_over_embeddings_file_is_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, photo_dir: Path, own_tempdir: Path
+) -> None:
     saved: list[Path] = []
     real = finish_mod.QueryEmbeddings.save
 
@@ -273,7 +279,7 @@ def test_the_handed_over_embeddings_file_is_removed(
 
     monkeypatch.setattr(finish_mod.QueryEmbeddings, "save", spy)
     _probed_and_exported(_build(tmp_path, "worker", monkeypatch, photo_dir))
-    assert len(saved) == 1 and saved[0].parent == tmp and list(tmp.iterdir()) == []
+    assert len(saved) == 1 and saved[0].parent == own_tempdir and list(own_tempdir.iterdir()) == []
 
 
 def test_the_warm_worker_has_every_blas_at_one_thread() -> None:
@@ -315,13 +321,9 @@ def test_unreadable_embeddings_are_made_again_and_logged(
 
 
 def test_a_full_disk_at_the_hand_over_leaves_the_embedding_to_the_worker(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, photo_dir: Path
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, photo_dir: Path, own_tempdir: Path
 ) -> None:
     import errno
-
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    monkeypatch.setattr("tempfile.tempdir", str(tmp))
 
     def full(self: Any, path: Path) -> None:
         path.write_bytes(b"half")
@@ -332,4 +334,4 @@ def test_a_full_disk_at_the_hand_over_leaves_the_embedding_to_the_worker(
     _probed_and_exported(run)  # by the worker, which embedded the queries itself
     log = (run / "build.log").read_text()
     assert "not handed to the finish worker" in log and "finish worker failed" not in log
-    assert list(tmp.iterdir()) == []  # the half-written file is gone
+    assert list(own_tempdir.iterdir()) == []  # the half-written file is gone
