@@ -35,10 +35,10 @@ from typing import Any
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 from common import CHAIN_LEVELS  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 VENVS = HERE.parent / ".venvs"
 PEERS: dict[str, list[str]] = {
