@@ -107,6 +107,9 @@ def in_service(spans: list[list[float]], step: float = 0.5) -> list[float]:
 def run_one(
     peer: str, job: str, photos: list[str], latency: float, capacity: int, timeline: bool = False
 ) -> dict[str, Any]:
+    list_dir = tempfile.TemporaryDirectory(prefix="peers-list-")
+    images_file = Path(list_dir.name) / "images.json"
+    images_file.write_text(json.dumps(photos))
     server = subprocess.Popen(
         [sys.executable, str(HERE / "server.py"), "--latency", str(latency), "--capacity", str(capacity)],
         stdout=subprocess.PIPE,
@@ -116,8 +119,6 @@ def run_one(
     try:
         base_url = (server.stdout.readline() if server.stdout else "").split()[-1]
         py = sys.executable if peer == "rmskit" else str(ensure_venv(peer))
-        images_file = Path(tempfile.mkdtemp(prefix="peers-list-")) / "images.json"
-        images_file.write_text(json.dumps(photos))
         env = {
             **os.environ,
             "PEER_BASE_URL": base_url,
@@ -157,6 +158,7 @@ def run_one(
     finally:
         server.terminate()
         server.wait()
+        list_dir.cleanup()
     span = (st["last_end"] or 0) - (st["first_start"] or 0) or 1e-9
     req = st["requests"]
     return {
