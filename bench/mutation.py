@@ -57,7 +57,7 @@ _REQUEST_SLOW = (
 ).split()
 
 GROUPS: dict[str, Group] = {
-    "curate": Group(("src/rmskit/curate/",), ("tests/test_curate.py",)),
+    "curate": Group(("src/rmskit/curate/",), ("tests/test_curate.py", "tests/test_minhash.py")),
     "ingest": Group(
         ("src/rmskit/ingest/decode.py", "src/rmskit/ingest/base.py"),
         (

@@ -589,14 +589,17 @@ def test_balance_of_one_is_seeded_and_zero_is_refused(photos: dict[str, ImageRec
 
 def test_lsh_params_are_datasketchs_own_computed_once(monkeypatch) -> None:
     """The (bands, rows) an index is built with are exactly what datasketch integrates for that
-    threshold; the integration runs once per (threshold, num_perm) in a process."""
+    threshold, with misses weighted as in minhash.WEIGHTS; the integration runs once per (threshold,
+    num_perm) in a process."""
     import datasketch.lsh
     from datasketch import MinHashLSH
 
     from rmskit.curate.dedup import lsh_params
+    from rmskit.curate.minhash import WEIGHTS
 
+    assert lsh_params(0.8, 128) == (16, 8)
     for t, n in ((0.8, 128), (0.8, 64), (0.5, 128), (0.9, 32)):
-        fresh = MinHashLSH(threshold=t, num_perm=n)
+        fresh = MinHashLSH(threshold=t, num_perm=n, weights=WEIGHTS)
         assert lsh_params(t, n) == (fresh.b, fresh.r)
     calls: list[float] = []
     real = datasketch.lsh._optimal_param

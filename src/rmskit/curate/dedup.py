@@ -4,15 +4,18 @@ Images: hex pHashes compared by Hamming distance through a multi-index (pigeonho
 hash into `distance + 1` bands; two hashes within `distance` bits agree exactly on at least one band,
 so only bucket-mates are compared. Exact, and far from O(n^2) for the small distances used (≤ 8 of 64).
 
-Queries: datasketch MinHash + MinHashLSH over word 2-shingles finds candidates; the exact Jaccard of the
-shingle sets confirms them, so the verdict does not depend on the LSH's estimate."""
+Queries: MinHash LSH over word 2-shingles (curate/minhash.py, numpy) finds candidates; the exact Jaccard
+of the shingle sets confirms them, so the verdict does not depend on the LSH's estimate."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+
+import numpy as np
+
+from rmskit.curate.minhash import Buckets, lsh_params, sketch
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 NUM_PERM = 128
@@ -119,41 +122,29 @@ class QueryDup:
     similarity: float
 
 
-@lru_cache(maxsize=16)
-def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
-    """datasketch's (bands, rows) for `threshold`: it integrates them numerically for each new index
-    (~13 ms, twice per build finish), so they are computed once per process."""
-    from datasketch import MinHashLSH
-
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-    return lsh.b, lsh.r
-
-
 def near_duplicate_queries(items: Iterable[tuple[str, str]], threshold: float) -> dict[str, QueryDup]:
     """`items` = [(key, text)] in priority order; returns {dropped key: QueryDup(kept key, jaccard)}.
     A later text whose shingle set has Jaccard >= threshold with an earlier kept one is dropped."""
     items = list(items)
-    sets = [shingles(text) for _, text in items]
-    from datasketch import MinHash, MinHashLSH  # ~1 s to import: only when curating
-
-    hashes = MinHash.bulk([[s.encode() for s in sorted(sh)] for sh in sets], num_perm=NUM_PERM)
-    lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM, params=lsh_params(threshold, NUM_PERM))
-    kept_sets: dict[str, set[str]] = {}
-    order: dict[str, int] = {}
-    dropped: dict[str, QueryDup] = {}
-    for i, ((key, _text), sh, mh) in enumerate(zip(items, sets, hashes, strict=True)):
-        best: tuple[float, int, str] | None = None  # (-jaccard, order, key): highest similarity, earliest
-        for hit in lsh.query(mh):
-            cand = str(hit)  # keys were inserted as str
-            j = jaccard(sh, kept_sets[cand])
-            if j >= threshold and (best is None or (-j, order[cand], cand) < best):
-                best = (-j, order[cand], cand)
-        if best is not None:
-            dropped[key] = QueryDup(of=best[2], similarity=-best[0])
-            continue
-        if key in kept_sets:
+    seen: set[str] = set()
+    for key, _ in items:
+        if key in seen:
             raise ValueError(f"duplicate key {key!r}")
-        kept_sets[key] = sh
-        order[key] = i
-        lsh.insert(key, mh)
+        seen.add(key)
+    bands, rows = lsh_params(threshold, NUM_PERM)
+    sk = sketch((shingles(t) for _, t in items), bands, rows, seed=1)
+    buckets = Buckets(sk.keys)
+    kept_in: dict[int, list[int]] = {}  # bucket -> its kept texts so far, in order
+    dropped: dict[str, QueryDup] = {}
+    for i in buckets.shared():  # a text alone in every band is kept: nothing earlier can match it
+        groups = buckets.buckets_of(i)
+        near = sorted({j for g in groups for j in kept_in.get(g, ())})
+        if near:
+            sim = sk.jaccard(i, near)
+            best = int(np.argmax(sim))  # the most similar; of equals, the earliest (near is in order)
+            if sim[best] >= threshold:
+                dropped[items[i][0]] = QueryDup(of=items[near[best]][0], similarity=float(sim[best]))
+                continue
+        for g in groups:
+            kept_in.setdefault(g, []).append(i)
     return dropped

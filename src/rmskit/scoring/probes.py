@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel
@@ -296,39 +296,37 @@ def mean_cosine_distance(x: Any) -> float:
     return 1.0 - mean_sim
 
 
-PROBE_NUM_PERM = 64
+PROBE_NUM_PERM = 128  # 64 would make pairs at Jaccard 0.2 candidates with p = 0.0006: millions at 100k
 PROBE_DUP_THRESHOLD = 0.8
 
 
 def near_duplicate_rate(
     texts: list[str], threshold: float = PROBE_DUP_THRESHOLD, num_perm: int = PROBE_NUM_PERM
 ) -> float:
-    """Share of texts with another text at MinHash-estimated Jaccard >= threshold (word 3-shingles).
-    Identical texts are grouped first (each copy of a repeated text is a duplicate), so the LSH sees each
-    distinct text once: a run with many repeats costs its distinct texts, not n^2 candidate pairs."""
-    from datasketch import MinHash, MinHashLSH
+    """Share of texts with another text at Jaccard >= threshold (word 3-shingles): MinHash LSH finds the
+    candidates (curate/minhash.py), their exact Jaccard decides. Identical texts are grouped first (each
+    copy of a repeated text is a duplicate), so the LSH sees each distinct text once: a run with many
+    repeats costs its distinct texts, not n^2 candidate pairs."""
+    from rmskit.curate.minhash import Buckets, lsh_params, sketch
 
-    from rmskit.curate.dedup import lsh_params
-
-    def shingles(t: str) -> list[bytes]:
+    def shingles(t: str) -> set[str]:
         w = t.lower().split()
-        sh = {" ".join(w[i : i + 3]) for i in range(len(w) - 2)} if len(w) >= 3 else {" ".join(w)}
-        return [x.encode("utf-8") for x in sh]
+        return {" ".join(w[i : i + 3]) for i in range(len(w) - 2)} if len(w) >= 3 else {" ".join(w)}
 
     if not texts:
         return 0.0
     counts = Counter(texts)
     distinct = list(counts)
-    # one set of permutations for all (MinHash() draws its own each time: most of the cost at 100k texts)
-    hashes = MinHash.bulk([shingles(t) for t in distinct], num_perm=num_perm, seed=1)
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, params=lsh_params(threshold, num_perm))
-    for i, m in enumerate(hashes):
-        lsh.insert(i, m)
-    dup = 0
-    for i, m in enumerate(hashes):
-        near = cast("list[int]", lsh.query(m))  # the keys inserted above
-        if counts[distinct[i]] > 1 or any(j != i and hashes[j].jaccard(m) >= threshold for j in near):
-            dup += counts[distinct[i]]
+    bands, rows = lsh_params(threshold, num_perm)
+    sk = sketch((shingles(t) for t in distinct), bands, rows, seed=1)
+    buckets = Buckets(sk.keys)
+    dup = sum(c for c in counts.values() if c > 1)
+    for i in buckets.shared():
+        if counts[distinct[i]] > 1:
+            continue  # counted above
+        near = sorted({j for g in buckets.buckets_of(i) for j in buckets.members(g)} - {i})
+        if near and (sk.jaccard(i, near) >= threshold).any():
+            dup += 1
     return dup / len(texts)
 
 

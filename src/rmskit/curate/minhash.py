@@ -1,0 +1,194 @@
+"""MinHash LSH over many texts at once, in numpy: the candidate pairs of both near-duplicate passes of a
+build's finish (curation's query filter, the probes' near-duplicate rate).
+
+Why not datasketch's `MinHash` + `MinHashLSH` objects: they hold one object per text (its hash values)
+and, per band, a dict of bytes keys to sets of keys; `MinHash.bulk` costs ~75 µs per text. At 100k
+queries the finish worker of a build peaked at ~700 MB. Here the signatures of a chunk of texts are one
+array operation, only the band keys (8 bytes per band and text) are kept, and the buckets are found by
+sorting them. Candidates are confirmed by the exact Jaccard of the token sets (callers do that), so the
+verdict never rests on an estimate. datasketch still chooses the (bands, rows) split (`lsh_params`).
+
+The hash family: each token is hashed once (CRC-32, then murmur3's finaliser to spread its bits), and
+permutation i maps a token hash x to ((a_i * x + b_i) mod 2^64) >> 32 with random 64-bit a_i (odd),
+b_i: Dietzfelbinger's multiply-add-shift, universal for 32-bit keys. The minimum over a text's tokens is
+its signature entry, as in datasketch."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Collection, Iterable, Iterator
+from functools import lru_cache
+from itertools import islice
+from typing import NamedTuple
+
+import numpy as np
+
+CHUNK = 256  # texts per signature batch: ~4.6k tokens x 128 permutations x 8 bytes, ~5 MB (1024: 2x slower)
+EMPTY = np.uint32(0xFFFFFFFF)  # every entry of an empty set's signature: empty sets match each other
+_M1, _M2 = np.uint32(0x85EBCA6B), np.uint32(0xC2B2AE35)
+_BAND_MULT = np.uint64(0x9E3779B97F4A7C15)
+
+
+# datasketch's default weighs a missed near-duplicate and a needless candidate alike: at 128 permutations
+# its (9, 13) split finds a pair at Jaccard 0.8 with probability 0.40 (0.58 at 0.83). Here a candidate
+# costs one exact Jaccard, a miss leaves a near-duplicate in the dataset, so misses weigh 19 times more:
+# (16, 8) finds it with 0.95 (0.985 at 0.83) and a pair at 0.3 still only with 0.001.
+WEIGHTS = (0.05, 0.95)  # (false positive, false negative)
+
+
+@lru_cache(maxsize=16)
+def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
+    """datasketch's (bands, rows) for `threshold`: the split minimising its weighted false positive and
+    false negative probabilities (it integrates them numerically, ~13 ms, so once per process)."""
+    from datasketch import MinHashLSH
+
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=WEIGHTS)
+    return lsh.b, lsh.r
+
+
+def _mix(h: np.ndarray) -> np.ndarray:
+    """murmur3's 32-bit finaliser, element-wise (uint32 arithmetic wraps)."""
+    h ^= h >> np.uint32(16)
+    h *= _M1
+    h ^= h >> np.uint32(13)
+    h *= _M2
+    h ^= h >> np.uint32(16)
+    return h
+
+
+def _permutations(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 2**64, size=n, dtype=np.uint64, endpoint=False) | np.uint64(1)
+    b = rng.integers(0, 2**64, size=n, dtype=np.uint64, endpoint=False)
+    return a, b
+
+
+class _Chunk(NamedTuple):
+    sizes: np.ndarray  # tokens per text
+    crc: (
+        np.ndarray
+    )  # uint32 CRC-32 of each token, text after text: the MinHash input, the same in every process
+    fingerprints: np.ndarray  # int64 `hash()` of each token: set equality within this process only
+
+
+def _chunks(sets: Iterable[Collection[str]]) -> Iterator[_Chunk]:
+    it = iter(sets)
+    while chunk := list(islice(it, CHUNK)):
+        sizes = np.fromiter((len(s) for s in chunk), dtype=np.int64, count=len(chunk))
+        m = int(sizes.sum())
+        crc = np.fromiter((zlib.crc32(t.encode("utf-8")) for s in chunk for t in s), dtype=np.uint32, count=m)
+        fingerprints = np.fromiter((hash(t) for s in chunk for t in s), dtype=np.int64, count=m)
+        yield _Chunk(sizes, crc, fingerprints)
+
+
+def _signature(chunk: _Chunk, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    out = np.full((len(chunk.sizes), len(a)), EMPTY, dtype=np.uint32)
+    full = chunk.sizes > 0
+    if full.any():
+        perm = np.multiply.outer(_mix(chunk.crc.copy()).astype(np.uint64), a)  # in place from here on
+        perm += b
+        perm >>= np.uint64(32)
+        starts = np.concatenate(([0], np.cumsum(chunk.sizes)[:-1]))[full]
+        out[full] = np.minimum.reduceat(perm, starts, axis=0)
+    return out
+
+
+def signatures(sets: Iterable[Collection[str]], num_perm: int, seed: int = 1) -> Iterator[np.ndarray]:
+    """(chunk, num_perm) uint32 MinHash signatures of the token sets, CHUNK texts at a time."""
+    a, b = _permutations(num_perm, seed)
+    for chunk in _chunks(sets):
+        yield _signature(chunk, a, b)
+
+
+class Sketch(NamedTuple):
+    keys: np.ndarray  # (n, bands) uint64: a text's bucket in each band
+    tokens: np.ndarray  # int64 token fingerprints, text after text (for `jaccard`)
+    ends: np.ndarray  # (n + 1,) int64: text i's tokens are tokens[ends[i]:ends[i + 1]]
+
+    def jaccard(self, i: int, others: list[int]) -> np.ndarray:
+        """Jaccard of text i's token set with each of `others`' (two empty sets: 1.0), in one pass over
+        their tokens: 8 bytes per token held instead of Python sets (~2 KB per query)."""
+        js = np.asarray(others, dtype=np.int64)
+        starts, sizes = self.ends[js], self.ends[js + 1] - self.ends[js]
+        # the candidates' tokens, range after range, without a Python loop
+        positions = np.repeat(starts - (np.cumsum(sizes) - sizes), sizes) + np.arange(int(sizes.sum()))
+        theirs = self.tokens[positions]
+        mine = np.sort(self.tokens[self.ends[i] : self.ends[i + 1]])
+        if len(mine):
+            at = np.searchsorted(mine, theirs)
+            at[at == len(mine)] = 0
+            hits = mine[at] == theirs
+        else:
+            hits = np.zeros(len(theirs), dtype=bool)
+        inter = np.bincount(np.repeat(np.arange(len(js)), sizes), weights=hits, minlength=len(js))
+        union = len(mine) + sizes - inter
+        return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+def sketch(sets: Iterable[Collection[str]], bands: int, rows: int, seed: int = 1) -> Sketch:
+    """One key per band of `rows` signature entries (two texts share a band's bucket when their keys
+    are equal; a 64-bit key collision only adds a candidate), and the token fingerprints. The token
+    sets must be sets: no token twice in one text."""
+    a, b = _permutations(bands * rows, seed)
+    keys, tokens, sizes = [], [], []
+    for chunk in _chunks(sets):
+        sig = _signature(chunk, a, b)
+        k = np.empty((len(sig), bands), dtype=np.uint64)
+        for j in range(bands):
+            h = np.full(len(sig), np.uint64(j + 1), dtype=np.uint64)
+            for col in sig[:, j * rows : (j + 1) * rows].T:
+                h ^= col.astype(np.uint64)
+                h *= _BAND_MULT
+                h ^= h >> np.uint64(29)
+            k[:, j] = h
+        keys.append(k)
+        tokens.append(chunk.fingerprints)
+        sizes.append(chunk.sizes)
+    if not keys:
+        return Sketch(
+            np.empty((0, bands), dtype=np.uint64), np.empty(0, dtype=np.int64), np.zeros(1, dtype=np.int64)
+        )
+    ends = np.concatenate(([0], np.cumsum(np.concatenate(sizes))))
+    return Sketch(np.concatenate(keys), np.concatenate(tokens), ends)
+
+
+class Buckets:
+    """The LSH buckets holding two or more texts, as (text, bucket) pairs in two sorted arrays; a text
+    alone in each of its bands has no candidate and no pair."""
+
+    def __init__(self, keys: np.ndarray) -> None:
+        texts: list[np.ndarray] = []
+        ids: list[np.ndarray] = []
+        offset = 0
+        for j in range(keys.shape[1]):
+            order = np.argsort(keys[:, j], kind="stable")  # equal keys stay in text order
+            k = keys[order, j]
+            same = k[1:] == k[:-1]
+            shared = np.zeros(len(k), dtype=bool)
+            shared[1:] |= same
+            shared[:-1] |= same
+            run = np.cumsum(np.concatenate(([True], ~same))) - 1  # bucket number of each sorted position
+            # int32: half the memory of numpy's int64 indices (templated queries put most texts in
+            # shared buckets: ~16 pairs per text)
+            texts.append(order[shared].astype(np.int32))
+            ids.append((run[shared] + offset).astype(np.int32))
+            offset += len(k)
+        text = np.concatenate(texts) if texts else np.empty(0, dtype=np.int32)
+        bucket = np.concatenate(ids) if ids else np.empty(0, dtype=np.int32)
+        by_text = np.lexsort((bucket, text))
+        self._text, self._text_bucket = text[by_text], bucket[by_text]
+        by_bucket = np.lexsort((text, bucket))
+        self._bucket, self._bucket_text = bucket[by_bucket], text[by_bucket]
+
+    def shared(self) -> list[int]:
+        """The texts in at least one shared bucket, in text order."""
+        return np.unique(self._text).tolist()
+
+    def buckets_of(self, i: int) -> list[int]:
+        lo, hi = np.searchsorted(self._text, [i, i + 1])
+        return self._text_bucket[lo:hi].tolist()
+
+    def members(self, bucket: int) -> list[int]:
+        """The bucket's texts, in text order."""
+        lo, hi = np.searchsorted(self._bucket, [bucket, bucket + 1])
+        return self._bucket_text[lo:hi].tolist()
