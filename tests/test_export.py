@@ -8,6 +8,7 @@ import importlib
 import io
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -621,6 +622,15 @@ def test_export_reads_samples_back_in_chunks_and_holds_only_light_records(
         out = export(run.run_dir, fmt, tmp_path / f"chunked-{fmt}")
         for name in ("train.json", "test.json"):
             assert (out / name).read_text() == (run.exports[fmt] / name).read_text()
+    # the dataset folder (parquet, JSONL, card) reads every kept sample once, in one pass
+    reads.clear()
+    copy = tmp_path / "copy" / run.run_dir.name
+    shutil.copytree(run.run_dir, copy)
+    write_dataset(copy)
+    assert sum(reads) == len(prep.samples)
+    assert (copy / "dataset" / "samples.jsonl").read_text() == (
+        run.run_dir / "dataset" / "samples.jsonl"
+    ).read_text()
 
 
 @pytest.mark.parametrize("splits", [[], ["train"], ["test", "train", "test", None, "train"]])

@@ -174,18 +174,26 @@ class _SplitWriter:
         return names
 
 
-def write_parquet(prep: Prepared, data_dir: Path) -> dict[str, list[str]]:
-    """Write the non-empty splits (`datasets` refuses to load a split with no rows, so an empty split
-    gets no file and no entry in the card's configs); returns split -> file names."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    schema = arrow_schema()
-    written: dict[str, list[str]] = {}
-    for split in SPLITS:
-        if not prep.result.stats.samples.get(split):
-            continue
-        out = _SplitWriter(data_dir, split, schema)
-        for sample in prep.by_split(split):
-            data = prep.image_files[sample.image_sha256].read_bytes()
-            out.add(_row(sample, data, prep.image_name(sample.image_sha256)), len(data))
-        written[split] = out.close()
-    return written
+class ParquetSink:
+    """The splits' shards, fed the kept samples one at a time in any split order (one pass over the
+    ledger can feed the JSONL and the card's digest as well). A split that gets no sample gets no file:
+    `datasets` refuses to load a split with no rows, so it must not appear in the card's configs either."""
+
+    def __init__(self, prep: Prepared, data_dir: Path) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.prep, self.data_dir, self.schema = prep, data_dir, arrow_schema()
+        self.writers: dict[str, _SplitWriter] = {}
+
+    def add(self, sample: Sample) -> None:
+        if sample.split not in SPLITS:
+            return
+        out = self.writers.get(sample.split)
+        if out is None:
+            out = self.writers[sample.split] = _SplitWriter(self.data_dir, sample.split, self.schema)
+        data = self.prep.image_files[sample.image_sha256].read_bytes()
+        out.add(_row(sample, data, self.prep.image_name(sample.image_sha256)), len(data))
+
+    def close(self) -> dict[str, list[str]]:
+        """Split -> file names, in SPLITS order."""
+        return {split: self.writers[split].close() for split in SPLITS if split in self.writers}
+

@@ -39,6 +39,15 @@ class SampleDigest:
     prompts: dict[str, Counter[str]] = field(default_factory=dict)  # stage -> prompt version -> n
     risky_categories: Counter[str] = field(default_factory=Counter)
 
+    def add(self, s: Sample) -> None:
+        self.licenses[s.license or "unknown"] += 1
+        for stage, model in (s.models or {}).items():
+            self.models.setdefault(stage, Counter())[model] += 1
+        for stage, ver in (s.prompt_versions or {}).items():
+            self.prompts.setdefault(stage, Counter())[ver] += 1
+        if s.kind == "risky":
+            self.risky_categories[s.category] += 1
+
 
 class KeptSamples:
     """The curated samples in id order, as `Sample`s read back from the ledger on each pass (the review's
@@ -66,14 +75,17 @@ class KeptSamples:
     def digest(self) -> SampleDigest:
         d = SampleDigest()
         for s in self:
-            d.licenses[s.license or "unknown"] += 1
-            for stage, model in (s.models or {}).items():
-                d.models.setdefault(stage, Counter())[model] += 1
-            for stage, ver in (s.prompt_versions or {}).items():
-                d.prompts.setdefault(stage, Counter())[ver] += 1
-            if s.kind == "risky":
-                d.risky_categories[s.category] += 1
+            d.add(s)
         return d
+
+    def digesting(self) -> Iterator[Sample]:
+        """Every sample once, in id order, counting the digest on the way (a writer that reads every
+        sample anyway saves the card its own pass over the ledger)."""
+        d = SampleDigest()
+        for s in self:
+            d.add(s)
+            yield s
+        self.__dict__["digest"] = d  # what the cached property would have computed
 
     def of_split(self, split: str | None) -> Iterator[Sample]:
         ids = [i for i, sp in self._split.items() if split is None or sp == split]

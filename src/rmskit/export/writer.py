@@ -19,7 +19,7 @@ import rmskit
 from rmskit.export.card import render_card
 from rmskit.export.convo import write_conversations
 from rmskit.export.judge import write_judge
-from rmskit.export.parquet import write_parquet
+from rmskit.export.parquet import ParquetSink
 from rmskit.export.prepare import Prepared, prepare
 
 Format = Literal["jsonl", "hf", "llava", "sharegpt", "judge"]
@@ -152,9 +152,18 @@ def _card_files(data_files: dict[str, list[str]], with_jsonl: bool) -> list[str]
 
 
 def _write_hf(prep: Prepared, root: Path, probes: dict[str, Any] | None, *, with_jsonl: bool) -> None:
-    data_files = write_parquet(prep, root / "data")
+    """Parquet (and the JSONL) in one pass over the kept samples, which also counts the card's digest:
+    each pass reads every kept sample back from the ledger and validates it (~25 ms per 400 samples)."""
+    parquet = ParquetSink(prep, root / "data")
+    with (
+        (root / "samples.jsonl").open("w", encoding="utf-8") if with_jsonl else contextlib.nullcontext() as fh
+    ):
+        for s in prep.samples.digesting():
+            parquet.add(s)
+            if fh is not None:
+                fh.write(s.model_dump_json() + "\n")
+    data_files = parquet.close()
     if with_jsonl:
-        _write_jsonl(prep, root / "samples.jsonl")
         _link_images(prep, root / "images")
     card = render_card(
         prep,
