@@ -225,3 +225,18 @@ def test_near_duplicate_rate_equals_the_pairwise_definition(seed: int) -> None:
     rng.shuffle(texts)
     assert near_duplicate_rate(texts) == pytest.approx(_near_duplicate_rate_pairwise(texts))
     assert near_duplicate_rate([]) == 0.0
+
+
+def test_mean_distance_of_a_resample_without_copying_it() -> None:
+    from rmskit.scoring.probes import _mean_distance, _mean_distance_of
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(300, 24)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    for idx in (rng.integers(0, 300, 300), np.arange(300), np.array([4, 4, 9])):
+        rows = x[idx].astype(np.float64)
+        sims = rows @ rows.T
+        pairwise = 1 - (sims.sum() - np.trace(sims)) / (len(idx) * (len(idx) - 1))  # every pair of positions
+        assert _mean_distance_of(x, idx) == pytest.approx(pairwise, abs=1e-6)
+        assert _mean_distance(rows) == pytest.approx(pairwise, abs=1e-6)  # float32 rows: |x| = 1 +- 1e-7
+    assert _mean_distance_of(x, np.array([7])) == 0.0

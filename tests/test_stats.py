@@ -160,3 +160,47 @@ def test_vendi_delta_method_matches_the_sampling_error_and_takes_over_for_large_
     assert e.high - e.low < boot.high - boot.low
     small = stats.vendi(x[:500], n_resamples=50, bootstrap_max_n=1000)
     assert small.method.startswith("bootstrap basic")
+
+
+def test_vendi_delta_method_in_blocks_and_from_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The delta method passes over the rows in blocks of DELTA_ROWS, each summed in float64, so 20k
+    float32 embeddings never become 61 MB float64 temporaries: the same score and error as one block."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(1000, 48))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    whole = stats.vendi_delta_se(x)
+    monkeypatch.setattr(stats, "DELTA_ROWS", 77)  # blocks of uneven size, the last one short
+    assert stats.vendi_delta_se(x) == pytest.approx(whole, rel=1e-12)
+    assert stats.vendi_delta_se(x.astype(np.float32)) == pytest.approx(whole, rel=1e-5)
+    assert stats.vendi(x.astype(np.float32)).value == pytest.approx(whole[0], rel=1e-5)
+
+
+def test_bootstrap_draws_in_bounded_batches_with_the_same_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    """scipy draws each batch's resampled indices at once (200 x n of them): batches bounded by
+    BOOTSTRAP_INDICES keep that flat at 100k items, and give the interval one batch gives."""
+    rng = np.random.default_rng(4)
+    codes = rng.integers(0, 5, 3000)
+    calls: list[int] = []
+
+    def entropy(idx: np.ndarray) -> float:
+        calls.append(1)
+        p = np.bincount(codes[idx], minlength=5) / len(idx)
+        return float(-(p[p > 0] * np.log(p[p > 0])).sum())
+
+    import scipy.stats
+
+    batches: list[int] = []
+    real = scipy.stats.bootstrap
+
+    def spy(*a: object, **k: object) -> object:
+        batches.append(k["batch"])  # type: ignore[arg-type]
+        return real(*a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(scipy.stats, "bootstrap", spy)
+    one = stats.item_estimate("h", len(codes), entropy, n_resamples=200)
+    monkeypatch.setattr(stats, "BOOTSTRAP_INDICES", 3000 * 7)  # 7 resamples per call
+    calls.clear()
+    batched = stats.item_estimate("h", len(codes), entropy, n_resamples=200)
+    assert batches == [200, 7]
+    assert (batched.low, batched.high) == (one.low, one.high)
+    assert len(calls) == 1 + 200  # the point value, then every resample once

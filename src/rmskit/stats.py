@@ -151,6 +151,9 @@ CONFUSION_METRICS: dict[str, Callable[..., Any]] = {
 }
 
 
+BOOTSTRAP_INDICES = 1 << 20  # resampled indices per vectorised call: 8 MB
+
+
 def _bootstrap(
     groups: Sequence[np.ndarray],
     stat: Callable[..., Any],
@@ -163,10 +166,13 @@ def _bootstrap(
     """scipy's bootstrap over index arrays, one per stratum (each resampled on its own)."""
     from scipy.stats import bootstrap
 
+    total = sum(len(g) for g in groups)
     res = bootstrap(
         tuple(np.asarray(g) for g in groups),
         stat,
         n_resamples=n_resamples,
+        # scipy draws a batch's resampled indices at once: all 200 x 100k of them would be 160 MB
+        batch=max(1, min(n_resamples, BOOTSTRAP_INDICES // max(total, 1))),
         vectorized=True,
         paired=False,
         confidence_level=confidence,
@@ -369,6 +375,7 @@ class _WeightedVendi:
 # half-width was 3.3-8.6 times it (resampling with replacement duplicates items, which lowers Vendi).
 # At n = 100 the delta SE fell to 0.69 of the truth: below this size the (conservative) bootstrap stays.
 VENDI_BOOTSTRAP_MAX_N = 200
+DELTA_ROWS = 2048  # rows per block of the delta method's passes (2048 x 384 float64: 6 MB)
 
 
 def vendi_delta_se(x: np.ndarray) -> tuple[float, float]:
@@ -377,14 +384,25 @@ def vendi_delta_se(x: np.ndarray) -> tuple[float, float]:
     C over tr C, eigenvectors v_k and H = entropy(p), item i moves H by
     -(1/tr C) [sum_k log p_k ((v_k . x_i)^2 - lambda_k) + H (|x_i|^2 - tr C)], and VS = exp(H)."""
     n = x.shape[0]
-    lam, vecs = np.linalg.eigh((x.T @ x) / n)
+    step = max(1, DELTA_ROWS)
+    # in row blocks, each in float64: x may be float32, and n x d temporaries of 20k rows are 61 MB each
+    d = x.shape[1]
+    gram = np.zeros((d, d))
+    for i in range(0, n, step):
+        b = x[i : i + step].astype(np.float64)
+        gram += b.T @ b
+    lam, vecs = np.linalg.eigh(gram / n)
     keep = lam > 1e-12 * max(lam.max(), 1e-300)
     lam, vecs = lam[keep], vecs[:, keep]
     tr = float(lam.sum())
     p = lam / tr
     h = float(-(p * np.log(p)).sum())
-    proj = (x @ vecs) ** 2  # (v_k . x_i)^2
-    infl = -((proj - lam) @ np.log(p) + h * ((x * x).sum(axis=1) - tr)) / tr
+    log_p = np.log(p)
+    infl = np.empty(n)
+    for i in range(0, n, step):
+        b = x[i : i + step].astype(np.float64)
+        proj = (b @ vecs) ** 2  # (v_k . x_i)^2
+        infl[i : i + step] = -((proj - lam) @ log_p + h * ((b * b).sum(axis=1) - tr)) / tr
     value = math.exp(h)
     return value, value * float(np.sqrt((infl**2).sum())) / n
 
@@ -402,13 +420,15 @@ def vendi(
     interval past `bootstrap_max_n` items)."""
     from threadpoolctl import threadpool_limits
 
-    xx = np.asarray(x, dtype=float)
+    xx = np.asarray(x)
+    if not np.issubdtype(xx.dtype, np.floating):
+        xx = xx.astype(float)
     n = xx.shape[0]
     method = f"bootstrap basic ({n_resamples} resamples, seed {seed})"
     if n > bootstrap_max_n and n >= min_n:
         from scipy.stats import norm
 
-        value, se = vendi_delta_se(xx)
+        value, se = vendi_delta_se(xx)  # float32 rows too: it sums them in float64 blocks
         z = float(norm.ppf(0.5 + confidence / 2))
         return Estimate(
             metric="vendi_score",
@@ -428,6 +448,7 @@ def vendi(
             insufficient=True,
             reason=f"insufficient: {n} items < {min_n}",
         )
+    xx = xx.astype(float)  # at most bootstrap_max_n rows here
     weighted = _WeightedVendi(xx)
 
     def stat(idx: Any, axis: int = -1) -> Any:

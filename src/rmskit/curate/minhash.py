@@ -175,20 +175,21 @@ class Buckets:
             offset += len(k)
         text = np.concatenate(texts) if texts else np.empty(0, dtype=np.int32)
         bucket = np.concatenate(ids) if ids else np.empty(0, dtype=np.int32)
+        bucket = np.unique(bucket, return_inverse=True)[1].astype(np.int32)  # shared buckets: 0..B-1
         by_text = np.lexsort((bucket, text))
-        self._text, self._text_bucket = text[by_text], bucket[by_text]
+        self._text_bucket = bucket[by_text]
+        self._text_ptr = np.searchsorted(text[by_text], np.arange(len(keys) + 1))  # CSR: O(1) lookups
         by_bucket = np.lexsort((text, bucket))
-        self._bucket, self._bucket_text = bucket[by_bucket], text[by_bucket]
+        self._bucket_text = text[by_bucket]
+        self._bucket_ptr = np.searchsorted(bucket[by_bucket], np.arange(int(bucket.max(initial=-1)) + 2))
 
     def shared(self) -> list[int]:
         """The texts in at least one shared bucket, in text order."""
-        return np.unique(self._text).tolist()
+        return np.flatnonzero(np.diff(self._text_ptr)).tolist()
 
     def buckets_of(self, i: int) -> list[int]:
-        lo, hi = np.searchsorted(self._text, [i, i + 1])
-        return self._text_bucket[lo:hi].tolist()
+        return self._text_bucket[self._text_ptr[i] : self._text_ptr[i + 1]].tolist()
 
     def members(self, bucket: int) -> list[int]:
         """The bucket's texts, in text order."""
-        lo, hi = np.searchsorted(self._bucket, [bucket, bucket + 1])
-        return self._bucket_text[lo:hi].tolist()
+        return self._bucket_text[self._bucket_ptr[bucket] : self._bucket_ptr[bucket + 1]].tolist()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -27,6 +28,8 @@ class NotARunError(FileNotFoundError):
 # What curation reads of every sample; the rest (response, checks, scenario, ...) is read back from the
 # ledger in chunks while writing, so an export never holds every full sample at once.
 _LIGHT = ("image_sha256", "kind", "category", "query", "label")
+_COLS = ("id", *_LIGHT)
+_INTERNED = frozenset(("image_sha256", "kind", "category", "label"))
 _CHUNK = 512
 
 
@@ -233,7 +236,12 @@ def _light_samples(led: Ledger, review: dict[str, dict[str, Any]]) -> list[dict[
     out: list[dict[str, Any]] = []
     edited = {sid for sid, st in review.items() if st.get("edits")}
     for row in led.query(f"SELECT id, {cols} FROM samples WHERE status='ok' ORDER BY id"):
-        light: dict[str, Any] = dict(zip(("id", *_LIGHT), row, strict=True))
+        # one str object per distinct sha, kind, category and label, not one per row (the worker's
+        # curation peak at 96k samples: 419 -> 399 MB)
+        light: dict[str, Any] = {
+            k: sys.intern(v) if k in _INTERNED and isinstance(v, str) else v
+            for k, v in zip(_COLS, row, strict=True)
+        }
         if row[0] in edited:
             (data,) = led.query("SELECT data FROM samples WHERE id=?", (row[0],))[0]
             light = {**json.loads(data), "id": row[0]}
