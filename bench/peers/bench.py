@@ -107,8 +107,10 @@ def in_service(spans: list[list[float]], step: float = 0.5) -> list[float]:
 def run_one(
     peer: str, job: str, photos: list[str], latency: float, capacity: int, timeline: bool = False
 ) -> dict[str, Any]:
-    list_dir = tempfile.TemporaryDirectory(prefix="peers-list-")
-    images_file = Path(list_dir.name) / "images.json"
+    # the photo list, and the peer's own temporary files (its TMPDIR: rmskit's run directory,
+    # distilabel's pipeline cache), removed after the run
+    work = tempfile.TemporaryDirectory(prefix="peers-run-")
+    images_file = Path(work.name) / "images.json"
     images_file.write_text(json.dumps(photos))
     server = subprocess.Popen(
         [sys.executable, str(HERE / "server.py"), "--latency", str(latency), "--capacity", str(capacity)],
@@ -124,6 +126,7 @@ def run_one(
             "PEER_BASE_URL": base_url,
             "PEER_CONCURRENCY": str(capacity),
             "PEER_IMAGES_FILE": str(images_file),
+            "TMPDIR": work.name,
             "OPENAI_API_KEY": "sk-bench",
             "CURATOR_DISABLE_CACHE": "1",
             "CURATOR_VIEWER": "0",
@@ -158,7 +161,7 @@ def run_one(
     finally:
         server.terminate()
         server.wait()
-        list_dir.cleanup()
+        work.cleanup()
     span = (st["last_end"] or 0) - (st["first_start"] or 0) or 1e-9
     req = st["requests"]
     return {
