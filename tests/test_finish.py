@@ -40,7 +40,7 @@ def test_query_embeddings_embed_in_the_background_once_per_text(monkeypatch) -> 
         # A full batch at once, the partial one after idle_s (never closed: only the idle timer sends
         # the fifth). Wait for the results themselves, not a fixed time: a loaded machine is slow.
         for _ in range(6000):
-            if all(t in q._done for t in texts):
+            if all(t in q._slot for t in texts):
                 break
             await asyncio.sleep(0.01)
         task.cancel()
@@ -145,7 +145,10 @@ def test_embedding_probes_read_a_bounded_order_free_sample(monkeypatch) -> None:
         return q
 
     q = asyncio.run(go())
-    assert set(q._done) == picked  # nothing outside the sample is kept
+    assert set(q._slot) == picked  # nothing outside the sample is kept
+    # in one matrix of `limit` rows, slots of pushed-out texts reused: no model batch kept alive
+    assert q._x is not None and q._x.shape == (50, 384) and q._x.base is None
+    assert sorted(q._slot.values()) == list(range(50))
     calls: list[int] = []
     monkeypatch.setattr(probes, "embed", lambda texts: calls.append(len(texts)) or np.ones((len(texts), 384)))
     rows = [
@@ -213,7 +216,7 @@ def test_finish_drains_the_background_embedder_and_cancel_drops_it(tmp_path: Pat
     got: dict[str, object] = {}
 
     def fake_finish(run_dir, ledger, queries):
-        got["queries"], got["done"] = queries, dict(queries._done)
+        got["queries"], got["done"] = queries, dict(queries._slot)
         return {"dataset_dir": str(run_dir)}
 
     monkeypatch.setattr(finish_mod, "finish_dataset", fake_finish)

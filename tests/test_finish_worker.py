@@ -243,19 +243,22 @@ def test_query_embeddings_cross_to_the_worker_whole(tmp_path: Path, monkeypatch:
         "",
     ]
     rows = np.random.default_rng(0).normal(size=(len(texts), 384)).astype(np.float32)
-    q._done = dict(zip(texts, rows, strict=True))
+    q._put(texts, rows)
     q.save(tmp_path / "q.npz")
     back = QueryEmbeddings.load(tmp_path / "q.npz")
-    assert list(back._done) == texts and all(
-        np.array_equal(back._done[t], r) for t, r in zip(texts, rows, strict=True)
-    )
+    assert list(back._slot) == texts and np.array_equal(back.rows(texts), rows)
     assert (tmp_path / "q.npz").stat().st_size < 20_000 + rows.nbytes  # the long text widens no row
     QueryEmbeddings().save(tmp_path / "empty.npz")
-    assert QueryEmbeddings.load(tmp_path / "empty.npz")._done == {}
+    assert QueryEmbeddings.load(tmp_path / "empty.npz")._slot == {}
 
     monkeypatch.setattr(probes, "embed", lambda t: pytest.fail(f"embedded again: {t}"))
     samples = [{"query": t, "kind": k, "category": "c"} for t in texts for k in ("risky", "control")]
     assert run_probes(samples, embeddings=back, n_resamples=20).n == 10
+    # a text the build did not embed is embedded at the end, past the loaded matrix's rows
+    back = QueryEmbeddings.load(tmp_path / "q.npz")
+    monkeypatch.setattr(probes, "embed", lambda t: np.full((len(t), 384), 0.5, np.float32))
+    out = back.embed([texts[1], "a late query", texts[4]])
+    assert np.array_equal(out[0], rows[1]) and (out[1] == 0.5).all() and np.array_equal(out[2], rows[4])
 
 
 @pytest.fixture
