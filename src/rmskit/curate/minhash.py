@@ -2,11 +2,13 @@
 build's finish (curation's query filter, the probes' near-duplicate rate).
 
 Why not datasketch's `MinHash` + `MinHashLSH` objects: they hold one object per text (its hash values)
-and, per band, a dict of bytes keys to sets of keys; `MinHash.bulk` costs ~75 µs per text. At 100k
-queries the finish worker of a build peaked at ~700 MB. Here the signatures of a chunk of texts are one
-array operation, only the band keys (8 bytes per band and text) are kept, and the buckets are found by
-sorting them. Candidates are confirmed by the exact Jaccard of the token sets (callers do that), so the
-verdict never rests on an estimate. datasketch still chooses the (bands, rows) split (`lsh_params`).
+and, per band, a dict of bytes keys to sets of keys, and curation held every text's shingle set for the
+exact check; `MinHash.bulk` costs ~75 µs per text. On the bench's 20k-query ledger curation's query pass
+peaked at +110 MB with them, +36 MB here. Here the signatures of a chunk of texts are one array
+operation, only the band keys (8 bytes per band and text) and 8-byte token fingerprints are kept, and
+the buckets are found by sorting the keys. Candidates are confirmed by the Jaccard of the token sets
+(`Sketch.jaccard`: exact up to a 64-bit fingerprint collision), so the verdict never rests on an
+estimate. datasketch still chooses the (bands, rows) split (`lsh_params`).
 
 The hash family: each token is hashed once (CRC-32, then murmur3's finaliser to spread its bits), and
 permutation i maps a token hash x to ((a_i * x + b_i) mod 2^64) >> 32 with random 64-bit a_i (odd),
@@ -65,9 +67,8 @@ def _permutations(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 class _Chunk(NamedTuple):
     sizes: np.ndarray  # tokens per text
-    crc: (
-        np.ndarray
-    )  # uint32 CRC-32 of each token, text after text: the MinHash input, the same in every process
+    # uint32 CRC-32 of each token, text after text: the MinHash input, the same in every process
+    crc: np.ndarray
     fingerprints: np.ndarray  # int64 `hash()` of each token: set equality within this process only
 
 
@@ -153,13 +154,16 @@ def sketch(sets: Iterable[Collection[str]], bands: int, rows: int, seed: int = 1
 
 
 class Buckets:
-    """The LSH buckets holding two or more texts, as (text, bucket) pairs in two sorted arrays; a text
-    alone in each of its bands has no candidate and no pair."""
+    """The LSH buckets holding two or more texts, numbered 0..B-1, with each text's buckets and each
+    bucket's texts as CSR arrays (O(1) lookups); a text alone in each of its bands is in none."""
 
     def __init__(self, keys: np.ndarray) -> None:
         texts: list[np.ndarray] = []
         ids: list[np.ndarray] = []
         offset = 0
+        # int32 (half of numpy's int64 indices: templated queries put most texts in shared buckets,
+        # ~16 pairs per text) while the raw bucket numbers fit
+        idx = np.int32 if len(keys) * max(keys.shape[1], 1) < 2**31 else np.int64
         for j in range(keys.shape[1]):
             order = np.argsort(keys[:, j], kind="stable")  # equal keys stay in text order
             k = keys[order, j]
@@ -168,14 +172,12 @@ class Buckets:
             shared[1:] |= same
             shared[:-1] |= same
             run = np.cumsum(np.concatenate(([True], ~same))) - 1  # bucket number of each sorted position
-            # int32: half the memory of numpy's int64 indices (templated queries put most texts in
-            # shared buckets: ~16 pairs per text)
-            texts.append(order[shared].astype(np.int32))
-            ids.append((run[shared] + offset).astype(np.int32))
+            texts.append(order[shared].astype(idx))
+            ids.append((run[shared] + offset).astype(idx))
             offset += len(k)
-        text = np.concatenate(texts) if texts else np.empty(0, dtype=np.int32)
-        bucket = np.concatenate(ids) if ids else np.empty(0, dtype=np.int32)
-        bucket = np.unique(bucket, return_inverse=True)[1].astype(np.int32)  # shared buckets: 0..B-1
+        text = np.concatenate(texts) if texts else np.empty(0, dtype=idx)
+        bucket = np.concatenate(ids) if ids else np.empty(0, dtype=idx)
+        bucket = np.unique(bucket, return_inverse=True)[1].astype(idx)  # shared buckets: 0..B-1
         by_text = np.lexsort((bucket, text))
         self._text_bucket = bucket[by_text]
         self._text_ptr = np.searchsorted(text[by_text], np.arange(len(keys) + 1))  # CSR: O(1) lookups
