@@ -254,6 +254,14 @@ def test_query_embeddings_cross_to_the_worker_whole(tmp_path: Path, monkeypatch:
     monkeypatch.setattr(probes, "embed", lambda t: pytest.fail(f"embedded again: {t}"))
     samples = [{"query": t, "kind": k, "category": "c"} for t in texts for k in ("risky", "control")]
     assert run_probes(samples, embeddings=back, n_resamples=20).n == 10
+    # a text pushed out of the sample leaves a free slot: saved as it is, reused after loading
+    q._free.append(q._slot.pop(texts[1]))
+    q.save(tmp_path / "q2.npz")
+    back = QueryEmbeddings.load(tmp_path / "q2.npz")
+    rest = [t for t in texts if t != texts[1]]
+    assert list(back._slot) == rest and np.array_equal(back.rows(rest), np.delete(rows, 1, axis=0))
+    back._put(["a late query"], np.full((1, 384), 0.25, np.float32))
+    assert back._slot["a late query"] == 1 and back._x is not None and len(back._x) == len(texts)
     # a text the build did not embed is embedded at the end, past the loaded matrix's rows
     back = QueryEmbeddings.load(tmp_path / "q.npz")
     monkeypatch.setattr(probes, "embed", lambda t: np.full((len(t), 384), 0.5, np.float32))

@@ -198,18 +198,23 @@ class QueryEmbeddings:
         one UTF-8 blob with offsets: no pickles, exact (NULs too), and a long text does not widen every
         row as a fixed-width unicode array would."""
         texts = [t.encode("utf-8", "surrogatepass") for t in self._slot]
-        x = self.rows(list(self._slot))
+        # the used prefix of the matrix as it is (a view: a reordered copy was 30 MB at the finish of a
+        # long run), freed slots included, and each text's slot
+        used = len(self._slot) + len(self._free)
+        x = self._x[:used] if self._x is not None else np.zeros((0, 384), np.float32)
         ends = np.cumsum([len(t) for t in texts], dtype=np.int64)
-        np.savez(path, blob=np.frombuffer(b"".join(texts), dtype=np.uint8), ends=ends, x=x)
+        slots = np.fromiter(self._slot.values(), dtype=np.int64, count=len(self._slot))
+        np.savez(path, blob=np.frombuffer(b"".join(texts), dtype=np.uint8), ends=ends, x=x, slots=slots)
 
     @classmethod
     def load(cls, path: Path) -> QueryEmbeddings:
         q = cls()
         with np.load(path) as f:
-            blob, ends, x = f["blob"].tobytes(), f["ends"].tolist(), f["x"]
+            blob, ends, x, slots = f["blob"].tobytes(), f["ends"].tolist(), f["x"], f["slots"].tolist()
         starts = [0, *ends[:-1]] if ends else []
         texts = [blob[a:b].decode("utf-8", "surrogatepass") for a, b in zip(starts, ends, strict=True)]
-        q._x, q._slot = x, dict(zip(texts, range(len(texts)), strict=True))
+        q._x, q._slot = x, dict(zip(texts, slots, strict=True))
+        q._free = sorted(set(range(len(x))) - set(slots))
         return q
 
     def rows(self, texts: list[str]) -> np.ndarray:
