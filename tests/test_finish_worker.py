@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from test_build_pipeline import STAGES, ScriptedBackend, _cfg
 
@@ -320,12 +321,21 @@ def test_letting_no_embedder_go_costs_nothing(monkeypatch: pytest.MonkeyPatch) -
     probes.release_embedder()
 
 
+def _not_npz(self: Any, path: Path) -> None:
+    path.write_bytes(b"not npz")
+
+
+def _npz_without_slots(self: Any, path: Path) -> None:  # an .npz of another layout (KeyError on read)
+    np.savez(path, blob=np.zeros(0, np.uint8), ends=np.zeros(0, np.int64), x=np.zeros((0, 384), np.float32))
+
+
+@pytest.mark.parametrize("damaged", [_not_npz, _npz_without_slots])
 def test_unreadable_embeddings_are_made_again_and_logged(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, photo_dir: Path
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, photo_dir: Path, damaged: Any
 ) -> None:
     """A damaged hand-over file: the worker embeds the queries itself (same probes), and the build's
     log says so."""
-    monkeypatch.setattr(finish_mod.QueryEmbeddings, "save", lambda self, path: path.write_bytes(b"not npz"))
+    monkeypatch.setattr(finish_mod.QueryEmbeddings, "save", damaged)
     run = _build(tmp_path, "worker", monkeypatch, photo_dir)
     _probed_and_exported(run)
     assert "could not read the query embeddings" in (run / "build.log").read_text()

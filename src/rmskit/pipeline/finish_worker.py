@@ -81,7 +81,7 @@ def serve(request: dict[str, Any]) -> dict[str, Any]:
     run_dir = Path(request["finish"])
     queries = None
     if request.get("embeddings"):
-        with contextlib.suppress(OSError, ValueError):  # unreadable: the probes embed the queries
+        with contextlib.suppress(OSError, ValueError, KeyError):  # unreadable: the probes embed the queries
             queries = QueryEmbeddings.load(Path(request["embeddings"]))
     with Ledger(run_dir, readonly=True) as ledger:
         probes = probe_run(ledger, queries)
