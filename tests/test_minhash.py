@@ -74,3 +74,39 @@ def test_many_copies_of_one_query() -> None:
 def test_texts_without_words_are_duplicates_of_each_other_only() -> None:
     got = near_duplicate_queries([("a", "?!"), ("b", "how hot is it"), ("c", "..."), ("d", "")], 0.8)
     assert got.keys() == {"c", "d"} and got["c"].of == "a" and got["d"].of == "a"
+
+
+def test_sketch_jaccard_is_the_set_jaccard() -> None:
+    """Against Python's sets, on random token sets (tokens past every one of text i's, empty sets)."""
+    rng = np.random.default_rng(7)
+    sets = [
+        {f"t{v}" for v in rng.choice(40, size=int(rng.integers(0, 12)), replace=False)} for _ in range(60)
+    ]
+    sets += [set(), set(), {"t0"}, {"zzz"}]
+    sk = sketch(sets, bands=4, rows=2)
+    for i, a in enumerate(sets):
+        others = [j for j in range(len(sets)) if j != i]
+        want = [len(a & sets[j]) / len(a | sets[j]) if a | sets[j] else 1.0 for j in others]
+        assert sk.jaccard(i, others).tolist() == pytest.approx(want, abs=1e-12)
+    assert sk.jaccard(60, [61]).tolist() == [1.0]  # two empty sets are equal
+    assert sk.jaccard(60, [62]).tolist() == [0.0] and sk.jaccard(62, [60]).tolist() == [0.0]
+
+
+def test_buckets_are_exactly_the_shared_band_keys() -> None:
+    """Every pair of texts with an equal key in some band shares a bucket, no other pair does, and a
+    bucket never spans two bands (a key equal across bands means nothing)."""
+    rng = np.random.default_rng(8)
+    keys = rng.integers(0, 6, size=(40, 3)).astype(np.uint64)  # small key space: many shared buckets
+    keys[:, 1] += np.uint64(100)
+    keys[5] = keys[6] = np.uint64(3)  # texts 5 and 6 equal in every band
+    b = Buckets(keys)
+    groups = {
+        (j, int(k)): [i for i in range(40) if keys[i, j] == k] for j in range(3) for k in set(keys[:, j])
+    }
+    shared = [g for g in groups.values() if len(g) > 1]
+    assert b.shared() == sorted({i for g in shared for i in g})
+    for i in range(40):
+        mine = b.buckets_of(i)
+        assert sorted(tuple(b.members(g)) for g in mine) == sorted(tuple(g) for g in shared if i in g)
+        assert len(mine) == len(set(mine))
+    assert len({g for i in b.shared() for g in b.buckets_of(i)}) == len(shared)

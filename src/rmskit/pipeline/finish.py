@@ -9,8 +9,8 @@ probes and the export, and the build stores the probes. If the worker cannot sta
 same finish runs here.
 
 `RMSKIT_FINISH=inline` keeps the finish in the build's process: its modules are imported after the
-last response (~1 s; a job (b) finish of 1.07-1.14 s instead of 0.23-0.46, bench/peers) and the build
-holds ~110 MB less (PSS of the two processes together: 230 vs 346 MB). Importing them in a thread during
+last response (~1 s; a job (b) finish of 1.07-1.14 s instead of 0.24-0.55, bench/peers) and the build
+holds ~80 MB less (PSS of the two processes together: 230 vs 314 MB). Importing them in a thread during
 the run's tail instead cost as much as it saved: the imports held the GIL while the last chains waited
 for the event loop (the tail grew by ~0.8 s)."""
 
