@@ -196,4 +196,3 @@ class ParquetSink:
     def close(self) -> dict[str, list[str]]:
         """Split -> file names, in SPLITS order."""
         return {split: self.writers[split].close() for split in SPLITS if split in self.writers}
-
