@@ -177,10 +177,10 @@ def test_vendi_bootstrap_runs_on_one_blas_thread(monkeypatch: pytest.MonkeyPatch
 def test_item_estimate_value_is_the_statistic_of_all_items() -> None:
     """The point estimate is fn over the indices of all n items, as the probes call it (the mean pairwise
     cosine distance of the embedded queries), checked against a pairwise brute force."""
-    from rmskit.scoring.probes import _mean_distance
+    from rmskit.scoring.probes import mean_cosine_distance
 
     x = _x(25, d=4, seed=9)
     brute = float(np.mean([1.0 - x[i] @ x[j] for i in range(25) for j in range(25) if i != j]))
-    e = stats.item_estimate("mean_pairwise_cosine_distance", 25, lambda idx: _mean_distance(x[idx]))
+    e = stats.item_estimate("mean_pairwise_cosine_distance", 25, lambda idx: mean_cosine_distance(x[idx]))
     assert e.value == pytest.approx(brute, rel=1e-12)
     assert e.low is not None and e.high is not None and e.low <= e.value <= e.high

@@ -157,12 +157,12 @@ def test_probe_cli_json(tmp_path: Path) -> None:
 
 
 def test_linear_time_mean_distance_matches_the_pairwise_definition() -> None:
-    from rmskit.scoring.probes import _mean_distance
-
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, 16))
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    assert _mean_distance(x) == pytest.approx(mean_cosine_distance(x), abs=1e-9)
+    pairwise = float(np.mean([1.0 - x[i] @ x[j] for i in range(40) for j in range(40) if i != j]))
+    assert mean_cosine_distance(x) == pytest.approx(pairwise, abs=1e-9)
+    assert mean_cosine_distance(x[:1]) == 0.0
 
 
 def test_logistic_fit_matches_scikit_learn() -> None:
@@ -228,7 +228,7 @@ def test_near_duplicate_rate_equals_the_pairwise_definition(seed: int) -> None:
 
 
 def test_mean_distance_of_a_resample_without_copying_it() -> None:
-    from rmskit.scoring.probes import _mean_distance, _mean_distance_of
+    from rmskit.scoring.probes import _mean_distance_of
 
     rng = np.random.default_rng(5)
     x = rng.normal(size=(300, 24)).astype(np.float32)
@@ -237,6 +237,7 @@ def test_mean_distance_of_a_resample_without_copying_it() -> None:
         rows = x[idx].astype(np.float64)
         sims = rows @ rows.T
         pairwise = 1 - (sims.sum() - np.trace(sims)) / (len(idx) * (len(idx) - 1))  # every pair of positions
+        # to 1e-6: the rows were normalised in float32, |x| = 1 +- 1e-7
         assert _mean_distance_of(x, idx) == pytest.approx(pairwise, abs=1e-6)
-        assert _mean_distance(rows) == pytest.approx(pairwise, abs=1e-6)  # float32 rows: |x| = 1 +- 1e-7
+        assert mean_cosine_distance(rows) == pytest.approx(pairwise, abs=1e-6)
     assert _mean_distance_of(x, np.array([7])) == 0.0

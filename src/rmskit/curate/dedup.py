@@ -110,12 +110,6 @@ def shingles(text: str, size: int = 2) -> set[str]:
     return {" ".join(words[i : i + size]) for i in range(len(words) - size + 1)}
 
 
-def jaccard(a: set[str], b: set[str]) -> float:
-    if not a and not b:
-        return 1.0
-    return len(a & b) / len(a | b)
-
-
 @dataclass(frozen=True)
 class QueryDup:
     of: str

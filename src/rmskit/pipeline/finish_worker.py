@@ -58,7 +58,8 @@ def _warm() -> None:
 
     import rmskit.export  # noqa: F401
     from rmskit.config import BuildConfig
-    from rmskit.curate.dedup import NUM_PERM, lsh_params
+    from rmskit.curate.dedup import NUM_PERM
+    from rmskit.curate.minhash import lsh_params
     from rmskit.pipeline import finish
     from rmskit.scoring.probes import PROBE_DUP_THRESHOLD, PROBE_NUM_PERM
 

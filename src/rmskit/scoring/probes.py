@@ -323,13 +323,9 @@ def vendi_score(x: Any) -> float:
 
 
 def mean_cosine_distance(x: Any) -> float:
-    """Mean over pairs i != j of 1 - cos(x_i, x_j), in O(n d) for unit vectors."""
-    import numpy as np
-
-    n = x.shape[0]
-    s = x.sum(axis=0)
-    mean_sim = (float(np.dot(s, s)) - n) / (n * (n - 1))
-    return 1.0 - mean_sim
+    """Mean over pairs i != j of 1 - cos(x_i, x_j), in O(n d) for unit vectors (0 for fewer than 2)."""
+    x = np.asarray(x)
+    return _mean_distance_of(x, np.arange(len(x)))
 
 
 PROBE_NUM_PERM = 128  # 64 would make pairs at Jaccard 0.2 candidates with p = 0.0006: millions at 100k
@@ -418,15 +414,10 @@ def run_probes(
     )
 
 
-def _mean_distance(x: Any) -> float:
-    """Mean cosine distance over pairs of distinct rows of unit vectors, in O(n d):
-    1 - (|sum x|^2 - n) / (n (n - 1))."""
-    return _mean_distance_of(x, np.arange(len(x)))
-
-
 def _mean_distance_of(x: np.ndarray, idx: np.ndarray) -> float:
-    """`_mean_distance(x[idx])` without copying the resample (20k x 384 floats per bootstrap draw): the
-    sum of its rows is the item counts times x, summed in float64."""
+    """`mean_cosine_distance(x[idx])` without copying the resample (20k x 384 floats per bootstrap draw):
+    1 - (|s|^2 - n) / (n (n - 1)) for unit rows, where s, the sum of the resample's rows, is the item
+    counts times x, summed in float64."""
     n = len(idx)
     if n < 2:
         return 0.0
