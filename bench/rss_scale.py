@@ -10,8 +10,8 @@ export and probes included). The images are distinct 320 px JPEGs made from 7 re
 pipeline and its caches, and the scripted endpoint varies its answers per call as a real model does.
 The parent samples the child's VmRSS every 0.5 s and reads the server's request count, so RSS is
 reported at each quarter of the run, at the last response, and at its peak (the finish included); the
-last column sums the build process and its finish worker (pipeline/finish_worker.py), sampled every 0.1 s, as RSS and as PSS (shared library
-pages divided between the two)."""
+last column sums the build process and its finish worker (pipeline/finish_worker.py), sampled every
+0.1 s, as RSS and as PSS (shared library pages divided between the two)."""
 
 from __future__ import annotations
 
