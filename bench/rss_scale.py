@@ -139,6 +139,7 @@ def measure(n: int, latency: float, capacity: int, photos: list[str]) -> dict:
         "peak": max(peak, max(r for _, _, r in trace)),
         "tree_peak": tree.peak_kb / 1024,
         "tree_pss": tree.peak_pss_kb / 1024,
+        "tree_pss_parts": [round(k / 1024) for k in tree.peak_pss_parts],  # each process at that peak
     }
 
 
@@ -155,8 +156,8 @@ def main() -> None:
     lines = [
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | {os.cpu_count()} CPUs | latency {args.latency} s, "
         f"capacity {args.capacity}",
-        "| images | requests | samples | wall (s) | RSS at 25% / 50% / 75% of requests (MB) | at last response | peak incl. finish | peak, build + finish worker: RSS / PSS |",
-        "|---|---|---|---|---|---|---|---|",
+        "| images | requests | samples | wall (s) | RSS at 25% / 50% / 75% of requests (MB) | at last response | peak incl. finish | peak, build + finish worker: RSS / PSS | PSS at that peak, each process |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     from bench import make_photos  # bench/peers/bench.py
 
@@ -166,7 +167,8 @@ def main() -> None:
         q = r["rss"]
         lines.append(
             f"| {n} | {r['requests']} | {r['samples_ok']} | {r['wall_s']:.0f} | {q[0.25]:.0f} / {q[0.5]:.0f} / "
-            f"{q[0.75]:.0f} | {r['rss_last_response']:.0f} | {r['peak']:.0f} | {r['tree_peak']:.0f} / {r['tree_pss']:.0f} |"
+            f"{q[0.75]:.0f} | {r['rss_last_response']:.0f} | {r['peak']:.0f} | {r['tree_peak']:.0f} / {r['tree_pss']:.0f} | "
+            f"{' + '.join(str(k) for k in r['tree_pss_parts'])} |"
         )
         print(lines[-1], file=sys.stderr, flush=True)
     text = "\n".join(lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import itertools
@@ -284,6 +285,30 @@ def test_curate_end_to_end(photos: dict[str, ImageRecord]) -> None:
     assert sum(st.images.values()) == 4
     # the input was not mutated
     assert samples[0]["query"].startswith("What's the fastest")
+
+
+def test_curate_owned_records_give_the_same_result_without_copies(photos: dict[str, ImageRecord]) -> None:
+    """`owned=True` (the export's light records) reuses each unedited kept dict instead of copying it;
+    the result is the same, edited samples are still copies, and without it the inputs stay as given."""
+    samples, images = _corpus(photos)
+    review = {samples[0]["id"]: {"decision": "accept", "edits": {"query": "An edited query?"}}}
+    kwargs = dict(seed=1, test_fraction=0.3, phash_distance=4, query_dup_threshold=0.8, review=review)
+    light = [
+        {k: v for k, v in s.items() if k in ("id", "image_sha256", "kind", "category", "query", "label")}
+        for s in samples
+    ]
+    copied = curate(copy.deepcopy(light), images, **kwargs)
+    given = copy.deepcopy(light)
+    owned = curate(given, images, owned=True, **kwargs)
+    assert owned.model_dump() == copied.model_dump()
+    by_id = {id(s) for s in given}
+    unedited = [s for s in owned.kept if "edited" not in s]
+    assert unedited and all(id(s) in by_id for s in unedited)
+    edited = [s for s in owned.kept if "edited" in s]
+    assert edited and all(id(s) not in by_id for s in edited)
+    untouched = copy.deepcopy(light)
+    curate(untouched, images, **kwargs)
+    assert untouched == light
 
 
 def test_curate_is_deterministic(photos: dict[str, ImageRecord]) -> None:

@@ -173,6 +173,9 @@ def run_one(
         # sampled sums miss short peaks; the tree held at least its largest process's peak
         "tree_rss_mb": max(tree.peak_kb / 1024, res["peak_rss_mb"]),
         "tree_pss_mb": tree.peak_pss_kb / 1024,
+        # when the summed PSS peaked, from the last response (negative: during the run), and its parts
+        "pss_peak_after_last_s": tree.peak_pss_at - st["last_end_unix"],
+        "pss_peak_parts_mb": [round(k / 1024) for k in tree.peak_pss_parts],
         "wall_s": wall,
         "job_wall_s": res["t_end"] - res["t_job_start"],
         "marginal_cpu_ms": 1000 * (res["cpu_total_s"] - res["cpu_setup_s"]) / max(req, 1),
@@ -207,6 +210,8 @@ class TreeRSS(threading.Thread):
     def __init__(self, pid: int, every: float = 0.1) -> None:
         super().__init__(daemon=True)
         self.pid, self.every, self.peak_kb, self.peak_pss_kb = pid, every, 0, 0
+        # where the PSS peak was: its time (unix) and each process's share, largest first
+        self.peak_pss_at, self.peak_pss_parts = 0.0, []
         self.stop = threading.Event()
 
     @staticmethod
@@ -234,7 +239,9 @@ class TreeRSS(threading.Thread):
         while not self.stop.wait(self.every):
             tree = self._tree(self.pid)
             self.peak_kb = max(self.peak_kb, sum(self._rss_kb(p) for p in tree))
-            self.peak_pss_kb = max(self.peak_pss_kb, sum(self._pss_kb(p) for p in tree))
+            parts = sorted((self._pss_kb(p) for p in tree), reverse=True)
+            if sum(parts) > self.peak_pss_kb:
+                self.peak_pss_kb, self.peak_pss_at, self.peak_pss_parts = sum(parts), time.time(), parts
 
 
 def median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -326,7 +333,9 @@ def main() -> None:
                 )
                 if args.timeline:
                     print(
-                        f"  in service per 0.5 s: {' '.join(f'{x:.0f}' for x in r['in_service'])}",
+                        f"  in service per 0.5 s: {' '.join(f'{x:.0f}' for x in r['in_service'])}\n"
+                        f"  PSS peak {r['tree_pss_mb']:.0f} MB at {r['pss_peak_after_last_s']:+.2f} s from the "
+                        f"last response, per process {r['pss_peak_parts_mb']} MB; finish {r['finish_s']:.2f} s",
                         file=sys.stderr,
                         flush=True,
                     )

@@ -99,13 +99,17 @@ def curate(
     phash_distance: int = 4,
     query_dup_threshold: float = 0.8,
     balance: int | None = None,
+    owned: bool = False,
 ) -> CurateResult:
     """Curate ledger samples (status ok) into the exported set.
 
     `images` maps sha256 -> ImageRecord in priority order (ledger ingest order): of two near-duplicate
     images the earlier one is kept and every sample of the later one is dropped. `review` is
     `Ledger.review_state()`. `balance` caps risky samples per category (seeded choice; controls are not
-    capped). Samples whose image is not in `images` are dropped as unavailable."""
+    capped). Samples whose image is not in `images` are dropped as unavailable. `owned`: the caller
+    hands the sample dicts over (the export's light records), so a kept one without review edits is
+    used as it is and gets its `split` in place, instead of a copy (96k copies at the end of a 100k
+    build); otherwise the inputs are never changed."""
     dropped: list[Dropped] = []
     review = review or {}
     stats = CurateStats(input=len(samples))
@@ -113,6 +117,7 @@ def curate(
     # 1. review decisions and edits
     live: list[dict[str, Any]] = []
     seen_ids: set[str] = set()
+    fields = _sample_fields()
     for raw in sorted(samples, key=lambda s: s["id"]):
         if raw["id"] in seen_ids:
             raise ValueError(f"duplicate sample id {raw['id']!r}")
@@ -131,7 +136,7 @@ def curate(
                 )
             )
             continue
-        live.append(apply_review(raw, state))
+        live.append(raw if owned and state is None and raw.keys() <= fields else apply_review(raw, state))
 
     # 2. perceptual near-duplicate images, among images that still have samples
     used = {s["image_sha256"] for s in live}
@@ -211,4 +216,6 @@ def curate(
     stats.by_kind = _nested_counts(kept, "kind")
     stats.by_label = _nested_counts(kept, "label")
     stats.by_category = _nested_counts(kept, "category")
-    return CurateResult(kept=kept, dropped=dropped, stats=stats)
+    # built as is: validating would copy every kept dict (18 MB at 55k samples), and they are
+    # already checked records of this module
+    return CurateResult.model_construct(kept=kept, dropped=dropped, stats=stats)

@@ -171,19 +171,24 @@ class Buckets:
             shared = np.zeros(len(k), dtype=bool)
             shared[1:] |= same
             shared[:-1] |= same
-            run = np.cumsum(np.concatenate(([True], ~same))) - 1  # bucket number of each sorted position
+            # the shared runs of equal keys, numbered on from the previous band's: bucket numbers come
+            # out contiguous and ascending with (band, key), and each bucket's texts in text order
+            first = np.concatenate(([True], ~same))[shared]
+            bucket = np.cumsum(first, dtype=np.int64) - 1 + offset
             texts.append(order[shared].astype(idx))
-            ids.append((run[shared] + offset).astype(idx))
-            offset += len(k)
+            ids.append(bucket.astype(idx))
+            offset += int(first.sum())
         text = np.concatenate(texts) if texts else np.empty(0, dtype=idx)
+        del texts
         bucket = np.concatenate(ids) if ids else np.empty(0, dtype=idx)
-        bucket = np.unique(bucket, return_inverse=True)[1].astype(idx)  # shared buckets: 0..B-1
-        by_text = np.lexsort((bucket, text))
+        del ids
+        # (bucket, text) pairs are already sorted by bucket, then text: no sort for the bucket side
+        self._bucket_text = text
+        self._bucket_ptr = np.concatenate(([0], np.cumsum(np.bincount(bucket, minlength=offset))))
+        by_text = np.argsort(text, kind="stable")  # a text's buckets stay ascending
         self._text_bucket = bucket[by_text]
-        self._text_ptr = np.searchsorted(text[by_text], np.arange(len(keys) + 1))  # CSR: O(1) lookups
-        by_bucket = np.lexsort((text, bucket))
-        self._bucket_text = text[by_bucket]
-        self._bucket_ptr = np.searchsorted(bucket[by_bucket], np.arange(int(bucket.max(initial=-1)) + 2))
+        del by_text
+        self._text_ptr = np.concatenate(([0], np.cumsum(np.bincount(text, minlength=len(keys)))))
 
     def shared(self) -> list[int]:
         """The texts in at least one shared bucket, in text order."""

@@ -210,7 +210,7 @@ def prepare(run_dir: Path, *, balance: int | None = None) -> Prepared:
         if path is not None:
             files[sha] = path
             available[sha] = rec
-    result = curate(raw, available, review=review, balance=balance, **params)
+    result = curate(raw, available, review=review, balance=balance, owned=True, **params)
     prep = Prepared(
         run_dir=run_dir,
         result=result,
