@@ -226,7 +226,7 @@ def test_images_are_copied_when_hard_links_fail(tmp_path: Path, monkeypatch: pyt
         raise OSError(18, "Invalid cross-device link")
 
     monkeypatch.setattr(writer.os, "link", no_links)
-    prep = SimpleNamespace(image_files={"ab": src}, image_name=lambda sha: f"{sha}.jpg")
+    prep = SimpleNamespace(image_files={"ab": str(src)}, image_name=lambda sha: f"{sha}.jpg")
     writer._link_images(prep, tmp_path / "out" / "images")  # type: ignore[arg-type]
     assert (tmp_path / "out" / "images" / "ab.jpg").read_bytes() == b"jpeg bytes"
 

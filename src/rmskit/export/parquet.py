@@ -190,7 +190,7 @@ class ParquetSink:
         out = self.writers.get(sample.split)
         if out is None:
             out = self.writers[sample.split] = _SplitWriter(self.data_dir, sample.split, self.schema)
-        data = self.prep.image_files[sample.image_sha256].read_bytes()
+        data = Path(self.prep.image_files[sample.image_sha256]).read_bytes()
         out.add(_row(sample, data, self.prep.image_name(sample.image_sha256)), len(data))
 
     def close(self) -> dict[str, list[str]]:
