@@ -231,6 +231,9 @@ class QueryEmbeddings:
         return self.rows(texts)
 
 
+BLOCK_ROWS = 4096  # rows per block where the embeddings are walked in blocks (casts, copies)
+
+
 def logistic_fit(x: np.ndarray, y: np.ndarray, c: float = 1.0) -> tuple[np.ndarray, float]:
     """(w, b) of L2-regularised logistic regression: scikit-learn's LogisticRegression(C=c) objective
     (C * sum of log-losses + |w|^2 / 2, intercept not penalised), solved with scipy's L-BFGS. Written
@@ -263,24 +266,26 @@ def _logistic_fit_blocks(
     return res.x[:d], float(res.x[d])
 
 
-CV_ROWS = 4096  # rows per block when copying the embeddings in fold order
-
-
-def cross_val_proba(x: np.ndarray, y: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """Out-of-fold P(y=1) from `logistic_fit` over stratified, shuffled folds (each class dealt
-    round-robin into the folds after a seeded shuffle). The rows are copied once, as float64 and
-    grouped by fold, so each training set is the two slices around its test fold: a float64 copy of
-    the float32 embeddings plus one of each training set was 142 MB at the probes' 20k x 384."""
+def stratified_folds(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Each row's fold: each class dealt round-robin into the folds after a seeded shuffle."""
     rng = np.random.default_rng(seed)
     fold = np.empty(len(y), dtype=int)
     for cls in (0, 1):
         idx = np.flatnonzero(y == cls)
         rng.shuffle(idx)
         fold[idx] = np.arange(len(idx)) % folds
+    return fold
+
+
+def cross_val_proba(x: np.ndarray, y: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Out-of-fold P(y=1) from `logistic_fit` over `stratified_folds`. The rows are copied once, as float64 and
+    grouped by fold, so each training set is the two slices around its test fold: a float64 copy of
+    the float32 embeddings plus one of each training set was 142 MB at the probes' 20k x 384."""
+    fold = stratified_folds(y, folds, seed)
     order = np.argsort(fold, kind="stable")
     xs = np.empty(x.shape, dtype=np.float64)
-    for a in range(0, len(order), CV_ROWS):
-        xs[a : a + CV_ROWS] = x[order[a : a + CV_ROWS]]
+    for a in range(0, len(order), BLOCK_ROWS):
+        xs[a : a + BLOCK_ROWS] = x[order[a : a + BLOCK_ROWS]]
     ys = y[order]
     bounds = np.searchsorted(fold[order], np.arange(folds + 1))
     out = np.empty(len(y))
@@ -434,9 +439,6 @@ def run_probes(
     )
 
 
-DISTANCE_ROWS = 4096  # rows per block of `_mean_distance_of`'s sum
-
-
 def _mean_distance_of(x: np.ndarray, idx: np.ndarray) -> float:
     """`mean_cosine_distance(x[idx])` without copying the resample (20k x 384 floats per bootstrap draw):
     1 - (|s|^2 - n) / (n (n - 1)) for unit rows, where s, the sum of the resample's rows, is the item
@@ -447,8 +449,8 @@ def _mean_distance_of(x: np.ndarray, idx: np.ndarray) -> float:
         return 0.0
     counts = np.bincount(idx, minlength=len(x)).astype(x.dtype)
     s = np.zeros(x.shape[1], dtype=np.float64)
-    for a in range(0, len(x), DISTANCE_ROWS):
-        s += counts[a : a + DISTANCE_ROWS] @ x[a : a + DISTANCE_ROWS]
+    for a in range(0, len(x), BLOCK_ROWS):
+        s += counts[a : a + BLOCK_ROWS] @ x[a : a + BLOCK_ROWS]
     return float(1.0 - (float(s @ s) - n) / (n * (n - 1)))
 
 
