@@ -649,3 +649,39 @@ def test_split_arrays_are_the_text_json_dumps_gives(tmp_path: Path, splits: list
     for sp in ("train", "test"):
         want = json.dumps([make(s) for s in samples if s.split == sp], ensure_ascii=False, indent=1)
         assert (tmp_path / f"{sp}.json").read_text(encoding="utf-8") == want + "\n"
+
+
+def test_the_light_read_holds_one_chunk_of_rows_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Curation's read of every sample streams the ledger's rows: its traced peak is what it keeps plus
+    a chunk, where reading all rows first held a second copy of them (+40% at 96k samples)."""
+    import sys
+    import tracemalloc
+
+    light_samples = sys.modules["rmskit.export.prepare"]._light_samples  # the module, not the function
+    with Ledger(tmp_path / "run") as led:
+        with led.transaction():
+            for i in range(3000):
+                data = {
+                    "id": f"s{i:05d}",
+                    "kind": "risky",
+                    "category": "fire",
+                    "label": "unsafe",
+                    "image_sha256": f"{i % 50:064x}",
+                    "query": f"how do I warm up room {i} fast " * 3,
+                }
+                led.put_sample(data["id"], data["image_sha256"], "risky", "fire", "ok", data)
+    stream = Ledger.stream  # chunks of 100 rows: 30 of them here (4,096 by default, for 100k samples)
+    monkeypatch.setattr(
+        Ledger, "stream", lambda self, sql, params=(), chunk=100: stream(self, sql, params, chunk)
+    )
+    with Ledger(tmp_path / "run", readonly=True) as led:
+        tracemalloc.start()
+        try:
+            rows = light_samples(led, {})
+            held, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert len(rows) == 3000 and rows[123]["query"].startswith("how do I warm up room 123 ")
+    assert peak - held < 0.15 * held  # measured: 0.02 streaming, 0.58 with every row read first

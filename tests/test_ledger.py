@@ -222,3 +222,23 @@ def test_ledger_lock_is_released_on_close(tmp_path: Path) -> None:
         assert again.run_lock is not None and again.run_lock.took_over is None  # clean release, not stale
     with pytest.raises(ValueError):
         Ledger(tmp_path / "run", readonly=True, lock=True)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 4096])
+def test_stream_gives_the_query_rows_chunk_by_chunk(tmp_path: Path, chunk: int) -> None:
+    with Ledger(tmp_path / "run") as led:
+        for i in range(7):
+            led.put_sample(
+                f"s{i}", "abc", "risky", "cat", "ok" if i % 3 else "failed", {"id": f"s{i}", "n": i}
+            )
+        sql = "SELECT id, json_extract(data, '$.n') FROM samples WHERE status=? ORDER BY id"
+        assert list(led.stream(sql, ("ok",), chunk=chunk)) == led.query(sql, ("ok",))
+        assert list(led.stream(sql, ("nothing",), chunk=chunk)) == []
+        # a pass left early, then writes and reads on the same connection
+        rows = led.stream("SELECT id FROM samples ORDER BY id", chunk=chunk)
+        assert next(rows) == ("s0",)
+        rows.close()
+        led.put_sample("s9", "abc", "risky", "cat", "ok", {"id": "s9"})
+        assert led.get_sample("s9") is not None
+    with Ledger(tmp_path / "run", readonly=True) as led:
+        assert [r[0] for r in led.stream("SELECT id FROM samples ORDER BY id", chunk=chunk)][-1] == "s9"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rmskit.curate.dedup import near_duplicate_queries
-from rmskit.curate.minhash import CHUNK, Buckets, lsh_params, signatures, sketch
+from rmskit.curate.dedup import NUM_PERM, QueryDup, near_duplicate_queries, shingles
+from rmskit.curate.minhash import CHUNK, Buckets, KeptTexts, lsh_params, signatures, sketch
 
 
 def _pair(rng: np.random.Generator, vocab: int, size: int, shared: int) -> tuple[set[str], set[str]]:
@@ -110,3 +110,82 @@ def test_buckets_are_exactly_the_shared_band_keys() -> None:
         assert sorted(tuple(b.members(g)) for g in mine) == sorted(tuple(g) for g in shared if i in g)
         assert len(mine) == len(set(mine))
     assert len({g for i in b.shared() for g in b.buckets_of(i)}) == len(shared)
+
+
+def _plain_near_duplicate_queries(items: list[tuple[str, str]], threshold: float) -> dict[str, QueryDup]:
+    """The pass before `KeptTexts` and the copies' shortcut: a dict of Python lists per bucket, and every
+    text its own Jaccard pass over the kept texts in its buckets."""
+    bands, rows = lsh_params(threshold, NUM_PERM)
+    sk = sketch((shingles(t) for _, t in items), bands, rows, seed=1)
+    buckets = Buckets(sk.keys)
+    kept_in: dict[int, list[int]] = {}
+    dropped: dict[str, QueryDup] = {}
+    for i in buckets.shared():
+        groups = buckets.buckets_of(i)
+        near = sorted({j for g in groups for j in kept_in.get(g, ())})
+        if near:
+            sim = sk.jaccard(i, near)
+            best = int(np.argmax(sim))
+            if sim[best] >= threshold:
+                dropped[items[i][0]] = QueryDup(of=items[near[best]][0], similarity=float(sim[best]))
+                continue
+        for g in groups:
+            kept_in.setdefault(g, []).append(i)
+    return dropped
+
+
+@pytest.mark.parametrize(("seed", "threshold"), [(s, t) for s in range(4) for t in (0.5, 0.8)])
+def test_near_duplicate_queries_equal_the_plain_pass(
+    seed: int, threshold: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Templated queries with many exact copies, as a build's are: the same verdicts, matched texts and
+    similarities as the plain pass, through every branch of the copies' shortcut (a kept text's copy; a
+    dropped text's copy with no text kept in its buckets since, and with one kept since)."""
+    rng = np.random.default_rng(seed)
+    vocab = [f"w{i}" for i in range(80)]
+    pool = []
+    for _ in range(150):  # overlapping windows of a small vocabulary: Jaccards spread over 0..1
+        start, size = int(rng.integers(0, 68)), int(rng.integers(6, 13))
+        words = vocab[start : start + size]
+        if rng.random() < 0.3:
+            words = [*words[:-1], str(rng.choice(vocab))]
+        pool.append(" ".join(words))
+    items = [(f"q{n:04d}", pool[int(rng.integers(0, len(pool)))]) for n in range(600)]
+    answers: list[bool] = []
+    kept_after = KeptTexts.kept_after
+
+    def spy(self: KeptTexts, groups: np.ndarray, i: int) -> bool:
+        answers.append(kept_after(self, groups, i))
+        return answers[-1]
+
+    monkeypatch.setattr(KeptTexts, "kept_after", spy)
+    got = near_duplicate_queries(items, threshold)
+    assert got == _plain_near_duplicate_queries(items, threshold)
+    assert 50 < len(got) < 600 - 20
+    first = {t: k for k, t in reversed(items)}
+    assert all(k in got for k, t in items if k != first[t])  # every later copy is dropped
+    assert any(d.of == first[items[int(k[1:])][1]] and d.similarity == 1.0 for k, d in got.items())
+    assert True in answers and False in answers
+
+
+def test_kept_texts_against_a_dict_of_lists() -> None:
+    """`KeptTexts` answers as a dict of lists per bucket does, texts kept in order into random buckets
+    (each bucket's kept texts are some of its members, so its slots never overflow)."""
+    rng = np.random.default_rng(11)
+    keys = rng.integers(0, 5, size=(200, 4)).astype(np.uint64)  # few keys per band: big shared buckets
+    buckets = Buckets(keys)
+    kept = KeptTexts(buckets)
+    model: dict[int, list[int]] = {}
+    for i in buckets.shared():
+        groups = buckets.text_buckets(i)
+        assert kept.near(groups).tolist() == sorted({t for g in groups.tolist() for t in model.get(g, [])})
+        for j in (0, i // 2, max(i - 1, 0)):
+            assert kept.kept_after(groups, j) == any(t > j for g in groups.tolist() for t in model.get(g, []))
+        if rng.random() < 0.4:
+            kept.add(i, groups)
+            for g in groups.tolist():
+                model.setdefault(g, []).append(i)
+    assert sum(map(len, model.values())) > 100
+    assert kept.near(np.empty(0, dtype=np.int64)).tolist() == [] and not kept.kept_after(
+        np.empty(0, dtype=np.int64), 0
+    )

@@ -106,7 +106,7 @@ class Sketch(NamedTuple):
     tokens: np.ndarray  # int64 token fingerprints, text after text (for `jaccard`)
     ends: np.ndarray  # (n + 1,) int64: text i's tokens are tokens[ends[i]:ends[i + 1]]
 
-    def jaccard(self, i: int, others: list[int]) -> np.ndarray:
+    def jaccard(self, i: int, others: list[int] | np.ndarray) -> np.ndarray:
         """Jaccard of text i's token set with each of `others`' (two empty sets: 1.0), in one pass over
         their tokens: 8 bytes per token held instead of Python sets (~2 KB per query)."""
         js = np.asarray(others, dtype=np.int64)
@@ -195,8 +195,46 @@ class Buckets:
         return np.flatnonzero(np.diff(self._text_ptr)).tolist()
 
     def buckets_of(self, i: int) -> list[int]:
-        return self._text_bucket[self._text_ptr[i] : self._text_ptr[i + 1]].tolist()
+        return self.text_buckets(i).tolist()
+
+    def text_buckets(self, i: int) -> np.ndarray:
+        """Text i's buckets, ascending (a view)."""
+        return self._text_bucket[self._text_ptr[i] : self._text_ptr[i + 1]]
 
     def members(self, bucket: int) -> list[int]:
         """The bucket's texts, in text order."""
         return self._bucket_text[self._bucket_ptr[bucket] : self._bucket_ptr[bucket + 1]].tolist()
+
+
+class KeptTexts:
+    """The texts kept so far in each bucket, for a pass that visits texts in order (curation's query
+    filter). One array laid out as the buckets' own CSR: a bucket's kept texts fill the front of its
+    slots, in text order. 4 bytes per (bucket, text) slot, where a dict of Python lists per bucket held
+    ~1.5M list entries, int keys and hash slots at 96k templated queries."""
+
+    def __init__(self, buckets: Buckets) -> None:
+        self._start = buckets._bucket_ptr[:-1]
+        self._fill = np.zeros(len(self._start), dtype=np.int64)
+        self._text = np.empty(len(buckets._bucket_text), dtype=buckets._bucket_text.dtype)
+
+    def near(self, groups: np.ndarray) -> np.ndarray:
+        """The kept texts in any of `groups`, ascending and distinct."""
+        n = self._fill[groups]
+        total = int(n.sum())
+        if not total:
+            return np.empty(0, dtype=np.int64)
+        # each group's filled slots, range after range, without a Python loop
+        pos = np.repeat(self._start[groups] - (np.cumsum(n) - n), n) + np.arange(total)
+        return np.unique(self._text[pos])
+
+    def add(self, i: int, groups: np.ndarray) -> None:
+        """Keep text i in `groups` (its buckets: distinct, and i after every text kept so far)."""
+        self._text[self._start[groups] + self._fill[groups]] = i
+        self._fill[groups] += 1
+
+    def kept_after(self, groups: np.ndarray, i: int) -> bool:
+        """Whether a text after i was kept in any of `groups` (the last kept text of each is its last
+        filled slot)."""
+        n = self._fill[groups]
+        filled = n > 0
+        return bool((self._text[self._start[groups][filled] + n[filled] - 1] > i).any())

@@ -150,8 +150,9 @@ class ImageRef(NamedTuple):
 def _image_refs(led: Ledger, used: set[str]) -> dict[str, ImageRef]:
     """The used images in ingest order (curation keeps the earlier of two near-duplicates)."""
     cols = ", ".join(f"json_extract(data, '$.{k}')" for k in ImageRef._fields[1:])
-    rows = led.query(f"SELECT sha256, {cols} FROM images ORDER BY seq")
-    return {row[0]: ImageRef(*row) for row in rows if row[0] in used}
+    rows = led.stream(f"SELECT sha256, {cols} FROM images ORDER BY seq")
+    # the interned sha of `_light_samples` (one str per image, not two: 11 MB at 96k images)
+    return {(sha := sys.intern(row[0])): ImageRef(sha, *row[1:]) for row in rows if row[0] in used}
 
 
 def _locate_image(rec: ImageRef, run_dir: Path) -> str | None:
@@ -236,7 +237,7 @@ def _light_samples(led: Ledger, review: dict[str, dict[str, Any]]) -> list[dict[
     cols = ", ".join(f"json_extract(data, '$.{k}')" for k in _LIGHT)
     out: list[dict[str, Any]] = []
     edited = {sid for sid, st in review.items() if st.get("edits")}
-    for row in led.query(f"SELECT id, {cols} FROM samples WHERE status='ok' ORDER BY id"):
+    for row in led.stream(f"SELECT id, {cols} FROM samples WHERE status='ok' ORDER BY id"):
         # one str object per distinct sha, kind, category and label, not one per row (the worker's
         # curation peak at 96k samples: 419 -> 399 MB)
         light: dict[str, Any] = {

@@ -142,6 +142,31 @@ class Ledger(LedgerReads):
                     raise corrupt(self.path, str(exc)) from None
                 raise
 
+    def stream(self, sql: str, params: tuple | dict = (), chunk: int = 4096) -> Iterator[tuple]:
+        """`query`'s rows, `chunk` at a time: a pass over every sample or image holds one chunk of
+        rows, not all of them (the export's read of 96k samples: 84 -> 60 MB at its peak)."""
+        with self._lock:
+            try:
+                cur = self._con.execute(sql, params)
+            except sqlite3.DatabaseError as exc:
+                if is_corruption(exc):
+                    raise corrupt(self.path, str(exc)) from None
+                raise
+        try:
+            while True:
+                with self._lock:
+                    try:
+                        rows = cur.fetchmany(chunk)
+                    except sqlite3.DatabaseError as exc:
+                        if is_corruption(exc):
+                            raise corrupt(self.path, str(exc)) from None
+                        raise
+                if not rows:
+                    return
+                yield from rows
+        finally:
+            cur.close()  # a pass left early ends its read now, not when the generator is collected
+
     @contextmanager
     def transaction(self) -> Iterator[None]:
         """Group writes that must land together (e.g. a sample and its final round): all of them are
