@@ -242,3 +242,18 @@ def test_stream_gives_the_query_rows_chunk_by_chunk(tmp_path: Path, chunk: int) 
         assert led.get_sample("s9") is not None
     with Ledger(tmp_path / "run", readonly=True) as led:
         assert [r[0] for r in led.stream("SELECT id FROM samples ORDER BY id", chunk=chunk)][-1] == "s9"
+
+
+def test_probe_rows_read_what_the_probes_need_with_one_str_per_distinct_value(tmp_path: Path) -> None:
+    with Ledger(tmp_path / "run") as led:
+        for i in range(5):
+            data = {"id": f"s{i}", "query": f"q{i}", "label": "unsafe" if i % 2 else "safe"}
+            led.put_sample(f"s{i}", "abc", "risky", "fire", "failed" if i == 4 else "ok", data)
+        rows = led.probe_rows("ok")
+    assert rows == [
+        {"query": f"q{i}", "kind": "risky", "label": "unsafe" if i % 2 else "safe", "category": "fire"}
+        for i in range(4)
+    ]
+    # 96k samples name a handful of kinds, labels and categories: one str object each, not one per row
+    assert rows[0]["kind"] is rows[3]["kind"] and rows[0]["label"] is rows[2]["label"]
+    assert rows[0]["category"] is rows[1]["category"]
