@@ -117,7 +117,7 @@ class LedgerReads:
             " FROM samples WHERE status=? ORDER BY created, id",
             (status,),
         )
-        # one str per distinct kind, label and category, not one per row (47 -> 33 MB at 96k samples)
+        # one str per distinct kind, label and category, not one per row (47 -> 31 MB at 96k samples)
         return [
             {"query": q, "kind": _intern(k), "label": _intern(lab), "category": _intern(c)}
             for q, k, lab, c in rows
