@@ -109,6 +109,10 @@ def main() -> None:
     ap.add_argument("--no-embeddings", action="store_true", help="the probes embed the queries (MiniLM)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from rmskit.pipeline.finish_worker import WORKER_ENV
+
+    for k, v in WORKER_ENV.items():  # what the build sets for its worker (read when Arrow loads)
+        os.environ.setdefault(k, v)
     npz: Path | None = None
     if not args.no_embeddings:
         fd, name = tempfile.mkstemp(prefix="rmskit-queries-", suffix=".npz")

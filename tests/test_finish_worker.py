@@ -294,19 +294,25 @@ def test_the_handed_over_embeddings_file_is_removed(
     assert len(saved) == 1 and saved[0].parent == own_tempdir and list(own_tempdir.iterdir()) == []
 
 
-def test_the_warm_worker_has_every_blas_at_one_thread() -> None:
+def test_the_warm_worker_has_every_blas_at_one_thread_and_arrow_on_the_system_heap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The worker limits BLAS once after its imports (all BLAS libraries loaded by then), and the
-    probes' own limiter then costs nothing."""
+    probes' own limiter then costs nothing. Arrow allocates from glibc's heap, which curation's freed
+    memory is in, not from a second heap of its own (mimalloc by default)."""
     code = (
-        "import json; from threadpoolctl import threadpool_info; "
+        "import json, pyarrow; from threadpoolctl import threadpool_info; "
         "from rmskit.pipeline import finish_worker, finish; finish_worker._warm(); "
         "print(json.dumps([finish.blas_limited, "
-        "[i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas']]))"
+        "[i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas'], "
+        "pyarrow.default_memory_pool().backend_name]))"
     )
+    monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL", raising=False)  # not the user's: the worker's own
     env = {**finish_worker.environment(), "OPENBLAS_NUM_THREADS": "2"}
     out = subprocess.check_output([sys.executable, "-c", code], env=env, text=True)
-    limited, threads = json.loads(out.strip().splitlines()[-1])
+    limited, threads, pool = json.loads(out.strip().splitlines()[-1])
     assert limited is True and threads and set(threads) == {1}
+    assert pool == "system"
 
 
 def test_letting_no_embedder_go_costs_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
