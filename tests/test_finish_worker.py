@@ -169,6 +169,13 @@ def test_an_installed_rmskit_puts_no_site_directory_on_pythonpath(monkeypatch: p
     assert finish_worker.environment()["PYTHONPATH"] == "/elsewhere"
 
 
+def test_the_workers_own_environment_yields_to_the_users(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL", raising=False)
+    assert finish_worker.environment()["ARROW_DEFAULT_MEMORY_POOL"] == "system"
+    monkeypatch.setenv("ARROW_DEFAULT_MEMORY_POOL", "jemalloc")
+    assert finish_worker.environment()["ARROW_DEFAULT_MEMORY_POOL"] == "jemalloc"
+
+
 def test_the_worker_finds_this_rmskit_when_it_is_not_installed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
