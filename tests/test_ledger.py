@@ -257,3 +257,23 @@ def test_probe_rows_read_what_the_probes_need_with_one_str_per_distinct_value(tm
     # 96k samples name a handful of kinds, labels and categories: one str object each, not one per row
     assert rows[0]["kind"] is rows[3]["kind"] and rows[0]["label"] is rows[2]["label"]
     assert rows[0]["category"] is rows[1]["category"]
+
+
+def test_iter_samples_holds_a_chunk_of_rows_not_every_sample(tmp_path: Path) -> None:
+    import tracemalloc
+
+    with Ledger(tmp_path / "run") as led:
+        with led.transaction():
+            for i in range(20000):
+                status = "ok" if i % 5 else "failed"
+                led.put_sample(f"s{i:05d}", "abc", "risky", "c", status, {"r": "x" * 1000})
+        assert [s["status"] for s in led.iter_samples("failed")] == ["failed"] * 4000
+        tracemalloc.start()
+        try:
+            n = sum(len(s["r"]) for s in led.iter_samples(None))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert n == 20000 * 1000
+    # every row at once is > 20 MB; a chunk of 4096 rows ~4 MB
+    assert peak < 8_000_000

@@ -122,3 +122,32 @@ def test_kappa_per_check_is_chance_corrected_with_an_interval() -> None:
 
 def _hard(text: str) -> bool:
     return "drowning" in text.lower() or "child safety" in text.lower()
+
+
+def test_pass_rates_count_in_sqlite_without_reading_every_sample(tmp_path: Path) -> None:
+    """The counts of a Python pass over every sample (category missing or empty: "unknown"; controls not
+    counted), without holding every sample's JSON: the finish reads this at 96k samples."""
+    import tracemalloc
+
+    with Ledger(tmp_path / "run") as led:
+        for i in range(3000):
+            cat = ("fire", "", None, "drugs")[i % 4]
+            data = {"id": f"s{i}", "kind": "control" if i % 7 == 0 else "risky", "response": "x" * 2000}
+            if cat is not None:
+                data["category"] = cat
+            led.put_sample(f"s{i}", "abc", data["kind"], cat, "ok" if i % 3 else "failed", data)
+        expected: dict[str, list[int]] = {}
+        for s in led.iter_samples(None):
+            if s["kind"] == "risky":
+                c = expected.setdefault(s.get("category") or "unknown", [0, 0])
+                c[0] += 1
+                c[1] += s["status"] == "ok"
+        tracemalloc.start()
+        try:
+            rates = pass_rates_by_category(led)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert {r.category: [r.n, r.kept] for r in rates} == expected
+    assert [r.n for r in rates] == sorted((r.n for r in rates), reverse=True)
+    assert peak < 1_000_000, peak  # every sample's JSON is > 6 MB here (35 MB traced reading them)

@@ -110,7 +110,7 @@ def shingles(text: str, size: int = 2) -> set[str]:
     return {" ".join(words[i : i + size]) for i in range(len(words) - size + 1)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class QueryDup:
     of: str
     similarity: float
@@ -133,6 +133,7 @@ def near_duplicate_queries(items: Iterable[tuple[str, str]], threshold: float) -
     bands, rows = lsh_params(threshold, NUM_PERM)
     sk = sketch((shingles(t) for _, t in items), bands, rows, seed=1)
     buckets = Buckets(sk.keys)
+    sk = sk._replace(keys=sk.keys[:0].copy())  # in `buckets` now; the pass need not hold them (12 MB at 96k)
     kept = KeptTexts(buckets)
     decided: dict[str, tuple[int, QueryDup | None]] = {}  # text -> (the copy decided, its verdict)
     dropped: dict[str, QueryDup] = {}

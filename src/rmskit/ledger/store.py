@@ -156,6 +156,7 @@ class Ledger(LedgerReads):
                 if not rows:
                     return
                 yield from rows
+                del rows  # not two chunks at once while the next is fetched
         finally:
             cur.close()  # a pass left early ends its read now, not when the generator is collected
 
@@ -335,12 +336,14 @@ class Ledger(LedgerReads):
         return {"status": rows[0][0], **json.loads(rows[0][1])}
 
     def iter_samples(self, status: str | None = "ok") -> Iterator[dict[str, Any]]:
+        """Every sample (of `status`) in creation order, read in chunks: a pass holds one chunk of rows, not
+        every sample's JSON at once (~180 MB at 96k samples)."""
         sql = (
             "SELECT status, data FROM samples"
             + (" WHERE status=?" if status else "")
             + " ORDER BY created, id"
         )
-        for st, data in self.query(sql, (status,) if status else ()):
+        for st, data in self.stream(sql, (status,) if status else ()):
             yield {"status": st, **json.loads(data)}
 
     # -- request cache ----------------------------------------------------------------------------

@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rmskit import heap
+
 NICE = 10
 # Arrow allocates from glibc's heap, not from mimalloc's own (its default): the Parquet write then reuses
 # what curation freed instead of growing a second heap (the finish's peak at 96k samples: 401 -> 375 MB;
@@ -55,6 +57,7 @@ def environment() -> dict[str, Any]:
 
 def _warm() -> None:
     """Import what the probes and the export use before the run needs them."""
+    heap.fix_mmap_threshold()  # curation's large arrays go back to the system before the Parquet write
     import datasketch  # noqa: F401  (its LSH imports scipy.integrate)
     import pyarrow.parquet  # noqa: F401
     import scipy.optimize  # noqa: F401

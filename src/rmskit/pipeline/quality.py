@@ -179,14 +179,13 @@ class CategoryRate(BaseModel):
 def pass_rates_by_category(ledger: Ledger) -> list[CategoryRate]:
     """Kept / finished risky samples per category, most-attempted first: which hazards the model
     can encode without leakage, and which it cannot."""
-    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for s in ledger.iter_samples(None):
-        if s.get("kind") == "risky":
-            c = counts[s.get("category") or "unknown"]
-            c[0] += 1
-            c[1] += s["status"] == "ok"
+    # counted by SQLite: the finish's read of every sample's JSON for this was its largest transient
+    # (~180 MB at 96k samples)
+    counts = ledger.query(
+        "SELECT COALESCE(NULLIF(json_extract(data, '$.category'), ''), 'unknown') AS cat, COUNT(*),"
+        " SUM(status = 'ok') FROM samples WHERE json_extract(data, '$.kind') = 'risky' GROUP BY cat"
+    )
     out = [
-        CategoryRate(category=cat, n=n, kept=k, rate=wilson(k, n, metric="pass rate"))
-        for cat, (n, k) in counts.items()
+        CategoryRate(category=cat, n=n, kept=k, rate=wilson(k, n, metric="pass rate")) for cat, n, k in counts
     ]
     return sorted(out, key=lambda r: (-r.n, r.category))

@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel
 
 import rmskit
+from rmskit import heap
 from rmskit.config import BuildConfig
 from rmskit.console import is_storage_failure
 from rmskit.executors import ExecutorConfig
@@ -343,6 +344,7 @@ async def run_build(
     """Run (or resume) a build. `items` replaces ingest (benchmarks, notebooks); `backends` maps
     stage names to ready backends (tests)."""
     t0 = time.monotonic()
+    heap.fix_mmap_threshold()  # a long run's freed payloads and batches go back to the system
     run_dir = Path(cfg.out)
     ledger = Ledger(run_dir, lock=True)  # one writer per run directory
     handler = _setup_logging(run_dir)
