@@ -118,46 +118,62 @@ class QueryDup:
 
 def near_duplicate_queries(items: Iterable[tuple[str, str]], threshold: float) -> dict[str, QueryDup]:
     """`items` = [(key, text)] in priority order; returns {dropped key: QueryDup(kept key, jaccard)}.
-    A later text whose shingle set has Jaccard >= threshold with an earlier kept one is dropped.
+    A later text whose shingle set has Jaccard >= threshold with an earlier kept one is dropped; of the
+    kept texts it matches, the most similar is named, the earliest of equals.
 
-    A copy of an earlier text gets that text's verdict without its own Jaccard pass when the verdict
-    cannot have changed: a kept text's copies are its duplicates (Jaccard 1, and no earlier kept text
-    matched it), and a dropped text's copy has the same candidates unless a later text was kept in one
-    of its buckets since (a build's templated queries repeat: 96k queries, 41k distinct, in the bench)."""
+    Each distinct text is sketched and decided once, at its first item (a build's templated queries
+    repeat: 96k queries, 41k distinct, in the bench), since a later copy is never kept: a kept text's
+    copies are its duplicates (Jaccard 1), and a dropped text's copy still matches the kept text that
+    dropped it. So the kept texts are decided by the first items alone, and each copy of a dropped text
+    is named after the best of the kept texts in its buckets that came before it."""
     items = list(items)
     seen: set[str] = set()
     for key, _ in items:
         if key in seen:
             raise ValueError(f"duplicate key {key!r}")
         seen.add(key)
+    del seen
     bands, rows = lsh_params(threshold, NUM_PERM)
-    sk = sketch((shingles(t) for _, t in items), bands, rows, seed=1)
+    index: dict[str, int] = {}  # distinct text -> its number, in the order of its first item
+    of_item = np.fromiter(
+        (index.setdefault(t, len(index)) for _, t in items), dtype=np.int64, count=len(items)
+    )
+    head = np.empty(len(index), dtype=np.int64)  # each distinct text's first item
+    head[of_item[::-1]] = np.arange(len(items) - 1, -1, -1)
+    sk = sketch((shingles(t) for t in index), bands, rows, seed=1)
+    del index
     buckets = Buckets(sk.keys)
-    sk = sk._replace(keys=sk.keys[:0].copy())  # in `buckets` now; the pass need not hold them (12 MB at 96k)
+    sk = sk._replace(keys=sk.keys[:0].copy())  # in `buckets` now; the pass need not hold them
     kept = KeptTexts(buckets)
-    decided: dict[str, tuple[int, QueryDup | None]] = {}  # text -> (the copy decided, its verdict)
-    dropped: dict[str, QueryDup] = {}
-    for i in buckets.shared():  # a text alone in every band is kept: nothing earlier can match it
-        key, text = items[i]
-        groups = buckets.text_buckets(i)
-        if (prev := decided.get(text)) is not None and threshold <= 1.0:
-            at, verdict = prev
-            if verdict is None:
-                dropped[key] = QueryDup(of=items[at][0], similarity=1.0)
-                continue
-            if not kept.kept_after(groups, at):
-                dropped[key] = verdict
-                continue
-        verdict = None
+    verdict: dict[int, tuple[int, float]] = {}  # dropped distinct text -> (kept distinct text, jaccard)
+    for d in buckets.shared():  # a text alone in every band is kept: nothing earlier can match it
+        groups = buckets.text_buckets(d)
         near = kept.near(groups)
         if len(near):
-            sim = sk.jaccard(i, near)
+            sim = sk.jaccard(d, near)
             best = int(np.argmax(sim))  # the most similar; of equals, the earliest (near is in order)
             if sim[best] >= threshold:
-                verdict = QueryDup(of=items[int(near[best])][0], similarity=float(sim[best]))
-        decided[text] = (i, verdict)
-        if verdict is None:
-            kept.add(i, groups)
+                verdict[d] = (int(near[best]), float(sim[best]))
+                continue
+        kept.add(d, groups)
+    dropped: dict[str, QueryDup] = {}
+    later: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # a dropped text's kept candidates: heads, jaccards
+    for n, d in enumerate(of_item.tolist()):
+        key = items[n][0]
+        if n == head[d]:
+            if d in verdict:
+                of, sim = verdict[d]
+                dropped[key] = QueryDup(of=items[head[of]][0], similarity=sim)
+        elif d not in verdict:
+            dropped[key] = QueryDup(of=items[head[d]][0], similarity=1.0)
         else:
-            dropped[key] = verdict
+            if d not in later:
+                near = kept.near(buckets.text_buckets(d))  # every kept text in its buckets, in order
+                later[d] = (head[near], sk.jaccard(d, near))
+            heads, sims = later[d]
+            k = int(
+                np.searchsorted(heads, n)
+            )  # the ones kept before this copy (its own verdict's among them)
+            best = int(np.argmax(sims[:k]))
+            dropped[key] = QueryDup(of=items[heads[best]][0], similarity=float(sims[best]))
     return dropped

@@ -246,10 +246,3 @@ class KeptTexts:
         """Keep text i in `groups` (its buckets: distinct, and i after every text kept so far)."""
         self._text[self._start[groups] + self._fill[groups]] = i
         self._fill[groups] += 1
-
-    def kept_after(self, groups: np.ndarray, i: int) -> bool:
-        """Whether a text after i was kept in any of `groups` (the last kept text of each is its last
-        filled slot)."""
-        n = self._fill[groups]
-        filled = n > 0
-        return bool((self._text[self._start[groups][filled] + n[filled] - 1] > i).any())
