@@ -3,6 +3,7 @@ and its finish worker's RSS), measured in fresh processes on this machine's own 
 
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from rmskit import heap
 from rmskit.pipeline import finish_worker
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
 
 # One large block freed (glibc then raises its threshold to that size), then 64 MiB in 1 MiB blocks of
 # which only the last stays: what the process still holds of them, in MiB.

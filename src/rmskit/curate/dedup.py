@@ -171,9 +171,8 @@ def near_duplicate_queries(items: Iterable[tuple[str, str]], threshold: float) -
                 near = kept.near(buckets.text_buckets(d))  # every kept text in its buckets, in order
                 later[d] = (head[near], sk.jaccard(d, near))
             heads, sims = later[d]
-            k = int(
-                np.searchsorted(heads, n)
-            )  # the ones kept before this copy (its own verdict's among them)
+            # the ones kept before this copy (its first item's match among them)
+            k = int(np.searchsorted(heads, n))
             best = int(np.argmax(sims[:k]))
             dropped[key] = QueryDup(of=items[heads[best]][0], similarity=float(sims[best]))
     return dropped
