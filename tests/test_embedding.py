@@ -127,7 +127,7 @@ def test_the_heap_is_trimmed_after_several_model_batches_only(
     """README: ORT's freed intermediates go back to the system after a multi-batch call; a taxonomy
     lookup (one batch) does not pay for the trim."""
     trims: list[int] = []
-    monkeypatch.setattr(embedding, "trim_heap", lambda: trims.append(1))
+    monkeypatch.setattr(embedding.heap, "trim", lambda: trims.append(1))
     e = embedding.OnnxMiniLM(onnx_file)
     e.embed(["fire hazard"])
     e.embed(TEXTS[:2] * embedding.BATCH)

@@ -33,21 +33,21 @@ print(anon() - before)
 """
 
 
-def _held_mib(setup: str, env: dict[str, str] | None = None) -> float:
+def _held_mib(setup: str) -> float:
+    """The probe after `setup`, in the worker's environment less any threshold of the caller's own."""
+    env = {k: v for k, v in finish_worker.environment().items() if k != "MALLOC_MMAP_THRESHOLD_"}
     out = subprocess.check_output([sys.executable, "-c", setup + PROBE], env=env, text=True)
     return float(out.strip().splitlines()[-1])
 
 
 def test_a_fixed_threshold_gives_freed_large_blocks_back() -> None:
-    env = {k: v for k, v in finish_worker.environment().items() if k != "MALLOC_MMAP_THRESHOLD_"}
-    assert _held_mib("", env) > 32  # glibc's own behaviour: the freed blocks stay in the heap
+    assert _held_mib("") > 32  # glibc's own behaviour: the freed blocks stay in the heap
     fixed = "from rmskit import heap\nassert heap.fix_mmap_threshold()\n"
-    assert _held_mib(fixed, env) < 8
+    assert _held_mib(fixed) < 8
 
 
 def test_the_warm_finish_worker_gives_them_back() -> None:
-    env = {k: v for k, v in finish_worker.environment().items() if k != "MALLOC_MMAP_THRESHOLD_"}
-    assert _held_mib("from rmskit.pipeline import finish_worker\nfinish_worker._warm()\n", env) < 8
+    assert _held_mib("from rmskit.pipeline import finish_worker\nfinish_worker._warm()\n") < 8
 
 
 def test_a_users_own_setting_wins(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,7 +11,6 @@ normalisation follow the sentence-transformers config of the model: mean over re
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from rmskit import heap
 
 MAX_SEQ_LEN = 256  # sentence_bert_config.json of all-MiniLM-L6-v2
 # Small batches: ORT's transient memory grows faster than the batch (queries of ~30 tokens, 2 threads:
@@ -190,7 +191,7 @@ class OnnxMiniLM:
         if len(out) > 1:
             # ORT's freed intermediates stay in glibc's heap and add up run after run (+60 MB over a
             # build's background embedding); hand them back. Single lookups (taxonomy) are spared.
-            trim_heap()
+            heap.trim()
         return np.concatenate(out) if out else np.zeros((0, 384), dtype=np.float32)
 
     def _embed_batch(self, texts: list[str]) -> np.ndarray:
@@ -205,14 +206,6 @@ class OnnxMiniLM:
         pooled = (hidden * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1e-9)
         norms = np.linalg.norm(pooled, axis=1, keepdims=True)
         return (pooled / np.maximum(norms, 1e-12)).astype(np.float32)
-
-
-def trim_heap() -> None:
-    """Return the heap's free pages to the system (glibc `malloc_trim`; a no-op elsewhere)."""
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 _SHARED: OnnxMiniLM | None = None

@@ -1,4 +1,4 @@
-"""glibc heap settings for rmskit's long-lived processes (a build and its finish worker).
+"""glibc heap settings and trims for rmskit's long-lived processes (a build and its finish worker).
 
 glibc serves a block of 128 KiB or more from a mapping of its own, returned to the system on free, but
 it raises that threshold to the size of each such block freed (up to 32 MiB): after the first freed
@@ -36,3 +36,9 @@ def fix_mmap_threshold() -> bool:
     with contextlib.suppress(OSError, AttributeError):
         return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
     return False
+
+
+def trim() -> None:
+    """Return the heap's free pages to the system (glibc `malloc_trim`; a no-op elsewhere)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -80,14 +80,14 @@ def release_embedder() -> None:
     e.g. after a build's last probe embedding and before its export."""
     import gc
 
-    from rmskit import embedding
+    from rmskit import embedding, heap
 
     if _embedder.cache_info().currsize == 0 and embedding._SHARED is None:
         return  # none loaded: spare the collection (~20 ms in a process holding scipy)
     _embedder.cache_clear()
     embedding.release_shared()
     gc.collect()
-    embedding.trim_heap()
+    heap.trim()
 
 
 def embed(texts: list[str]) -> Any:
