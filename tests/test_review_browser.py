@@ -83,7 +83,9 @@ def test_reject_in_browser_then_export_leaves_it_out(
     pg.wait_for_selector("article.card")
     order = pg.eval_on_selector_all("article.card", "els => els.map(e => e.dataset.id)")
     assert set(order) == set(run.ok_ids)
-    # all thumbnails load from the dataset folder
+    # all thumbnails load from the dataset folder (waited for: the cards can show before their images
+    # have finished loading, which failed one CI run)
+    pg.wait_for_function("Array.from(document.images).every(i => i.complete)")
     assert pg.evaluate("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
 
     # keyboard: j moves the selection, r rejects the selected sample (then the selection advances)
