@@ -143,6 +143,7 @@ def curate(
             )
             continue
         live.append(raw if owned and state is None and raw.keys() <= fields else apply_review(raw, state))
+    del seen_ids
 
     # 2. perceptual near-duplicate images, among images that still have samples
     used = {s["image_sha256"] for s in live}
@@ -163,6 +164,8 @@ def curate(
                 f"(distance {distance})",
             )
         )
+    # not held through the query pass, the finish's peak (~15 MB at 96k samples)
+    del used, ordered, image_dups, live
 
     # 3. near-duplicate queries, risky with risky and control with control
     query_dups: dict[str, str] = {}
