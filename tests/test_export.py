@@ -685,3 +685,29 @@ def test_the_light_read_holds_one_chunk_of_rows_at_a_time(
             tracemalloc.stop()
     assert len(rows) == 3000 and rows[123]["query"].startswith("how do I warm up room 123 ")
     assert peak - held < 0.15 * held  # measured: 0.02 streaming, 0.58 with every row read first
+
+
+def test_a_moved_run_directory_finds_its_images_in_its_own_images_folder(run: Run, tmp_path: Path) -> None:
+    """The ledger records absolute image paths; a run directory moved elsewhere (the recorded paths
+    gone) still exports every sample, from its own images/ by the recorded name or by sha256."""
+    import sqlite3
+
+    from rmskit.ledger.store import LEDGER_NAME
+
+    moved = tmp_path / "moved"
+    shutil.copytree(run.run_dir, moved, ignore=shutil.ignore_patterns(".lock", "dataset"))
+    con = sqlite3.connect(moved / LEDGER_NAME)
+    rows = con.execute("SELECT sha256, json_extract(data, '$.path') FROM images").fetchall()
+    assert rows and all(Path(p).is_file() and Path(p).parent.name == "images" for _, p in rows)
+    for i, (sha, p) in enumerate(rows):
+        gone = f"/gone/run/images/{Path(p).name}" if i % 2 else f"/gone/{sha[:8]}.png"  # by name / by sha
+        con.execute("UPDATE images SET data = json_set(data, '$.path', ?) WHERE sha256 = ?", (gone, sha))
+    con.commit()
+    con.close()
+    out = export(moved, "jsonl", tmp_path / "out")
+    assert _jsonl(out / "samples.jsonl") == _jsonl(run.exports["jsonl"] / "samples.jsonl")
+    # and an image found nowhere drops its samples as unavailable
+    victim = rows[0][0]
+    (moved / "images" / f"{victim}.jpg").unlink()
+    kept = {r["image_sha256"] for r in _jsonl(export(moved, "jsonl", tmp_path / "out2") / "samples.jsonl")}
+    assert victim not in kept and kept == {r["image_sha256"] for r in _jsonl(out / "samples.jsonl")} - {victim}
