@@ -710,4 +710,6 @@ def test_a_moved_run_directory_finds_its_images_in_its_own_images_folder(run: Ru
     victim = rows[0][0]
     (moved / "images" / f"{victim}.jpg").unlink()
     kept = {r["image_sha256"] for r in _jsonl(export(moved, "jsonl", tmp_path / "out2") / "samples.jsonl")}
-    assert victim not in kept and kept == {r["image_sha256"] for r in _jsonl(out / "samples.jsonl")} - {victim}
+    assert victim not in kept and kept == {r["image_sha256"] for r in _jsonl(out / "samples.jsonl")} - {
+        victim
+    }
