@@ -369,3 +369,42 @@ def test_a_full_disk_at_the_hand_over_leaves_the_embedding_to_the_worker(
     log = (run / "build.log").read_text()
     assert "not handed to the finish worker" in log and "finish worker failed" not in log
     assert list(own_tempdir.iterdir()) == []  # the half-written file is gone
+
+
+def test_the_build_lets_its_query_rows_go_while_the_worker_runs_and_a_fallback_reads_them_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, photo_dir: Path, own_tempdir: Path
+) -> None:
+    """Once the rows are in the hand-over file the build holds none of them (they were ~35 MB of a long
+    run's finish); a worker that then fails leaves the build its rows from that file, so its own
+    finish embeds nothing again."""
+    from rmskit.scoring import probes
+    from rmskit.scoring.probes import QueryEmbeddings
+
+    seen: dict[str, Any] = {}
+    real_worker_finish = finish_mod.Finish._worker_finish
+
+    async def worker_finish(self: Any, run_dir: Path, npz: str | None) -> Any:
+        assert npz is not None
+        seen["handed"] = QueryEmbeddings.load(Path(npz))._slot
+        seen["held"] = (self.queries._x, len(self.queries._slot), len(self.queries._kept))
+        return await real_worker_finish(self, run_dir, npz)
+
+    real_finish_dataset = finish_mod.finish_dataset
+    late: list[str] = []
+
+    def finish_dataset(run_dir: Path, ledger: Ledger, queries: Any) -> Any:
+        seen["fallback"] = dict(queries._slot)  # the probes clear it once its rows are copied out
+        monkeypatch.setattr(
+            probes, "embed", lambda texts: late.extend(texts) or pytest.fail("embedded again")
+        )
+        return real_finish_dataset(run_dir, ledger, queries)
+
+    monkeypatch.setattr(finish_mod.Finish, "_worker_finish", worker_finish)
+    monkeypatch.setattr(finish_mod, "finish_dataset", finish_dataset)
+    script = "import sys; sys.stdin.read(); sys.exit(1)"  # takes the request, then fails
+    monkeypatch.setattr(finish_worker, "command", lambda: [sys.executable, "-c", script])
+    run = _build(tmp_path, "worker", monkeypatch, photo_dir)
+    _probed_and_exported(run)
+    assert len(seen["handed"]) >= 6 and seen["held"] == (None, 0, 0)
+    assert seen["fallback"] == seen["handed"] and late == []
+    assert list(own_tempdir.iterdir()) == []  # the file is gone once the fallback has read it

@@ -100,15 +100,29 @@ class Finish:
             self.queries.close()
             await asyncio.gather(self._embedding, return_exceptions=True)  # a failure: finish reports it
             self._embedding = None
-        if self._proc is not None:
-            done = await self._worker_finish(run_dir)
+        if self._proc is None:
+            return await asyncio.to_thread(finish_dataset, run_dir, ledger, self.queries)
+        npz = await self._hand_over()
+        try:
+            if npz is not None:
+                # The rows are in the file now: the build lets its copy go while the worker runs
+                # (20k x 384 floats and their texts, ~35 MB, once a run has kept 20k queries).
+                self.queries = QueryEmbeddings()
+            done = await self._worker_finish(run_dir, npz)
             if done is not None:
                 probes, result = done
                 if probes is not None:
                     ledger.set_meta("probes", probes)
                 return result
             log.warning("finish worker failed: the finish runs in this process")
-        return await asyncio.to_thread(finish_dataset, run_dir, ledger, self.queries)
+            if npz is not None:
+                with contextlib.suppress(OSError, ValueError, KeyError):  # else the probes embed again
+                    self.queries = QueryEmbeddings.load(Path(npz))
+            return await asyncio.to_thread(finish_dataset, run_dir, ledger, self.queries)
+        finally:
+            if npz:
+                with contextlib.suppress(OSError):
+                    os.unlink(npz)
 
     async def _hand_over(self) -> str | None:
         """The embedded queries in a temporary .npz for the worker; None when it could not be written
@@ -126,10 +140,11 @@ class Finish:
                     os.unlink(npz)
             return None
 
-    async def _worker_finish(self, run_dir: Path) -> tuple[dict[str, Any] | None, dict[str, Any]] | None:
+    async def _worker_finish(
+        self, run_dir: Path, npz: str | None
+    ) -> tuple[dict[str, Any] | None, dict[str, Any]] | None:
         proc, self._proc = self._proc, None
         assert proc is not None and proc.stdin is not None and proc.stdout is not None
-        npz = await self._hand_over()
         line = b""
         try:
             request = {"finish": str(run_dir), "embeddings": npz}
@@ -147,9 +162,6 @@ class Finish:
                     proc.kill()
             await proc.wait()
             await self._close_stderr()
-            if npz:
-                with contextlib.suppress(OSError):
-                    os.unlink(npz)
         try:
             msg = json.loads(line)
             probes, result = msg["probes"], msg["result"]
