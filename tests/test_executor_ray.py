@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -138,7 +139,12 @@ def test_outbox_streams_new_rows_and_seeds_without_echo(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow  # a local Ray cluster takes ~10 s to start on a small machine
+def _state_dirs() -> set[Path]:
+    return set(Path(tempfile.gettempdir()).glob("rmskit-state-*"))
+
+
 def test_ray_matches_local_executor(tmp_path: Path, photos: Path, ray_cluster: str) -> None:
+    before = _state_dirs()
     with OpenAITestServer(responder=responder, latency=0.005) as srv:
         kw = {"scenarios_per_image": 3}
         local = asyncio.run(
@@ -149,6 +155,7 @@ def test_ray_matches_local_executor(tmp_path: Path, photos: Path, ray_cluster: s
             run_build_ray(_cfg(photos, tmp_path / "ray", srv.base_url, **kw), ex, quiet=True, export=False)
         )
     assert local.images_done == dist.images_done == 18
+    assert _state_dirs() <= before  # the shared state's private ledger is gone with the run
     a, b = _samples(tmp_path / "local"), _samples(tmp_path / "ray")
     assert len(a) == 18 * 4 and set(a) == set(b)
     for sid in a:

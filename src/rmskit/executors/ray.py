@@ -134,6 +134,8 @@ class RayDriver:
             for h in self.handles.values():
                 with contextlib.suppress(Exception):
                     ray.kill(h)
+            with contextlib.suppress(Exception):  # a dead actor's folder stays: nothing can reach it
+                await asyncio.wait_for(self.state.close.remote(), timeout=30)
             with contextlib.suppress(Exception):
                 ray.kill(self.state)
 

@@ -10,6 +10,7 @@ worker, so a worker that dies takes its uncommitted counts with it (its images a
 from __future__ import annotations
 
 import asyncio
+import shutil
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -33,7 +34,8 @@ class SharedState:
     ) -> None:
         # Taxonomy persists through a Ledger; this private one is copied to the run's ledger by the
         # driver (taxonomy_rows), never opened by anyone else.
-        self._ledger = Ledger(Path(tempfile.mkdtemp(prefix="rmskit-state-")))
+        self._dir = Path(tempfile.mkdtemp(prefix="rmskit-state-"))
+        self._ledger = Ledger(self._dir)
         for row in taxonomy_rows:
             self._ledger.add_category(row["name"], row.get("description"), row.get("embedding"))
             for alias in row.get("aliases", []):
@@ -95,6 +97,12 @@ class SharedState:
 
     async def ping(self) -> bool:
         return True
+
+    async def close(self) -> None:
+        """The run is over (the driver has copied the taxonomy): remove the private ledger's folder,
+        which would otherwise outlive the actor in the node's temporary directory, one per run."""
+        self._ledger.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
 
 
 class SharedTaxonomy:
