@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -322,24 +323,27 @@ def main() -> None:
     rows = []
     for job in args.jobs.split(","):
         photos = make_photos(n_a if job == "a" else n_b)
-        # interleaved (a b c a b c ...), so a slow spell of the machine hits every peer alike
-        for _ in range(args.repeat):
-            for p in peers:
-                r = run_one(p, job, photos, args.latency, args.capacity, args.timeline)
-                print(
-                    f"  {p} job {job}: {r['requests']} requests in {r['wall_s']:.1f} s",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                if args.timeline:
+        try:
+            # interleaved (a b c a b c ...), so a slow spell of the machine hits every peer alike
+            for _ in range(args.repeat):
+                for p in peers:
+                    r = run_one(p, job, photos, args.latency, args.capacity, args.timeline)
                     print(
-                        f"  in service per 0.5 s: {' '.join(f'{x:.0f}' for x in r['in_service'])}\n"
-                        f"  PSS peak {r['tree_pss_mb']:.0f} MB at {r['pss_peak_after_last_s']:+.2f} s from the "
-                        f"last response, per process {r['pss_peak_parts_mb']} MB; finish {r['finish_s']:.2f} s",
+                        f"  {p} job {job}: {r['requests']} requests in {r['wall_s']:.1f} s",
                         file=sys.stderr,
                         flush=True,
                     )
-                rows.append(r)
+                    if args.timeline:
+                        print(
+                            f"  in service per 0.5 s: {' '.join(f'{x:.0f}' for x in r['in_service'])}\n"
+                            f"  PSS peak {r['tree_pss_mb']:.0f} MB at {r['pss_peak_after_last_s']:+.2f} s from the "
+                            f"last response, per process {r['pss_peak_parts_mb']} MB; finish {r['finish_s']:.2f} s",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                    rows.append(r)
+        finally:  # the photos are this run's own
+            shutil.rmtree(Path(photos[0]).parent, ignore_errors=True)
     head = (
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | {platform.node()} | {os.cpu_count()} CPUs | "
         f"{platform.python_version()} | images: job a {n_a}, job b {n_b}"
