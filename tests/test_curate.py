@@ -298,9 +298,10 @@ def test_curate_owned_records_give_the_same_result_without_copies(photos: dict[s
         for s in samples
     ]
     copied = curate(copy.deepcopy(light), images, **kwargs)
-    given = copy.deepcopy(light)
-    owned = curate(given, images, owned=True, **kwargs)
+    given, handed = copy.deepcopy(light), dict(images)
+    owned = curate(given, handed, owned=True, **kwargs)
     assert owned.model_dump() == copied.model_dump()
+    assert handed == {}  # the images are handed over too: let go once the image pass has read them
     by_id = {id(s) for s in given}
     unedited = [s for s in owned.kept if "edited" not in s]
     assert unedited and all(id(s) in by_id for s in unedited)
