@@ -115,8 +115,8 @@ def curate(
     capped). Samples whose image is not in `images` are dropped as unavailable. `owned`: the caller
     hands the sample dicts over (the export's light records), so a kept one without review edits is
     used as it is and gets its `split` in place, instead of a copy (96k copies at the end of a 100k
-    build), and hands `images` over too: a dict is emptied once the image pass has read it (~20 MB at
-    96k images); otherwise the inputs are never changed."""
+    build), and hands `images` over too: a dict is emptied once the image pass has read it (24 MB fewer
+    traced at the query pass on 96k images, ~5 MB of RSS); otherwise the inputs are never changed."""
     dropped: list[Dropped] = []
     review = review or {}
     stats = CurateStats(input=len(samples))

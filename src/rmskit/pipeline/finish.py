@@ -106,7 +106,7 @@ class Finish:
         try:
             if npz is not None:
                 # The rows are in the file now: the build lets its copy go while the worker runs
-                # (20k x 384 floats and their texts, ~35 MB, once a run has kept 20k queries).
+                # (at most 20k x 384 float32, 31 MB, plus their texts).
                 self.queries = QueryEmbeddings()
             done = await self._worker_finish(run_dir, npz)
             if done is not None:
