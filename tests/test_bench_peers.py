@@ -88,13 +88,13 @@ def test_tree_rss_sums_a_process_and_its_children() -> None:
     assert 180 < tree.peak_pss_kb / 1024 <= tree.peak_kb / 1024  # private pages count whole in PSS
 
 
-def test_photos_are_distinct_files_of_real_photos() -> None:
+def test_photos_are_distinct_files_of_real_photos(tmp_path: Path) -> None:
     """Identical copies would let every client (and the export's parquet dictionary) see 7 images."""
     import hashlib
 
     from PIL import Image
 
-    paths = _bench().make_photos(30)
+    paths = _bench().make_photos(30, tmp_path)
     assert len({hashlib.sha256(Path(p).read_bytes()).digest() for p in paths}) == 30
     sizes = {Image.open(p).size for p in paths}
     assert all(max(s) == 320 for s in sizes)

@@ -138,13 +138,15 @@ def test_outbox_streams_new_rows_and_seeds_without_echo(tmp_path: Path) -> None:
     assert out.count("samples") == 0 and isinstance(out, RowBatch)
 
 
+def _scratch_dirs() -> set[Path]:
+    """The actors' private temp dirs (executors/scratch.py) on this node."""
+    tmp = Path(tempfile.gettempdir())
+    return {*tmp.glob("rmskit-state-*"), *tmp.glob("rmskit-w[0-9]*-*")}
+
+
 @pytest.mark.slow  # a local Ray cluster takes ~10 s to start on a small machine
-def _state_dirs() -> set[Path]:
-    return set(Path(tempfile.gettempdir()).glob("rmskit-state-*"))
-
-
 def test_ray_matches_local_executor(tmp_path: Path, photos: Path, ray_cluster: str) -> None:
-    before = _state_dirs()
+    before = _scratch_dirs()
     with OpenAITestServer(responder=responder, latency=0.005) as srv:
         kw = {"scenarios_per_image": 3}
         local = asyncio.run(
@@ -155,7 +157,7 @@ def test_ray_matches_local_executor(tmp_path: Path, photos: Path, ray_cluster: s
             run_build_ray(_cfg(photos, tmp_path / "ray", srv.base_url, **kw), ex, quiet=True, export=False)
         )
     assert local.images_done == dist.images_done == 18
-    assert _state_dirs() <= before  # the shared state's private ledger is gone with the run
+    assert _scratch_dirs() <= before  # the actors' private ledgers are gone with the run
     a, b = _samples(tmp_path / "local"), _samples(tmp_path / "ray")
     assert len(a) == 18 * 4 and set(a) == set(b)
     for sid in a:
@@ -193,6 +195,7 @@ def test_killed_worker_is_restarted_and_only_in_flight_work_is_redone(
     tmp_path: Path, photos: Path, ray_cluster: str
 ) -> None:
     out = tmp_path / "run"
+    before = _scratch_dirs()
     with OpenAITestServer(responder=responder, latency=0.03, keep_bodies=True) as srv:
         cfg = _cfg(photos, out, srv.base_url, scenarios_per_image=3)
         ex = ExecutorConfig(kind="ray", workers=2, chunk=2)
@@ -220,6 +223,8 @@ def test_killed_worker_is_restarted_and_only_in_flight_work_is_redone(
         meta = led.get_meta("last_executor")
         unique_answers = led.usage_by_stage()
     assert sum(meta["restarts"].values()) == 1
+    # The killed worker could not remove its temp ledger; its restart swept it (executors/scratch.py).
+    assert _scratch_dirs() <= before
     # Re-sent requests are bounded by the killed worker's in-flight images (re-shipped after the
     # restart) times the requests one image can take (2 + 3 risky x 10 + control 5 = 37).
     resent = sum(n - 1 for n in requests.values())
@@ -234,6 +239,7 @@ def test_killed_driver_resumes_without_redoing_committed_work(
     tmp_path: Path, photos: Path, ray_cluster: str
 ) -> None:
     out = tmp_path / "run"
+    before = _scratch_dirs()
     with OpenAITestServer(responder=responder, latency=0.03) as srv:
         cmd = [
             sys.executable,
@@ -288,6 +294,8 @@ def test_killed_driver_resumes_without_redoing_committed_work(
     assert all(after[k] == t for k, t in records.items())
     assert all(samples_after[k] == t for k, t in samples.items())
     assert len(samples_after) == 18 * 4
+    # The killed driver's actors died with it, their temp ledgers left behind; the re-run swept them.
+    assert _scratch_dirs() <= before
 
 
 @pytest.mark.slow  # a local Ray cluster takes ~10 s to start on a small machine

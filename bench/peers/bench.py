@@ -60,7 +60,7 @@ def ensure_venv(name: str) -> Path:
     return py
 
 
-def make_photos(n: int) -> list[str]:
+def make_photos(n: int, dest: Path | None = None) -> list[str]:
     """n distinct JPEGs (max side 320) cycling through real photos from skimage and sklearn: each copy
     is its own crop with a mark of its own, as distinct photos are (identical files would let the
     peers' and rmskit's requests, and the exported parquet's encoding and compression, repeat 7 images)."""
@@ -68,7 +68,7 @@ def make_photos(n: int) -> list[str]:
     from skimage import data
     from sklearn.datasets import load_sample_image
 
-    d = Path(tempfile.mkdtemp(prefix="peers-img-"))
+    d = dest or Path(tempfile.mkdtemp(prefix="peers-img-"))  # the caller removes it
     arrays = [
         getattr(data, k)() for k in ("coffee", "chelsea", "astronaut", "rocket", "immunohistochemistry")
     ]

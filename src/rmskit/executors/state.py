@@ -10,12 +10,10 @@ worker, so a worker that dies takes its uncommitted counts with it (its images a
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
+from rmskit.executors.scratch import Scratch
 from rmskit.ledger import Ledger
 from rmskit.pipeline.taxonomy import Coverage, Taxonomy, make_embedder
 
@@ -34,8 +32,8 @@ class SharedState:
     ) -> None:
         # Taxonomy persists through a Ledger; this private one is copied to the run's ledger by the
         # driver (taxonomy_rows), never opened by anyone else.
-        self._dir = Path(tempfile.mkdtemp(prefix="rmskit-state-"))
-        self._ledger = Ledger(self._dir)
+        self._scratch = Scratch("rmskit-state-")  # a killed run's is swept by the next one
+        self._ledger = Ledger(self._scratch.path)
         for row in taxonomy_rows:
             self._ledger.add_category(row["name"], row.get("description"), row.get("embedding"))
             for alias in row.get("aliases", []):
@@ -102,7 +100,7 @@ class SharedState:
         """The run is over (the driver has copied the taxonomy): remove the private ledger's folder,
         which would otherwise outlive the actor in the node's temporary directory, one per run."""
         self._ledger.close()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        self._scratch.close()
 
 
 class SharedTaxonomy:

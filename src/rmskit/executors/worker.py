@@ -14,13 +14,12 @@ import contextlib
 import dataclasses
 import os
 import queue
-import shutil
-import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from rmskit.config import STAGES, BackendConfig, BuildConfig
+from rmskit.executors.scratch import Scratch
 from rmskit.executors.state import SharedCoverage, SharedSelectLock, SharedTaxonomy
 from rmskit.ledger import Ledger
 from rmskit.ledger.sync import Outbox, RowBatch
@@ -54,7 +53,9 @@ class ShardWorker:
 
     def __init__(self, cfg_json: str, worker: str, workers: int, state: Any, flush_s: float) -> None:
         cfg = BuildConfig.model_validate_json(cfg_json)
-        self.dir = Path(tempfile.mkdtemp(prefix=f"rmskit-{worker}-"))
+        # A killed worker's dir (and its restarts', after a kill) is swept by the next one on the node.
+        self.scratch = Scratch(f"rmskit-{worker}-")
+        self.dir = self.scratch.path
         self.images = self.dir / "images"
         self.images.mkdir()
         # The global --limit is the driver's (it ships only that many images).
@@ -158,7 +159,7 @@ class ShardWorker:
             if task.done():  # everything went out to the driver: the temp ledger is spent
                 with contextlib.suppress(Exception):
                     self.ledger.close()
-                shutil.rmtree(self.dir, ignore_errors=True)
+                self.scratch.close()
 
 
 def callers_cfgs(cfg: BuildConfig) -> list[BackendConfig]:
