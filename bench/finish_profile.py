@@ -144,7 +144,7 @@ def main() -> None:
     for mod, names in (
         (fin, ("probe_run", "write_export")),
         (probes, ("near_duplicate_rate", "leakage", "mean_distance")),
-        (prep, ("prepare", "_light_samples", "_image_refs", "curate")),
+        (prep, ("prepare", "_light_samples", "_available_images", "curate", "_image_files")),
         (core, ("near_duplicate_queries", "near_duplicate_images")),
         # the writer holds its own reference to prepare
         (writer, ("prepare", *(n for n in dir(writer) if n.startswith(("write_", "_write_"))))),

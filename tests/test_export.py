@@ -370,6 +370,28 @@ def test_near_duplicates_dropped(run: Run) -> None:
     )
 
 
+def test_curation_reads_a_source_path_only_for_the_image_a_drop_names(
+    run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Curation holds each image's phash only; the source path (and the record's path) is not held for
+    every image through it (~35 MB at 96k images): the drop reason's one is read from the ledger."""
+    asked: list[tuple] = []
+    query = Ledger.query
+
+    def spy(self: Ledger, sql: str, params: tuple | dict = ()) -> list[tuple]:
+        if "source_path" in sql:
+            asked.append(tuple(params) if isinstance(params, tuple) else ())
+        return query(self, sql, params)
+
+    monkeypatch.setattr(Ledger, "query", spy)
+    prep = prepare(run.run_dir)
+    near = [d for d in prep.result.dropped if d.rule == "near-duplicate image"]
+    assert len(near) == 2  # both of coffee_again's samples name coffee: one read
+    assert asked == [(run.shas["coffee"],)]
+    assert set(prep.image_files) == {s["image_sha256"] for s in prep.result.kept}
+    assert list(prep.image_files) == sorted(prep.image_files)
+
+
 def test_parquet_loads_with_image_feature(run: Run, tmp_path: Path) -> None:
     import datasets
 

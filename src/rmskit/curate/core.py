@@ -87,7 +87,7 @@ def _nested_counts(kept: list[dict[str, Any]], field: str) -> dict[str, dict[str
 
 
 class ImageInfo(Protocol):
-    """What curation reads of an image (an `ImageRecord`, or the export's light `ImageRef`)."""
+    """What curation reads of an image (an `ImageRecord`, or a view of the export's `ImageTable`)."""
 
     @property
     def phash(self) -> str: ...
@@ -167,8 +167,8 @@ def curate(
         )
     # not held through the query pass, the finish's peak (~15 MB at 96k samples)
     del used, ordered, image_dups, live
-    if owned and isinstance(images, dict):
-        images.clear()  # read for the last time: not held through the query pass
+    if owned and callable(clear := getattr(images, "clear", None)):
+        clear()  # read for the last time: not held through the query pass
 
     # 3. near-duplicate queries, risky with risky and control with control
     query_dups: dict[str, str] = {}

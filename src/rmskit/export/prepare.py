@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from rmskit.config import BuildConfig
 from rmskit.curate import CurateResult, apply_review, curate
@@ -139,31 +140,81 @@ def is_run_dir(path: Path) -> bool:
     return (Path(path) / LEDGER_NAME).is_file()
 
 
-class ImageRef(NamedTuple):
-    """What an export reads of an image record (not the whole `ImageRecord`: 100k of those are ~250 MB)."""
+class _ImageView:
+    __slots__ = ("_sha", "_table", "phash")
 
-    sha256: str
-    phash: str
-    source_path: str
-    path: str
+    def __init__(self, sha: str, phash: str, table: ImageTable) -> None:
+        self._sha, self.phash, self._table = sha, phash, table
 
-
-def _image_refs(led: Ledger, used: set[str]) -> dict[str, ImageRef]:
-    """The used images in ingest order (curation keeps the earlier of two near-duplicates)."""
-    cols = ", ".join(f"json_extract(data, '$.{k}')" for k in ImageRef._fields[1:])
-    rows = led.stream(f"SELECT sha256, {cols} FROM images ORDER BY seq")
-    # the interned sha of `_light_samples` (one str per image, not two: 11 MB at 96k images)
-    return {(sha := sys.intern(row[0])): ImageRef(sha, *row[1:]) for row in rows if row[0] in used}
+    @property
+    def source_path(self) -> str:
+        return self._table.source_path(self._sha)
 
 
-def _locate_image(rec: ImageRef, run_dir: Path) -> str | None:
+class ImageTable(Mapping[str, _ImageView]):
+    """What curation reads of the available images, in ingest order (curation keeps the earlier of two
+    near-duplicates): sha -> phash held, each view made when read. Its source path, which only the
+    reason of a near-duplicate image drop names, is read from the ledger then: held for every image
+    with the record's path (both strs and a tuple), it was ~35 MB at 96k images through curation."""
+
+    def __init__(self, phash: dict[str, str], source_path: Callable[[str], str]) -> None:
+        self._phash = phash
+        self.source_path = functools.lru_cache(maxsize=1024)(source_path)  # a kept image's drops ask again
+
+    def __getitem__(self, sha: str) -> _ImageView:
+        return _ImageView(sha, self._phash[sha], self)
+
+    def __contains__(self, sha: object) -> bool:
+        return sha in self._phash
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._phash)
+
+    def __len__(self) -> int:
+        return len(self._phash)
+
+    def clear(self) -> None:
+        self._phash.clear()
+
+
+def _available_images(led: Ledger, used: set[str], run_dir: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """The used images whose normalised file exists, as sha -> phash in ingest order, and the files found
+    elsewhere than recorded (a moved run directory) as sha -> path; the kept ones' recorded paths are
+    read again after curation (`_image_files`), so no path is held for every image through it."""
+    rows = led.stream(
+        "SELECT sha256, json_extract(data, '$.phash'), json_extract(data, '$.path') FROM images ORDER BY seq"
+    )
+    phash: dict[str, str] = {}
+    moved: dict[str, str] = {}
+    for sha, ph, recorded in rows:
+        if sha not in used:
+            continue
+        path = _locate_image(sha, recorded, run_dir)
+        if path is None:
+            continue
+        # the interned sha of `_light_samples` (one str per image, not two: 11 MB at 96k images)
+        phash[sys.intern(sha)] = ph
+        if path != recorded:
+            moved[sha] = path
+    return phash, moved
+
+
+def _image_files(led: Ledger, kept: set[str], moved: dict[str, str]) -> dict[str, str]:
+    """sha -> normalised image file of each kept image, sorted by sha."""
+    files: dict[str, str] = {}
+    for sha, recorded in led.stream("SELECT sha256, json_extract(data, '$.path') FROM images"):
+        if sha in kept:
+            files[sha] = moved.get(sha, str(recorded))
+    return dict(sorted(files.items()))
+
+
+def _locate_image(sha: str, recorded: str, run_dir: Path) -> str | None:
     """The normalised copy: where the record says, else in this run's images/ (a moved run directory)."""
     # os.path, not a Path, for the usual case: pathlib interns every path part, and the interpreter's
     # table of interned strings never shrinks (7.7 MB for 96k image names, held to the worker's end)
-    if os.path.isfile(rec.path):
-        return rec.path
-    recorded = Path(rec.path)
-    for candidate in (run_dir / "images" / recorded.name, run_dir / "images" / f"{rec.sha256}.jpg"):
+    if os.path.isfile(recorded):
+        return recorded
+    for candidate in (run_dir / "images" / Path(recorded).name, run_dir / "images" / f"{sha}.jpg"):
         if candidate.is_file():
             return str(candidate)
     return None
@@ -198,30 +249,29 @@ def prepare(run_dir: Path, *, balance: int | None = None) -> Prepared:
         review = led.review_state()
         raw = _light_samples(led, review)
         # only images whose normalised file exists can be exported; curate drops the others' samples
-        records = _image_refs(led, {s["image_sha256"] for s in raw})
+        phash, moved = _available_images(led, {s["image_sha256"] for s in raw}, run_dir)
         taxonomy = [{k: v for k, v in t.items() if k != "embedding"} for t in led.taxonomy()]
         usage = led.usage_by_stage()
         counts = led.image_counts()
         ingest = {"accepted": sum(counts.values()), "refused": len(led.rejections()), **counts}
         ledger_samples = led.sample_counts()
-    stored = meta.get("config")
-    config: dict[str, Any] = stored if isinstance(stored, dict) else {}
-    params = _config_defaults()
-    params.update({k: config[k] for k in params if config.get(k) is not None})
-    files: dict[str, str] = {}
-    available: dict[str, ImageRef] = {}
-    for sha, rec in records.items():
-        path = _locate_image(rec, run_dir)
-        if path is not None:
-            files[sha] = path
-            available[sha] = rec
-    del records  # `available` holds the same refs: not a third dict of every image through curation
-    result = curate(raw, available, review=review, balance=balance, owned=True, **params)
+        stored = meta.get("config")
+        config: dict[str, Any] = stored if isinstance(stored, dict) else {}
+        params = _config_defaults()
+        params.update({k: config[k] for k in params if config.get(k) is not None})
+
+        def source_path(sha: str) -> str:
+            row = led.query("SELECT json_extract(data, '$.source_path') FROM images WHERE sha256=?", (sha,))
+            return str(row[0][0])
+
+        images = ImageTable(phash, source_path)
+        result = curate(raw, images, review=review, balance=balance, owned=True, **params)
+        image_files = _image_files(led, {s["image_sha256"] for s in result.kept}, moved)
     prep = Prepared(
         run_dir=run_dir,
         result=result,
         samples=KeptSamples(run_dir, {}, review, lambda sha: sha),
-        image_files={},
+        image_files=image_files,
         meta=meta,
         taxonomy=taxonomy,
         usage=usage,
@@ -229,8 +279,6 @@ def prepare(run_dir: Path, *, balance: int | None = None) -> Prepared:
         ledger_samples=ledger_samples,
         curate_params={**params, "balance": balance},
     )
-    kept_shas = {s["image_sha256"] for s in result.kept}
-    prep.image_files = {sha: files[sha] for sha in sorted(kept_shas)}
     prep.samples = KeptSamples(run_dir, {s["id"]: s["split"] for s in result.kept}, review, prep.image_name)
     return prep
 
