@@ -118,6 +118,17 @@ def test_files_listing(tmp_path: Path) -> None:
     bare.mkdir()
     (bare / "samples.jsonl").write_text("")
     assert writer._files(bare) == ["samples.jsonl"]
+    # the order of sorted Paths (by parts: "data/x" before "data-x"), nested dirs, an "images" below the top
+    for rel in ("data-x.txt", "data/a/b.parquet", "sub/images/c.jpg", "sub/.hid", ".dir/e.txt", "Z.md"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x")
+    old = [
+        p.relative_to(tmp_path).as_posix()
+        for p in sorted(tmp_path.rglob("*"))
+        if p.is_file() and not p.relative_to(tmp_path).as_posix().startswith("images/") and p.name[0] != "."
+    ]
+    assert writer._files(tmp_path) == [*old, "images/ (3 files)"]
+    assert writer._files(tmp_path)[:4] == [".dir/e.txt", "README.md", "Z.md", "bare/samples.jsonl"]
     assert writer._card_files({"train": ["train.parquet"], "test": ["test.parquet"]}, True) == [
         "README.md",
         "data/train.parquet",

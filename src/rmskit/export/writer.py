@@ -119,13 +119,19 @@ def _marker(root: Path, fmt: str, prep: Prepared) -> None:
 
 
 def _files(root: Path) -> list[str]:
+    """The dataset's files but its images, which are counted (a Path per image cost ~0.1 ms each)."""
     out = []
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root).as_posix()
-        if p.is_file() and not rel.startswith("images/") and not p.name.startswith("."):
-            out.append(rel)
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = os.path.relpath(dirpath, root).replace(os.sep, "/")
+        if rel == "images":
+            dirnames.clear()
+            continue
+        dirnames[:] = [d for d in dirnames if not (rel == "." and d == "images")]
+        prefix = "" if rel == "." else f"{rel}/"
+        out += [f"{prefix}{f}" for f in filenames if not f.startswith(".")]
+    out.sort(key=lambda rel: rel.split("/"))  # as sorted Paths: by parts
     if (root / "images").is_dir():
-        out.append(f"images/ ({sum(1 for _ in (root / 'images').iterdir())} files)")
+        out.append(f"images/ ({sum(1 for _ in os.scandir(root / 'images'))} files)")
     return out
 
 
