@@ -7,6 +7,7 @@ import hashlib
 import io
 import itertools
 import random
+import types
 
 import imagehash
 import numpy as np
@@ -310,6 +311,15 @@ def test_curate_owned_records_give_the_same_result_without_copies(photos: dict[s
     untouched = copy.deepcopy(light)
     curate(untouched, images, **kwargs)
     assert untouched == light
+    # a read-only mapping of images (no `clear`) is read, not emptied; a record with every Sample field
+    # but `image` (e.g. an earlier curation's kept dict, with its split) is still used as it is
+    fields = set(Sample.model_fields) - {"image"}
+    full = [{f: s.get(f) for f in fields} for s in samples]
+    kept = curate(full, types.MappingProxyType(dict(images)), owned=True, **kwargs).kept
+    assert [s["id"] for s in kept] == [s["id"] for s in owned.kept]
+    ids = {id(f) for f in full}
+    unedited = [s for s in kept if not s.get("edited")]
+    assert unedited and all(id(s) in ids for s in unedited)
 
 
 def test_curate_is_deterministic(photos: dict[str, ImageRecord]) -> None:
@@ -365,6 +375,7 @@ def test_balance_caps_risky_per_category(photos: dict[str, ImageRecord]) -> None
     assert cats.count("fall from height") == 2 and cats.count("hot liquids") == 2
     assert "ctl" in {s["id"] for s in res.kept}
     assert res.stats.dropped_by_rule == {"category cap": 2}
+    assert {d.reason for d in res.dropped} == {"category cap 2 reached for 'fall from height' (balance)"}
     again = curate(
         samples,
         {rec.sha256: rec},
