@@ -29,11 +29,15 @@ def test_signature_agreement_estimates_the_jaccard(shared: int) -> None:
 
 def test_signatures_are_seeded_chunked_and_mark_empty_sets() -> None:
     sets = [{f"w{i}", f"w{i + 1}"} for i in range(CHUNK + 5)] + [set()]
-    a = np.concatenate(list(signatures(sets, num_perm=16, seed=3)))
+    chunks = list(signatures(sets, num_perm=16, seed=3))
+    assert [len(c) for c in chunks] == [CHUNK, 6]  # a chunk of signatures is held at a time, not all
+    a = np.concatenate(chunks)
     b = np.concatenate(list(signatures(sets, num_perm=16, seed=3)))
     assert a.shape == (CHUNK + 6, 16) and np.array_equal(a, b)  # one array per chunk, same across calls
     assert not np.array_equal(a, np.concatenate(list(signatures(sets, num_perm=16, seed=4))))
     assert (a[-1] == 0xFFFFFFFF).all() and (a[:-1] < 0xFFFFFFFF).any(axis=1).all()
+    one = next(signatures([{"kettle"}, {"stove"}], num_perm=16, seed=3))  # one token is not an empty set
+    assert (one < 0xFFFFFFFF).any(axis=1).all() and not np.array_equal(one[0], one[1])
     # a text's entries do not depend on its neighbours in the chunk
     assert np.array_equal(next(signatures([sets[7]], num_perm=16, seed=3))[0], a[7])
 
