@@ -55,12 +55,12 @@ class Scratch:
             self._fd = None
 
 
-def sweep(prefix: str, root: Path | None = None) -> list[Path]:
+def sweep(prefix: str) -> list[Path]:
     """Remove the `prefix*` dirs under the temp dir whose owner is gone; returns them."""
     if fcntl is None:
         return []
     removed = []
-    for d in (root or Path(tempfile.gettempdir())).glob(f"{prefix}*"):
+    for d in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
         try:
             fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
         except OSError:  # not a dir, or gone

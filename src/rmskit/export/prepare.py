@@ -202,12 +202,9 @@ def _available_images(led: Ledger, used: set[str], run_dir: Path) -> tuple[dict[
 
 
 def _image_files(led: Ledger, kept: set[str], moved: dict[str, str]) -> dict[str, str]:
-    """sha -> normalised image file of each kept image, sorted by sha."""
-    files: dict[str, str] = {}
-    for sha, recorded in led.stream("SELECT sha256, json_extract(data, '$.path') FROM images"):
-        if sha in kept:
-            files[sha] = moved.get(sha, str(recorded))
-    return dict(sorted(files.items()))
+    """sha -> normalised image file of each kept image, sorted by sha (the primary key's order)."""
+    rows = led.stream("SELECT sha256, json_extract(data, '$.path') FROM images ORDER BY sha256")
+    return {sha: moved.get(sha, str(recorded)) for sha, recorded in rows if sha in kept}
 
 
 def _locate_image(sha: str, recorded: str, run_dir: Path) -> str | None:
