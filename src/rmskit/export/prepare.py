@@ -202,9 +202,10 @@ def _available_images(led: Ledger, used: set[str], run_dir: Path) -> tuple[dict[
 
 
 def _image_files(led: Ledger, kept: set[str], moved: dict[str, str]) -> dict[str, str]:
-    """sha -> normalised image file of each kept image, sorted by sha (the primary key's order)."""
-    rows = led.stream("SELECT sha256, json_extract(data, '$.path') FROM images ORDER BY sha256")
-    return {sha: moved.get(sha, str(recorded)) for sha, recorded in rows if sha in kept}
+    """sha -> normalised image file of each kept image, sorted by sha. A table scan sorted here: reading in
+    the primary key's order took 0.38 instead of 0.18 s over 100k images (a row lookup per index entry)."""
+    rows = led.stream("SELECT sha256, json_extract(data, '$.path') FROM images")
+    return dict(sorted((sha, moved.get(sha, str(recorded))) for sha, recorded in rows if sha in kept))
 
 
 def _locate_image(sha: str, recorded: str, run_dir: Path) -> str | None:
