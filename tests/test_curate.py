@@ -457,6 +457,14 @@ def test_phash_parse_and_length_errors() -> None:
         idx.nearest("ffffffff")
 
 
+def test_near_duplicate_images_compare_hashes_only_with_hashes_of_their_own_length() -> None:
+    """A ledger merged from differently configured hashers: one index per length, each exact (a 16-bit
+    and a 32-bit hash are never near each other; within each length the earlier image survives)."""
+    ordered = [("a", "ffff"), ("b", "ffffffff"), ("c", "fffe"), ("d", "fffffffe"), ("e", " FFFF ")]
+    assert near_duplicate_images(ordered, 1) == {"c": ("a", 1), "d": ("b", 1), "e": ("a", 0)}
+    assert near_duplicate_images(ordered, 0) == {"e": ("a", 0)}
+
+
 def test_shingles_boundaries_and_jaccard_of_empty_sets() -> None:
     assert shingles("hello World") == {"hello world"}  # exactly `size` words: one shingle
     assert shingles("a b c d") == {"a b", "b c", "c d"}
@@ -579,7 +587,10 @@ def test_curate_reasons_counts_and_review_details(photos: dict[str, ImageRecord]
     kept = {s["id"]: s for s in res.kept}
     dropped = {d.id: d for d in res.dropped}
     m1_sha = photos["camera"].sha256
-    assert dropped["m1"].reason == f"image {m1_sha} unavailable (not in the ledger or its file is missing)"
+    assert (
+        dropped["m1"].reason
+        == f"image {m1_sha} unavailable (not in the ledger, its record unreadable, or its file missing)"
+    )
     assert "image" not in kept["c1"] and "edited" not in kept["c1"]
     assert kept["c2"]["edited"]["fields"] == ["query"]
     # nested counts per split, computed by hand from the kept samples and their images' splits

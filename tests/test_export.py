@@ -735,3 +735,42 @@ def test_a_moved_run_directory_finds_its_images_in_its_own_images_folder(run: Ru
     assert victim not in kept and kept == {r["image_sha256"] for r in _jsonl(out / "samples.jsonl")} - {
         victim
     }
+
+
+def test_malformed_image_rows_drop_their_samples_instead_of_failing_the_export(
+    run: Run, tmp_path: Path
+) -> None:
+    """A hand-edited or foreign ledger: an image row without a path, with a path that is not a string,
+    with a phash that is not hex, or with a phash of another length. The export goes on: an image whose
+    file is still found in the run's images/ by its sha256 is used, one whose phash cannot be read is
+    unavailable (its samples dropped with that rule), and hashes of another length are compared only
+    with their own kind."""
+    import sqlite3
+
+    from rmskit.curate.core import RULE_IMAGE_UNAVAILABLE
+    from rmskit.ledger.store import LEDGER_NAME
+
+    moved = tmp_path / "odd"
+    shutil.copytree(run.run_dir, moved, ignore=shutil.ignore_patterns(".lock", "dataset"))
+    con = sqlite3.connect(moved / LEDGER_NAME)
+    shas = [run.shas[name] for name in ("astronaut", "camera", "rocket", "chelsea")]
+    edits = [
+        "json_remove(data, '$.path')",  # found again by sha256 in images/
+        "json_set(data, '$.path', 42)",  # the same
+        "json_set(data, '$.phash', 'not hex!')",  # unreadable: unavailable
+        "json_set(data, '$.phash', '0123456789abcdef0123')",  # 80 bits among 64-bit hashes
+    ]
+    for sha, edit in zip(shas, edits, strict=False):
+        con.execute(f"UPDATE images SET data = {edit} WHERE sha256 = ?", (sha,))
+    con.commit()
+    con.close()
+    for sha in shas[:2]:
+        assert (moved / "images" / f"{sha}.jpg").is_file()  # the sha256 name the lookup falls back to
+
+    summary = write_dataset(moved)
+    kept = {r["image_sha256"] for r in _jsonl(Path(summary.path) / "samples.jsonl")}
+    before = {r["image_sha256"] for r in _jsonl(run.exports["jsonl"] / "samples.jsonl")}
+    assert kept == before - {shas[2]}
+    assert shas[2] in before and shas[3] in kept
+    rules = {d.rule for d in prepare(moved).result.dropped if shas[2] in d.reason}
+    assert rules == {RULE_IMAGE_UNAVAILABLE}

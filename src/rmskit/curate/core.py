@@ -138,8 +138,8 @@ def curate(
                 Dropped(
                     id=raw["id"],
                     rule=RULE_IMAGE_UNAVAILABLE,
-                    reason=f"image {raw.get('image_sha256')} unavailable (not in the ledger "
-                    "or its file is missing)",
+                    reason=f"image {raw.get('image_sha256')} unavailable (not in the ledger, "
+                    "its record unreadable, or its file missing)",
                 )
             )
             continue

@@ -90,10 +90,14 @@ def near_duplicate_images(
     ordered: Sequence[tuple[str, str]], max_distance: int
 ) -> dict[str, tuple[str, int]]:
     """`ordered` = [(key, hex phash)] in priority order; returns {dropped key: (kept key, distance)}.
-    Each image is compared with the images kept so far, so the earlier one of a pair survives."""
-    index = PhashIndex(max_distance)
+    Each image is compared with the images kept so far, so the earlier one of a pair survives. Hashes
+    of different lengths (a ledger merged from differently configured hashers) are never near each
+    other: each length has an index of its own."""
+    indexes: dict[int, PhashIndex] = {}
     dropped: dict[str, tuple[str, int]] = {}
     for key, phash in ordered:
+        if (index := indexes.get(bits := len(phash.strip()))) is None:
+            index = indexes[bits] = PhashIndex(max_distance)
         hit = index.nearest(phash)
         if hit is not None:
             dropped[key] = hit

@@ -192,7 +192,7 @@ def _available_images(led: Ledger, used: set[str], run_dir: Path) -> tuple[dict[
         if sha not in used:
             continue
         path = _locate_image(sha, recorded, run_dir)
-        if path is None:
+        if path is None or not _readable_phash(ph):
             continue
         # the interned sha of `_light_samples` (one str per image, not two: 11 MB at 96k images)
         phash[sys.intern(sha)] = ph
@@ -208,16 +208,32 @@ def _image_files(led: Ledger, kept: set[str], moved: dict[str, str]) -> dict[str
     return dict(sorted((sha, moved.get(sha, str(recorded))) for sha, recorded in rows if sha in kept))
 
 
-def _locate_image(sha: str, recorded: str, run_dir: Path) -> str | None:
-    """The normalised copy: where the record says, else in this run's images/ (a moved run directory)."""
+def _locate_image(sha: str, recorded: object, run_dir: Path) -> str | None:
+    """The normalised copy: where the record says, else in this run's images/ (a moved run directory, or a
+    record without a usable path: a hand-edited or foreign ledger)."""
+    by_sha = run_dir / "images" / f"{sha}.jpg"
+    if not isinstance(recorded, str) or not recorded:  # os.path.isfile(42) would stat file descriptor 42
+        return str(by_sha) if by_sha.is_file() else None
     # os.path, not a Path, for the usual case: pathlib interns every path part, and the interpreter's
     # table of interned strings never shrinks (7.7 MB for 96k image names, held to the worker's end)
     if os.path.isfile(recorded):
         return recorded
-    for candidate in (run_dir / "images" / Path(recorded).name, run_dir / "images" / f"{sha}.jpg"):
+    for candidate in (run_dir / "images" / Path(recorded).name, by_sha):
         if candidate.is_file():
             return str(candidate)
     return None
+
+
+def _readable_phash(ph: object) -> bool:
+    """A hex perceptual hash; an image whose record holds anything else is left out as unavailable (its
+    samples dropped with that rule) rather than failing the whole curation."""
+    if not isinstance(ph, str) or not ph.strip():
+        return False
+    try:
+        int(ph, 16)
+    except ValueError:
+        return False
+    return True
 
 
 def _config_defaults() -> dict[str, Any]:
