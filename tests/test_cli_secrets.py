@@ -63,6 +63,6 @@ def test_a_key_in_the_url_is_used_as_the_bearer_key_when_no_variable_is_set(monk
         spec="openai:m", base_url="http://u:K123@127.0.0.1:9/v1", api_key_env="RMSKIT_TEST_UNSET_KEY"
     )
     backend = OpenAIBackend(cfg)
-    assert backend._client.api_key == "K123"
-    assert str(backend._client.base_url).startswith("http://127.0.0.1:9/v1")
+    assert backend._headers["Authorization"] == "Bearer K123"
+    assert backend._chat_url == "http://127.0.0.1:9/v1/chat/completions"  # no userinfo left in it
     assert "K123" not in backend.where

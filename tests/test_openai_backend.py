@@ -728,3 +728,97 @@ def test_instances_from_strict_schemas_validate() -> None:
         sch = response_format_for(model)["json_schema"]["schema"]
         for _ in range(10):
             model.model_validate(instance_from_schema(sch, rng))
+
+
+def test_the_openai_sdk_conventions_are_kept_without_the_sdk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No base_url configured: OPENAI_BASE_URL is used, as the SDK would; OPENAI_ORG_ID and
+    OPENAI_PROJECT_ID go out as its headers; JSON both ways, and a User-Agent naming rmskit."""
+    monkeypatch.setenv("RMSKIT_TEST_KEY", "sk-conventions-0123456789")
+    monkeypatch.setenv("OPENAI_ORG_ID", "org-rmskit")
+    monkeypatch.setenv("OPENAI_PROJECT_ID", "proj_rmskit")
+    with OpenAITestServer(keep_bodies=True) as srv:
+        monkeypatch.setenv("OPENAI_BASE_URL", srv.base_url + "/")
+        c = cfg(srv, base_url=None, api_key_env="RMSKIT_TEST_KEY")
+
+        async def go() -> list[str]:
+            b = OpenAIBackend(c)
+            try:
+                await b.generate(user("x"))
+                return await b.list_models()
+            finally:
+                await b.aclose()
+
+        models = run(go())
+        (rec,) = srv.chat_records()
+    assert models == ["test-model"]
+    h = rec.headers or {}
+    assert h["authorization"] == "Bearer sk-conventions-0123456789"
+    assert h["openai-organization"] == "org-rmskit" and h["openai-project"] == "proj_rmskit"
+    assert h["content-type"] == "application/json" and h["accept"] == "application/json"
+    assert h["user-agent"].startswith("rmskit/")
+    assert rec.path == "/v1/chat/completions"
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "kind"),
+    [
+        (200, b"<html>not json</html>", ErrorKind.server),
+        (200, b'{"object": "list"}', ErrorKind.server),  # no data[]
+        (404, b'{"error": {"message": "no /models here"}}', ErrorKind.bad_request),
+        (401, b'{"error": {"message": "bad key"}}', ErrorKind.auth),
+        (503, b"busy", ErrorKind.server),
+    ],
+)
+def test_listing_models_turns_every_failure_into_a_backend_error(
+    status: int, body: bytes, kind: ErrorKind
+) -> None:
+    """GET /models, as the capability probe calls it: what servers answer when they have no such
+    route or are not ready becomes a BackendError of the right kind (the probe goes on without the list,
+    or stops on auth), never a raw exception."""
+    import httpx
+
+    async def go() -> BackendError:
+        b = OpenAIBackend(BackendConfig(spec="openai:m", base_url="http://127.0.0.1:9/v1"))
+        await b._http.aclose()
+        b._http = httpx.AsyncClient(
+            transport=httpx.MockTransport(lambda r: httpx.Response(status, content=body))
+        )
+        try:
+            with pytest.raises(BackendError) as ei:
+                await b.list_models()
+            return ei.value
+        finally:
+            await b.aclose()
+
+    err = run(go())
+    assert err.kind == kind
+    if kind != ErrorKind.auth:  # auth says "authentication failed at ..." (tested above)
+        assert "listing models at http://127.0.0.1:9" in str(err)
+
+
+def test_the_backend_never_imports_the_openai_sdk() -> None:
+    """The SDK's import alone was 0.5-0.7 s of CPU and ~26 MB of heap (issue 13): a request, a retry and a
+    model listing all go through with `import openai` made to fail."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['openai'] = None\n"  # any `import openai` now raises
+        "import asyncio\n"
+        "from rmskit.config import BackendConfig\n"
+        "from rmskit.models.base import Message\n"
+        "from rmskit.models.openai_compat import OpenAIBackend\n"
+        "from rmskit.testing.openai_server import OpenAITestServer\n"
+        "async def go(url):\n"
+        "    b = OpenAIBackend(BackendConfig(spec='openai:test-model', base_url=url, backoff_base_s=0.01))\n"
+        "    r = await b.generate([Message(role='user', content='x')])\n"
+        "    names = await b.list_models()\n"
+        "    await b.aclose()\n"
+        "    return r.attempts, names\n"
+        "with OpenAITestServer(script=['server_error']) as srv:\n"
+        "    print(asyncio.run(go(srv.base_url)))\n"
+        "import rmskit.pipeline.runner\n"  # the build's own imports, too
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["(2,", "['test-model'])"]

@@ -1,47 +1,38 @@
-"""`openai:` backend: any OpenAI-compatible chat-completions server (vLLM, SGLang, Ollama, LM Studio,
-OpenAI) through the official `openai` SDK.
+"""`openai:` backend: any OpenAI-compatible chat-completions server (vLLM, SGLang, llama.cpp, Ollama,
+LM Studio, OpenAI) over httpx, with aiohttp underneath where installed (`httpx-aiohttp`, the adapter
+the openai SDK itself vendors): about half the CPU of httpx's own transport at high concurrency.
 
-The SDK's own retries are off (max_retries=0): our policy (rmskit.models.limits) governs retries,
-backoff, Retry-After, concurrency and rate limits. Requests go through the SDK's documented generic
-`client.post(path, cast_to=Response, body=...)`: the typed `chat.completions.create` adds ~0.6 ms of
-CPU per request (parameter transform + response model construction), which is most of our ≤1 ms budget.
-When `aiohttp` is installed (`openai[aiohttp]`) the SDK's aiohttp transport is used: about half the
-CPU of the default httpx transport at high concurrency.
+Why not the `openai` SDK: rmskit sends one kind of request (POST /chat/completions, JSON in and out;
+GET /models at the probe) and governs retries, backoff, Retry-After, concurrency and rate limits itself
+(rmskit.models.limits). It had already bypassed the SDK's typed `chat.completions.create` (~0.6 ms of
+CPU per request for its parameter transform and response models) and used only the SDK's HTTP client,
+headers and exception classes; importing the SDK for those cost 0.5-0.7 s of CPU (its `openai.types`
+alone 0.35-0.5 s) and ~26 MB of the build's heap, half of the client's start-up (issue 13). The SDK's
+conventions are kept: OPENAI_BASE_URL when no base_url is configured, OPENAI_ORG_ID and
+OPENAI_PROJECT_ID sent as its headers, redirects followed.
 
-The API key is read from the environment variable the config names and handed to the SDK client; it
-is kept on no pydantic model, never logged, and scrubbed from every error message.
+The API key is read from the environment variable the config names; it is kept on no pydantic model,
+never logged, and scrubbed from every error message.
 """
 
 from __future__ import annotations
 
 import errno
-import importlib
 import json
 import os
 import re
+from collections.abc import Mapping
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-import openai
+import httpx
 
+import rmskit
 from rmskit.config import BackendConfig
 from rmskit.models.base import BackendError, ErrorKind, GenParams, Message
 from rmskit.models.images import ImageURLs, encode_image_data_url  # noqa: F401 - re-exported
 from rmskit.models.limits import parse_retry_after
 from rmskit.models.remote import Failure, RemoteBackend, RemoteStats, Reply
-
-
-def _sdk_http_module() -> Any:
-    """The HTTP library the installed SDK is built on (httpx2 for openai >= 3, httpx before)."""
-    for cls in openai.DefaultAsyncHttpxClient.__mro__:
-        if cls.__name__ == "AsyncClient":
-            return importlib.import_module(cls.__module__.split(".")[0])
-    import httpx  # pragma: no cover - very old SDKs
-
-    return httpx  # pragma: no cover
-
-
-_httpx = _sdk_http_module()
 
 PLACEHOLDER_KEY = "EMPTY"  # what local servers without auth expect (vLLM/SGLang accept any key)
 _KEY_LIKE = re.compile(r"\b(sk|pk|rk)-[A-Za-z0-9_\-*]{6,}")
@@ -66,6 +57,24 @@ class _BadBody(Exception):
 
 class _TooLarge(Exception):
     """The response body is over cfg.max_response_bytes."""
+
+
+class _ConnectionFailed(Exception):
+    """The request could not be sent or its response not read (the cause is chained)."""
+
+
+class HTTPStatusError(Exception):
+    """An HTTP error status from the endpoint, with its headers and body (parsed JSON, else text)."""
+
+    def __init__(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.text = body.decode("utf-8", "replace")
+        try:
+            self.body: Any = json.loads(body)
+        except ValueError:
+            self.body = self.text
+        super().__init__(f"Error code: {status} - {self.body}")
 
 
 def parse_chat_completion(body: bytes) -> Reply:
@@ -119,32 +128,48 @@ def _root_names(err: BaseException) -> list[str]:
     return names
 
 
-def _make_http_client(cfg: BackendConfig, transport: str) -> Any:
-    limits = _httpx.Limits(
+def _make_http_client(cfg: BackendConfig, transport: str) -> httpx.AsyncClient:
+    limits = httpx.Limits(
         max_connections=cfg.concurrency + 16,
         max_keepalive_connections=cfg.concurrency + 16,
         keepalive_expiry=30.0,
     )
-    timeout = _httpx.Timeout(cfg.timeout_s, connect=min(cfg.timeout_s, 15.0))
+    timeout = httpx.Timeout(cfg.timeout_s, connect=min(cfg.timeout_s, 15.0))
     if transport in ("auto", "aiohttp"):
         try:
-            import aiohttp  # noqa: F401 - presence check for the SDK's aiohttp transport
-
-            return openai.DefaultAioHttpClient(limits=limits, timeout=timeout)
-        except (ImportError, RuntimeError, AttributeError):
+            from httpx_aiohttp import HttpxAiohttpClient
+        except ImportError:
             if transport == "aiohttp":
                 raise ValueError(
-                    "transport 'aiohttp' needs the aiohttp package (pip install 'openai[aiohttp]')"
+                    "transport 'aiohttp' needs the httpx-aiohttp and aiohttp packages "
+                    "(pip install httpx-aiohttp)"
                 ) from None
-    return openai.DefaultAsyncHttpxClient(limits=limits, timeout=timeout)
+        else:
+            return HttpxAiohttpClient(limits=limits, timeout=timeout, follow_redirects=True)
+    return httpx.AsyncClient(limits=limits, timeout=timeout, follow_redirects=True)
+
+
+def _headers(key: str) -> dict[str, str]:
+    """What every request carries: the bearer key, JSON both ways, and the organisation and project the
+    openai SDK would send from the same environment variables."""
+    headers = {
+        "Authorization": f"Bearer {key}",
+        "Content-Type": "application/json",
+        "Accept": "application/json",
+        "User-Agent": f"rmskit/{rmskit.__version__}",
+    }
+    for env, name in (("OPENAI_ORG_ID", "OpenAI-Organization"), ("OPENAI_PROJECT_ID", "OpenAI-Project")):
+        if value := os.environ.get(env):
+            headers[name] = value
+    return headers
 
 
 # ------------------------------------------------------------------ the backend
 
 
 def _is_refused(err: BaseException) -> bool:
-    """Connection refused anywhere in the cause chain (aiohttp wraps it in ClientConnectorError,
-    and the SDK then reports APITimeoutError or APIConnectionError)."""
+    """Connection refused anywhere in the cause chain (aiohttp wraps it in ClientConnectorError, and the
+    transport maps that to an httpx ConnectError or ConnectTimeout)."""
     cur: BaseException | None = err
     for _ in range(8):
         if cur is None:
@@ -189,30 +214,20 @@ class OpenAIBackend(RemoteBackend):
         self.capabilities = self.capabilities.model_copy(update={"local": _is_loopback(cfg.base_url)})
         self.where = _public_url(cfg.base_url)
         self._http = _make_http_client(cfg, transport)
-        self._client = openai.AsyncOpenAI(
-            api_key=key,
-            base_url=base_url,
-            max_retries=0,  # our RetryPolicy governs
-            timeout=cfg.timeout_s,
-            http_client=self._http,
-        )
+        self._key = key
         self._max_tokens_key = "max_tokens"
         self._images = ImageURLs()
-        # The chat request goes straight to the SDK's HTTP client with these headers (the SDK's own,
-        # computed once): the SDK's per-request option and request building cost more client CPU
-        # than the HTTP exchange itself (issue 13 §4). Errors are raised as the SDK would raise them.
-        self._chat_url = str(self._client.base_url).rstrip("/") + "/chat/completions"
-        self._headers = {
-            k: v
-            for k, v in {**self._client.default_headers, **self._client.auth_headers}.items()
-            if isinstance(v, str)
-        }
+        # as the openai SDK resolves it: the configured URL, else OPENAI_BASE_URL, else OpenAI's
+        root = (base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1").rstrip("/")
+        self._chat_url = f"{root}/chat/completions"
+        self._models_url = f"{root}/models"
+        self._headers = _headers(key)
 
     def __repr__(self) -> str:
         return f"OpenAIBackend(spec={self.cfg.spec!r}, endpoint={self.where!r})"
 
     async def aclose(self) -> None:
-        await self._client.close()
+        await self._http.aclose()
 
     async def __aenter__(self) -> OpenAIBackend:
         return self
@@ -223,8 +238,12 @@ class OpenAIBackend(RemoteBackend):
     async def list_models(self) -> list[str]:
         """Model ids the server offers (`GET /models`)."""
         try:
-            page = await self._client.models.list()
-        except openai.OpenAIError as e:
+            body = await self._exchange("GET", self._models_url)
+            try:
+                return [str(m["id"]) for m in json.loads(body)["data"]]
+            except (ValueError, KeyError, TypeError) as e:
+                raise _BadBody("GET /models answered no data[].id list") from e
+        except Exception as e:
             f = self._classify(e)
             if f.kind == ErrorKind.auth:
                 from rmskit.models.base import AuthenticationError
@@ -233,21 +252,22 @@ class OpenAIBackend(RemoteBackend):
             raise BackendError(
                 f.kind, f"{f.message} (listing models at {self.where})", retriable=f.retriable
             ) from None
-        return [m.id for m in page.data]
 
     # -------------------------------------------------------------- wire
     async def _send(self, payload: dict[str, Any]) -> bytes:
-        """POST /chat/completions and read the body, at most cfg.max_response_bytes of it: the
-        response is streamed so an oversized answer costs bounded memory."""
-        req = self._http.build_request(
-            "POST", self._chat_url, content=json.dumps(payload).encode(), headers=self._headers
-        )
+        """POST /chat/completions and read the body."""
+        return await self._exchange("POST", self._chat_url, json.dumps(payload).encode())
+
+    async def _exchange(self, method: str, url: str, content: bytes | None = None) -> bytes:
+        """One request and its body, at most cfg.max_response_bytes of it: the response is streamed so an
+        oversized answer costs bounded memory. An error status raises HTTPStatusError."""
+        req = self._http.build_request(method, url, content=content, headers=self._headers)
         try:
             resp = await self._http.send(req, stream=True)
-        except _httpx.TimeoutException as e:  # what the SDK raises for the same failures
-            raise openai.APITimeoutError(request=req) from e
+        except httpx.TimeoutException:
+            raise
         except Exception as e:
-            raise openai.APIConnectionError(request=req) from e
+            raise _ConnectionFailed(f"{type(e).__name__} sending to {self.where}") from e
         cap = self.cfg.max_response_bytes
         try:
             declared = resp.headers.get("content-length")
@@ -259,7 +279,7 @@ class OpenAIBackend(RemoteBackend):
                 if len(buf) > cap:
                     raise _TooLarge(f"over {cap:,} bytes")
             if resp.status_code >= 400:
-                raise _status_error(resp, bytes(buf))
+                raise HTTPStatusError(resp.status_code, resp.headers, bytes(buf))
             return bytes(buf)
         finally:
             await resp.aclose()
@@ -268,8 +288,8 @@ class OpenAIBackend(RemoteBackend):
         return parse_chat_completion(body)
 
     def _scrub(self, text: str) -> str:
-        key = self._client.api_key
-        if isinstance(key, str) and key and key != PLACEHOLDER_KEY:
+        key = self._key
+        if key and key != PLACEHOLDER_KEY:
             text = text.replace(key, "***")
         return _KEY_LIKE.sub(r"\1-***", text)
 
@@ -324,18 +344,18 @@ class OpenAIBackend(RemoteBackend):
                 f"response from {self.where} too large ({e}; limit max_response_bytes)",
                 retriable=False,
             )
-        if isinstance(e, openai.APIStatusError):
-            status = e.status_code
+        if isinstance(e, HTTPStatusError):
+            status = e.status
             detail = self._scrub(_error_detail(e))
             msg = f"HTTP {status} from {self.where}" + (f": {detail}" if detail else "")
             if status == 429:
                 self.stats.rate_limited += 1
-                ra = parse_retry_after(e.response.headers)
+                ra = parse_retry_after(e.headers)
                 return Failure(ErrorKind.rate_limit, msg, retriable=True, retry_after=ra, status=status)
             if status == 408:
                 return Failure(ErrorKind.timeout, msg, retriable=True, status=status)
             if status >= 500 or status in (409, 425):
-                ra = parse_retry_after(e.response.headers) if status == 503 else None
+                ra = parse_retry_after(e.headers) if status == 503 else None
                 return Failure(ErrorKind.server, msg, retriable=True, retry_after=ra, status=status)
             if status in (401, 403):
                 return Failure(ErrorKind.auth, msg, retriable=False, status=status)
@@ -346,45 +366,22 @@ class OpenAIBackend(RemoteBackend):
             )
         names = _root_names(e)
         dropped = any(n in _TRANSPORT_DROP_NAMES for n in names)
-        if isinstance(e, (TimeoutError, openai.APITimeoutError, _httpx.TimeoutException)) and not dropped:
+        if isinstance(e, (TimeoutError, httpx.TimeoutException)) and not dropped:
             return Failure(
                 ErrorKind.timeout,
                 f"no complete response within {self.cfg.timeout_s:g}s from {self.where}",
                 retriable=True,
             )
-        # Errors while streaming the body come from the HTTP library itself, not wrapped by the SDK.
-        if dropped or isinstance(e, (openai.APIConnectionError, OSError, _httpx.TransportError)):
+        # Errors while streaming the body come from the HTTP library itself, not wrapped.
+        if dropped or isinstance(e, (_ConnectionFailed, OSError, httpx.TransportError)):
             what = "connection dropped or response cut off" if dropped else "connection failed"
             return Failure(
                 ErrorKind.connection, f"{what} ({names[-1]}) talking to {self.where}", retriable=True
             )
-        if isinstance(e, openai.APIResponseValidationError):
-            return Failure(ErrorKind.server, f"invalid response from {self.where}", retriable=True)
         return Failure(ErrorKind.other, self._scrub(f"{type(e).__name__}: {e}"), retriable=False)
 
 
-def _status_error(resp: Any, body: bytes) -> openai.APIStatusError:
-    """The SDK's exception for an HTTP error status (same class, status and parsed body)."""
-    resp._content = body  # the body was streamed: keep it readable as e.response.text
-    try:
-        parsed: Any = json.loads(body)
-    except ValueError:
-        parsed = body.decode("utf-8", "replace")
-    status = resp.status_code
-    classes: dict[int, type[openai.APIStatusError]] = {
-        400: openai.BadRequestError,
-        401: openai.AuthenticationError,
-        403: openai.PermissionDeniedError,
-        404: openai.NotFoundError,
-        409: openai.ConflictError,
-        422: openai.UnprocessableEntityError,
-        429: openai.RateLimitError,
-    }
-    cls = classes.get(status, openai.InternalServerError if status >= 500 else openai.APIStatusError)
-    return cls(f"Error code: {status} - {parsed}", response=resp, body=parsed)
-
-
-def _error_detail(e: openai.APIStatusError) -> str:
+def _error_detail(e: HTTPStatusError) -> str:
     """The server's error message, short."""
     body = e.body
     msg = None
@@ -394,10 +391,7 @@ def _error_detail(e: openai.APIStatusError) -> str:
         if msg is None:
             msg = body.get("detail") or body.get("message")
     if msg is None:
-        try:
-            msg = e.response.text
-        except Exception:  # noqa: BLE001 - body may be unreadable
-            msg = ""
+        msg = e.text
     return str(msg).replace("\n", " ")[:300]
 
 

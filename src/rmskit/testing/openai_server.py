@@ -85,6 +85,7 @@ class RequestRecord(BaseModel):
     response_format: bool = False
     authorization: str | None = None
     body: dict[str, Any] | None = None  # only with keep_bodies=True
+    headers: dict[str, str] | None = None  # lower-cased names; only with keep_bodies=True
 
 
 class ServerStats(BaseModel):
@@ -528,7 +529,12 @@ class OpenAITestServer:
         method = req.method.decode()
         if method == "POST" and path.rstrip("/").endswith("/chat/completions"):
             auth = next((v.decode("latin-1") for k, v in req.headers if k == b"authorization"), None)
-            return await self._chat(conn, writer, path, raw, auth)
+            headers = (
+                {k.decode("latin-1"): v.decode("latin-1") for k, v in req.headers}
+                if self.keep_bodies
+                else None
+            )
+            return await self._chat(conn, writer, path, raw, auth, headers)
         if method == "GET" and path.rstrip("/").endswith("/models"):
             t_start = time.monotonic()
             if self.models_latency:
@@ -582,7 +588,13 @@ class OpenAITestServer:
         return json.dumps({"error": {"message": message, "type": typ, "param": param, "code": None}}).encode()
 
     async def _chat(
-        self, conn: h11.Connection, writer: asyncio.StreamWriter, path: str, raw: bytes, auth: str | None
+        self,
+        conn: h11.Connection,
+        writer: asyncio.StreamWriter,
+        path: str,
+        raw: bytes,
+        auth: str | None,
+        headers: dict[str, str] | None = None,
     ) -> bool:
         t_start = time.monotonic()
         try:
@@ -610,6 +622,7 @@ class OpenAITestServer:
                 response_format=bool(body.get("response_format")),
                 authorization=auth,
                 body=body if self.keep_bodies else None,
+                headers=headers,
             )
             self.records.append(rec)
         fault = self._pick_fault(body, index)
