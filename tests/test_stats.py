@@ -176,7 +176,7 @@ def test_vendi_delta_method_in_blocks_and_from_float32(monkeypatch: pytest.Monke
 
 
 def test_bootstrap_draws_in_bounded_batches_with_the_same_interval(monkeypatch: pytest.MonkeyPatch) -> None:
-    """scipy draws each batch's resampled indices at once (200 x n of them): batches bounded by
+    """Each batch's resampled indices are drawn at once (200 x n of them): batches bounded by
     BOOTSTRAP_INDICES keep that flat at 100k items, and give the interval one batch gives."""
     rng = np.random.default_rng(4)
     codes = rng.integers(0, 5, 3000)
@@ -187,20 +187,118 @@ def test_bootstrap_draws_in_bounded_batches_with_the_same_interval(monkeypatch: 
         p = np.bincount(codes[idx], minlength=5) / len(idx)
         return float(-(p[p > 0] * np.log(p[p > 0])).sum())
 
-    import scipy.stats
-
     batches: list[int] = []
-    real = scipy.stats.bootstrap
+    real = stats._bootstrap
 
-    def spy(*a: object, **k: object) -> object:
-        batches.append(k["batch"])  # type: ignore[arg-type]
-        return real(*a, **k)  # type: ignore[arg-type]
+    def spy(groups: list[np.ndarray], stat: object, **k: object) -> object:
+        def counted(*idx: np.ndarray, axis: int = -1) -> object:
+            batches.append(idx[0].shape[0] if idx[0].ndim > 1 else 0)
+            return stat(*idx, axis=axis)  # type: ignore[operator]
 
-    monkeypatch.setattr(scipy.stats, "bootstrap", spy)
+        return real(groups, counted, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(stats, "_bootstrap", spy)
     one = stats.item_estimate("h", len(codes), entropy, n_resamples=200)
+    assert batches == [200]
     monkeypatch.setattr(stats, "BOOTSTRAP_INDICES", 3000 * 7)  # 7 resamples per call
     calls.clear()
+    batches.clear()
     batched = stats.item_estimate("h", len(codes), entropy, n_resamples=200)
-    assert batches == [200, 7]
+    assert batches == [7] * 28 + [4]
     assert (batched.low, batched.high) == (one.low, one.high)
     assert len(calls) == 1 + 200  # the point value, then every resample once
+
+
+# --- the arithmetic taken from scipy.stats, held to scipy.stats -------------------------------------
+
+
+def test_wilson_interval_is_scipys_binomtest_wilson() -> None:
+    from scipy.stats import binomtest
+
+    for n in (1, 2, 3, 7, 20, 33, 100, 1000, 96_379):
+        for k in sorted({0, 1, n // 3, n // 2, n - 1, n} - {-1}):
+            for conf in (0.8, 0.95, 0.99):
+                ci = binomtest(k, n).proportion_ci(confidence_level=conf, method="wilson")
+                assert stats.wilson_interval(k, n, conf) == (float(ci.low), float(ci.high)), (k, n, conf)
+    with pytest.raises(ValueError, match="k must be in"):
+        stats.wilson_interval(3, 2)
+    with pytest.raises(ValueError, match="k must be in"):
+        stats.wilson_interval(0, 0)
+
+
+def test_normal_quantile_is_scipys_norm_ppf() -> None:
+    for p in (0.5, 0.9, 0.95, 0.975, 0.995, 0.001):
+        assert stats.normal_quantile(p) == float(norm.ppf(p))
+
+
+def test_average_ranks_are_scipys_rankdata() -> None:
+    from scipy.stats import rankdata
+
+    rng = np.random.default_rng(0)
+    cases = [
+        rng.integers(0, 4, (50, 37)).astype(float),  # many ties per row
+        rng.random((3, 200)),  # none
+        np.array([[1.0, 1.0, 1.0]]),  # one run
+        np.array([2.0, 1.0, 2.0, 3.0, 1.0]),  # 1-D
+        rng.integers(0, 3, (2, 4, 9)),  # 3-D, integers
+        np.array([[0.5, -np.inf, np.inf, 0.5]]),
+    ]
+    for x in cases:
+        np.testing.assert_array_equal(stats.average_ranks(x), rankdata(x, axis=-1))
+
+
+@pytest.mark.parametrize("method", ["percentile", "basic"])
+@pytest.mark.parametrize("strata", [1, 2])
+def test_bootstrap_is_scipys_bootstrap_draw_for_draw(
+    method: str, strata: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same generator, the same draws in the same batches (with two strata the batch size decides
+    the order of the draws): scipy's interval."""
+    from scipy.stats import bootstrap
+
+    rng = np.random.default_rng(7)
+    scores = rng.random(90)
+    groups = [np.arange(60), np.arange(60, 90)][:strata]
+    total = sum(len(g) for g in groups)
+
+    def stat(*idx: np.ndarray, axis: int = -1) -> np.ndarray:
+        return sum(scores[i].mean(axis=axis) * (j + 1) for j, i in enumerate(idx))
+
+    for n_resamples, batch in ((200, 200), (200, 7), (99, 99)):
+        monkeypatch.setattr(stats, "BOOTSTRAP_INDICES", total * batch)
+        ours = stats._bootstrap(groups, stat, n_resamples=n_resamples, seed=3, confidence=0.9, method=method)
+        ref = bootstrap(
+            tuple(groups),
+            stat,
+            n_resamples=n_resamples,
+            batch=batch,
+            vectorized=True,
+            paired=False,
+            confidence_level=0.9,
+            method=method,
+            rng=np.random.default_rng(3),
+        ).confidence_interval
+        assert ours == pytest.approx((ref.low, ref.high), rel=1e-12, abs=0)
+    with pytest.raises(ValueError, match="two or more"):
+        stats._bootstrap([np.arange(1)], stat, n_resamples=10, seed=0, confidence=0.9)
+    with pytest.raises(ValueError, match="percentile or basic"):
+        stats._bootstrap(groups, stat, n_resamples=10, seed=0, confidence=0.9, method="BCa")
+
+
+def test_no_reported_number_imports_scipy_stats() -> None:
+    """The finish worker's probes (Wilson, AUROC, bootstraps, the delta method) without scipy.stats."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "from rmskit import stats\n"
+        "rng = np.random.default_rng(0); y = rng.random(300) < 0.4; s = rng.random(300)\n"
+        "x = rng.normal(size=(260, 8)); x /= np.linalg.norm(x, axis=1, keepdims=True)\n"
+        "stats.wilson(3, 10); stats.auroc(y, s); stats.classifier_metric('kappa', y, s < 0.5)\n"
+        "stats.vendi(x[:40]); stats.vendi(x); stats.item_estimate('m', 50, lambda i: float(len(set(i))))\n"
+        "print('scipy.stats' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False"]

@@ -1,7 +1,7 @@
 """Every number rmskit reports: a value, its n, a 95% interval, and a floor below which it is withheld.
 
-- proportions (recall, false-refusal rate, plain accuracy): Wilson interval (scipy `binomtest`);
-- balanced accuracy, macro-F1, AUROC, Cohen's kappa: stratified bootstrap (scipy `bootstrap`, each
+- proportions (recall, false-refusal rate, plain accuracy): Wilson interval (scipy `binomtest`'s);
+- balanced accuracy, macro-F1, AUROC, Cohen's kappa: stratified bootstrap (scipy `bootstrap`'s, each
   class resampled on its own so class counts stay fixed; seeded; 1,000 resamples by default);
 - Vendi score: bootstrap over items (basic interval, because duplicates in a resample bias the
   resampled Vendi score downwards and the basic interval reflects that shift back); past 2,000 items
@@ -27,6 +27,21 @@ CONFIDENCE = 0.95
 
 Bools = Sequence[bool] | np.ndarray  # labels / predictions
 Floats = Sequence[float] | np.ndarray  # scores
+
+
+# Why scipy.stats is not imported here: its import (every distribution's docstrings and objects) costs
+# ~21 MB and ~0.35 s of CPU on top of scipy.special, in every process that reports a number, the build's
+# finish worker included (issue 13: the memory of the build's processes together against curator's).
+# What this module used from it (the Wilson interval, the normal quantile, average ranks, and the
+# percentile and basic bootstrap) is written out below with scipy's own arithmetic, draw for draw, and
+# tests/test_stats.py holds each to scipy.stats on the same inputs.
+
+
+def normal_quantile(p: float) -> float:
+    """The standard normal's p-quantile: scipy.special.ndtri, which scipy.stats.norm.ppf computes."""
+    from scipy.special import ndtri
+
+    return float(ndtri(p))
 
 
 class Estimate(BaseModel):
@@ -87,18 +102,30 @@ def wilson(k: int, n: int, metric: str = "proportion", confidence: float = CONFI
     """k successes out of n with a Wilson score interval; n == 0 gives an insufficient Estimate."""
     if n == 0:
         return Estimate(metric=metric, value=None, n=0, method="wilson", insufficient=True, reason="no items")
-    from scipy.stats import binomtest
-
-    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    low, high = wilson_interval(int(k), int(n), confidence)
     return Estimate(
         metric=metric,
         value=k / n,
-        low=float(ci.low),
-        high=float(ci.high),
+        low=low,
+        high=high,
         n=n,
         method="wilson",
         confidence=confidence,
     )
+
+
+def wilson_interval(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The two-sided Wilson score interval without continuity correction, as scipy's
+    `binomtest(k, n).proportion_ci(method="wilson")` computes it (Newcombe 1998), operation for operation."""
+    if n < 1 or not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, n] and n >= 1 (got k={k}, n={n})")
+    p = k / n
+    z = normal_quantile(0.5 + 0.5 * confidence)
+    denom = 2 * (n + z**2)
+    center = (2 * n * p + z**2) / denom
+    q = 1 - p
+    delta = z / denom * math.sqrt(4 * n * p * q + z**2)
+    return (0.0 if k == 0 else center - delta), (1.0 if k == n else center + delta)
 
 
 def majority_baseline(y: Bools) -> Estimate:
@@ -136,12 +163,29 @@ def _kappa(tp: Any, n_pos: int, tn: Any, n_neg: int) -> Any:
 
 def _auroc(s_pos: Any, s_neg: Any) -> Any:
     """Mann-Whitney U / (n_pos n_neg), ties counted half, via average ranks along the last axis."""
-    from scipy.stats import rankdata
-
     n_pos, n_neg = s_pos.shape[-1], s_neg.shape[-1]
-    ranks = rankdata(np.concatenate([s_pos, s_neg], axis=-1), axis=-1)
+    ranks = average_ranks(np.concatenate([s_pos, s_neg], axis=-1))
     u = ranks[..., :n_pos].sum(axis=-1) - n_pos * (n_pos + 1) / 2
     return u / (n_pos * n_neg)
+
+
+def average_ranks(x: Any) -> np.ndarray:
+    """1-based ranks along the last axis, tied values sharing the mean of their ranks (scipy's
+    `rankdata(x, axis=-1)`): sorted stably, each run of equal values gets (first + last) / 2 + 1."""
+    a = np.asarray(x)
+    order = np.argsort(a, axis=-1, kind="stable")
+    s = np.take_along_axis(a, order, axis=-1)
+    n = a.shape[-1]
+    pos = np.broadcast_to(np.arange(n), a.shape)
+    starts = np.ones(a.shape, dtype=bool)
+    starts[..., 1:] = s[..., 1:] != s[..., :-1]
+    ends = np.ones(a.shape, dtype=bool)
+    ends[..., :-1] = starts[..., 1:]
+    first = np.maximum.accumulate(np.where(starts, pos, 0), axis=-1)
+    last = np.flip(np.minimum.accumulate(np.flip(np.where(ends, pos, n), axis=-1), axis=-1), axis=-1)
+    ranks = np.empty(a.shape, dtype=np.float64)
+    np.put_along_axis(ranks, order, (first + last) / 2 + 1, axis=-1)
+    return ranks
 
 
 CONFUSION_METRICS: dict[str, Callable[..., Any]] = {
@@ -163,23 +207,30 @@ def _bootstrap(
     confidence: float,
     method: str = "percentile",
 ) -> tuple[float, float]:
-    """scipy's bootstrap over index arrays, one per stratum (each resampled on its own)."""
-    from scipy.stats import bootstrap
-
-    total = sum(len(g) for g in groups)
-    res = bootstrap(
-        tuple(np.asarray(g) for g in groups),
-        stat,
-        n_resamples=n_resamples,
-        # scipy draws a batch's resampled indices at once: all 200 x 100k of them would be 160 MB
-        batch=max(1, min(n_resamples, BOOTSTRAP_INDICES // max(total, 1))),
-        vectorized=True,
-        paired=False,
-        confidence_level=confidence,
-        method=method,
-        rng=np.random.default_rng(seed),
-    )
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+    """The percentile or basic bootstrap interval of `stat` over index arrays, one per stratum (each
+    resampled on its own): scipy.stats.bootstrap's algorithm (vectorised, unpaired, two-sided), the
+    same draws from the same generator, so the same interval (a test holds it to scipy's)."""
+    if method not in ("percentile", "basic"):
+        raise ValueError(f"bootstrap method {method!r}: percentile or basic")
+    data = tuple(np.asarray(g) for g in groups)
+    if any(g.shape[-1] <= 1 for g in data):
+        raise ValueError("each sample must contain two or more observations")
+    rng = np.random.default_rng(seed)
+    # a batch's resampled indices are drawn at once: all 200 x 100k of them would be 160 MB
+    batch = max(1, min(n_resamples, BOOTSTRAP_INDICES // max(sum(g.shape[-1] for g in data), 1)))
+    theta = []
+    for k in range(0, n_resamples, batch):
+        size = min(batch, n_resamples - k)
+        theta.append(
+            stat(*(g[..., rng.integers(0, g.shape[-1], (size, g.shape[-1]))] for g in data), axis=-1)
+        )
+    dist = np.concatenate(theta, axis=-1)
+    alpha = np.asarray((1 - confidence) / 2, dtype=dist.dtype)
+    low, high = np.quantile(dist, [alpha, 1 - alpha], axis=-1)
+    if method == "basic":
+        point = stat(*data, axis=-1)
+        low, high = 2 * point - high, 2 * point - low
+    return float(low), float(high)
 
 
 def _strata(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -426,10 +477,8 @@ def vendi(
     n = xx.shape[0]
     method = f"bootstrap basic ({n_resamples} resamples, seed {seed})"
     if n > bootstrap_max_n and n >= min_n:
-        from scipy.stats import norm
-
         value, se = vendi_delta_se(xx)  # float32 rows too: it sums them in float64 blocks
-        z = float(norm.ppf(0.5 + confidence / 2))
+        z = normal_quantile(0.5 + confidence / 2)
         return Estimate(
             metric="vendi_score",
             value=value,

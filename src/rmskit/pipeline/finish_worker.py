@@ -1,7 +1,7 @@
 """The build's finish in its own process: `python -m rmskit.pipeline.finish_worker` (started by `Finish`).
 
-While the run goes on it imports the modules the probes and the export need (scipy, datasketch,
-pyarrow, the export: ~1 s of CPU), at a lower CPU priority (nice 10), so it takes the cores' idle
+While the run goes on it imports the modules the probes and the export need (scipy.optimize and
+scipy.special, datasketch, pyarrow, the export: ~0.7 s of CPU), at a lower CPU priority (nice 10), so it takes the cores' idle
 time and never the build's GIL. After the last response the build sends the run directory (and the
 kept queries' embeddings, which it computed in the background with the MiniLM it may already hold for
 its taxonomy); the worker runs the probes and the export on a read-only ledger and answers with the
@@ -60,8 +60,8 @@ def _warm() -> None:
     heap.fix_mmap_threshold()  # curation's large arrays go back to the system before the Parquet write
     import datasketch  # noqa: F401  (its LSH imports scipy.integrate)
     import pyarrow.parquet  # noqa: F401
-    import scipy.optimize  # noqa: F401
-    import scipy.stats  # noqa: F401  (~0.7 s: scipy 1.17 rewrites docstrings at import)
+    import scipy.optimize  # noqa: F401  (the leakage probe's L-BFGS)
+    import scipy.special  # noqa: F401  (expit, ndtri; scipy.stats is not needed: rmskit.stats)
     from threadpoolctl import threadpool_limits
 
     import rmskit.export  # noqa: F401
