@@ -822,3 +822,17 @@ def test_the_backend_never_imports_the_openai_sdk() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["(2,", "['test-model'])"]
+
+
+def test_the_transport_is_aiohttp_under_httpx_where_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import httpx
+
+    from rmskit.models import openai_compat
+
+    c = BackendConfig(spec="openai:m", base_url="http://127.0.0.1:9/v1")
+    assert type(openai_compat._make_http_client(c, "auto")).__name__ == "HttpxAiohttpClient"
+    assert type(openai_compat._make_http_client(c, "httpx")) is httpx.AsyncClient
+    monkeypatch.setattr(openai_compat, "HttpxAiohttpClient", None)  # an install without the adapter
+    assert type(openai_compat._make_http_client(c, "auto")) is httpx.AsyncClient
+    with pytest.raises(ValueError, match="needs the httpx-aiohttp and aiohttp packages"):
+        openai_compat._make_http_client(c, "aiohttp")

@@ -28,6 +28,11 @@ from urllib.parse import urlsplit
 import httpx
 
 import rmskit
+
+try:  # aiohttp under httpx; without it, httpx's own transport
+    from httpx_aiohttp import HttpxAiohttpClient
+except ImportError:  # pragma: no cover - a dependency; only a trimmed install lacks it
+    HttpxAiohttpClient = None
 from rmskit.config import BackendConfig
 from rmskit.models.base import BackendError, ErrorKind, GenParams, Message
 from rmskit.models.images import ImageURLs, encode_image_data_url  # noqa: F401 - re-exported
@@ -136,16 +141,12 @@ def _make_http_client(cfg: BackendConfig, transport: str) -> httpx.AsyncClient:
     )
     timeout = httpx.Timeout(cfg.timeout_s, connect=min(cfg.timeout_s, 15.0))
     if transport in ("auto", "aiohttp"):
-        try:
-            from httpx_aiohttp import HttpxAiohttpClient
-        except ImportError:
-            if transport == "aiohttp":
-                raise ValueError(
-                    "transport 'aiohttp' needs the httpx-aiohttp and aiohttp packages "
-                    "(pip install httpx-aiohttp)"
-                ) from None
-        else:
+        if HttpxAiohttpClient is not None:
             return HttpxAiohttpClient(limits=limits, timeout=timeout, follow_redirects=True)
+        if transport == "aiohttp":
+            raise ValueError(
+                "transport 'aiohttp' needs the httpx-aiohttp and aiohttp packages (pip install httpx-aiohttp)"
+            )
     return httpx.AsyncClient(limits=limits, timeout=timeout, follow_redirects=True)
 
 
