@@ -21,7 +21,7 @@ from rmskit.models import GenParams, ImageInput, Message, load_backend  # noqa: 
 from rmskit.pipeline.runner import run_build  # noqa: E402
 from rmskit.records import ImageRecord  # noqa: E402
 
-# The SDK import is start-up (as the peers' imports are), not a cost per request.
+# The backend's HTTP stack (httpx, aiohttp) is start-up, as the peers' imports are, not a cost per request.
 importlib.import_module("rmskit.models.openai_compat")
 
 

@@ -4,7 +4,7 @@ plugins add models); rmskit's own kinds are registered the same way, below, with
 
 An entry point's object is a `BackendKind`, a list of them, or a zero-argument callable returning
 either. Loading is lazy: a kind names its factory as "module:attr", imported only when used, so
-listing kinds or validating a spec never imports torch, vLLM or the openai SDK.
+listing kinds or validating a spec never imports torch, vLLM or an HTTP stack.
 """
 
 from __future__ import annotations
