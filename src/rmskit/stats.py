@@ -171,7 +171,8 @@ def _auroc(s_pos: Any, s_neg: Any) -> Any:
 
 def average_ranks(x: Any) -> np.ndarray:
     """1-based ranks along the last axis, tied values sharing the mean of their ranks (scipy's
-    `rankdata(x, axis=-1)`): sorted stably, each run of equal values gets (first + last) / 2 + 1."""
+    `rankdata(x, axis=-1)` for data without NaN, as scores are): sorted stably, each run of equal values
+    gets (first + last) / 2 + 1."""
     a = np.asarray(x)
     order = np.argsort(a, axis=-1, kind="stable")
     s = np.take_along_axis(a, order, axis=-1)

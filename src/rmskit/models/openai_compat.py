@@ -29,16 +29,16 @@ from urllib.parse import urlsplit
 import httpx
 
 import rmskit
-
-try:  # aiohttp under httpx; without it, httpx's own transport
-    from httpx_aiohttp import HttpxAiohttpClient
-except ImportError:  # pragma: no cover - a dependency; only a trimmed install lacks it
-    HttpxAiohttpClient = None
 from rmskit.config import BackendConfig
 from rmskit.models.base import BackendError, ErrorKind, GenParams, Message
 from rmskit.models.images import ImageURLs, encode_image_data_url  # noqa: F401 - re-exported
 from rmskit.models.limits import parse_retry_after
 from rmskit.models.remote import Failure, RemoteBackend, RemoteStats, Reply
+
+try:  # aiohttp under httpx; without it, httpx's own transport
+    from httpx_aiohttp import HttpxAiohttpClient
+except ImportError:  # pragma: no cover - a dependency; only a trimmed install lacks it
+    HttpxAiohttpClient = None
 
 PLACEHOLDER_KEY = "EMPTY"  # what local servers without auth expect (vLLM/SGLang accept any key)
 _KEY_LIKE = re.compile(r"\b(sk|pk|rk)-[A-Za-z0-9_\-*]{6,}")
@@ -267,7 +267,7 @@ class OpenAIBackend(RemoteBackend):
         try:
             resp = await self._http.send(req, stream=True)
         except httpx.TimeoutException:
-            raise
+            raise  # classified as a timeout as it is
         except Exception as e:
             raise _ConnectionFailed(f"{type(e).__name__} sending to {self.where}") from e
         cap = self.cfg.max_response_bytes

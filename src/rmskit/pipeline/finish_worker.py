@@ -1,11 +1,11 @@
 """The build's finish in its own process: `python -m rmskit.pipeline.finish_worker` (started by `Finish`).
 
 While the run goes on it imports the modules the probes and the export need (scipy.optimize and
-scipy.special, datasketch, pyarrow, the export: ~0.7 s of CPU), at a lower CPU priority (nice 10), so it takes the cores' idle
-time and never the build's GIL. After the last response the build sends the run directory (and the
-kept queries' embeddings, which it computed in the background with the MiniLM it may already hold for
-its taxonomy); the worker runs the probes and the export on a read-only ledger and answers with the
-probes, which the build stores (it holds the run's write lock). Issue 13 §6: in the build's own process
+scipy.special, datasketch, pyarrow, the export: ~0.7 s of CPU), at a lower CPU priority (nice 10), so
+it takes the cores' idle time and never the build's GIL. After the last response the build sends the
+run directory (and the kept queries' embeddings, which it computed in the background with the MiniLM it
+may already hold for its taxonomy); the worker runs the probes and the export on a read-only ledger and
+answers with the probes, which the build stores (it holds the run's write lock). Issue 13 §6: in the build's own process
 the same imports took ~1 s of the finish, and importing them in a thread during the run's tail slowed
 the tail as much as it saved (the GIL).
 
