@@ -218,15 +218,15 @@ def _bootstrap(
         raise ValueError("each sample must contain two or more observations")
     rng = np.random.default_rng(seed)
     # a batch's resampled indices are drawn at once: all 200 x 100k of them would be 160 MB
-    batch = max(1, min(n_resamples, BOOTSTRAP_INDICES // max(sum(g.shape[-1] for g in data), 1)))
+    batch = max(1, BOOTSTRAP_INDICES // sum(g.shape[-1] for g in data))
     theta = []
     for k in range(0, n_resamples, batch):
         size = min(batch, n_resamples - k)
         theta.append(
             stat(*(g[..., rng.integers(0, g.shape[-1], (size, g.shape[-1]))] for g in data), axis=-1)
         )
-    dist = np.concatenate(theta, axis=-1)
-    alpha = np.asarray((1 - confidence) / 2, dtype=dist.dtype)
+    dist = np.concatenate(theta, axis=-1)  # float64: every statistic here is
+    alpha = (1 - confidence) / 2
     low, high = np.quantile(dist, [alpha, 1 - alpha], axis=-1)
     if method == "basic":
         point = stat(*data, axis=-1)
