@@ -279,10 +279,40 @@ def test_bootstrap_is_scipys_bootstrap_draw_for_draw(
             rng=np.random.default_rng(3),
         ).confidence_interval
         assert ours == pytest.approx((ref.low, ref.high), rel=1e-12, abs=0)
-    with pytest.raises(ValueError, match="two or more"):
+    with pytest.raises(ValueError, match=r"^each sample must contain two or more observations$"):
         stats._bootstrap([np.arange(1)], stat, n_resamples=10, seed=0, confidence=0.9)
-    with pytest.raises(ValueError, match="percentile or basic"):
+    with pytest.raises(ValueError, match=r"^bootstrap method 'BCa': percentile or basic$"):
         stats._bootstrap(groups, stat, n_resamples=10, seed=0, confidence=0.9, method="BCa")
+
+
+def test_bootstrap_draws_one_resample_at_a_time_when_one_is_over_the_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """More items than BOOTSTRAP_INDICES: batches of one resample, never of none (and the same interval)."""
+    rng = np.random.default_rng(1)
+    scores = rng.random(40)
+    sizes: list[int] = []
+
+    def stat(idx: np.ndarray, axis: int = -1) -> np.ndarray:
+        sizes.append(idx.shape[0] if idx.ndim > 1 else 0)
+        return scores[idx].mean(axis=-1)
+
+    whole = stats._bootstrap([np.arange(40)], stat, n_resamples=5, seed=2, confidence=0.9)
+    monkeypatch.setattr(stats, "BOOTSTRAP_INDICES", 39)
+    sizes.clear()
+    assert (
+        stats._bootstrap([np.arange(40)], stat, n_resamples=5, seed=2, confidence=0.9) == whole
+    )  # one stratum
+    assert sizes == [1, 1, 1, 1, 1]
+
+
+def test_vendi_of_integer_rows_is_vendi_of_the_same_rows_as_floats() -> None:
+    rng = np.random.default_rng(5)
+    rows = rng.integers(-3, 4, (30, 6))
+    rows[rows.sum(axis=1) == 0, 0] += 1  # no zero row
+    for kw in ({}, {"bootstrap_max_n": 10}):  # the bootstrap, then the delta method
+        a, b = stats.vendi(rows, n_resamples=20, **kw), stats.vendi(rows.astype(float), n_resamples=20, **kw)
+        assert (a.value, a.low, a.high) == pytest.approx((b.value, b.low, b.high), rel=1e-12)
 
 
 def test_no_reported_number_imports_scipy_stats() -> None:

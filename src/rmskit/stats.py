@@ -472,9 +472,7 @@ def vendi(
     interval past `bootstrap_max_n` items)."""
     from threadpoolctl import threadpool_limits
 
-    xx = np.asarray(x)
-    if not np.issubdtype(xx.dtype, np.floating):
-        xx = xx.astype(float)
+    xx = np.asarray(x)  # integer rows too: both paths below work in float64
     n = xx.shape[0]
     method = f"bootstrap basic ({n_resamples} resamples, seed {seed})"
     if n > bootstrap_max_n and n >= min_n:
