@@ -830,9 +830,18 @@ def test_the_transport_is_aiohttp_under_httpx_where_installed(monkeypatch: pytes
     from rmskit.models import openai_compat
 
     c = BackendConfig(spec="openai:m", base_url="http://127.0.0.1:9/v1")
-    assert type(openai_compat._make_http_client(c, "auto")).__name__ == "HttpxAiohttpClient"
-    assert type(openai_compat._make_http_client(c, "httpx")) is httpx.AsyncClient
+
+    def kind(transport: str) -> str:
+        client = openai_compat._make_http_client(c, transport)
+        run(client.aclose())
+        return {httpx.AsyncClient: "httpx"}.get(type(client), type(client).__name__)
+
+    assert (kind("auto"), kind("aiohttp"), kind("httpx")) == (
+        "HttpxAiohttpClient",
+        "HttpxAiohttpClient",
+        "httpx",
+    )
     monkeypatch.setattr(openai_compat, "HttpxAiohttpClient", None)  # an install without the adapter
-    assert type(openai_compat._make_http_client(c, "auto")) is httpx.AsyncClient
+    assert kind("auto") == "httpx"
     with pytest.raises(ValueError, match="needs the httpx-aiohttp and aiohttp packages"):
         openai_compat._make_http_client(c, "aiohttp")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rmskit.config import BuildConfig
-from rmskit.curate import CurateResult, apply_review, curate
+from rmskit.curate import CurateResult, PhashIndex, apply_review, curate
 from rmskit.ledger.store import LEDGER_NAME, Ledger
 from rmskit.pipeline.quality import pass_rates_by_category
 from rmskit.records import Sample
@@ -211,26 +211,27 @@ def _image_files(led: Ledger, kept: set[str], moved: dict[str, str]) -> dict[str
 def _locate_image(sha: str, recorded: object, run_dir: Path) -> str | None:
     """The normalised copy: where the record says, else in this run's images/ (a moved run directory, or a
     record without a usable path: a hand-edited or foreign ledger)."""
-    by_sha = run_dir / "images" / f"{sha}.jpg"
-    if not isinstance(recorded, str) or not recorded:  # os.path.isfile(42) would stat file descriptor 42
-        return str(by_sha) if by_sha.is_file() else None
+    # not a str: os.path.isfile(42) would stat file descriptor 42
+    path = recorded if isinstance(recorded, str) and recorded else None
     # os.path, not a Path, for the usual case: pathlib interns every path part, and the interpreter's
     # table of interned strings never shrinks (7.7 MB for 96k image names, held to the worker's end)
-    if os.path.isfile(recorded):
-        return recorded
-    for candidate in (run_dir / "images" / Path(recorded).name, by_sha):
+    if path is not None and os.path.isfile(path):
+        return path
+    images = run_dir / "images"
+    names = (Path(path).name, f"{sha}.jpg") if path is not None else (f"{sha}.jpg",)
+    for candidate in (images / name for name in names):
         if candidate.is_file():
             return str(candidate)
     return None
 
 
 def _readable_phash(ph: object) -> bool:
-    """A hex perceptual hash; an image whose record holds anything else is left out as unavailable (its
-    samples dropped with that rule) rather than failing the whole curation."""
-    if not isinstance(ph, str) or not ph.strip():
+    """A hash curation's index can read (`PhashIndex.parse`); an image whose record holds anything else is
+    left out as unavailable (its samples dropped with that rule) rather than failing the whole curation."""
+    if not isinstance(ph, str):
         return False
     try:
-        int(ph, 16)
+        PhashIndex.parse(ph)
     except ValueError:
         return False
     return True
