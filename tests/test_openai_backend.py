@@ -20,7 +20,7 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 from rmskit.config import BackendConfig
-from rmskit.models import images
+from rmskit.models import images, openai_compat
 from rmskit.models.base import BackendError, ErrorKind, GenParams, ImageInput, Message
 from rmskit.models.limits import RequestLimiter, RetryPolicy, TokenBucket, parse_retry_after, request_priority
 from rmskit.models.openai_compat import OpenAIBackend
@@ -778,10 +778,12 @@ def test_listing_models_turns_every_failure_into_a_backend_error(
     import httpx
 
     async def go() -> BackendError:
-        b = OpenAIBackend(BackendConfig(spec="openai:m", base_url="http://127.0.0.1:9/v1"))
-        await b._http.aclose()
-        b._http = httpx.AsyncClient(
-            transport=httpx.MockTransport(lambda r: httpx.Response(status, content=body))
+        c = BackendConfig(spec="openai:m", base_url="http://127.0.0.1:9/v1")
+        b = OpenAIBackend(c)
+        await b._wire.aclose()
+        b._wire = openai_compat._HttpxWire(
+            c,
+            httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(status, content=body))),
         )
         try:
             with pytest.raises(BackendError) as ei:
@@ -796,14 +798,15 @@ def test_listing_models_turns_every_failure_into_a_backend_error(
         assert "listing models at http://127.0.0.1:9" in str(err)
 
 
-def test_the_backend_never_imports_the_openai_sdk() -> None:
-    """The SDK's import alone was 0.5-0.7 s of CPU and ~26 MB of heap (issue 13): a request, a retry and a
-    model listing all go through with `import openai` made to fail."""
+def test_the_backend_never_imports_the_openai_sdk_nor_httpx() -> None:
+    """The SDK's import alone was 0.5-0.7 s of CPU and ~26 MB of heap, httpx's ~0.18 s and ~7 MB more
+    beside aiohttp (issue 13): a request, a retry and a model listing all go through with `import openai`
+    and `import httpx` made to fail, and so do the build's own imports."""
     import subprocess
     import sys
 
     code = (
-        "import sys; sys.modules['openai'] = None\n"  # any `import openai` now raises
+        "import sys; sys.modules['openai'] = sys.modules['httpx'] = None\n"  # their imports now raise
         "import asyncio\n"
         "from rmskit.config import BackendConfig\n"
         "from rmskit.models.base import Message\n"
@@ -824,24 +827,142 @@ def test_the_backend_never_imports_the_openai_sdk() -> None:
     assert out.stdout.split() == ["(2,", "['test-model'])"]
 
 
-def test_the_transport_is_aiohttp_under_httpx_where_installed(monkeypatch: pytest.MonkeyPatch) -> None:
-    import httpx
-
+def test_the_transport_is_aiohttp_where_installed(monkeypatch: pytest.MonkeyPatch) -> None:
     from rmskit.models import openai_compat
 
     c = BackendConfig(spec="openai:m", base_url="http://127.0.0.1:9/v1")
 
     def kind(transport: str) -> str:
-        client = openai_compat._make_http_client(c, transport)
-        run(client.aclose())
-        return {httpx.AsyncClient: "httpx"}.get(type(client), type(client).__name__)
+        wire = openai_compat.make_wire(c, transport)
+        run(wire.aclose())
+        return type(wire).__name__
 
-    assert (kind("auto"), kind("aiohttp"), kind("httpx")) == (
-        "HttpxAiohttpClient",
-        "HttpxAiohttpClient",
-        "httpx",
-    )
-    monkeypatch.setattr(openai_compat, "HttpxAiohttpClient", None)  # an install without the adapter
-    assert kind("auto") == "httpx"
-    with pytest.raises(ValueError, match="needs the httpx-aiohttp and aiohttp packages"):
-        openai_compat._make_http_client(c, "aiohttp")
+    assert (kind("auto"), kind("aiohttp"), kind("httpx")) == ("_AiohttpWire", "_AiohttpWire", "_HttpxWire")
+    with pytest.raises(ValueError, match="unknown transport"):
+        openai_compat.make_wire(c, "curl")
+    monkeypatch.setattr(openai_compat, "HAVE_AIOHTTP", False)  # an install without aiohttp
+    assert kind("auto") == "_HttpxWire"
+    with pytest.raises(ValueError, match="needs the aiohttp package"):
+        openai_compat.make_wire(c, "aiohttp")
+
+
+def _proxy_env(monkeypatch: pytest.MonkeyPatch, proxy: str | None, no_proxy: str | None = None) -> None:
+    """Both spellings: urllib (and so aiohttp) reads the lower-case one first."""
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        for n in (name, name.upper()):
+            monkeypatch.delenv(n, raising=False)
+    for name, value in (("http_proxy", proxy), ("no_proxy", no_proxy)):
+        if value is not None:
+            monkeypatch.setenv(name, value)
+            monkeypatch.setenv(name.upper(), value)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_requests_go_through_the_environments_proxy(monkeypatch: pytest.MonkeyPatch, transport: str) -> None:
+    """HTTP_PROXY as httpx (and the openai SDK) honour it: the request for a host this machine cannot
+    reach goes to the proxy (the test server, which sees the absolute URL a proxy is sent) with the
+    proxy's credentials from its URL, and NO_PROXY exempts a host, whose requests then go straight to it
+    while the proxy is dead."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with OpenAITestServer(keep_bodies=True) as srv:
+        _proxy_env(monkeypatch, srv.base_url.removesuffix("/v1").replace("//", "//ann:pa%2Fss@"))
+        res, _ = run(
+            gen_once(cfg(srv, base_url="http://api.rmskit.invalid/v1"), user("x"), transport=transport)
+        )
+        assert res.text
+        (rec,) = srv.chat_records()
+        assert rec.path == "http://api.rmskit.invalid/v1/chat/completions"
+        assert rec.headers is not None and rec.headers["host"] == "api.rmskit.invalid"
+        assert rec.headers["proxy-authorization"] == "Basic " + base64.b64encode(b"ann:pa/ss").decode()
+        assert rec.headers["authorization"] == "Bearer EMPTY"  # the endpoint's, not the proxy's
+
+        srv.reset()
+        _proxy_env(monkeypatch, "http://127.0.0.1:9", no_proxy="127.0.0.1")
+        res, _ = run(gen_once(cfg(srv, max_retries=0), user("x"), transport=transport))
+        assert res.text and [r.path for r in srv.chat_records()] == ["/v1/chat/completions"]
+
+
+def test_the_aiohttp_wire_makes_no_thread_hop_per_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    """aiohttp's `trust_env` reads .netrc and the proxy settings in the loop's thread pool on every
+    request: two thread hops that more than doubled the client's CPU per request (issue 13). The wire
+    looks the proxy up once; warm requests never reach the executor."""
+    _proxy_env(monkeypatch, None)
+
+    async def go(url: str) -> list[str]:
+        b = OpenAIBackend(BackendConfig(spec="openai:test-model", base_url=url), transport="aiohttp")
+        try:
+            await b.generate(user("warm"))
+            loop = asyncio.get_running_loop()
+            hops: list[str] = []
+            real = loop.run_in_executor
+
+            def spy(executor: Any, fn: Any, *args: Any) -> Any:
+                hops.append(getattr(fn, "__name__", repr(fn)))
+                return real(executor, fn, *args)
+
+            monkeypatch.setattr(loop, "run_in_executor", spy)
+            replies = await asyncio.gather(*(b.generate(user(f"q{i}")) for i in range(20)))
+            assert all(r.text for r in replies)
+            return hops
+        finally:
+            await b.aclose()
+
+    with OpenAITestServer() as srv:
+        assert run(go(srv.base_url)) == []
+
+
+def test_https_endpoints_verify_with_certifi_or_the_environments_bundle(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """As httpx: SSL_CERT_FILE when set, else certifi's bundle (a slim container may have no system CAs);
+    a plain-HTTP endpoint loads no certificates at all."""
+    import ssl
+
+    import certifi
+
+    from rmskit.models import openai_compat
+
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    ctx = openai_compat._ssl_context()
+    assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+    certifi_cas = ctx.cert_store_stats()["x509_ca"]
+    assert certifi_cas > 50
+    one = tmp_path / "one-ca.pem"
+    pem = Path(certifi.where()).read_text()
+    one.write_text(pem[: pem.index("-----END CERTIFICATE-----") + len("-----END CERTIFICATE-----")] + "\n")
+    monkeypatch.setenv("SSL_CERT_FILE", str(one))
+    assert openai_compat._ssl_context().cert_store_stats()["x509_ca"] == 1
+
+    async def connector_ssl(url: str) -> Any:
+        wire = openai_compat._AiohttpWire(BackendConfig(spec="openai:m", base_url=url))
+        session = wire._open(url + "/chat/completions")
+        try:
+            return session.connector._ssl  # type: ignore[union-attr]
+        finally:
+            await wire.aclose()
+
+    assert isinstance(run(connector_ssl("https://api.rmskit.invalid/v1")), ssl.SSLContext)
+    assert run(connector_ssl("http://127.0.0.1:9/v1")) is True  # aiohttp's default, never used for http
+
+
+def test_request_bodies_are_the_payloads_json_and_what_orjson_refuses_goes_through_json() -> None:
+    """The body is the payload, whatever it holds: non-ASCII text as UTF-8 (what servers read), a photo's
+    data URL, and an integer past 64 bits (a user's seed), which orjson refuses and json writes."""
+    from rmskit.models.openai_compat import request_body
+
+    url = "data:image/jpeg;base64," + base64.b64encode(bytes(range(256)) * 40).decode()
+    payload: dict[str, Any] = {
+        "model": "m",
+        "messages": [
+            {"role": "system", "content": "Ünïcødé ✓ \u2028 \"quoted\" \\ back\nslash"},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]},
+        ],
+        "temperature": 0.7,
+        "max_tokens": 512,
+    }
+    body = request_body(payload)
+    assert json.loads(body) == payload
+    assert "Ünïcødé ✓".encode() in body  # not \\u-escaped: UTF-8, as JSON is sent
+    payload["seed"] = 2**70
+    assert json.loads(request_body(payload)) == payload
