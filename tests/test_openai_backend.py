@@ -955,7 +955,7 @@ def test_request_bodies_are_the_payloads_json_and_what_orjson_refuses_goes_throu
     payload: dict[str, Any] = {
         "model": "m",
         "messages": [
-            {"role": "system", "content": "Ünïcødé ✓ \u2028 \"quoted\" \\ back\nslash"},
+            {"role": "system", "content": 'Ünïcødé ✓ \u2028 "quoted" \\ back\nslash'},
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]},
         ],
         "temperature": 0.7,
