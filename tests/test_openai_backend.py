@@ -966,3 +966,75 @@ def test_request_bodies_are_the_payloads_json_and_what_orjson_refuses_goes_throu
     assert "Ünïcødé ✓".encode() in body  # not \\u-escaped: UTF-8, as JSON is sent
     payload["seed"] = 2**70
     assert json.loads(request_body(payload)) == payload
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_compressed_answer_is_capped_at_what_it_inflates_to(transport: str) -> None:
+    """A proxy in front of a server may gzip its answers: the declared length is the compressed one, so
+    the cap (max_response_bytes) holds for the inflated body. A 33 KB answer that inflates to 32 MB is
+    refused; on the aiohttp wire with ~the cap in memory, never read whole first."""
+    import gzip
+    import threading
+    import tracemalloc
+
+    def answer(content: str) -> bytes:
+        msg = {"choices": [{"message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]}
+        return gzip.compress(json.dumps(msg).encode())
+
+    small = json.dumps({"a": "x" * 200_000})
+    bodies = [answer(small), answer("x" * 32_000_000)]
+    assert len(bodies[1]) < 64_000
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")
+        )
+        await reader.readexactly(length)
+        packed = bodies[0]
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+            + f"Content-Length: {len(packed)}\r\n\r\n".encode()
+            + packed
+        )
+        await writer.drain()
+        writer.close()
+
+    ready = threading.Event()
+    port: list[int] = []
+    loop = asyncio.new_event_loop()
+
+    def run_server() -> None:
+        srv = loop.run_until_complete(asyncio.start_server(serve, "127.0.0.1", 0))
+        port.append(srv.sockets[0].getsockname()[1])
+        ready.set()
+        loop.run_forever()
+        srv.close()
+
+    t = threading.Thread(target=run_server, daemon=True)
+    t.start()
+    ready.wait(10)
+    c = BackendConfig(spec="openai:m", base_url=f"http://127.0.0.1:{port[0]}/v1", max_retries=0)
+    try:
+        res, _ = run(
+            gen_once(c.model_copy(update={"max_response_bytes": 1 << 20}), user("x"), transport=transport)
+        )
+        assert res.text == small
+        bodies.pop(0)  # the bomb from now on
+        tracemalloc.start()
+        try:
+            with pytest.raises(BackendError) as ei:
+                run(
+                    gen_once(
+                        c.model_copy(update={"max_response_bytes": 65_536}), user("x"), transport=transport
+                    )
+                )
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert ei.value.kind == ErrorKind.too_large
+        if transport == "aiohttp":  # httpx inflates each received chunk whole (see _HttpxWire)
+            assert peak < 8_000_000
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(10)
