@@ -3,8 +3,9 @@ LM Studio, OpenAI) over aiohttp's client, or httpx's where aiohttp is not instal
 
 Why aiohttp's own client and not httpx over it (the `httpx-aiohttp` adapter the openai SDK vendors,
 used here until issue 13's last profile): the adapter runs every request through httpx's models as
-well (URL parsing and merging, header merging, cookie extraction, a Request and a Response object),
-~40% of the client's CPU per request in a profile of job (b) (bench/peers). The request here is always
+well (URL parsing and merging, header merging, cookie extraction, a Request and a Response object):
+about half of the HTTP path's CPU in a cProfile of job (b) (bench/peers; 2.6 of the 5.2 s spent in
+sending requests and reading their bodies). The request here is always
 one pre-encoded JSON body to one URL, so the wire (`_AiohttpWire`) is a few lines over
 `ClientSession.request`, with the same per-read timeouts, proxies from the environment, certifi's CA
 bundle (as httpx) and redirects followed.
@@ -175,7 +176,8 @@ class _AiohttpWire:
     from the environment (HTTP(S)_PROXY, NO_PROXY), as httpx reads it; no cookie jar (an API client has
     no use for one, and it costs a parse per response). The proxy is looked up once, not per request
     with aiohttp's `trust_env`: that reads .netrc and the proxy settings in a thread for every request,
-    two thread hops that made this wire's CPU per request ~1.9 instead of ~0.8 ms."""
+    two thread hops that made the client's CPU per request 1.5-2.1 instead of 0.8-1.0 ms (bench/peers
+    job (a))."""
 
     def __init__(self, cfg: BackendConfig) -> None:
         self._cfg = cfg
