@@ -31,7 +31,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
 
@@ -156,6 +156,17 @@ def _root_names(err: BaseException) -> list[str]:
     return names
 
 
+async def _read_capped(chunks: AsyncIterator[bytes], cap: int) -> bytes:
+    """The body from its chunks as they arrive (inflated, where it was compressed), refused as soon as it
+    passes `cap` bytes: an oversized answer costs bounded memory."""
+    buf = bytearray()
+    async for chunk in chunks:
+        buf += chunk
+        if len(buf) > cap:
+            raise _TooLarge(f"over {cap:,} bytes")
+    return bytes(buf)
+
+
 class Wire(Protocol):
     """One HTTP exchange: the response body, at most `cap` bytes of it (read as it streams, so an
     oversized answer costs bounded memory). Raises `HTTPStatusError` on an error status, `_TooLarge`,
@@ -208,23 +219,15 @@ class _AiohttpWire:
         except TimeoutError:
             raise  # classified as a timeout as it is
         except Exception as e:
-            raise _ConnectionFailed(f"{type(e).__name__}") from e
+            raise _ConnectionFailed from e
         try:
             declared = resp.content_length
             if declared is not None and declared > cap:
                 raise _TooLarge(f"{declared:,} bytes declared")
             if declared is not None and "Content-Encoding" not in resp.headers:
                 body = await resp.read()  # one buffer, no chunk loop: the usual answer
-                # (a compressed body is streamed: its declared length is not what it inflates to)
-            else:
-                buf = bytearray()
-                async for chunk in resp.content.iter_any():
-                    buf += chunk
-                    if len(buf) > cap:
-                        raise _TooLarge(f"over {cap:,} bytes")
-                body = bytes(buf)
-            if len(body) > cap:
-                raise _TooLarge(f"over {cap:,} bytes")
+            else:  # compressed (its declared length is not what it inflates to), or of unknown length
+                body = await _read_capped(resp.content.iter_any(), cap)
             if resp.status >= 400:
                 raise HTTPStatusError(resp.status, resp.headers, body)
         except BaseException:
@@ -297,19 +300,15 @@ class _HttpxWire:
         except self._httpx.TimeoutException:
             raise  # classified as a timeout as it is
         except Exception as e:
-            raise _ConnectionFailed(f"{type(e).__name__}") from e
+            raise _ConnectionFailed from e
         try:
             declared = resp.headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > cap:
                 raise _TooLarge(f"{int(declared):,} bytes declared")
-            buf = bytearray()
-            async for chunk in resp.aiter_bytes():
-                buf += chunk
-                if len(buf) > cap:
-                    raise _TooLarge(f"over {cap:,} bytes")
+            body = await _read_capped(resp.aiter_bytes(), cap)
             if resp.status_code >= 400:
-                raise HTTPStatusError(resp.status_code, resp.headers, bytes(buf))
-            return bytes(buf)
+                raise HTTPStatusError(resp.status_code, resp.headers, body)
+            return body
         finally:
             await resp.aclose()
 
@@ -449,7 +448,7 @@ class OpenAIBackend(RemoteBackend):
         try:
             return await self._wire.exchange(method, url, content, self._headers, self.cfg.max_response_bytes)
         except _ConnectionFailed as e:
-            raise _ConnectionFailed(f"{e} sending to {self.where}") from e.__cause__
+            raise _ConnectionFailed(f"{type(e.__cause__).__name__} sending to {self.where}") from e.__cause__
 
     def _parse_reply(self, body: bytes) -> Reply:
         return parse_chat_completion(body)
