@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,13 +25,51 @@ TEXTS = [
 ]
 
 
+# A first use on a fresh machine, in a process of its own: the export is made (in a child process), and
+# neither torch nor transformers ever enters the process that asked for the embedder.
+FIRST_USE = """
+import json, sys
+from rmskit import embedding
+v = embedding.OnnxMiniLM().embed(["fire hazard"])
+print(json.dumps({"shape": list(v.shape), "path": str(embedding.onnx_path()),
+                  "loaded": sorted(m for m in ("torch", "transformers") if m in sys.modules)}))
+"""
+
+
 @pytest.fixture(scope="module")
-def onnx_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def first_use(tmp_path_factory: pytest.TempPathFactory) -> dict:
     pytest.importorskip("torch")
-    return embedding.export_onnx(tmp_path_factory.mktemp("cache") / "minilm.onnx")
+    cache = tmp_path_factory.mktemp("cache")
+    env = {**os.environ, "RMSKIT_CACHE_DIR": str(cache)}
+    out = subprocess.run([sys.executable, "-c", FIRST_USE], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return {"cache": cache, **json.loads(out.stdout.strip().splitlines()[-1])}
 
 
-@pytest.mark.slow  # one torch ONNX export (~30 s on 2 loaded cores) shared by the module
+@pytest.fixture(scope="module")
+def onnx_file(first_use: dict) -> Path:
+    return Path(first_use["path"])
+
+
+@pytest.mark.slow  # the module's one torch ONNX export (~30 s on 2 loaded cores)
+def test_a_first_use_exports_in_a_process_of_its_own(first_use: dict) -> None:
+    assert first_use["shape"] == [1, 384]
+    assert Path(first_use["path"]).parent == first_use["cache"] and Path(first_use["path"]).is_file()
+    assert first_use["loaded"] == []  # torch stayed in the export's own process
+    assert not list(first_use["cache"].glob("*.tmp"))
+
+
+def test_a_failed_export_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The child's last lines reach the caller; no half file is left in the cache."""
+    monkeypatch.setattr(embedding.sys, "executable", sys.executable)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    (tmp_path / "sitecustomize.py").write_text("import sys; sys.modules['torch'] = None\n")
+    with pytest.raises(RuntimeError, match=r"ONNX export failed \(exit 1\).*torch"):
+        embedding.export_in_child(tmp_path / "cache" / "minilm.onnx")
+    assert not (tmp_path / "cache" / "minilm.onnx").exists()
+
+
+@pytest.mark.slow
 def test_matches_sentence_transformers(onnx_file: Path) -> None:
     st = pytest.importorskip("sentence_transformers")
     ref = st.SentenceTransformer(str(embedding.model_dir()), device="cpu").encode(

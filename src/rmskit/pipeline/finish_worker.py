@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rmskit import heap
+from rmskit import childproc, heap
 
 NICE = 10
 # Arrow allocates from glibc's heap, not from mimalloc's own (its default): the Parquet write then reuses
@@ -39,20 +39,9 @@ def command() -> list[str]:
     return [sys.executable, "-m", "rmskit.pipeline.finish_worker"]
 
 
-def environment() -> dict[str, Any]:
-    """The parent's environment over `WORKER_ENV`; when this rmskit is not in an installed site directory (a source tree
-    on sys.path), its folder goes on PYTHONPATH. A site directory itself never does: PYTHONPATH comes
-    before the standard library, and a site directory there could shadow it."""
-    import site
-
-    import rmskit
-
-    root = Path(rmskit.__file__).resolve().parent.parent
-    sites = {Path(p).resolve() for p in [*site.getsitepackages(), site.getusersitepackages()]}
-    env = {**WORKER_ENV, **os.environ}
-    if root not in sites:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
-    return env
+def environment() -> dict[str, str]:
+    """The parent's environment over `WORKER_ENV`, with this rmskit findable (`childproc.environment`)."""
+    return childproc.environment(WORKER_ENV)
 
 
 def _warm() -> None:
