@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from rmskit.curate.dedup import NUM_PERM, QueryDup, near_duplicate_queries, shingles
-from rmskit.curate.minhash import CHUNK, Buckets, KeptTexts, lsh_params, signatures, sketch
+from rmskit.curate.minhash import CHUNK, Buckets, KeptTexts, index_dtype, lsh_params, signatures, sketch
 
 
 def _pair(rng: np.random.Generator, vocab: int, size: int, shared: int) -> tuple[set[str], set[str]]:
@@ -180,6 +180,34 @@ def test_kept_texts_against_a_dict_of_lists() -> None:
                 model.setdefault(g, []).append(i)
     assert sum(map(len, model.values())) > 100
     assert kept.near(np.empty(0, dtype=np.int64)).tolist() == []
+    # indices either way: a caller may index with an empty answer as with a full one
+    assert kept.near(np.empty(0, dtype=np.int64)).dtype.kind == "i"
+    assert kept.near(buckets.text_buckets(buckets.shared()[-1])).dtype.kind == "i"
+
+
+def test_a_sketch_of_no_texts_has_the_layout_of_one_of_many() -> None:
+    """n texts: keys (n, bands) uint64, int64 token fingerprints, n + 1 int64 ends; for n = 0 too."""
+    for sets, n in (([], 0), ([{"kettle", "stove"}, {"kettle"}, set()], 3)):
+        sk = sketch(sets, bands=4, rows=2)
+        assert sk.keys.shape == (n, 4) and sk.keys.dtype == np.uint64
+        assert sk.tokens.dtype == np.int64 and len(sk.tokens) == sum(map(len, sets))
+        assert sk.ends.dtype == np.int64 and sk.ends.tolist()[:1] == [0] and len(sk.ends) == n + 1
+        assert len(Buckets(sk.keys).shared()) <= n
+    assert sketch([{"a", "b"}], bands=4, rows=2).jaccard(0, []).shape == (0,)  # against no texts
+
+
+def test_index_dtype_is_int32_while_every_raw_bucket_number_fits() -> None:
+    assert index_dtype(100, 1) is np.int32
+    assert index_dtype(2**27 - 1, 16) is np.int32  # n x bands = 2^31 - 16
+    assert index_dtype(2**27, 16) is np.int64  # 2^31: past int32
+    assert index_dtype(2**31 - 1, 1) is np.int32
+    assert index_dtype(2**31, 1) is np.int64
+    assert Buckets(sketch([{"a"}, {"a"}], bands=1, rows=2).keys)._bucket_text.dtype == np.int32
+
+
+def test_buckets_need_a_band() -> None:
+    with pytest.raises(ValueError, match="at least one band"):
+        Buckets(np.empty((3, 0), dtype=np.uint64))
 
 
 def _golden_corpus() -> list[set[str]]:

@@ -159,15 +159,21 @@ def sketch(sets: Iterable[Collection[str]], bands: int, rows: int, seed: int = 1
     return Sketch(all_keys, all_tokens, ends)
 
 
+def index_dtype(n: int, bands: int) -> type[np.signedinteger]:
+    """int32 for the buckets' indices (half of numpy's int64: templated queries put most texts in shared
+    buckets, ~16 pairs per text) while every raw bucket number, below n x bands, fits; else int64."""
+    return np.int32 if n * bands < 2**31 else np.int64
+
+
 class Buckets:
     """The LSH buckets holding two or more texts, numbered 0..B-1, with each text's buckets and each
     bucket's texts as CSR arrays (O(1) lookups); a text alone in each of its bands is in none."""
 
     def __init__(self, keys: np.ndarray) -> None:
         n, bands = keys.shape
-        # int32 (half of numpy's int64 indices: templated queries put most texts in shared buckets,
-        # ~16 pairs per text) while the raw bucket numbers fit
-        idx = np.int32 if n * max(bands, 1) < 2**31 else np.int64
+        if bands < 1:
+            raise ValueError("LSH keys need at least one band")
+        idx = index_dtype(n, bands)
         texts: list[np.ndarray] = []
         sizes: list[np.ndarray] = []
         # each text's bucket in each band (-1: alone in it). Read row by row it lists a text's buckets
@@ -193,9 +199,9 @@ class Buckets:
             dense[members, j] = local + offset
             offset += int(first.sum())
         # (bucket, text) pairs come out sorted by bucket, then text
-        self._bucket_text = np.concatenate(texts) if texts else np.empty(0, dtype=idx)
+        self._bucket_text = np.concatenate(texts)
         del texts
-        counts = np.concatenate(sizes) if sizes else np.empty(0, dtype=np.int64)
+        counts = np.concatenate(sizes)
         del sizes
         self._bucket_ptr = np.zeros(len(counts) + 1, dtype=idx)
         np.cumsum(counts, out=self._bucket_ptr[1:])
