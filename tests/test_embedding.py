@@ -172,3 +172,24 @@ def test_the_heap_is_trimmed_after_several_model_batches_only(
     e.embed(["fire hazard"])
     e.embed(TEXTS[:2] * embedding.BATCH)
     assert trims == [1]
+
+
+def test_the_export_process_yields_the_cores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """README: the first use's export runs at nice 10, so a build keeps serving its requests meanwhile."""
+    seen: dict = {}
+
+    def fake_run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess:
+        seen["cmd"], seen["env"] = cmd, kw["env"]
+        Path(cmd[-1]).write_bytes(b"onnx")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(embedding.subprocess, "run", fake_run)
+    assert embedding.export_in_child(tmp_path / "m.onnx") == tmp_path / "m.onnx"
+    assert seen["cmd"][1:] == ["-m", "rmskit.embedding", "export", "--nice", "10", str(tmp_path / "m.onnx")]
+    assert seen["env"]["PATH"] == os.environ["PATH"]  # the caller's environment, this rmskit findable
+
+    niced: list[int] = []
+    monkeypatch.setattr(embedding.os, "nice", niced.append)
+    monkeypatch.setattr(embedding, "export_onnx", lambda path: path)
+    assert embedding.main(["export", "--nice", "10", str(tmp_path / "m.onnx")]) == 0
+    assert niced == [10]
