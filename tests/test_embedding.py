@@ -189,7 +189,7 @@ def test_the_export_process_yields_the_cores(tmp_path: Path, monkeypatch: pytest
     assert seen["env"]["PATH"] == os.environ["PATH"]  # the caller's environment, this rmskit findable
 
     niced: list[int] = []
-    monkeypatch.setattr(embedding.os, "nice", niced.append)
+    monkeypatch.setattr(embedding.childproc.os, "nice", niced.append)
     monkeypatch.setattr(embedding, "export_onnx", lambda path: path)
     assert embedding.main(["export", "--nice", "10", str(tmp_path / "m.onnx")]) == 0
     assert niced == [10]

@@ -3,6 +3,7 @@ one-off MiniLM export)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,3 +23,9 @@ def environment(defaults: Mapping[str, str] | None = None) -> dict[str, str]:
     if root not in sites:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
     return env
+
+
+def lower_priority(n: int) -> None:
+    """This process yields the cores to its parent by `n` nice steps (a no-op where there is no nice)."""
+    with contextlib.suppress(OSError, AttributeError):  # not on Windows
+        os.nice(n)

@@ -14,7 +14,6 @@ torch never enters the caller's process.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import logging
 import os
@@ -263,8 +262,7 @@ def main(argv: list[str]) -> int:
     export.add_argument("--nice", type=int, default=0, help="lower this process's CPU priority first")
     args = ap.parse_args(argv)
     if args.nice:
-        with contextlib.suppress(OSError, AttributeError):  # not on Windows
-            os.nice(args.nice)
+        childproc.lower_priority(args.nice)
     print(export_onnx(args.path))
     return 0
 

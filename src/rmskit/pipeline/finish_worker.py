@@ -93,8 +93,7 @@ def main() -> None:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    with contextlib.suppress(OSError, AttributeError):  # not on Windows
-        os.nice(NICE)
+    childproc.lower_priority(NICE)
     _warm()
     line = sys.stdin.readline()
     if line.strip():  # else: cancelled, or the build's process is gone
