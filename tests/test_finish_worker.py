@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -69,6 +70,23 @@ def test_the_worker_finish_equals_the_inline_finish_and_the_worker_is_gone(
     card = (worker / "dataset" / "README.md").read_text(encoding="utf-8")
     assert "CPU probes measured" in card
     assert "finish worker" not in (worker / "build.log").read_text()  # nothing went wrong
+    # where the finish's time went, in the build's log: the build's part, then the worker's wall and CPU
+    phases = r"finish: last queries embedded in [\d.]+ s, handed over in [\d.]+ s, "
+    worker_part = (
+        r"worker's probes [\d.]+ s wall / [\d.]+ s CPU, worker's export [\d.]+ s wall / [\d.]+ s CPU"
+    )
+    assert re.search(phases + worker_part + "$", (worker / "build.log").read_text(), re.M)
+
+
+def test_a_malformed_timing_from_the_worker_is_left_out_of_the_log_line() -> None:
+    from rmskit.pipeline.finish import _timing_line
+
+    build = {"handed_over": 0.0021}
+    assert _timing_line(build, {"export": [0.2, 0.19]}) == (
+        "handed over in 0.002 s, worker's export 0.200 s wall / 0.190 s CPU"
+    )
+    for bad in (None, [1, 2], {"export": 0.2}, {"export": [0.2]}, {"export": ["a", "b"]}):
+        assert _timing_line(build, bad) == "handed over in 0.002 s"
 
 
 def _probed_and_exported(run: Path) -> None:

@@ -337,7 +337,8 @@ def main() -> None:
                         print(
                             f"  in service per 0.5 s: {' '.join(f'{x:.0f}' for x in r['in_service'])}\n"
                             f"  PSS peak {r['tree_pss_mb']:.0f} MB at {r['pss_peak_after_last_s']:+.2f} s from the "
-                            f"last response, per process {r['pss_peak_parts_mb']} MB; finish {r['finish_s']:.2f} s",
+                            f"last response, per process {r['pss_peak_parts_mb']} MB; finish {r['finish_s']:.2f} s"
+                            + (f" ({r['finish_log']})" if r.get("finish_log") else ""),
                             file=sys.stderr,
                             flush=True,
                         )

@@ -76,7 +76,12 @@ def job_b(paths: list[str]) -> int:
         for i, p in enumerate(paths)
     )
     asyncio.run(run_build(cfg, quiet=True, items=items, export=True))
+    # where the finish's time went (the build's own log line), printed per run by bench.py --timeline
+    FINISH_LOG.extend(x for x in (cfg.out / "build.log").read_text().splitlines() if " finish: " in x)
     return len(paths)
+
+
+FINISH_LOG: list[str] = []
 
 
 def main() -> None:
@@ -85,7 +90,10 @@ def main() -> None:
     setup = cpu_now()
     t0 = time.time()
     n = asyncio.run(job_a(paths)) if job == "a" else job_b(paths)
-    report("rmskit", job, setup, {"items": n, "t_job_start": t0})
+    extra = {"items": n, "t_job_start": t0}
+    if FINISH_LOG:
+        extra["finish_log"] = FINISH_LOG[-1].split(" finish: ", 1)[1]
+    report("rmskit", job, setup, extra)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ class Finish:
         self._embedding: asyncio.Task[None] | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._stderr: asyncio.Task[None] | None = None
+        self._timing: dict[str, float] = {}
 
     async def start(self) -> None:
         """Call from the running event loop when the run starts."""
@@ -96,13 +98,16 @@ class Finish:
     async def finish(self, run_dir: Path, ledger: Ledger) -> dict[str, Any]:
         """The run is over: embed what is still queued (a batch already running is not wasted), then
         probes and export, in the worker when there is one."""
+        t0 = time.perf_counter()
         if self._embedding is not None:
             self.queries.close()
             await asyncio.gather(self._embedding, return_exceptions=True)  # a failure: finish reports it
             self._embedding = None
         if self._proc is None:
             return await asyncio.to_thread(finish_dataset, run_dir, ledger, self.queries)
+        t1 = time.perf_counter()
         npz = await self._hand_over()
+        self._timing = {"last_queries_embedded": t1 - t0, "handed_over": time.perf_counter() - t1}
         try:
             if npz is not None:
                 # The rows are in the file now: the build lets its copy go while the worker runs
@@ -168,9 +173,18 @@ class Finish:
         except (ValueError, KeyError, TypeError):
             log.warning("finish worker ended (exit %s) without a result", proc.returncode)
             return None
+        log.info("finish: %s", _timing_line(self._timing, msg.get("seconds")))
         if npz and not msg.get("embeddings_read"):
             log.warning("finish worker could not read the query embeddings: it embedded the queries again")
         return probes, result
+
+
+def _timing_line(build: dict[str, float], worker: Any) -> str:
+    """The finish's phases after the last response, for the build's log: where its time went."""
+    parts = [f"{k.replace('_', ' ')} in {v:.3f} s" for k, v in build.items()]
+    with contextlib.suppress(AttributeError, TypeError, ValueError):  # only ever a log line
+        parts += [f"worker's {k} {wall:.3f} s wall / {cpu:.3f} s CPU" for k, (wall, cpu) in worker.items()]
+    return ", ".join(parts)
 
 
 async def _forward(stream: asyncio.StreamReader | None) -> None:

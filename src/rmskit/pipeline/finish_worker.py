@@ -10,7 +10,7 @@ the same imports took ~1 s of the finish, and importing them in a thread during 
 the tail as much as it saved (the GIL).
 
 Protocol: stdin, one JSON line {"finish": run_dir, "embeddings": npz path or null}; stdout, one JSON
-line {"probes": {...} | null, "result": {...}, "embeddings_read": bool}. Anything else the libraries print goes to stderr, which
+line {"probes": {...} | null, "result": {...}, "embeddings_read": bool, "seconds": {phase: [wall, cpu]}}. Anything else the libraries print goes to stderr, which
 the build forwards to its log. End of stdin without a request (the build was cancelled, or its process
 died) ends the worker at once."""
 
@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -78,13 +79,35 @@ def serve(request: dict[str, Any]) -> dict[str, Any]:
 
     run_dir = Path(request["finish"])
     queries = None
+    clock = _Clock()
     if request.get("embeddings"):
         with contextlib.suppress(OSError, ValueError, KeyError):  # unreadable: the probes embed the queries
             queries = QueryEmbeddings.load(Path(request["embeddings"]))
     with Ledger(run_dir, readonly=True) as ledger:
         probes = probe_run(ledger, queries)
+    clock.lap("probes")
     result = write_export(run_dir, probes)
-    return {"probes": probes, "result": result, "embeddings_read": queries is not None}
+    clock.lap("export")
+    return {
+        "probes": probes,
+        "result": result,
+        "embeddings_read": queries is not None,
+        "seconds": clock.laps,
+    }
+
+
+class _Clock:
+    """Wall and CPU seconds per phase: a phase whose wall far exceeds its CPU waited for a core (the
+    worker runs at nice 10), which the build's log then shows."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, list[float]] = {}
+        self._at = (time.perf_counter(), time.process_time())
+
+    def lap(self, name: str) -> None:
+        now = (time.perf_counter(), time.process_time())
+        self.laps[name] = [round(now[0] - self._at[0], 4), round(now[1] - self._at[1], 4)]
+        self._at = now
 
 
 def main() -> None:
