@@ -145,6 +145,11 @@ class Finish:
                     os.unlink(npz)
             return None
 
+    def _timed(self, name: str, step: Any) -> None:
+        t = time.perf_counter()
+        step()
+        self._timing[name] = time.perf_counter() - t
+
     async def _worker_finish(
         self, run_dir: Path, npz: str | None
     ) -> tuple[dict[str, Any] | None, dict[str, Any]] | None:
@@ -158,7 +163,9 @@ class Finish:
                 await proc.stdin.drain()
                 proc.stdin.close()
             # The worker has the rows now (or never will): let the model go while it works.
-            release = asyncio.create_task(asyncio.to_thread(release_embedder))
+            release = asyncio.create_task(
+                asyncio.to_thread(self._timed, "embedder_released", release_embedder)
+            )
             line = await proc.stdout.readline()
             await release
         finally:
