@@ -2,10 +2,11 @@
 
 While the run goes on it imports the modules the probes and the export need (scipy.optimize and
 scipy.special, datasketch, pyarrow, the export: ~0.7 s of CPU), in a thread at a lower CPU priority
-(nice 10), so it takes the cores' idle time and never the build's GIL. The finish itself runs in the
-main thread at the build's own priority: at nice 10 it waited behind any other work on the machine
-(a job (b) finish of 1.46 s in bench/peers, its probes and export 1.42 s wall for 0.23 s of CPU).
-Linux's nice is a thread's; elsewhere the whole worker runs at nice 10. After the last response the build sends the
+(nice 10), and never holds the build's GIL. The finish itself runs in the main thread at the build's own
+priority: at nice 10, with two nice-0 busy loops on the machine, its probes and export took 2-3 s of wall
+for ~0.25 s of CPU (0.4-0.6 s at nice 0). Linux's nice is a thread's; elsewhere the whole worker runs at
+nice 10. Where the kernel's autogroup is on, the worker (a session of its own) is a scheduling group of
+its own, and nice only orders its own threads. After the last response the build sends the
 run directory (and the kept queries' embeddings, which it computed in the background with the MiniLM it
 may already hold for its taxonomy); the worker runs the probes and the export on a read-only ledger and
 answers with the probes, which the build stores (it holds the run's write lock). Issue 13 §6: in the build's own process
