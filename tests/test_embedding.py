@@ -61,7 +61,6 @@ def test_a_first_use_exports_in_a_process_of_its_own(first_use: dict) -> None:
 
 def test_a_failed_export_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The child's last lines reach the caller; no half file is left in the cache."""
-    monkeypatch.setattr(embedding.sys, "executable", sys.executable)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     (tmp_path / "sitecustomize.py").write_text("import sys; sys.modules['torch'] = None\n")
     with pytest.raises(RuntimeError, match=r"ONNX export failed \(exit 1\).*torch"):

@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import STAGES, cpu_now, image_paths, report  # noqa: E402
@@ -53,7 +54,8 @@ async def job_a(paths: list[str]) -> int:
     return len(paths)
 
 
-def job_b(paths: list[str]) -> int:
+def job_b(paths: list[str]) -> tuple[int, str | None]:
+    """(images, the build's log line on where its finish's time went, printed per run by --timeline)"""
     cfg = BuildConfig(
         sources=["/bench"],
         out=Path(tempfile.mkdtemp(prefix="rmskit-peer-")),
@@ -76,12 +78,8 @@ def job_b(paths: list[str]) -> int:
         for i, p in enumerate(paths)
     )
     asyncio.run(run_build(cfg, quiet=True, items=items, export=True))
-    # where the finish's time went (the build's own log line), printed per run by bench.py --timeline
-    FINISH_LOG.extend(x for x in (cfg.out / "build.log").read_text().splitlines() if " finish: " in x)
-    return len(paths)
-
-
-FINISH_LOG: list[str] = []
+    lines = [x for x in (cfg.out / "build.log").read_text().splitlines() if " finish: " in x]
+    return len(paths), lines[-1].split(" finish: ", 1)[1] if lines else None
 
 
 def main() -> None:
@@ -89,10 +87,13 @@ def main() -> None:
     paths = image_paths()
     setup = cpu_now()
     t0 = time.time()
-    n = asyncio.run(job_a(paths)) if job == "a" else job_b(paths)
-    extra = {"items": n, "t_job_start": t0}
-    if FINISH_LOG:
-        extra["finish_log"] = FINISH_LOG[-1].split(" finish: ", 1)[1]
+    extra: dict[str, Any] = {"t_job_start": t0}
+    if job == "a":
+        extra["items"] = asyncio.run(job_a(paths))
+    else:
+        extra["items"], finish_log = job_b(paths)
+        if finish_log:
+            extra["finish_log"] = finish_log
     report("rmskit", job, setup, extra)
 
 

@@ -23,7 +23,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +145,7 @@ class Finish:
                     os.unlink(npz)
             return None
 
-    def _timed(self, name: str, step: Any) -> None:
+    def _timed(self, name: str, step: Callable[[], None]) -> None:
         t = time.perf_counter()
         step()
         self._timing[name] = time.perf_counter() - t

@@ -14,8 +14,8 @@ the same imports took ~1 s of the finish, and importing them in a thread during 
 the tail as much as it saved (the GIL).
 
 Protocol: stdin, one JSON line {"finish": run_dir, "embeddings": npz path or null}; stdout, one JSON
-line {"probes": {...} | null, "result": {...}, "embeddings_read": bool, "seconds": {phase: [wall, cpu]}}. Anything else the libraries print goes to stderr, which
-the build forwards to its log. End of stdin without a request (the build was cancelled, or its process
+line {"probes": {...} | null, "result": {...}, "embeddings_read": bool, "seconds": {phase: [wall, cpu]}}.
+Anything else the libraries print goes to stderr, which the build forwards to its log. End of stdin without a request (the build was cancelled, or its process
 died) ends the worker at once."""
 
 from __future__ import annotations
