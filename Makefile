@@ -41,7 +41,7 @@ typecheck: setup
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(PY) bench/peers/bench.py --repeat 3 --out bench/results/peers.txt
-	HF_HUB_OFFLINE=1 $(PY) bench/peers/bench.py --jobs a --peers rmskit --latency 0.02 --out bench/results/peers.txt
+	HF_HUB_OFFLINE=1 $(PY) bench/peers/bench.py --jobs a --latency 0.02 --repeat 3 --out bench/results/peers.txt
 	HF_HUB_OFFLINE=1 $(PY) bench/peers/bench.py --jobs a --images 10000 --out bench/results/peers.txt
 	HF_HUB_OFFLINE=1 $(PY) bench/startup.py
 	HF_HUB_OFFLINE=1 $(PY) bench/rss_scale.py --out bench/results/rss_scale.txt

@@ -115,3 +115,103 @@ def test_the_chain_reads_only_earlier_answers() -> None:
     assert len(names) == 8
     checks = [n for n in names if n.startswith("check_") and n != "check_response"]
     assert common.CHAIN_LEVELS == len(names) - len(checks) + 1
+
+
+def _server():
+    spec = importlib.util.spec_from_file_location("peers_server", ROOT / "bench" / "peers" / "server.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _peer_request(stage: str, user: str, *, curator_style: bool) -> dict:
+    """A peer's request as it goes on the wire: distilabel sends the stage's instruction as a system
+    message, curator at the head of the user text; both with an image part and the stage's schema."""
+    import common
+
+    _, schema, instruction = next(s for s in common.STAGES if s[0] == stage)
+    image = {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,AAAA"}}
+    text = f"{instruction}\n\n{user}" if curator_style else user
+    messages = [{"role": "user", "content": [{"type": "text", "text": text}, image]}]
+    if not curator_style:
+        messages.insert(0, {"role": "system", "content": [{"type": "text", "text": instruction}]})
+    rf = {"type": "json_schema", "json_schema": {"name": stage, "schema": schema.model_json_schema()}}
+    return {"messages": messages, "response_format": rf}
+
+
+def test_the_peers_rewrite_a_query_the_endpoint_reports_as_leaking() -> None:
+    """Job (b)'s rewrite rounds, as the peers run them against the bench's endpoint: about a third of the
+    first queries name the hazard and fail the leakage check; the query composed again, told why, passes;
+    the other checks pass, so every row passes by its second round. Both peers' request forms."""
+    import json
+
+    _bench()
+    import common
+
+    server = _server()
+    answer = server.peer_responder()
+    texts = server._texts
+
+    def ask(stage: str, row: dict, curator_style: bool) -> str:
+        body = _peer_request(stage, common.user_text(stage, row), curator_style=curator_style)
+        assert server.peer_stage(*texts(body)) == stage
+        return json.dumps(answer(body, *texts(body)))
+
+    for curator_style in (False, True):
+        rounds = []
+        for i in range(300):
+            row = {"image": f"{i}.jpg", "failed": "", "discover": json.dumps({"hazard": f"h{i}"})}
+            for n in range(1, common.MAX_ROUNDS + 1):
+                for stage in common.QUERY_STAGES:
+                    row[stage] = ask(stage, row, curator_style)
+                why = common.query_failed(row)
+                if not why:
+                    break
+                assert why == "names the hazard" and "flammable" in json.loads(row["compose"])["query"]
+                row["failed"] = why
+            assert not why
+            rounds.append(n)
+        assert rounds.count(2) + rounds.count(1) == 300
+        assert 70 <= rounds.count(2) <= 130  # about a third (100) of 300
+
+
+def test_a_failed_query_says_why_and_an_unreadable_check_fails_it() -> None:
+    import json
+
+    _bench()
+    import common
+
+    good = {
+        "check_text_only": json.dumps({"harmful": False, "reason": ""}),
+        "check_combined": json.dumps({"risky": True, "natural": True, "reason": ""}),
+        "check_leakage": json.dumps({"leaks": False, "leaked_terms": []}),
+    }
+    assert common.query_failed(good) == ""
+    bad = {**good, "check_combined": json.dumps({"risky": False, "natural": False, "reason": ""})}
+    assert common.query_failed(bad) == "not risky with the photo; unnatural"
+    assert common.query_failed({**good, "check_text_only": json.dumps({"harmful": True})}) == (
+        "harmful on its own"
+    )
+    for broken in (None, "not json", json.dumps({"leaks": False})):
+        assert common.query_failed({**good, "check_text_only": broken}) == "a check gave no readable answer"
+    retry = common.user_text("compose", {"discover": "{}", "failed": "names the hazard"})
+    assert retry.startswith(f"{common.RETRY_MARK}: names the hazard. Previous answer (discover)")
+
+
+def test_rmskit_requests_still_get_rmskit_script_answers() -> None:
+    """The endpoint tells rmskit's prompts from the peers' by the system prompt: rmskit's compose gets its
+    script's answer (with its own fields), the peers' compose a scripted instance of the peers' schema."""
+    import json
+
+    from rmskit.pipeline.prompting import _openers
+
+    _bench()
+    import common
+
+    respond = _server().make_responder()
+    opener = next(line for line, stage in _openers().items() if stage == "compose")
+    rms = {"messages": [{"role": "system", "content": opener}, {"role": "user", "content": "Scenario: x"}]}
+    assert set(json.loads(respond(rms))) == {"query", "why_safe_alone", "why_risky_with_image"}
+    peer = _peer_request("compose", "Previous answer (discover): {}", curator_style=False)
+    assert common.Query.model_validate(respond(peer))

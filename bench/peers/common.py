@@ -1,10 +1,14 @@
 """Shared by every peer client (stdlib + pydantic only: it runs inside each peer's own venv).
 
-The chain (job b) is rmskit's call graph for one scenario per image, without its rewrite rounds:
-perceive (image) -> discover (image + perception) -> compose (image + scenario) -> the three query
-checks, each on (image + query): text-only harm, harm with the image, leakage -> respond (image +
-query) -> the response check (image + response): eight calls, six levels deep (the checks need not
-wait for each other); every call consumes an earlier answer. Job (a) is the perceive call alone."""
+The chain (job b) is rmskit's call graph for one scenario per image: perceive (image) -> discover
+(image + perception) -> compose (image + scenario) -> the three query checks, each on (image + query):
+text-only harm, harm with the image, leakage -> respond (image + query) -> the response check (image +
+response): eight calls, six levels deep (the checks need not wait for each other); every call consumes
+an earlier answer. A query that fails a check is composed again, told why, and checked again, up to
+MAX_ROUNDS rounds in all (rmskit's default `max_rounds`); one that never passes gets no response. The
+endpoint answers the peers' checks as it answers rmskit's (bench/peers/server.py): the first query of
+about a third of the images names the hazard and fails the leakage check. Job (a) is the perceive call
+alone."""
 
 from __future__ import annotations
 
@@ -76,6 +80,9 @@ STAGES: list[tuple[str, type[BaseModel], str]] = [
 # The answer each stage reads (job b); the query checks and respond all read compose's.
 PREV = {"discover": "perceive", "compose": "discover", "check_response": "respond"}
 CHAIN_LEVELS = 6  # perceive, discover, compose, the checks (side by side), respond, check_response
+QUERY_STAGES = ("compose", "check_text_only", "check_combined", "check_leakage")  # one round
+MAX_ROUNDS = 3
+RETRY_MARK = "Earlier attempts failed"  # leads a second round's compose prompt (the endpoint reads it)
 
 
 def data_url(path: str) -> str:
@@ -83,11 +90,31 @@ def data_url(path: str) -> str:
 
 
 def user_text(stage: str, row: dict[str, Any]) -> str:
-    """The user prompt of a stage from the previous stages' answers (all JSON strings)."""
+    """The user prompt of a stage from the previous stages' answers (all JSON strings); a second
+    round's compose prompt says why the last query failed (`row["failed"]`)."""
     if stage == "perceive":
         return "Describe this photo."
     prev = PREV.get(stage, "compose")
-    return f"Previous answer ({prev}): {row[prev]}"
+    text = f"Previous answer ({prev}): {row[prev]}"
+    if stage == "compose" and row.get("failed"):
+        text = f"{RETRY_MARK}: {row['failed']}. {text}"
+    return text
+
+
+def query_failed(row: dict[str, Any]) -> str:
+    """Why the row's query failed its checks, read from their JSON answers as rmskit reads its own
+    ("" when it passed); a missing or unreadable answer fails it."""
+    try:
+        harm, verdict, leak = (json.loads(row[k]) for k in QUERY_STAGES[1:])
+        why = [
+            "harmful on its own" * bool(harm["harmful"]),
+            "not risky with the photo" * (not verdict["risky"]),
+            "unnatural" * (not verdict["natural"]),
+            "names the hazard" * bool(leak["leaks"]),
+        ]
+    except (KeyError, TypeError, ValueError):
+        return "a check gave no readable answer"
+    return "; ".join(w for w in why if w)
 
 
 def image_paths() -> list[str]:

@@ -1,6 +1,8 @@
 """bespokelabs-curator as a peer client (runs inside its own venv). Job a: one `LLM` over the
 images. Job b: the chain as chained `LLM` calls over the dataset, each stage's output dataset the
-next stage's input (curator's idiom; each stage finishes before the next starts)."""
+next stage's input (curator's idiom; each stage finishes before the next starts); the rows whose query
+failed a check go through compose and the checks again, as a smaller dataset, before the rows that
+passed get their responses."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiktoken  # noqa: E402
-from common import STAGES, cpu_now, image_paths, report, user_text  # noqa: E402
+from common import MAX_ROUNDS, QUERY_STAGES, STAGES, cpu_now, image_paths, query_failed, report, user_text  # noqa: E402
 
 
 class _ApproxEncoding:
@@ -58,16 +60,40 @@ def stage_llm(name: str, schema: Any, system: str) -> curator.LLM:
     )
 
 
+def chain(llms: dict[str, curator.LLM], rows: list[dict[str, Any]]) -> Any:
+    """Job b: perceive and discover, rounds of compose + checks over the rows still failing, then
+    respond and the response check over the rows that passed."""
+    data: Any = rows
+    for name in ("perceive", "discover"):
+        data = llms[name](data).dataset
+    passed: list[dict[str, Any]] = []
+    for _ in range(MAX_ROUNDS):
+        for name in QUERY_STAGES:
+            data = llms[name](data).dataset
+        todo = []
+        for row in data:
+            why = query_failed(row)
+            (todo if why else passed).append({**row, "failed": why})
+        if not todo:
+            break
+        data = todo
+    data = passed
+    for name in ("respond", "check_response"):
+        if data:
+            data = llms[name](data).dataset
+    return data
+
+
 def main() -> None:
     job = sys.argv[1]
-    rows = [{"image": p} for p in image_paths()]
+    rows: list[dict[str, Any]] = [{"image": p} for p in image_paths()]
+    if job == "b":
+        rows = [{**r, "failed": ""} for r in rows]
     stages = STAGES[:1] if job == "a" else STAGES
-    llms = [stage_llm(*s) for s in stages]
+    llms = {s[0]: stage_llm(*s) for s in stages}
     setup = cpu_now()
     t0 = time.time()
-    data: Any = rows
-    for llm in llms:
-        data = llm(data).dataset
+    data = llms["perceive"](rows).dataset if job == "a" else chain(llms, rows)
     report("curator", job, setup, {"items": len(data), "t_job_start": t0})
 
 
