@@ -162,14 +162,14 @@ def test_the_peers_rewrite_a_query_the_endpoint_reports_as_leaking() -> None:
         rounds = []
         for i in range(300):
             row = {"image": f"{i}.jpg", "failed": "", "discover": json.dumps({"hazard": f"h{i}"})}
-            for n in range(1, common.MAX_ROUNDS + 1):
+            n, why = 0, "not checked yet"
+            while why and n < common.MAX_ROUNDS:
+                n += 1
                 for stage in common.QUERY_STAGES:
                     row[stage] = ask(stage, row, curator_style)
-                why = common.query_failed(row)
-                if not why:
-                    break
-                assert why == "names the hazard" and "flammable" in json.loads(row["compose"])["query"]
-                row["failed"] = why
+                why = row["failed"] = common.query_failed(row)
+                assert why in ("", "names the hazard")
+                assert bool(why) == ("flammable" in json.loads(row["compose"])["query"])
             assert not why
             rounds.append(n)
         assert rounds.count(2) + rounds.count(1) == 300
