@@ -183,8 +183,10 @@ def run_one(
         "max_in_service": st["max_in_service"],
         # issue 13 §6: from the endpoint's last response to the client's exit (curate, export, probes)
         "finish_s": res["t_end"] - st["last_end_unix"],
-        # from the job's start (after imports) to the endpoint's first request: set-up inside the job
-        "first_request_s": st["last_end_unix"] - span - res["t_job_start"],
+        # from the client's start (its process started) to the endpoint's first request: imports and
+        # set-up. From the job's start instead, curator came out negative: its LLMs send requests when
+        # they are made, before its job starts.
+        "first_request_s": st["last_end_unix"] - span - t0,
         # The physical limit of a chained job: all requests through C slots, plus one chain's latency.
         "limit_s": req * latency / capacity + (1 if job == "a" else CHAIN_LEVELS) * latency,
         "in_service": in_service(spans),
@@ -293,7 +295,7 @@ def table(rows: list[dict[str, Any]], peers: list[str], latency: float, capacity
         line("peak RSS, all client processes (MB)", job, ".0f", "tree_rss_mb")
         line("peak PSS, all client processes (MB)", job, ".0f", "tree_pss_mb")
         line("most requests in service at once", job, "d", "max_in_service")
-        line("start: job start to first request (s)", job, ".2f", "first_request_s")
+        line("start: client start to first request (s)", job, ".2f", "first_request_s")
         line("finish: last response to client's end (s)", job, ".2f", "finish_s")
         if job == "b":
             line("wall time, whole client run (s)", job, ".1f", "wall_s")
