@@ -56,30 +56,45 @@ def test_query_embeddings_embed_in_the_background_once_per_text(monkeypatch) -> 
     assert out.shape == (3, 384) and np.allclose(out, direct, atol=1e-5)
 
 
-def test_by_default_one_model_batch_is_embedded_as_soon_as_it_is_queued(monkeypatch) -> None:
-    """README: the background embedding takes the queries eight at a time (the model's batch), so the
-    last response leaves at most a few; the idle timer is not what sends a full batch."""
-    from rmskit import embedding
+def test_by_default_each_query_is_embedded_as_soon_as_the_embedder_is_free(monkeypatch) -> None:
+    """README: a kept query does not wait for others to fill a batch (the last response would leave
+    them all to embed); the queries kept while the embedder works go together in its next call. The
+    idle timer is not what sends them."""
+    import threading
 
     calls: list[list[str]] = []
-    monkeypatch.setattr(
-        probes, "embed", lambda texts: calls.append(list(texts)) or np.zeros((len(texts), 384))
-    )
-    texts = [f"may I light candle {i} in here" for i in range(embedding.BATCH)]
+    started, release = threading.Event(), threading.Event()
+
+    def slow_embed(texts: list[str]) -> np.ndarray:
+        calls.append(list(texts))
+        started.set()
+        release.wait(60)
+        return np.zeros((len(texts), 384), dtype=np.float32)
+
+    monkeypatch.setattr(probes, "embed", slow_embed)
+
+    async def wait_for(cond) -> None:
+        for _ in range(6000):
+            if cond():
+                return
+            await asyncio.sleep(0.01)
 
     async def go() -> None:
         q = QueryEmbeddings(idle_s=3600)  # the idle timer never fires in this test
         task = asyncio.create_task(q.run())
-        for t in texts:
-            q.add(t)
-        for _ in range(6000):
-            if calls:
-                break
-            await asyncio.sleep(0.01)
+        q.add("may I light a candle in here")
+        await wait_for(started.is_set)  # alone: it did not wait for a batch to fill
+        q.add("where can I dry my towels")
+        q.add("how do I keep the cat warm")
+        release.set()
+        await wait_for(lambda: len(calls) >= 2)
         task.cancel()
 
     asyncio.run(go())
-    assert embedding.BATCH == 8 and calls == [texts]
+    assert calls == [
+        ["may I light a candle in here"],
+        ["where can I dry my towels", "how do I keep the cat warm"],
+    ]
 
 
 def test_a_build_embeds_each_kept_query_once_and_its_probes_are_unchanged(
@@ -113,6 +128,37 @@ def test_a_build_embeds_each_kept_query_once_and_its_probes_are_unchanged(
     fresh = json.loads(run_probes(samples).model_dump_json())
     for key in ("n", "vendi", "leakage", "near_duplicates", "category_entropy_normalized"):
         assert stored[key] == fresh[key]
+
+
+def test_a_build_embeds_with_one_thread_and_leaves_the_setting_as_it_was(tmp_path: Path, monkeypatch) -> None:
+    """README: the build's background MiniLM runs one intra-op thread (less CPU per query beside the
+    event loop); a session made after the build, e.g. a standalone probe's, gets two again."""
+    from rmskit import embedding
+
+    made: list[int] = []
+
+    class Spy(embedding.OnnxMiniLM):
+        def __init__(self, path: Path | None = None, threads: int = 2) -> None:
+            made.append(threads)
+            super().__init__(path, threads)
+
+    monkeypatch.setattr(embedding, "OnnxMiniLM", Spy)
+    probes.release_embedder()  # a session an earlier test made would be reused
+    backend = ScriptedBackend()
+    summary = asyncio.run(
+        run_build(
+            _cfg(tmp_path, perceive="model"),
+            quiet=True,
+            items=_images(2),
+            backends=dict.fromkeys(STAGES, backend),
+            export=True,
+        )
+    )
+    assert summary.samples_ok > 0 and made == [1]
+    probes.release_embedder()
+    embedding.shared()
+    assert made == [1, 2]
+    probes.release_embedder()
 
 
 def test_embedding_probes_read_a_bounded_order_free_sample(monkeypatch) -> None:

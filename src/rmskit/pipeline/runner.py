@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel
 
 import rmskit
-from rmskit import heap
+from rmskit import embedding, heap
 from rmskit.config import BuildConfig
 from rmskit.console import is_storage_failure
 from rmskit.executors import ExecutorConfig
@@ -350,6 +350,7 @@ async def run_build(
     handler = _setup_logging(run_dir)
     stats = Stats()
     created: list[ModelBackend] = []
+    threads = embedding.set_shared_threads(1)  # the build's MiniLM embeds in the background
     try:
         _store_run_meta(ledger, cfg)
         by_cfg: dict[str, Caller] = {}
@@ -420,6 +421,7 @@ async def run_build(
         log.info("build finished: %s", summary.model_dump_json())
         return summary
     finally:
+        embedding.set_shared_threads(threads)
         for backend in created:
             with contextlib.suppress(Exception):
                 await backend.aclose()

