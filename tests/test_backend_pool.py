@@ -105,3 +105,26 @@ def test_mixed_capabilities_are_refused_at_start() -> None:
 
         with pytest.raises(ValueError, match="differ in capabilities"):
             asyncio.run(go())
+
+
+def test_a_request_cancelled_while_it_waits_for_an_endpoint_stays_cancelled() -> None:
+    """Every endpoint out; the request waits for one to come back. Its cancel (a Ctrl-C, a stage
+    dropped) arriving in the tick an endpoint is readmitted ends it: on Python 3.11 asyncio.wait_for
+    swallowed that cancel and the cancelled request went on to the readmitted endpoint."""
+    pool = EndpointPool(pool_cfg(["http://127.0.0.1:9/v1", "http://127.0.0.1:10/v1"]))
+    for m in pool.members:  # out, and their health checks are already "running"
+        m.stats.admitted, m.checking, m.retry_at = False, True, float("inf")
+
+    async def go() -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(pool._pick(set()))
+        await asyncio.sleep(0)  # now waiting for a change
+        pool.members[0].stats.admitted = True
+        pool._changed.set()
+        task.cancel()  # same tick as the readmission
+        await asyncio.wait({task}, timeout=10)
+        task.cancel()
+        await pool.aclose()
+        return task
+
+    task = asyncio.run(go())
+    assert task.cancelled()

@@ -97,6 +97,26 @@ def test_by_default_each_query_is_embedded_as_soon_as_the_embedder_is_free(monke
     ]
 
 
+def test_a_cancel_that_arrives_with_a_query_ends_the_embedder(monkeypatch) -> None:
+    """A query kept just before the build is cancelled (the wake set, the task not yet run): the
+    cancel ends the task. On Python 3.11 asyncio.wait_for swallowed it, the task went on waiting for
+    queries and Finish.cancel never returned (it left the finish worker alive)."""
+    calls: list[list[str]] = []
+    monkeypatch.setattr(probes, "embed", lambda texts: calls.append(texts) or np.zeros((len(texts), 384)))
+
+    async def go() -> asyncio.Task[None]:
+        q = QueryEmbeddings(idle_s=3600)
+        task = asyncio.create_task(q.run())
+        await asyncio.sleep(0)  # the task now waits for its wake
+        q.add("may I light a candle in here")
+        task.cancel()  # same tick: the wake is set and the cancel is pending
+        await asyncio.wait({task}, timeout=10)
+        return task
+
+    task = asyncio.run(go())
+    assert task.cancelled() and calls == []
+
+
 def test_a_build_embeds_each_kept_query_once_and_its_probes_are_unchanged(
     tmp_path: Path, monkeypatch
 ) -> None:

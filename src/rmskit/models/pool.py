@@ -11,6 +11,7 @@ waits up to the config's outage window only when every endpoint is out.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -137,10 +138,11 @@ class EndpointPool:
             self._changed.clear()
             nxt = min(m.retry_at for m in self.members)
             with_timeout = max(0.05, min(nxt - now, deadline - now, 1.0))
-            try:
-                await asyncio.wait_for(self._changed.wait(), with_timeout)
-            except TimeoutError:
-                pass
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel that arrives
+            # with the event already set, and the cancelled request would go out anyway.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(with_timeout):
+                    await self._changed.wait()
 
     # ------------------------------------------------------------ requests
     async def generate(

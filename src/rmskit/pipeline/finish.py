@@ -78,17 +78,18 @@ class Finish:
             self.queries.add(q)
 
     async def cancel(self) -> None:
-        """The run failed or was interrupted: drop the background embedding and the worker."""
-        if self._embedding is not None:
-            self._embedding.cancel()
-            await asyncio.gather(self._embedding, return_exceptions=True)
-            self._embedding = None
+        """The run failed or was interrupted: drop the worker and the background embedding (the
+        worker first: it is a process of its own, which nothing else would end)."""
         if self._proc is not None:
             with contextlib.suppress(ProcessLookupError):
                 self._proc.kill()
             await self._proc.wait()
             await self._close_stderr()
             self._proc = None
+        if self._embedding is not None:
+            self._embedding.cancel()
+            await asyncio.gather(self._embedding, return_exceptions=True)
+            self._embedding = None
 
     async def _close_stderr(self) -> None:
         if self._stderr is not None:

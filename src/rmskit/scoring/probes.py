@@ -182,8 +182,11 @@ class QueryEmbeddings:
         """Embed queued queries in batches (a partial batch after `idle_s`) until closed or cancelled."""
         while not self._closed or self._todo:
             if not self._closed:
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel that
+                # arrives with the wake already set, and the loop then outlived Finish.cancel().
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._idle_s)
+                    async with asyncio.timeout(self._idle_s):
+                        await self._wake.wait()
                 self._wake.clear()
             todo, self._todo = [t for t in self._todo if t in self._in and t not in self._slot], []
             if todo:
