@@ -637,25 +637,26 @@ def test_balance_of_one_is_seeded_and_zero_is_refused(photos: dict[str, ImageRec
         curate(samples, {rec.sha256: rec}, balance=0)
 
 
-def test_lsh_params_are_datasketchs_own_computed_once(monkeypatch) -> None:
-    """The (bands, rows) an index is built with are exactly what datasketch integrates for that
-    threshold, with misses weighted as in minhash.WEIGHTS; the integration runs once per (threshold,
-    num_perm) in a process."""
-    import datasketch.lsh
+def test_lsh_params_are_datasketchs_own_choice(monkeypatch) -> None:
+    """The (bands, rows) an index is built with are exactly what datasketch's MinHashLSH chooses for
+    that threshold (its scipy quad integration), with misses weighted as in minhash.WEIGHTS; computed
+    once per (threshold, num_perm) in a process."""
     from datasketch import MinHashLSH
 
+    from rmskit.curate import minhash
     from rmskit.curate.dedup import lsh_params
     from rmskit.curate.minhash import WEIGHTS
 
     assert lsh_params(0.8, 128) == (16, 8)
-    for t, n in ((0.8, 128), (0.8, 64), (0.5, 128), (0.9, 32)):
+    grid = [(t / 100, n) for t in range(5, 100, 5) for n in (16, 32, 64, 128)]
+    for t, n in [*grid, (0.83, 128), (0.9, 256), (0.75, 100)]:
         fresh = MinHashLSH(threshold=t, num_perm=n, weights=WEIGHTS)
-        assert lsh_params(t, n) == (fresh.b, fresh.r)
-    calls: list[float] = []
-    real = datasketch.lsh._optimal_param
-    monkeypatch.setattr(datasketch.lsh, "_optimal_param", lambda *a: calls.append(a[0]) or real(*a))
+        assert lsh_params(t, n) == (fresh.b, fresh.r), (t, n)
+    calls: list[int] = []
+    real = minhash.np.polynomial.legendre.leggauss
+    monkeypatch.setattr(minhash.np.polynomial.legendre, "leggauss", lambda k: calls.append(k) or real(k))
     lsh_params.cache_clear()
-    assert lsh_params(0.7, 128) == lsh_params(0.7, 128) and calls == [0.7]
+    assert lsh_params(0.7, 128) == lsh_params(0.7, 128) and calls == [65]
 
 
 def test_dropped_records_are_small_and_still_validate_as_part_of_the_result() -> None:

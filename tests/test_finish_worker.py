@@ -356,23 +356,26 @@ def test_the_warm_worker_has_every_blas_at_one_thread_and_arrow_on_the_system_he
     assert pool == "system"
 
 
-def test_the_workers_finish_never_imports_scipy_stats(
+def test_the_workers_finish_never_imports_scipy_or_datasketch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, photo_dir: Path
 ) -> None:
-    """scipy.stats is ~21 MB and ~0.35 s of the idle worker held beside the build through the whole run
-    (issue 13): its warm-up and a whole finish (probes, curation, export) go without it."""
+    """scipy.special + scipy.optimize + datasketch were ~55 MB and ~0.6 s of CPU of the idle worker held
+    beside the build through the whole run (scipy.stats another ~21 MB before; issue 13): its warm-up
+    and a whole finish (probes with the leakage probe, curation, export) go without any of them."""
     run = _build(tmp_path, "inline", monkeypatch, photo_dir)
     code = (
         "import json, sys; from rmskit.pipeline import finish_worker; finish_worker._warm(); "
-        "warm = 'scipy.stats' in sys.modules; "
+        "heavy = lambda: sorted({m.split('.')[0] for m in sys.modules} & {'scipy', 'datasketch', 'sklearn'}); "
+        "warm = heavy(); "
         f"r = finish_worker.serve({{'finish': {str(run)!r}, 'embeddings': None}}); "
-        "print(json.dumps([warm, 'scipy.stats' in sys.modules, r['probes']['n'], sorted(r['result'])]))"
+        "print(json.dumps([warm, heavy(), r['probes'], sorted(r['result'])]))"
     )
     env = {**finish_worker.environment(), "HF_HUB_OFFLINE": "1"}
     out = subprocess.check_output([sys.executable, "-c", code], env=env, text=True)
-    warm, after, n, result = json.loads(out.strip().splitlines()[-1])
-    assert (warm, after) == (False, False)
-    assert n >= 6 and result == ["dataset_dir"]
+    warm, after, probes, result = json.loads(out.strip().splitlines()[-1])
+    assert (warm, after) == ([], [])
+    assert probes["n"] >= 6 and result == ["dataset_dir"]
+    assert probes["leakage"]["folds"] >= 2  # the leakage probe's solver ran
 
 
 def test_letting_no_embedder_go_costs_nothing(monkeypatch: pytest.MonkeyPatch) -> None:

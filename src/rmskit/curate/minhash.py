@@ -8,7 +8,7 @@ peaked at +110 MB with them, +36 MB here. Here the signatures of a chunk of text
 operation, only the band keys (8 bytes per band and text) and 8-byte token fingerprints are kept, and
 the buckets are found by sorting the keys. Candidates are confirmed by the Jaccard of the token sets
 (`Sketch.jaccard`: exact up to a 64-bit fingerprint collision), so the verdict never rests on an
-estimate. datasketch still chooses the (bands, rows) split (`lsh_params`).
+estimate. The (bands, rows) split is datasketch's choice, computed here (`lsh_params`).
 
 The hash family: each token is hashed once (CRC-32, then murmur3's finaliser to spread its bits), and
 permutation i maps a token hash x to ((a_i * x + b_i) mod 2^64) >> 32 with random 64-bit a_i (odd),
@@ -40,12 +40,29 @@ WEIGHTS = (0.05, 0.95)  # (false positive, false negative)
 
 @lru_cache(maxsize=16)
 def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
-    """datasketch's (bands, rows) for `threshold`: the split minimising its weighted false positive and
-    false negative probabilities (it integrates them numerically, ~13 ms, so once per process)."""
-    from datasketch import MinHashLSH
+    """datasketch's `MinHashLSH` (bands, rows) for `threshold`: of every split with bands x rows <=
+    num_perm, the first (bands, then rows, ascending) minimising the WEIGHTS-weighted false positive
+    probability integrated over [0, threshold] and false negative over [threshold, 1]. datasketch
+    integrates with scipy's quad; here Gauss-Legendre with num_perm // 2 + 1 nodes, exact for these
+    polynomials of degree bands x rows (tested against datasketch). Importing datasketch (and through
+    it scipy.integrate) cost the finish worker ~6 MB for this one choice."""
+    nodes, weights = np.polynomial.legendre.leggauss(num_perm // 2 + 1)
 
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=WEIGHTS)
-    return lsh.b, lsh.r
+    def on(lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
+        return (hi - lo) / 2 * nodes + (hi + lo) / 2, (hi - lo) / 2 * weights
+
+    s_fp, w_fp = on(0.0, threshold)
+    s_fn, w_fn = on(threshold, 1.0)
+    best, opt = float("inf"), (0, 0)
+    for b in range(1, num_perm + 1):
+        r = np.arange(1, num_perm // b + 1, dtype=np.float64)[:, None]
+        fp = (1 - (1 - s_fp**r) ** b) @ w_fp
+        fn = ((1 - s_fn**r) ** b) @ w_fn
+        err = fp * WEIGHTS[0] + fn * WEIGHTS[1]
+        i = int(np.argmin(err))  # the first minimum, as datasketch's strict `<` keeps
+        if err[i] < best:
+            best, opt = float(err[i]), (b, i + 1)
+    return opt
 
 
 def _mix(h: np.ndarray) -> np.ndarray:

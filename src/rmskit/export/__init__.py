@@ -2,8 +2,7 @@
 jsonl / hf / llava / sharegpt / judge formats, all honouring review decisions.
 
 Imported eagerly on purpose: `prepare` is both a submodule and a function here, and only binding the
-function after the submodule has loaded keeps `from rmskit.export import prepare` a function. The
-heavy dependency (datasketch) is imported inside curation instead."""
+function after the submodule has loaded keeps `from rmskit.export import prepare` a function."""
 
 from rmskit.export.prepare import NotARunError, Prepared, is_run_dir, prepare
 from rmskit.export.writer import (
