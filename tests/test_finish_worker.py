@@ -356,24 +356,42 @@ def test_the_warm_worker_has_every_blas_at_one_thread_and_arrow_on_the_system_he
     assert pool == "system"
 
 
-def test_the_workers_finish_never_imports_scipy_or_datasketch(
+def test_the_workers_finish_imports_nothing_and_never_scipy_or_datasketch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, photo_dir: Path
 ) -> None:
-    """scipy.special + scipy.optimize + datasketch were ~55 MB and ~0.6 s of CPU of the idle worker held
-    beside the build through the whole run (scipy.stats another ~21 MB before; issue 13): its warm-up
-    and a whole finish (probes with the leakage probe, curation, export) go without any of them."""
+    """Everything the finish needs is imported during the run: after the warm-up, a whole finish
+    (probes with the leakage probe, curation, export) from handed-over embeddings imports no module
+    (numpy.random and numpy.ma, once pulled in by scipy, cost ~18 ms of the finish when they went).
+    And never scipy or datasketch: scipy.special + scipy.optimize + datasketch were ~55 MB and ~0.6 s
+    of CPU held beside the build through the whole run (scipy.stats another ~21 MB before; issue 13)."""
+    import numpy as np
+
+    from rmskit.scoring import probes as probes_mod
+
     run = _build(tmp_path, "inline", monkeypatch, photo_dir)
+    with Ledger(run, readonly=True) as led:
+        queries = [r["query"] for r in led.probe_rows("ok") if isinstance(r.get("query"), str)]
+    rng = np.random.default_rng(0)
+    monkeypatch.setattr(probes_mod, "embed", lambda t: rng.normal(size=(len(t), 384)).astype(np.float32))
+    q = probes_mod.QueryEmbeddings()
+    for t in queries:
+        q.add(t)
+    q.embed(list(dict.fromkeys(queries)))
+    npz = tmp_path / "queries.npz"
+    q.save(npz)
     code = (
         "import json, sys; from rmskit.pipeline import finish_worker; finish_worker._warm(); "
         "heavy = lambda: sorted({m.split('.')[0] for m in sys.modules} & {'scipy', 'datasketch', 'sklearn'}); "
-        "warm = heavy(); "
-        f"r = finish_worker.serve({{'finish': {str(run)!r}, 'embeddings': None}}); "
-        "print(json.dumps([warm, heavy(), r['probes'], sorted(r['result'])]))"
+        "warm, before = heavy(), set(sys.modules); "
+        f"r = finish_worker.serve({{'finish': {str(run)!r}, 'embeddings': {str(npz)!r}}}); "
+        "print(json.dumps([warm, heavy(), sorted(set(sys.modules) - before), r['embeddings_read'], "
+        "r['probes'], sorted(r['result'])]))"
     )
     env = {**finish_worker.environment(), "HF_HUB_OFFLINE": "1"}
     out = subprocess.check_output([sys.executable, "-c", code], env=env, text=True)
-    warm, after, probes, result = json.loads(out.strip().splitlines()[-1])
+    warm, after, new, read, probes, result = json.loads(out.strip().splitlines()[-1])
     assert (warm, after) == ([], [])
+    assert new == [] and read is True
     assert probes["n"] >= 6 and result == ["dataset_dir"]
     assert probes["leakage"]["folds"] >= 2  # the leakage probe's solver ran
 

@@ -55,9 +55,14 @@ def _warm() -> None:
     heap.fix_mmap_threshold()  # curation's large arrays go back to the system before the Parquet write
     # No scipy: the leakage probe's solver, the normal quantile and the LSH split are numpy and the
     # standard library (scipy.special + scipy.optimize + datasketch were ~55 MB and ~0.6 s of CPU here).
+    import encodings.cp437  # noqa: F401  (np.load reads the hand-over .npz through zipfile)
+
+    import numpy.ma  # noqa: F401  (numpy imports these lazily; scipy used to import them here)
+    import numpy.random  # noqa: F401  (the bootstraps, the MinHash permutations)
     import pyarrow.parquet  # noqa: F401
     from threadpoolctl import threadpool_limits
 
+    import rmskit.embedding  # noqa: F401  (the finish lets the embedder go)
     import rmskit.export  # noqa: F401
     from rmskit.config import BuildConfig
     from rmskit.curate.dedup import NUM_PERM
