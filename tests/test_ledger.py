@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -277,3 +278,34 @@ def test_iter_samples_holds_a_chunk_of_rows_not_every_sample(tmp_path: Path) -> 
     assert n == 20000 * 1000
     # every row at once is > 20 MB; a chunk of 4096 rows ~4 MB
     assert peak < 8_000_000
+
+
+def test_background_checkpoints_keep_the_wal_small_and_off_the_writer(tmp_path: Path) -> None:
+    """With `checkpoint_in_background` the writing connection never checkpoints (SQLite's automatic
+    checkpoint, two fdatasyncs inside a commit, ran on the build's event loop); a thread of its own
+    does, so the WAL stays small across far more than 1,000 pages of commits; `close` stops it and
+    every committed row is there after a reopen."""
+    led = Ledger(tmp_path / "run", lock=True)
+    led.checkpoint_in_background(interval_s=0.02)
+    led.checkpoint_in_background(interval_s=0.02)  # once is enough: a second call adds no thread
+    assert led.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    threads = [t for t in threading.enumerate() if t.name == "ledger-checkpoints"]
+    assert len(threads) == 1
+    wal = tmp_path / "run" / f"{LEDGER_NAME}-wal"
+    blob = "x" * 3000
+    biggest = 0
+    for i in range(3000):  # ~3k pages: three automatic checkpoints' worth
+        led.set_meta(f"k{i}", blob)
+        if i % 100 == 99:
+            time.sleep(0.03)  # the thread's turn
+            biggest = max(biggest, wal.stat().st_size)
+    assert biggest < 1000 * 4096 * 2  # bounded: it was checkpointed and started over meanwhile
+    led.close()
+    assert not threads[0].is_alive()
+    with Ledger(tmp_path / "run", readonly=True) as again:
+        assert again.get_meta("k2999") == blob and again.get_meta("k0") == blob
+
+
+def test_a_ledger_without_background_checkpoints_keeps_sqlites_own(tmp_path: Path) -> None:
+    with Ledger(tmp_path / "run", lock=True) as led:
+        assert led.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000

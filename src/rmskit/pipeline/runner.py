@@ -347,6 +347,7 @@ async def run_build(
     heap.fix_mmap_threshold()  # a long run's freed payloads and batches go back to the system
     run_dir = Path(cfg.out)
     ledger = Ledger(run_dir, lock=True)  # one writer per run directory
+    ledger.checkpoint_in_background()  # no fdatasync on the event loop
     handler = _setup_logging(run_dir)
     stats = Stats()
     created: list[ModelBackend] = []
