@@ -3,7 +3,7 @@
 `Finish` starts with the run. It embeds each kept sample's query in the background (with the MiniLM
 the taxonomy may already hold), so after the last response only the last few queries are embedded.
 By default it also starts a worker process (finish_worker.py) that imports the probes' and the
-export's modules (numpy, pyarrow, the export: ~0.45 s of CPU, ~45 MB) while the build waits on the
+export's modules (numpy, pyarrow, the export: ~0.6 s of CPU, ~62 MB PSS) while the build waits on the
 endpoint, at a lower CPU priority; after the last response the worker gets the embeddings, runs the
 probes and the export, and the build stores the probes. If the worker cannot start or fails, the
 same finish runs here.

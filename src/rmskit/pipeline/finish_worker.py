@@ -1,7 +1,7 @@
 """The build's finish in its own process: `python -m rmskit.pipeline.finish_worker` (started by `Finish`).
 
 While the run goes on it imports the modules the probes and the export need (numpy, pyarrow, the
-export: ~0.45 s of CPU; no scipy, no datasketch), in a thread at a lower CPU priority
+export: ~0.6 s of CPU; no scipy, no datasketch), in a thread at a lower CPU priority
 (nice 10), and never holds the build's GIL. The finish itself runs in the main thread at the build's own
 priority: at nice 10, with two nice-0 busy loops on the machine, its probes and export took 2-3 s of wall
 for ~0.25 s of CPU (0.4-0.6 s at nice 0). Linux's nice is a thread's; elsewhere the whole worker runs at
