@@ -318,3 +318,35 @@ def test_background_checkpoints_keep_the_wal_small_and_off_the_writer(tmp_path: 
 def test_a_ledger_without_background_checkpoints_keeps_sqlites_own(tmp_path: Path) -> None:
     with Ledger(tmp_path / "run", lock=True) as led:
         assert led.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
+
+
+def test_a_build_checkpoints_its_ledger_in_the_background(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README: the build's ledger checkpoints from a thread of its own while the build runs, and the
+    thread is gone once the build has closed its ledger."""
+    import asyncio
+
+    from test_build_pipeline import STAGES, ScriptedBackend, _cfg, _images
+
+    from rmskit.pipeline.runner import run_build
+
+    seen: list[bool] = []
+
+    class Watching(ScriptedBackend):
+        async def generate(self, *a, **k):  # type: ignore[no-untyped-def]
+            seen.append(any(t.name == "ledger-checkpoints" for t in threading.enumerate()))
+            return await super().generate(*a, **k)
+
+    monkeypatch.setenv("RMSKIT_FINISH", "inline")
+    backend = Watching()
+    asyncio.run(
+        run_build(
+            _cfg(tmp_path, perceive="model"),
+            quiet=True,
+            items=_images(2),
+            backends=dict.fromkeys(STAGES, backend),
+        )
+    )
+    assert seen and all(seen)  # every stage call ran with the thread checkpointing
+    assert not any(t.name == "ledger-checkpoints" for t in threading.enumerate())

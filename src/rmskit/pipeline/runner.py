@@ -347,12 +347,12 @@ async def run_build(
     heap.fix_mmap_threshold()  # a long run's freed payloads and batches go back to the system
     run_dir = Path(cfg.out)
     ledger = Ledger(run_dir, lock=True)  # one writer per run directory
-    ledger.checkpoint_in_background()  # no fdatasync on the event loop
     handler = _setup_logging(run_dir)
     stats = Stats()
     created: list[ModelBackend] = []
     threads = embedding.set_shared_threads(1)  # the build's MiniLM embeds in the background
     try:
+        ledger.checkpoint_in_background()  # no fdatasync on the event loop (closed in `finally`)
         _store_run_meta(ledger, cfg)
         by_cfg: dict[str, Caller] = {}
         callers: dict[str, Caller] = {}
