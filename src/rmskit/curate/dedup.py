@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rmskit.curate.minhash import Buckets, KeptTexts, lsh_params, sketch
+from rmskit.curate.minhash import Buckets, KeptTexts, lsh_params, sketch_texts
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 NUM_PERM = 128
@@ -144,7 +144,7 @@ def near_duplicate_queries(items: Iterable[tuple[str, str]], threshold: float) -
     )
     head = np.empty(len(index), dtype=np.int64)  # each distinct text's first item
     head[of_item[::-1]] = np.arange(len(items) - 1, -1, -1)
-    sk = sketch((shingles(t) for t in index), bands, rows, seed=1)
+    sk = sketch_texts(list(index), shingles, bands, rows, seed=1)
     del index
     buckets = Buckets(sk.keys)
     sk = sk._replace(keys=sk.keys[:0].copy())  # in `buckets` now; the pass need not hold them

@@ -18,7 +18,7 @@ its signature entry, as in datasketch."""
 from __future__ import annotations
 
 import zlib
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from functools import lru_cache
 from itertools import islice
 from typing import NamedTuple
@@ -174,6 +174,73 @@ def sketch(sets: Iterable[Collection[str]], bands: int, rows: int, seed: int = 1
     all_tokens = np.concatenate(tokens)
     tokens.clear()
     return Sketch(all_keys, all_tokens, ends)
+
+
+class SketchMemo:
+    """Each text's sketch row (band keys, token fingerprints) computed ahead: the finish worker fills it
+    from the ledger while the run goes on, so the finish's two near-duplicate passes only sketch the
+    texts kept in the run's last moments (issue 13 §6). One table per (shingler, bands, rows, seed); at
+    most `limit` texts in all (~0.5 KB each): past it the finish sketches the rest itself. The token
+    fingerprints are `hash()`es: a memo is only ever read in the process that filled it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.size = 0
+        self._tables: dict[tuple[str, int, int, int], dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+
+    def table(
+        self, shingle: Callable[[str], Collection[str]], bands: int, rows: int, seed: int
+    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        return self._tables.setdefault((shingle.__qualname__, bands, rows, seed), {})
+
+    def fill(
+        self,
+        texts: Iterable[str],
+        shingle: Callable[[str], Collection[str]],
+        bands: int,
+        rows: int,
+        seed: int,
+    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Sketch the texts not yet held, keep them while there is room; returns them all (new ones too)."""
+        table = self.table(shingle, bands, rows, seed)
+        todo = [t for t in dict.fromkeys(texts) if t not in table]
+        fresh = _rows(sketch((shingle(t) for t in todo), bands, rows, seed), todo)
+        room = max(0, self.limit - self.size)
+        for t in todo[:room]:
+            table[t] = fresh[t]
+        self.size += min(room, len(todo))
+        return fresh
+
+
+def _rows(sk: Sketch, texts: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    return {
+        t: (sk.keys[i].copy(), sk.tokens[sk.ends[i] : sk.ends[i + 1]].copy()) for i, t in enumerate(texts)
+    }
+
+
+# Set in the finish worker (`SketchMemo`); None elsewhere: no process but the worker holds sketches.
+MEMO: SketchMemo | None = None
+
+
+def sketch_texts(
+    texts: list[str], shingle: Callable[[str], Collection[str]], bands: int, rows: int, seed: int = 1
+) -> Sketch:
+    """`sketch` of `shingle(t)` for each text, from `MEMO` where it holds them (the same arrays: the
+    signature of a text does not depend on the others sketched with it)."""
+    memo = MEMO
+    if memo is None:
+        return sketch((shingle(t) for t in texts), bands, rows, seed)
+    table = memo.table(shingle, bands, rows, seed)
+    fresh = memo.fill((t for t in texts if t not in table), shingle, bands, rows, seed)
+    parts = [table.get(t) or fresh[t] for t in texts]
+    if not parts:
+        return sketch((), bands, rows, seed)
+    sizes = np.fromiter((len(tok) for _, tok in parts), dtype=np.int64, count=len(parts))
+    return Sketch(
+        np.stack([k for k, _ in parts]),
+        np.concatenate([tok for _, tok in parts]),
+        np.concatenate(([0], np.cumsum(sizes))),
+    )
 
 
 def index_dtype(n: int, bands: int) -> type[np.signedinteger]:

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rmskit.export.memo import read_image
 from rmskit.export.prepare import Prepared
 from rmskit.records import Sample
 
@@ -64,13 +65,22 @@ def arrow_schema() -> Any:
     return pa.schema(list(types.items()), metadata=meta)
 
 
-def _row(sample: Sample, image_bytes: bytes, image_name: str) -> dict[str, Any]:
+def base_row(sample: Sample) -> dict[str, Any]:
+    """A sample's row but its image (which the split and the image's name do not change)."""
     row: dict[str, Any] = {k: getattr(sample, k) for k in TEXT_FIELDS}
-    row["image"] = {"bytes": image_bytes, "path": image_name}
     row["rounds"] = sample.rounds
     for k in JSON_FIELDS:
         val = getattr(sample, k)
         row[k] = None if val is None else json.dumps(val, ensure_ascii=False, sort_keys=True)
+    return row
+
+
+def _row(
+    sample: Sample, image_bytes: bytes, image_name: str, base: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """`base`: the sample's `base_row`, made ahead (export/memo.py)."""
+    row = dict(base) if base is not None else base_row(sample)
+    row["image"] = {"bytes": image_bytes, "path": image_name}
     return row
 
 
@@ -190,8 +200,9 @@ class ParquetSink:
         out = self.writers.get(sample.split)
         if out is None:
             out = self.writers[sample.split] = _SplitWriter(self.data_dir, sample.split, self.schema)
-        data = Path(self.prep.image_files[sample.image_sha256]).read_bytes()
-        out.add(_row(sample, data, self.prep.image_name(sample.image_sha256)), len(data))
+        data = read_image(self.prep.image_files[sample.image_sha256])
+        base = self.prep.samples.memo_rows.pop(sample.id, None)
+        out.add(_row(sample, data, self.prep.image_name(sample.image_sha256), base), len(data))
 
     def close(self) -> dict[str, list[str]]:
         """Split -> file names, in SPLITS order."""

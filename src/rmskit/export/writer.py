@@ -9,7 +9,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -155,7 +155,12 @@ def _card_files(data_files: dict[str, list[str]], with_jsonl: bool) -> list[str]
     return files
 
 
-def _write_hf(prep: Prepared, root: Path, probes: dict[str, Any] | None, *, with_jsonl: bool) -> None:
+# The card's probe numbers, or a call that waits for them (the finish worker computes them beside the
+# export and the card is written last).
+Probes = dict[str, Any] | Callable[[], dict[str, Any] | None] | None
+
+
+def _write_hf(prep: Prepared, root: Path, probes: Probes, *, with_jsonl: bool) -> None:
     """Parquet (and the JSONL) in one pass over the kept samples, which also counts the card's digest:
     each pass reads every kept sample back from the ledger and validates it (~25 ms per 400 samples)."""
     parquet = ParquetSink(prep, root / "data")
@@ -169,21 +174,23 @@ def _write_hf(prep: Prepared, root: Path, probes: dict[str, Any] | None, *, with
     data_files = parquet.close()
     if with_jsonl:
         _link_images(prep, root / "images")
+    numbers = probes() if callable(probes) else probes
+    if numbers is None and callable(probes):
+        numbers = prep.meta.get("probes")
     card = render_card(
         prep,
         data_files=data_files,
-        probes=probes,
+        probes=numbers,
         files=_card_files(data_files, with_jsonl),
         exported_at=time.time(),
     )
     (root / "README.md").write_text(card, encoding="utf-8")
 
 
-def write_dataset(
-    run_dir: Path, *, probes: dict[str, Any] | None = None, balance: int | None = None
-) -> DatasetSummary:
+def write_dataset(run_dir: Path, *, probes: Probes = None, balance: int | None = None) -> DatasetSummary:
     """Curate the run and (re)write `<run>/dataset/`: samples.jsonl, images/, data/*.parquet, README.md.
-    `probes` defaults to the run's stored probe numbers (ledger meta "probes")."""
+    `probes` defaults to the run's stored probe numbers (ledger meta "probes"); a callable is called
+    when the card is written, after everything else (and its None means the stored ones too)."""
     prep = prepare(Path(run_dir), balance=balance)
     if probes is None:
         probes = prep.meta.get("probes")

@@ -51,8 +51,9 @@ class Finish:
         self._stderr: asyncio.Task[None] | None = None
         self._timing: dict[str, float] = {}
 
-    async def start(self) -> None:
-        """Call from the running event loop when the run starts."""
+    async def start(self, run_dir: Path | None = None) -> None:
+        """Call from the running event loop when the run starts. With `run_dir`, the worker follows its
+        ledger and does each kept sample's share of the export as it comes (export/memo.py)."""
         self._embedding = asyncio.create_task(self.queries.run())
         if not self.worker:
             return
@@ -72,6 +73,8 @@ class Finish:
             log.warning("finish worker did not start (%r): the finish runs in this process", exc)
         else:
             self._stderr = asyncio.create_task(_forward(self._proc.stderr))
+            if run_dir is not None:
+                await self._send({"follow": str(run_dir)})
 
     def kept(self, sample: dict[str, Any]) -> None:
         if isinstance(q := sample.get("query"), str):
@@ -97,9 +100,12 @@ class Finish:
             self._stderr = None
 
     async def finish(self, run_dir: Path, ledger: Ledger) -> dict[str, Any]:
-        """The run is over: embed what is still queued (a batch already running is not wasted), then
-        probes and export, in the worker when there is one."""
+        """The run is over: the worker starts curating and exporting at once, while the queries still
+        queued are embedded here (a batch already running is not wasted) and handed to it for the
+        probes; without a worker, probes and export run here."""
         t0 = time.perf_counter()
+        if self._proc is not None:
+            await self._send({"finish": str(run_dir)})
         if self._embedding is not None:
             self.queries.close()
             await asyncio.gather(self._embedding, return_exceptions=True)  # a failure: finish reports it
@@ -114,7 +120,7 @@ class Finish:
                 # The rows are in the file now: the build lets its copy go while the worker runs
                 # (at most 20k x 384 float32, 31 MB, plus their texts).
                 self.queries = QueryEmbeddings()
-            done = await self._worker_finish(run_dir, npz)
+            done = await self._worker_finish(npz)
             if done is not None:
                 probes, result = done
                 if probes is not None:
@@ -129,6 +135,14 @@ class Finish:
             if npz:
                 with contextlib.suppress(OSError):
                     os.unlink(npz)
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        """One line to the worker; a worker that died meanwhile is found when its answer is read."""
+        proc = self._proc
+        assert proc is not None and proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            proc.stdin.write(json.dumps(message).encode() + b"\n")
+            await proc.stdin.drain()
 
     async def _hand_over(self) -> str | None:
         """The embedded queries in a temporary .npz for the worker; None when it could not be written
@@ -151,17 +165,14 @@ class Finish:
         step()
         self._timing[name] = time.perf_counter() - t
 
-    async def _worker_finish(
-        self, run_dir: Path, npz: str | None
-    ) -> tuple[dict[str, Any] | None, dict[str, Any]] | None:
+    async def _worker_finish(self, npz: str | None) -> tuple[dict[str, Any] | None, dict[str, Any]] | None:
+        """Hand the worker the embeddings (it has the request already) and wait for its answer."""
+        await self._send({"embeddings": npz})
         proc, self._proc = self._proc, None
         assert proc is not None and proc.stdin is not None and proc.stdout is not None
         line = b""
         try:
-            request = {"finish": str(run_dir), "embeddings": npz}
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # it died: the answer is empty
-                proc.stdin.write(json.dumps(request).encode() + b"\n")
-                await proc.stdin.drain()
                 proc.stdin.close()
             # The worker has the rows now (or never will): let the model go while it works.
             release = asyncio.create_task(
@@ -181,7 +192,9 @@ class Finish:
         except (ValueError, KeyError, TypeError):
             log.warning("finish worker ended (exit %s) without a result", proc.returncode)
             return None
-        log.info("finish: %s", _timing_line(self._timing, msg.get("seconds")))
+        ahead = msg.get("ahead")
+        line = _timing_line(self._timing, msg.get("seconds"))
+        log.info("finish: %s", line + (f", {ahead} samples prepared during the run" if ahead else ""))
         if npz and not msg.get("embeddings_read"):
             log.warning("finish worker could not read the query embeddings: it embedded the queries again")
         return probes, result
@@ -235,8 +248,11 @@ def one_blas_thread() -> Iterator[None]:
         yield
 
 
-def write_export(run_dir: Path, probes: dict[str, Any] | None) -> dict[str, Any]:
-    """The dataset export. A failure is reported, never loses the ledger's work."""
+def write_export(
+    run_dir: Path, probes: dict[str, Any] | Callable[[], dict[str, Any] | None] | None
+) -> dict[str, Any]:
+    """The dataset export (`probes`: the card's numbers, or a call that waits for them). A failure is
+    reported, never loses the ledger's work."""
     try:
         from rmskit.export import write_dataset
 

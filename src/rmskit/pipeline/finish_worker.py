@@ -6,17 +6,24 @@ export: ~0.6 s of CPU; no scipy, no datasketch), in a thread at a lower CPU prio
 priority: at nice 10, with two nice-0 busy loops on the machine, its probes and export took 2-3 s of wall
 for ~0.25 s of CPU (0.4-0.6 s at nice 0). Linux's nice is a thread's; elsewhere the whole worker runs at
 nice 10. Where the kernel's autogroup is on, the worker (a session of its own) is a scheduling group of
-its own, and nice only orders its own threads. After the last response the build sends the
-run directory (and the kept queries' embeddings, which it computed in the background with the MiniLM it
-may already hold for its taxonomy); the worker runs the probes and the export on a read-only ledger and
-answers with the probes, which the build stores (it holds the run's write lock). Issue 13 §6: in the build's own process
-the same imports took ~1 s of the finish, and importing them in a thread during the run's tail slowed
-the tail as much as it saved (the GIL).
+its own, and nice only orders its own threads. Issue 13 §6: in the build's own process the same imports
+took ~1 s of the finish, and importing them in a thread during the run's tail slowed the tail as much as
+it saved (the GIL).
 
-Protocol: stdin, one JSON line {"finish": run_dir, "embeddings": npz path or null}; stdout, one JSON
-line {"probes": {...} | null, "result": {...}, "embeddings_read": bool, "seconds": {phase: [wall, cpu]}}.
-Anything else the libraries print goes to stderr, which the build forwards to its log. End of stdin without a request (the build was cancelled, or its process
-died) ends the worker at once."""
+During the run the worker also follows the ledger (a thread at nice 10, export/memo.py): each kept
+sample is validated, its Parquet row made, its image read and its query sketched for both near-duplicate
+passes as it is stored, so the finish redoes that only for the samples kept last. After the last
+response the build sends the request at once and the worker starts curating and exporting; the build
+embeds its last queries meanwhile (it may hold MiniLM for its taxonomy already) and hands them over; the
+probes run in a thread beside the export, which writes the card last; the worker answers with the
+probes, which the build stores (it holds the run's write lock).
+
+Protocol, stdin, one JSON line each: {"follow": run_dir} (optional, at the start), {"finish": run_dir}
+after the last response, then {"embeddings": npz path | null}; a {"finish"} line holding "embeddings"
+itself needs no third line. stdout, one JSON line {"probes": {...} | null, "result": {...},
+"embeddings_read": bool, "ahead": samples prepared during the run, "seconds": {phase: [wall, cpu]}}.
+Anything else the libraries print goes to stderr, which the build forwards to its log. End of stdin
+before a finish request (the build was cancelled, or its process died) ends the worker at once."""
 
 from __future__ import annotations
 
@@ -28,10 +35,16 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rmskit import childproc, heap
+
+if TYPE_CHECKING:
+    from rmskit.export.memo import Follower
+
+log = logging.getLogger("rmskit.finish")
 
 NICE = 10
 # Arrow allocates from glibc's heap, not from mimalloc's own (its default): the Parquet write then reuses
@@ -55,6 +68,7 @@ def _warm() -> None:
     heap.fix_mmap_threshold()  # curation's large arrays go back to the system before the Parquet write
     # No scipy: the leakage probe's solver, the normal quantile and the LSH split are numpy and the
     # standard library (scipy.special + scipy.optimize + datasketch were ~55 MB and ~0.6 s of CPU here).
+    import concurrent.futures.thread  # noqa: F401  (the probes' thread beside the export)
     import encodings.cp437  # noqa: F401  (np.load reads the hand-over .npz through zipfile)
 
     import numpy.ma  # noqa: F401  (numpy imports these lazily; scipy used to import them here)
@@ -86,42 +100,72 @@ def _warm_niced() -> None:
     _warm()
 
 
-def serve(request: dict[str, Any]) -> dict[str, Any]:
+def serve(request: dict[str, Any], embeddings: Callable[[], str | None] | None = None) -> dict[str, Any]:
+    """The finish of `request["finish"]`: the probes in a thread beside the export, which writes the card
+    last, with their numbers. The queries' embeddings are `request["embeddings"]`, else `embeddings()`
+    (the build sends them after the request, once it has embedded its last queries: the export starts
+    without them)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from rmskit.ledger import Ledger
     from rmskit.pipeline.finish import probe_run, write_export
     from rmskit.scoring.probes import QueryEmbeddings
 
     run_dir = Path(request["finish"])
-    queries = None
-    clock = _Clock()
-    if request.get("embeddings"):
-        with contextlib.suppress(OSError, ValueError, KeyError):  # unreadable: the probes embed the queries
-            queries = QueryEmbeddings.load(Path(request["embeddings"]))
-    with Ledger(run_dir, readonly=True) as ledger:
-        probes = probe_run(ledger, queries)
-    clock.lap("probes")
-    result = write_export(run_dir, probes)
-    clock.lap("export")
+    read: list[bool] = []
+    laps: dict[str, list[float]] = {}
+
+    def probes() -> dict[str, Any] | None:
+        clock = _Clock()
+        npz = request["embeddings"] if "embeddings" in request or embeddings is None else embeddings()
+        queries = None
+        if npz:
+            with contextlib.suppress(OSError, ValueError, KeyError):  # unreadable: the probes embed them
+                queries = QueryEmbeddings.load(Path(npz))
+        read.append(queries is not None)
+        with Ledger(run_dir, readonly=True) as ledger:
+            out = probe_run(ledger, queries)
+        clock.lap("probes", laps)
+        return out
+
+    with ThreadPoolExecutor(1, thread_name_prefix="rmskit-probes") as pool:
+        job = pool.submit(probes)
+        clock = _Clock()
+        result = write_export(run_dir, job.result)  # the card waits for the probes
+        clock.lap("export", laps)
+        found = job.result()
+    from rmskit.export import memo
+
     return {
-        "probes": probes,
+        "probes": found,
         "result": result,
-        "embeddings_read": queries is not None,
-        "seconds": clock.laps,
+        "embeddings_read": bool(read and read[0]),
+        "ahead": len(memo.MEMO.samples) if memo.MEMO is not None else 0,
+        "seconds": {k: laps[k] for k in ("probes", "export") if k in laps},
     }
 
 
 class _Clock:
-    """Wall and CPU seconds per phase: a phase whose wall far exceeds its CPU waited for a core, which
-    the build's log then shows."""
+    """Wall and CPU seconds of a phase run by one thread: a phase whose wall far exceeds its CPU waited
+    (for a core, or for the other thread), which the build's log then shows."""
 
     def __init__(self) -> None:
-        self.laps: dict[str, list[float]] = {}
-        self._at = (time.perf_counter(), time.process_time())
+        self._at = (time.perf_counter(), time.thread_time())
 
-    def lap(self, name: str) -> None:
-        now = (time.perf_counter(), time.process_time())
-        self.laps[name] = [round(now[0] - self._at[0], 4), round(now[1] - self._at[1], 4)]
+    def lap(self, name: str, laps: dict[str, list[float]]) -> None:
+        now = (time.perf_counter(), time.thread_time())
+        laps[name] = [round(now[0] - self._at[0], 4), round(now[1] - self._at[1], 4)]
         self._at = now
+
+
+def _follow(run_dir: str, warming: threading.Thread) -> Follower:
+    """Start filling the export's memos from the run's ledger (export/memo.py), once the imports are in."""
+    from rmskit.export import memo
+
+    warming.join()
+    follower = memo.Follower(Path(run_dir), memo.enable(), nice=NICE)
+    follower.start()
+    return follower
 
 
 def main() -> None:
@@ -132,15 +176,40 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warming = threading.Thread(target=_warm_niced, name="rmskit-warm", daemon=True)
     warming.start()
-    line = sys.stdin.readline()
-    if line.strip():  # else: cancelled, or the build's process is gone
-        warming.join()  # the finish needs its imports (a wait only when the run was shorter than them)
-        out.write(json.dumps(serve(json.loads(line))) + "\n")
-        out.flush()
+    follower: Follower | None = None
+    while line := sys.stdin.readline():  # its end: cancelled, or the build's process is gone
+        request: Any = None
+        with contextlib.suppress(ValueError):
+            request = json.loads(line)
+        if not isinstance(request, dict):
+            break
+        if "follow" in request and follower is None:
+            follower = _follow(request["follow"], warming)
+            continue
+        if "finish" in request:
+            if follower is not None:
+                follower.stop.set()
+                follower.join()  # the memos are the finish's alone from here
+                if follower.error is not None:
+                    log.warning("following the ledger stopped: %r", follower.error)
+            warming.join()  # the finish needs its imports (a wait only when the run was shorter than them)
+            answer = serve(request, lambda: _embeddings(sys.stdin.readline()))
+            out.write(json.dumps(answer) + "\n")
+            out.flush()
+        break
     # Everything is written and flushed: skip the interpreter's teardown of its modules
     # (~0.3 s that the build would wait for, when the worker held scipy too).
     sys.stderr.flush()
     os._exit(0)
+
+
+def _embeddings(line: str) -> str | None:
+    """The hand-over file named by the build's last line ({"embeddings": path | null})."""
+    try:
+        path = json.loads(line)["embeddings"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return path if isinstance(path, str) else None
 
 
 if __name__ == "__main__":

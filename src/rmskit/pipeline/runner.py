@@ -389,7 +389,7 @@ async def run_build(
         finish = Finish() if export else None
         pipeline.finish = finish
         if finish is not None:
-            await finish.start()
+            await finish.start(run_dir)
         try:
             with ProgressView(stats, quiet=quiet):
                 await pipeline.run(items)

@@ -78,14 +78,23 @@ def release_embedder() -> None:
     """Let the MiniLM session go (~120 MB once the allocator returns it) when nothing else holds it,
     e.g. after a build's last probe embedding and before its export."""
     import gc
+    import weakref
 
     from rmskit import embedding, heap
 
     if _embedder.cache_info().currsize == 0 and embedding._SHARED is None:
         return  # none loaded: spare the collection (~20 ms in a process holding scipy, as it was)
+    held = embedding._SHARED
+    if held is None and _embedder.cache_info().currsize:
+        held = _embedder()
+    gone = weakref.ref(held) if held is not None else None
+    del held
     _embedder.cache_clear()
     embedding.release_shared()
-    gc.collect()
+    if gone is None or gone() is not None:
+        # still alive: a cycle holds it. Else its references were the last and it is freed already;
+        # the collection would find nothing (26-70 ms of the build's finish, beside the worker's)
+        gc.collect()
     heap.trim()
 
 
@@ -408,6 +417,12 @@ PROBE_NUM_PERM = 128  # 64 would make pairs at Jaccard 0.2 candidates with p = 0
 PROBE_DUP_THRESHOLD = 0.8
 
 
+def probe_shingles(t: str) -> set[str]:
+    """The near-duplicate probe's tokens: word 3-shingles (the words themselves for shorter texts)."""
+    w = t.lower().split()
+    return {" ".join(w[i : i + 3]) for i in range(len(w) - 2)} if len(w) >= 3 else {" ".join(w)}
+
+
 def near_duplicate_rate(
     texts: list[str], threshold: float = PROBE_DUP_THRESHOLD, num_perm: int = PROBE_NUM_PERM
 ) -> float:
@@ -415,18 +430,14 @@ def near_duplicate_rate(
     candidates (curate/minhash.py), their exact Jaccard decides. Identical texts are grouped first (each
     copy of a repeated text is a duplicate), so the LSH sees each distinct text once: a run with many
     repeats costs its distinct texts, not n^2 candidate pairs."""
-    from rmskit.curate.minhash import Buckets, lsh_params, sketch
-
-    def shingles(t: str) -> set[str]:
-        w = t.lower().split()
-        return {" ".join(w[i : i + 3]) for i in range(len(w) - 2)} if len(w) >= 3 else {" ".join(w)}
+    from rmskit.curate.minhash import Buckets, lsh_params, sketch_texts
 
     if not texts:
         return 0.0
     counts = Counter(texts)
     distinct = list(counts)
     bands, rows = lsh_params(threshold, num_perm)
-    sk = sketch((shingles(t) for t in distinct), bands, rows, seed=1)
+    sk = sketch_texts(distinct, probe_shingles, bands, rows, seed=1)
     buckets = Buckets(sk.keys)
     dup = sum(c for c in counts.values() if c > 1)
     for i in buckets.shared():

@@ -1,0 +1,187 @@
+"""The export's per-sample work done ahead: the finish worker follows the ledger while the run goes on
+and keeps, for each kept sample, what the finish would otherwise compute after the last response (issue
+13 §6): the validated `Sample`, its Parquet row, its image's bytes, and its query's MinHash sketches for
+curation and for the near-duplicate probe. The finish then only does that for the samples kept in the
+run's last moments, and the steps that need the final set (curation's decisions, the Parquet write,
+Vendi, the card).
+
+Nothing here decides anything: each memo entry is checked against what the finish reads (the sample's
+stored JSON by digest, the image file by size and mtime) and a mismatch is computed again, so a finish
+with a memo writes the same dataset as one without (tested). Bounded, so a long run's worker stays
+small: `SAMPLES` samples (~5 KB each with their rows), `IMAGE_BYTES` of image bytes, the sketches of
+`minhash.SketchMemo`; past a bound the finish does the rest itself, as it did before."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rmskit.records import Sample
+
+SAMPLES = 5_000
+IMAGE_BYTES = 48 * 2**20
+POLL_S = 0.25  # how often the follower looks for newly kept samples
+BATCH = 128  # samples per read: the follower lets go of the ledger between reads
+
+
+def digest(raw: str) -> bytes:
+    return hashlib.blake2b(raw.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+@dataclass(slots=True)
+class Entry:
+    digest: bytes  # of the sample's stored JSON
+    sample: Sample  # validated, with no split and no image (the export sets both)
+    row: dict[str, Any]  # its Parquet row but the image
+
+
+class ExportMemo:
+    def __init__(self, samples: int = SAMPLES, image_bytes: int = IMAGE_BYTES) -> None:
+        self.max_samples, self.max_image_bytes = samples, image_bytes
+        self.samples: dict[str, Entry] = {}
+        self.images: dict[str, tuple[int, int, bytes]] = {}  # path -> (size, mtime_ns, bytes)
+        self.image_bytes = 0
+
+    def add_sample(self, sid: str, raw: str) -> Sample | None:
+        """Validate and keep a stored sample (not when full, or when it does not validate: the finish
+        then meets it as it would have)."""
+        if len(self.samples) >= self.max_samples and sid not in self.samples:
+            return None
+        from rmskit.curate import apply_review
+        from rmskit.export.parquet import base_row
+
+        try:
+            s = Sample.model_validate({**apply_review(json.loads(raw), None), "split": None, "image": ""})
+        except ValueError:
+            return None
+        self.samples[sid] = Entry(digest(raw), s, base_row(s))
+        return s
+
+    def full(self) -> bool:
+        return len(self.samples) >= self.max_samples
+
+    def sample(self, sid: str, raw: str) -> Entry | None:
+        """The entry for `sid` if it was made from exactly `raw`."""
+        e = self.samples.get(sid)
+        return e if e is not None and e.digest == digest(raw) else None
+
+    def add_image(self, path: str) -> None:
+        if path in self.images:
+            return
+        try:
+            st = os.stat(path)
+            if self.image_bytes + st.st_size > self.max_image_bytes:
+                return
+            data = Path(path).read_bytes()
+        except OSError:
+            return  # the finish meets the same error and reports it
+        if len(data) == st.st_size:
+            self.images[path] = (st.st_size, st.st_mtime_ns, data)
+            self.image_bytes += len(data)
+
+
+# Set in the finish worker; None elsewhere (no other process holds a memo).
+MEMO: ExportMemo | None = None
+
+
+def read_image(path: str) -> bytes:
+    """The image file's bytes, from `MEMO` while the file is as it was read there."""
+    memo = MEMO
+    if memo is not None and (held := memo.images.get(path)) is not None:
+        with_stat = os.stat(path)
+        if (with_stat.st_size, with_stat.st_mtime_ns) == held[:2]:
+            return held[2]
+    return Path(path).read_bytes()
+
+
+def enable(samples: int = SAMPLES, image_bytes: int = IMAGE_BYTES, sketches: int = 2 * SAMPLES) -> ExportMemo:
+    """Give this process its memos (the finish worker's)."""
+    global MEMO
+    from rmskit.curate import minhash
+
+    MEMO = ExportMemo(samples, image_bytes)
+    minhash.MEMO = minhash.SketchMemo(sketches)
+    return MEMO
+
+
+class Follower(threading.Thread):
+    """Reads each newly kept sample of a run as the build stores it and fills the memos, until `stop`.
+    A failure ends the following, never the finish (which then does the work itself)."""
+
+    def __init__(self, run_dir: Path, memo: ExportMemo, poll_s: float = POLL_S, nice: int = 0) -> None:
+        super().__init__(name="rmskit-follow", daemon=True)
+        self.run_dir, self.memo, self.poll_s, self.nice = Path(run_dir), memo, poll_s, nice
+        self.stop = threading.Event()
+        self.seen = 0  # samples read (tests, the log)
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        from rmskit import childproc
+        from rmskit.ledger import Ledger
+
+        if self.nice:
+            childproc.lower_priority(self.nice)  # this thread only, on Linux: the build's cores come first
+        try:
+            with Ledger(self.run_dir, readonly=True) as led:
+                sketchers = _sketchers(led)
+                last = 0
+                while not self.stop.is_set():
+                    rows = led.query(
+                        "SELECT s.rowid, s.id, s.data, json_extract(i.data, '$.path') FROM samples s"
+                        " LEFT JOIN images i ON i.sha256 = s.image_sha"
+                        " WHERE s.status = 'ok' AND s.rowid > ? ORDER BY s.rowid LIMIT ?",
+                        (last, BATCH),
+                    )
+                    if rows:
+                        last = rows[-1][0]
+                        self._take(rows, sketchers)
+                    if self.memo.full():
+                        return  # a long run: the finish does the rest, as it did before
+                    if len(rows) < BATCH:
+                        self.stop.wait(self.poll_s)
+        except Exception as exc:  # noqa: BLE001 - a hint lost, nothing else
+            self.error = exc
+
+    def _take(self, rows: list[tuple[Any, ...]], sketchers: list[Any]) -> None:
+        from rmskit.export.prepare import _locate_image
+
+        queries: list[Any] = []
+        for _, sid, raw, recorded in rows:
+            self.seen += 1
+            s = self.memo.add_sample(sid, raw)
+            if s is None:
+                continue
+            queries.append(s.query)
+            path = _locate_image(s.image_sha256, recorded, self.run_dir)
+            if path is not None:
+                self.memo.add_image(path)
+        for fill in sketchers:
+            fill(queries)
+
+
+def _sketchers(led: Any) -> list[Any]:
+    """The two near-duplicate passes' sketch fills, at this run's thresholds."""
+    from rmskit.config import BuildConfig
+    from rmskit.curate import minhash
+    from rmskit.curate.dedup import NUM_PERM, shingles
+    from rmskit.scoring.probes import PROBE_DUP_THRESHOLD, PROBE_NUM_PERM, probe_shingles
+
+    memo = minhash.MEMO
+    if memo is None:
+        return []
+    config = led.get_meta("config")
+    threshold = (config or {}).get("query_dup_threshold") if isinstance(config, dict) else None
+    if threshold is None:
+        threshold = BuildConfig.model_fields["query_dup_threshold"].default
+    cur = minhash.lsh_params(float(threshold), NUM_PERM)
+    probe = minhash.lsh_params(PROBE_DUP_THRESHOLD, PROBE_NUM_PERM)
+    return [
+        # the texts each pass reads: curation `str(query or "")`, the probe `str(query)`
+        lambda qs: memo.fill([str(q or "") for q in qs], shingles, *cur, 1),
+        lambda qs: memo.fill([str(q) for q in qs], probe_shingles, *probe, 1),
+    ]

@@ -1,0 +1,143 @@
+"""The export's per-sample work done ahead (export/memo.py): the finish worker's follower fills memos from
+the ledger during the run; a finish that reads them writes exactly the dataset a finish without them
+writes, and an entry that no longer matches the ledger or the image file is never used."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from rmskit.curate import minhash
+from rmskit.curate.dedup import NUM_PERM, near_duplicate_queries, shingles
+from rmskit.export import memo
+from rmskit.export.writer import write_dataset
+from rmskit.ledger import Ledger
+from rmskit.scoring.probes import PROBE_DUP_THRESHOLD, PROBE_NUM_PERM, near_duplicate_rate, probe_shingles
+
+
+@pytest.fixture
+def no_memo(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever a test enables is this test's alone."""
+    monkeypatch.setattr(memo, "MEMO", None)
+    monkeypatch.setattr(minhash, "MEMO", None)
+
+
+def _dataset(run_dir: Path) -> dict[str, Any]:
+    """What an export wrote, but the card's export time."""
+    root = run_dir / "dataset"
+    tables = {p.name: pq.read_table(p).to_pylist() for p in sorted((root / "data").glob("*.parquet"))}
+    card = (root / "README.md").read_text(encoding="utf-8")
+    return {
+        "jsonl": (root / "samples.jsonl").read_text(encoding="utf-8"),
+        "tables": tables,
+        "images": sorted(p.name for p in (root / "images").iterdir()),
+        "card": [line for line in card.splitlines() if "exported" not in line.lower()],
+    }
+
+
+def _follow(run_dir: Path, m: memo.ExportMemo) -> memo.Follower:
+    with Ledger(run_dir, readonly=True) as led:
+        ok = led.sample_counts()["ok"]
+    f = memo.Follower(run_dir, m, poll_s=0.01)
+    f.start()
+    deadline = time.monotonic() + 60
+    while f.seen < ok and f.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    f.stop.set()
+    f.join()
+    assert f.error is None and (f.seen == ok or m.full())
+    return f
+
+
+def test_a_finish_from_the_memos_writes_the_same_dataset(run: Any, no_memo: None) -> None:
+    write_dataset(run.run_dir)
+    plain = _dataset(run.run_dir)
+    m = memo.enable()
+    _follow(run.run_dir, m)
+    with Ledger(run.run_dir, readonly=True) as led:
+        ok = led.sample_counts()["ok"]
+    assert len(m.samples) == ok and m.images and minhash.MEMO is not None and minhash.MEMO.size > 0
+    hits: list[str] = []
+    real = memo.ExportMemo.sample
+
+    def spy(self: memo.ExportMemo, sid: str, raw: str) -> Any:
+        e = real(self, sid, raw)
+        if e is not None:
+            hits.append(sid)
+        return e
+
+    reads: list[str] = []
+    real_read = memo.Path.read_bytes
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(memo.ExportMemo, "sample", spy)
+        mp.setattr(memo.Path, "read_bytes", lambda p: reads.append(str(p)) or real_read(p))
+        write_dataset(run.run_dir)
+    assert _dataset(run.run_dir) == plain
+    kept = len(plain["jsonl"].splitlines())
+    assert kept >= 6 and len(hits) == kept  # every kept sample came from the memo
+    assert reads == []  # and every image
+
+
+def test_a_changed_sample_or_image_is_read_again(run: Any, no_memo: None) -> None:
+    m = memo.enable()
+    _follow(run.run_dir, m)
+    with Ledger(run.run_dir) as led:
+        sid, raw = led.query("SELECT id, data FROM samples WHERE status='ok' ORDER BY id LIMIT 1")[0]
+        data = json.loads(raw)
+        data["response"] = "A changed response, stored after the memo read the sample."
+        led.execute("UPDATE samples SET data=? WHERE id=?", (json.dumps(data), sid))
+    path = next(iter(m.images))
+    before = m.images[path][2]
+    with open(path, "ab") as fh:  # a JPEG with bytes past its end: still an image
+        fh.write(b"\0" * 16)
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+    write_dataset(run.run_dir)
+    rows = [json.loads(x) for x in (run.run_dir / "dataset" / "samples.jsonl").read_text().splitlines()]
+    assert next(r for r in rows if r["id"] == sid)["response"] == data["response"]
+    assert memo.read_image(path) == before + b"\0" * 16
+
+
+def test_memo_sketches_are_the_sketches(no_memo: None) -> None:
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(40)]
+    texts = [" ".join(rng.choice(words, size=int(rng.integers(0, 12)))) for _ in range(300)]
+    texts += texts[:20]  # repeats
+    bands, rows = minhash.lsh_params(0.8, NUM_PERM)
+    plain = minhash.sketch((shingles(t) for t in dict.fromkeys(texts)), bands, rows, seed=1)
+    dups = near_duplicate_queries([(str(i), t) for i, t in enumerate(texts)], 0.8)
+    rate = near_duplicate_rate(texts)
+    minhash.MEMO = minhash.SketchMemo(limit=150)  # room for half: the rest is sketched at the end
+    minhash.MEMO.fill(texts[:200], shingles, bands, rows, 1)
+    minhash.MEMO.fill(texts[::2], probe_shingles, *minhash.lsh_params(PROBE_DUP_THRESHOLD, PROBE_NUM_PERM), 1)
+    assert minhash.MEMO.size == 150
+    held = minhash.sketch_texts(list(dict.fromkeys(texts)), shingles, bands, rows, seed=1)
+    for a, b in zip(plain, held, strict=True):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    assert near_duplicate_queries([(str(i), t) for i, t in enumerate(texts)], 0.8) == dups
+    assert near_duplicate_rate(texts) == rate
+    empty = minhash.sketch_texts([], shingles, bands, rows)
+    assert empty.keys.shape == (0, bands) and list(empty.ends) == [0]
+
+
+def test_the_memos_stay_within_their_bounds(run: Any, no_memo: None) -> None:
+    m = memo.ExportMemo(samples=3, image_bytes=1)
+    minhash.MEMO = minhash.SketchMemo(limit=2)
+    f = memo.Follower(run.run_dir, m, poll_s=0.01)
+    f.start()
+    f.join(timeout=60)  # never told to stop: a full memo ends the following (nothing more is kept)
+    assert not f.is_alive() and f.error is None
+    assert len(m.samples) == 3 and m.images == {} and minhash.MEMO.size == 2
+
+
+def test_a_follower_that_fails_only_stops_following(tmp_path: Path, no_memo: None) -> None:
+    f = memo.Follower(tmp_path / "not-a-run", memo.ExportMemo(), poll_s=0.01)
+    f.start()
+    f.join(timeout=30)
+    assert not f.is_alive() and f.error is not None
