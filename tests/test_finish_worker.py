@@ -53,9 +53,14 @@ def _without_seconds(probes: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in probes.items() if k != "seconds"}
 
 
+@pytest.mark.parametrize("probes_here", [True, False])
 def test_the_worker_finish_equals_the_inline_finish_and_the_worker_is_gone(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, photo_dir: Path
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, photo_dir: Path, probes_here: bool
 ) -> None:
+    """Both ways of the worker's finish: the build probes while the worker exports (a run of up to
+    `PROBES_HERE` kept samples), or the worker probes from the handed-over embeddings beside its export."""
+    if not probes_here:
+        monkeypatch.setattr(finish_mod, "PROBES_HERE", 0)
     procs = _spawned(monkeypatch)
     inline = _build(tmp_path, "inline", monkeypatch, photo_dir)
     assert procs == []
@@ -70,14 +75,21 @@ def test_the_worker_finish_equals_the_inline_finish_and_the_worker_is_gone(
     assert files == sorted(str(p.relative_to(inline)) for p in (inline / "dataset").rglob("*"))
     card = (worker / "dataset" / "README.md").read_text(encoding="utf-8")
     assert "CPU probes measured" in card
+    for run in (inline, worker):  # the run's end is in the card it exports (set after it, it was unknown)
+        text = (run / "dataset" / "README.md").read_text(encoding="utf-8")
+        assert re.search(r"finished \d{4}-\d\d-\d\d", text) and "finished unknown" not in text
     assert "finish worker" not in (worker / "build.log").read_text()  # nothing went wrong
     # where the finish's time went, in the build's log: the build's part, then the worker's wall and CPU
-    phases = (
-        r"finish: last queries embedded in [\d.]+ s, handed over in [\d.]+ s, embedder released in [\d.]+ s, "
-    )
-    worker_part = (
-        r"worker's probes [\d.]+ s wall / [\d.]+ s CPU, worker's export [\d.]+ s wall / [\d.]+ s CPU"
-    )
+    if probes_here:
+        phases = (
+            r"finish: last queries embedded in [\d.]+ s, probed in [\d.]+ s, embedder released in [\d.]+ s, "
+        )
+        worker_part = r"worker's export [\d.]+ s wall / [\d.]+ s CPU"
+    else:
+        phases = r"finish: last queries embedded in [\d.]+ s, handed over in [\d.]+ s, embedder released in [\d.]+ s, "
+        worker_part = (
+            r"worker's probes [\d.]+ s wall / [\d.]+ s CPU, worker's export [\d.]+ s wall / [\d.]+ s CPU"
+        )
     ahead = (
         r"(, \d+ samples prepared during the run)?"  # a scripted build may end before the worker reads any
     )
@@ -315,6 +327,12 @@ def test_query_embeddings_cross_to_the_worker_whole(tmp_path: Path, monkeypatch:
 
 
 @pytest.fixture
+def handed_over(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker probes from the embeddings the build hands it (a run past `PROBES_HERE` samples)."""
+    monkeypatch.setattr(finish_mod, "PROBES_HERE", 0)
+
+
+@pytest.fixture
 def own_tempdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty folder as `tempfile`'s default, so a test sees every temporary file the build leaves."""
     tmp = tmp_path / "tmp"
@@ -324,7 +342,7 @@ def own_tempdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_the_handed_over_embeddings_file_is_removed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, photo_dir: Path, own_tempdir: Path
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, photo_dir: Path, own_tempdir: Path, handed_over: None
 ) -> None:
     saved: list[Path] = []
     real = finish_mod.QueryEmbeddings.save
@@ -421,7 +439,7 @@ def _npz_without_slots(self: Any, path: Path) -> None:  # an .npz of another lay
 
 @pytest.mark.parametrize("damaged", [_not_npz, _npz_without_slots])
 def test_unreadable_embeddings_are_made_again_and_logged(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, photo_dir: Path, damaged: Any
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, photo_dir: Path, damaged: Any, handed_over: None
 ) -> None:
     """A damaged hand-over file: the worker embeds the queries itself (same probes), and the build's
     log says so."""
@@ -432,7 +450,7 @@ def test_unreadable_embeddings_are_made_again_and_logged(
 
 
 def test_a_full_disk_at_the_hand_over_leaves_the_embedding_to_the_worker(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, photo_dir: Path, own_tempdir: Path
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, photo_dir: Path, own_tempdir: Path, handed_over: None
 ) -> None:
     import errno
 
@@ -449,7 +467,7 @@ def test_a_full_disk_at_the_hand_over_leaves_the_embedding_to_the_worker(
 
 
 def test_the_build_lets_its_query_rows_go_while_the_worker_runs_and_a_fallback_reads_them_back(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, photo_dir: Path, own_tempdir: Path
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, photo_dir: Path, own_tempdir: Path, handed_over: None
 ) -> None:
     """Once the rows are in the hand-over file the build holds none of them (they were ~35 MB of a long
     run's finish); a worker that then fails leaves the build its rows from that file, so its own
@@ -460,11 +478,12 @@ def test_the_build_lets_its_query_rows_go_while_the_worker_runs_and_a_fallback_r
     seen: dict[str, Any] = {}
     real_worker_finish = finish_mod.Finish._worker_finish
 
-    async def worker_finish(self: Any, npz: str | None) -> Any:
+    async def worker_finish(self: Any, message: dict[str, Any]) -> Any:
+        npz = message["embeddings"]
         assert npz is not None
         seen["handed"] = QueryEmbeddings.load(Path(npz))._slot
         seen["held"] = (self.queries._x, len(self.queries._slot), len(self.queries._kept))
-        return await real_worker_finish(self, npz)
+        return await real_worker_finish(self, message)
 
     real_finish_dataset = finish_mod.finish_dataset
     late: list[str] = []

@@ -4,8 +4,10 @@
 the taxonomy may already hold), so after the last response only the last few queries are embedded.
 By default it also starts a worker process (finish_worker.py) that imports the probes' and the
 export's modules (numpy, pyarrow, the export: ~0.6 s of CPU, ~62 MB PSS) while the build waits on the
-endpoint, at a lower CPU priority; after the last response the worker gets the embeddings, runs the
-probes and the export, and the build stores the probes. If the worker cannot start or fails, the
+endpoint, at a lower CPU priority, and follows the run's ledger, doing each kept sample's share of the
+export as it is stored (export/memo.py). At the last response the worker starts curating and exporting;
+the build embeds its last queries and hands them over for the probes, which the worker runs beside the
+export, and the build stores them. If the worker cannot start or fails, the
 same finish runs here.
 
 `RMSKIT_FINISH=inline` keeps the finish in the build's process: its modules are imported after the
@@ -34,6 +36,12 @@ log = logging.getLogger("rmskit.build")
 
 MODES = ("worker", "inline")
 
+# Up to this many kept samples in the run, the build probes them itself while its worker exports (two
+# processes on two cores: the probes in a thread of the worker contended with the export for its GIL);
+# past it the worker probes from handed-over embeddings, so a long run's build holds no probe rows
+# beside the worker's export.
+PROBES_HERE = 20_000
+
 
 def mode() -> str:
     m = os.environ.get("RMSKIT_FINISH", "worker")
@@ -57,6 +65,13 @@ class Finish:
         self._embedding = asyncio.create_task(self.queries.run())
         if not self.worker:
             return
+        # What the probes import beyond what the build has, now rather than after the last response
+        # (~30 ms of CPU: the near-duplicate probe's MinHash, the bootstraps' numpy.random, threadpoolctl).
+        import numpy.random  # noqa: F401
+        import threadpoolctl  # noqa: F401
+
+        import rmskit.curate.minhash  # noqa: F401
+
         from rmskit.pipeline import finish_worker
 
         try:
@@ -101,17 +116,24 @@ class Finish:
 
     async def finish(self, run_dir: Path, ledger: Ledger) -> dict[str, Any]:
         """The run is over: the worker starts curating and exporting at once, while the queries still
-        queued are embedded here (a batch already running is not wasted) and handed to it for the
-        probes; without a worker, probes and export run here."""
+        queued are embedded here (a batch already running is not wasted) and the probes run, here when
+        the run is small enough (`PROBES_HERE`: two processes, two cores), else in the worker beside its
+        export, from the embeddings handed over; without a worker, probes and export run here."""
         t0 = time.perf_counter()
+        here = False
         if self._proc is not None:
-            await self._send({"finish": str(run_dir)})
+            here = ledger.sample_counts().get("ok", 0) <= PROBES_HERE  # what the probes read
+            await self._send(
+                {"finish": str(run_dir), "probes": "follow"} if here else {"finish": str(run_dir)}
+            )
         if self._embedding is not None:
             self.queries.close()
             await asyncio.gather(self._embedding, return_exceptions=True)  # a failure: finish reports it
             self._embedding = None
         if self._proc is None:
             return await asyncio.to_thread(finish_dataset, run_dir, ledger, self.queries)
+        if here:
+            return await self._finish_with_probes_here(run_dir, ledger, t0)
         t1 = time.perf_counter()
         npz = await self._hand_over()
         self._timing = {"last_queries_embedded": t1 - t0, "handed_over": time.perf_counter() - t1}
@@ -120,7 +142,7 @@ class Finish:
                 # The rows are in the file now: the build lets its copy go while the worker runs
                 # (at most 20k x 384 float32, 31 MB, plus their texts).
                 self.queries = QueryEmbeddings()
-            done = await self._worker_finish(npz)
+            done = await self._worker_finish({"embeddings": npz})
             if done is not None:
                 probes, result = done
                 if probes is not None:
@@ -135,6 +157,20 @@ class Finish:
             if npz:
                 with contextlib.suppress(OSError):
                     os.unlink(npz)
+
+    async def _finish_with_probes_here(self, run_dir: Path, ledger: Ledger, t0: float) -> dict[str, Any]:
+        """The probes in this process while the worker exports (it writes the card once they come)."""
+        t1 = time.perf_counter()
+        probes = await asyncio.to_thread(probe_run, ledger, self.queries, release=False)
+        self._timing = {"last_queries_embedded": t1 - t0, "probed": time.perf_counter() - t1}
+        if probes is not None:
+            ledger.set_meta("probes", probes)
+        self.queries = QueryEmbeddings()  # the probes copied out what they read
+        done = await self._worker_finish({"probes": probes})
+        if done is not None:
+            return done[1]
+        log.warning("finish worker failed: the finish runs in this process")
+        return await asyncio.to_thread(write_export, run_dir, probes)
 
     async def _send(self, message: dict[str, Any]) -> None:
         """One line to the worker; a worker that died meanwhile is found when its answer is read."""
@@ -165,9 +201,12 @@ class Finish:
         step()
         self._timing[name] = time.perf_counter() - t
 
-    async def _worker_finish(self, npz: str | None) -> tuple[dict[str, Any] | None, dict[str, Any]] | None:
-        """Hand the worker the embeddings (it has the request already) and wait for its answer."""
-        await self._send({"embeddings": npz})
+    async def _worker_finish(
+        self, message: dict[str, Any]
+    ) -> tuple[dict[str, Any] | None, dict[str, Any]] | None:
+        """Send the worker its last line (the embeddings, or the probes), let the embedder go while it
+        works, and read its answer: (probes, result), or None when it failed."""
+        await self._send(message)
         proc, self._proc = self._proc, None
         assert proc is not None and proc.stdin is not None and proc.stdout is not None
         line = b""
@@ -175,11 +214,9 @@ class Finish:
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # it died: the answer is empty
                 proc.stdin.close()
             # The worker has the rows now (or never will): let the model go while it works.
-            release = asyncio.create_task(
-                asyncio.to_thread(self._timed, "embedder_released", release_embedder)
-            )
+            freed = asyncio.create_task(asyncio.to_thread(self._timed, "embedder_released", release_embedder))
             line = await proc.stdout.readline()
-            await release
+            await freed
         finally:
             if proc.returncode is None and not line:
                 with contextlib.suppress(ProcessLookupError):
@@ -193,9 +230,9 @@ class Finish:
             log.warning("finish worker ended (exit %s) without a result", proc.returncode)
             return None
         ahead = msg.get("ahead")
-        line = _timing_line(self._timing, msg.get("seconds"))
-        log.info("finish: %s", line + (f", {ahead} samples prepared during the run" if ahead else ""))
-        if npz and not msg.get("embeddings_read"):
+        timing = _timing_line(self._timing, msg.get("seconds"))
+        log.info("finish: %s", timing + (f", {ahead} samples prepared during the run" if ahead else ""))
+        if message.get("embeddings") and not msg.get("embeddings_read"):
             log.warning("finish worker could not read the query embeddings: it embedded the queries again")
         return probes, result
 
@@ -216,16 +253,18 @@ async def _forward(stream: asyncio.StreamReader | None) -> None:
         log.warning("finish worker: %s", line.decode("utf-8", "replace").rstrip())
 
 
-def probe_run(ledger: Ledger, queries: QueryEmbeddings | None = None) -> dict[str, Any] | None:
+def probe_run(
+    ledger: Ledger, queries: QueryEmbeddings | None = None, release: bool = True
+) -> dict[str, Any] | None:
     """The CPU probes of the run's kept samples (None when there are none, or they failed: the probes
-    are a nice-to-have in the card)."""
+    are a nice-to-have in the card). `release`: let the embedder go once the queries are embedded."""
     with one_blas_thread():
         try:
             from rmskit.scoring.probes import run_probes
 
             samples = ledger.probe_rows("ok")
             if samples:
-                return run_probes(samples, embeddings=queries, release=True).model_dump(mode="json")
+                return run_probes(samples, embeddings=queries, release=release).model_dump(mode="json")
         except Exception as exc:
             log.warning("probes skipped: %r", exc)
     return None

@@ -100,13 +100,15 @@ def _warm_niced() -> None:
     _warm()
 
 
-def serve(request: dict[str, Any], embeddings: Callable[[], str | None] | None = None) -> dict[str, Any]:
-    """The finish of `request["finish"]`: the probes in a thread beside the export, which writes the card
-    last, with their numbers. The queries' embeddings are `request["embeddings"]`, else `embeddings()`
-    (the build sends them after the request, once it has embedded its last queries: the export starts
-    without them)."""
+def serve(request: dict[str, Any], next_line: Callable[[], str] | None = None) -> dict[str, Any]:
+    """The finish of `request["finish"]`. With "probes": "follow" the build probes and sends the numbers
+    as the next line, which the export waits for only to write the card, last. Otherwise the probes run
+    here in a thread beside the export, from the embeddings in `request["embeddings"]` or, without
+    that key, named by the next line (the build sends them once it has embedded its last queries: the
+    export starts without them)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from rmskit.export import memo
     from rmskit.ledger import Ledger
     from rmskit.pipeline.finish import probe_run, write_export
     from rmskit.scoring.probes import QueryEmbeddings
@@ -114,10 +116,16 @@ def serve(request: dict[str, Any], embeddings: Callable[[], str | None] | None =
     run_dir = Path(request["finish"])
     read: list[bool] = []
     laps: dict[str, list[float]] = {}
+    ahead = len(memo.MEMO.samples) if memo.MEMO is not None else 0
+    if request.get("probes") == "follow":
+        clock = _Clock()
+        result = write_export(run_dir, lambda: _line_field(next_line, "probes", dict))
+        clock.lap("export", laps)
+        return {"probes": None, "result": result, "embeddings_read": False, "ahead": ahead, "seconds": laps}
 
     def probes() -> dict[str, Any] | None:
         clock = _Clock()
-        npz = request["embeddings"] if "embeddings" in request or embeddings is None else embeddings()
+        npz = request["embeddings"] if "embeddings" in request else _line_field(next_line, "embeddings", str)
         queries = None
         if npz:
             with contextlib.suppress(OSError, ValueError, KeyError):  # unreadable: the probes embed them
@@ -134,13 +142,11 @@ def serve(request: dict[str, Any], embeddings: Callable[[], str | None] | None =
         result = write_export(run_dir, job.result)  # the card waits for the probes
         clock.lap("export", laps)
         found = job.result()
-    from rmskit.export import memo
-
     return {
         "probes": found,
         "result": result,
         "embeddings_read": bool(read and read[0]),
-        "ahead": len(memo.MEMO.samples) if memo.MEMO is not None else 0,
+        "ahead": ahead,
         "seconds": {k: laps[k] for k in ("probes", "export") if k in laps},
     }
 
@@ -193,7 +199,7 @@ def main() -> None:
                 if follower.error is not None:
                     log.warning("following the ledger stopped: %r", follower.error)
             warming.join()  # the finish needs its imports (a wait only when the run was shorter than them)
-            answer = serve(request, lambda: _embeddings(sys.stdin.readline()))
+            answer = serve(request, sys.stdin.readline)
             out.write(json.dumps(answer) + "\n")
             out.flush()
         break
@@ -203,13 +209,13 @@ def main() -> None:
     os._exit(0)
 
 
-def _embeddings(line: str) -> str | None:
-    """The hand-over file named by the build's last line ({"embeddings": path | null})."""
+def _line_field(next_line: Callable[[], str] | None, key: str, kind: type) -> Any:
+    """`key` of the build's next line (a JSON object) if it is a `kind`; else None."""
     try:
-        path = json.loads(line)["embeddings"]
+        value = json.loads(next_line() if next_line is not None else "")[key]
     except (ValueError, KeyError, TypeError):
         return None
-    return path if isinstance(path, str) else None
+    return value if isinstance(value, kind) else None
 
 
 if __name__ == "__main__":

@@ -399,8 +399,9 @@ async def run_build(
             if finish is not None:
                 await finish.cancel()
             raise
-        summary_export = await finish.finish(run_dir, ledger) if finish is not None else {}
+        # the run's end, before the export: its card shows it (set after, a fresh build's card said "unknown")
         ledger.set_meta("finished_at", time.time())
+        summary_export = await finish.finish(run_dir, ledger) if finish is not None else {}
         usage = ledger.usage_by_stage()
         counts = ledger.image_counts()
         samples = ledger.sample_counts()
