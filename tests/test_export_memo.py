@@ -1,11 +1,10 @@
 """The export's per-sample work done ahead (export/memo.py): the finish worker's follower fills memos from
 the ledger during the run; a finish that reads them writes exactly the dataset a finish without them
-writes, and an entry that no longer matches the ledger or the image file is never used."""
+writes, and an entry that no longer matches the ledger is never used."""
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -63,7 +62,7 @@ def test_a_finish_from_the_memos_writes_the_same_dataset(run: Any, no_memo: None
     _follow(run.run_dir, m)
     with Ledger(run.run_dir, readonly=True) as led:
         ok = led.sample_counts()["ok"]
-    assert len(m.samples) == ok and m.images and minhash.MEMO is not None and minhash.MEMO.size > 0
+    assert len(m.samples) == ok and minhash.MEMO is not None and minhash.MEMO.size > 0
     hits: list[str] = []
     real = memo.ExportMemo.sample
 
@@ -73,19 +72,15 @@ def test_a_finish_from_the_memos_writes_the_same_dataset(run: Any, no_memo: None
             hits.append(sid)
         return e
 
-    reads: list[str] = []
-    real_read = memo.Path.read_bytes
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(memo.ExportMemo, "sample", spy)
-        mp.setattr(memo.Path, "read_bytes", lambda p: reads.append(str(p)) or real_read(p))
         write_dataset(run.run_dir)
     assert _dataset(run.run_dir) == plain
     kept = len(plain["jsonl"].splitlines())
     assert kept >= 6 and len(hits) == kept  # every kept sample came from the memo
-    assert reads == []  # and every image
 
 
-def test_a_changed_sample_or_image_is_read_again(run: Any, no_memo: None) -> None:
+def test_a_changed_sample_is_read_again(run: Any, no_memo: None) -> None:
     m = memo.enable()
     _follow(run.run_dir, m)
     with Ledger(run.run_dir) as led:
@@ -93,15 +88,11 @@ def test_a_changed_sample_or_image_is_read_again(run: Any, no_memo: None) -> Non
         data = json.loads(raw)
         data["response"] = "A changed response, stored after the memo read the sample."
         led.execute("UPDATE samples SET data=? WHERE id=?", (json.dumps(data), sid))
-    path = next(iter(m.images))
-    before = m.images[path][2]
-    with open(path, "ab") as fh:  # a JPEG with bytes past its end: still an image
-        fh.write(b"\0" * 16)
-    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
     write_dataset(run.run_dir)
     rows = [json.loads(x) for x in (run.run_dir / "dataset" / "samples.jsonl").read_text().splitlines()]
     assert next(r for r in rows if r["id"] == sid)["response"] == data["response"]
-    assert memo.read_image(path) == before + b"\0" * 16
+    table = pq.read_table(run.run_dir / "dataset" / "data").to_pylist()
+    assert next(r for r in table if r["id"] == sid)["response"] == data["response"]
 
 
 def test_memo_sketches_are_the_sketches(no_memo: None) -> None:
@@ -127,13 +118,13 @@ def test_memo_sketches_are_the_sketches(no_memo: None) -> None:
 
 
 def test_the_memos_stay_within_their_bounds(run: Any, no_memo: None) -> None:
-    m = memo.ExportMemo(samples=3, image_bytes=1)
+    m = memo.ExportMemo(samples=3)
     minhash.MEMO = minhash.SketchMemo(limit=2)
     f = memo.Follower(run.run_dir, m, poll_s=0.01)
     f.start()
     f.join(timeout=60)  # never told to stop: a full memo ends the following (nothing more is kept)
     assert not f.is_alive() and f.error is None
-    assert len(m.samples) == 3 and m.images == {} and minhash.MEMO.size == 2
+    assert len(m.samples) == 3 and minhash.MEMO.size == 2
 
 
 def test_a_follower_that_fails_only_stops_following(tmp_path: Path, no_memo: None) -> None:

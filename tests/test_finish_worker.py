@@ -429,6 +429,37 @@ def test_letting_no_embedder_go_costs_nothing(monkeypatch: pytest.MonkeyPatch) -
     probes.release_embedder()
 
 
+def test_letting_the_embedder_go_collects_only_when_a_cycle_holds_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dropping the last reference frees a session at once; the collection (26-70 ms of a build's
+    finish) runs only when something still holds it."""
+    import gc
+    import weakref
+
+    from rmskit import embedding
+    from rmskit.scoring import probes
+
+    class Session:
+        pass
+
+    collected: list[int] = []
+    real = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda *a: collected.append(1) or real(*a))
+    probes._embedder.cache_clear()
+    free = Session()
+    gone = weakref.ref(free)
+    monkeypatch.setattr(embedding, "_SHARED", free)
+    del free
+    probes.release_embedder()
+    assert gone() is None and collected == []
+    cyclic = Session()
+    cyclic.me = cyclic  # type: ignore[attr-defined]
+    gone = weakref.ref(cyclic)
+    monkeypatch.setattr(embedding, "_SHARED", cyclic)
+    del cyclic
+    probes.release_embedder()
+    assert gone() is None and collected == [1]
+
+
 def _not_npz(self: Any, path: Path) -> None:
     path.write_bytes(b"not npz")
 
@@ -504,3 +535,22 @@ def test_the_build_lets_its_query_rows_go_while_the_worker_runs_and_a_fallback_r
     assert len(seen["handed"]) >= 6 and seen["held"] == (None, 0, 0)
     assert seen["fallback"] == seen["handed"] and late == []
     assert list(own_tempdir.iterdir()) == []  # the file is gone once the fallback has read it
+
+
+@pytest.mark.parametrize(
+    "line", ['{"probes": {"n": 7, "vendi": 2.5}}\n', "not json\n", '{"probes": [1]}\n', ""]
+)
+def test_a_worker_told_the_probes_follow_writes_the_card_with_what_comes(run: Any, line: str) -> None:
+    """The build probes while the worker exports and sends the numbers last; whatever that line is (the
+    numbers, garbage, nothing: the build died), the export is written, with the numbers when they came."""
+    asked: list[str] = []
+
+    def next_line() -> str:
+        asked.append(line)
+        return line
+
+    answer = finish_worker.serve({"finish": str(run.run_dir), "probes": "follow"}, next_line)
+    assert answer["result"] == {"dataset_dir": str(run.run_dir / "dataset")} and answer["probes"] is None
+    assert asked == [line] and set(answer["seconds"]) == {"export"}
+    card = (run.run_dir / "dataset" / "README.md").read_text(encoding="utf-8")
+    assert ("| vendi | 2.5 |" in card) == line.startswith('{"probes": {')

@@ -1,21 +1,21 @@
 """The export's per-sample work done ahead: the finish worker follows the ledger while the run goes on
 and keeps, for each kept sample, what the finish would otherwise compute after the last response (issue
-13 §6): the validated `Sample`, its Parquet row, its image's bytes, and its query's MinHash sketches for
-curation and for the near-duplicate probe. The finish then only does that for the samples kept in the
+13 §6): the validated `Sample`, its Parquet row, and its query's MinHash sketches for curation and for
+the near-duplicate probe. The finish then only does that for the samples kept in the
 run's last moments, and the steps that need the final set (curation's decisions, the Parquet write,
 Vendi, the card).
 
-Nothing here decides anything: each memo entry is checked against what the finish reads (the sample's
-stored JSON by digest, the image file by size and mtime) and a mismatch is computed again, so a finish
-with a memo writes the same dataset as one without (tested). Bounded, so a long run's worker stays
-small: `SAMPLES` samples (~5 KB each with their rows), `IMAGE_BYTES` of image bytes, the sketches of
-`minhash.SketchMemo`; past a bound the finish does the rest itself, as it did before."""
+Nothing here decides anything: each entry is checked against what the finish reads (the sample's stored
+JSON, by digest) and a mismatch is computed again, so a finish with a memo writes the same dataset as one
+without (tested). Bounded, so a long run's worker stays small: `SAMPLES` samples (~12 KB each with their
+rows and sketches, traced) and the sketches of `minhash.SketchMemo`; past a bound the finish does the rest itself, as it did
+before. Not the image bytes: held, they cost the worker their size (+50 MB PSS at 1k images in
+bench/rss_scale.py) to save reading them from the page cache (~10 ms per 400)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +23,9 @@ from typing import Any
 
 from rmskit.records import Sample
 
-SAMPLES = 5_000
-IMAGE_BYTES = 48 * 2**20
+# 2,000: ~24 MB. 5,000 (~60 MB) and the image bytes (capped at 48 MB) held the worker at 195 MB PSS at the
+# finish of a 10k-image run (bench/rss_scale.py, 62 MB without them).
+SAMPLES = 2_000
 POLL_S = 0.25  # how often the follower looks for newly kept samples
 BATCH = 128  # samples per read: the follower lets go of the ledger between reads
 
@@ -41,11 +42,9 @@ class Entry:
 
 
 class ExportMemo:
-    def __init__(self, samples: int = SAMPLES, image_bytes: int = IMAGE_BYTES) -> None:
-        self.max_samples, self.max_image_bytes = samples, image_bytes
+    def __init__(self, samples: int = SAMPLES) -> None:
+        self.max_samples = samples
         self.samples: dict[str, Entry] = {}
-        self.images: dict[str, tuple[int, int, bytes]] = {}  # path -> (size, mtime_ns, bytes)
-        self.image_bytes = 0
 
     def add_sample(self, sid: str, raw: str) -> Sample | None:
         """Validate and keep a stored sample (not when full, or when it does not validate: the finish
@@ -70,41 +69,17 @@ class ExportMemo:
         e = self.samples.get(sid)
         return e if e is not None and e.digest == digest(raw) else None
 
-    def add_image(self, path: str) -> None:
-        if path in self.images:
-            return
-        try:
-            st = os.stat(path)
-            if self.image_bytes + st.st_size > self.max_image_bytes:
-                return
-            data = Path(path).read_bytes()
-        except OSError:
-            return  # the finish meets the same error and reports it
-        if len(data) == st.st_size:
-            self.images[path] = (st.st_size, st.st_mtime_ns, data)
-            self.image_bytes += len(data)
-
 
 # Set in the finish worker; None elsewhere (no other process holds a memo).
 MEMO: ExportMemo | None = None
 
 
-def read_image(path: str) -> bytes:
-    """The image file's bytes, from `MEMO` while the file is as it was read there."""
-    memo = MEMO
-    if memo is not None and (held := memo.images.get(path)) is not None:
-        with_stat = os.stat(path)
-        if (with_stat.st_size, with_stat.st_mtime_ns) == held[:2]:
-            return held[2]
-    return Path(path).read_bytes()
-
-
-def enable(samples: int = SAMPLES, image_bytes: int = IMAGE_BYTES, sketches: int = 2 * SAMPLES) -> ExportMemo:
+def enable(samples: int = SAMPLES, sketches: int = 2 * SAMPLES) -> ExportMemo:
     """Give this process its memos (the finish worker's)."""
     global MEMO
     from rmskit.curate import minhash
 
-    MEMO = ExportMemo(samples, image_bytes)
+    MEMO = ExportMemo(samples)
     minhash.MEMO = minhash.SketchMemo(sketches)
     return MEMO
 
@@ -132,9 +107,8 @@ class Follower(threading.Thread):
                 last = 0
                 while not self.stop.is_set():
                     rows = led.query(
-                        "SELECT s.rowid, s.id, s.data, json_extract(i.data, '$.path') FROM samples s"
-                        " LEFT JOIN images i ON i.sha256 = s.image_sha"
-                        " WHERE s.status = 'ok' AND s.rowid > ? ORDER BY s.rowid LIMIT ?",
+                        "SELECT rowid, id, data FROM samples WHERE status = 'ok' AND rowid > ?"
+                        " ORDER BY rowid LIMIT ?",
                         (last, BATCH),
                     )
                     if rows:
@@ -148,18 +122,12 @@ class Follower(threading.Thread):
             self.error = exc
 
     def _take(self, rows: list[tuple[Any, ...]], sketchers: list[Any]) -> None:
-        from rmskit.export.prepare import _locate_image
-
         queries: list[Any] = []
-        for _, sid, raw, recorded in rows:
+        for _, sid, raw in rows:
             self.seen += 1
             s = self.memo.add_sample(sid, raw)
-            if s is None:
-                continue
-            queries.append(s.query)
-            path = _locate_image(s.image_sha256, recorded, self.run_dir)
-            if path is not None:
-                self.memo.add_image(path)
+            if s is not None:
+                queries.append(s.query)
         for fill in sketchers:
             fill(queries)
 

@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rmskit.export.memo import read_image
 from rmskit.export.prepare import Prepared
 from rmskit.records import Sample
 
@@ -200,7 +199,7 @@ class ParquetSink:
         out = self.writers.get(sample.split)
         if out is None:
             out = self.writers[sample.split] = _SplitWriter(self.data_dir, sample.split, self.schema)
-        data = read_image(self.prep.image_files[sample.image_sha256])
+        data = Path(self.prep.image_files[sample.image_sha256]).read_bytes()
         base = self.prep.samples.memo_rows.pop(sample.id, None)
         out.add(_row(sample, data, self.prep.image_name(sample.image_sha256), base), len(data))
 
