@@ -64,7 +64,7 @@ def test_a_finish_from_the_memos_writes_the_same_dataset(run: Any, no_memo: None
         ok = led.sample_counts()["ok"]
     assert len(m.samples) == ok and minhash.MEMO is not None and minhash.MEMO.size > 0
     hits: list[str] = []
-    real = memo.ExportMemo.sample
+    real = memo.ExportMemo.take
 
     def spy(self: memo.ExportMemo, sid: str, raw: str) -> Any:
         e = real(self, sid, raw)
@@ -73,11 +73,12 @@ def test_a_finish_from_the_memos_writes_the_same_dataset(run: Any, no_memo: None
         return e
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(memo.ExportMemo, "sample", spy)
+        mp.setattr(memo.ExportMemo, "take", spy)
         write_dataset(run.run_dir)
     assert _dataset(run.run_dir) == plain
     kept = len(plain["jsonl"].splitlines())
     assert kept >= 6 and len(hits) == kept  # every kept sample came from the memo
+    assert len(m.samples) == ok - kept  # and left it (the curated-out ones stay)
 
 
 def test_a_changed_sample_is_read_again(run: Any, no_memo: None) -> None:

@@ -64,9 +64,10 @@ class ExportMemo:
     def full(self) -> bool:
         return len(self.samples) >= self.max_samples
 
-    def sample(self, sid: str, raw: str) -> Entry | None:
-        """The entry for `sid` if it was made from exactly `raw`."""
-        e = self.samples.get(sid)
+    def take(self, sid: str, raw: str) -> Entry | None:
+        """The entry for `sid` if it was made from exactly `raw`, out of the memo: a finish reads each
+        sample once, and what its entry held goes back to the export's own work (its peak)."""
+        e = self.samples.pop(sid, None)
         return e if e is not None and e.digest == digest(raw) else None
 
 

@@ -116,7 +116,7 @@ class KeptSamples:
                 rows = dict(led.query(f"SELECT id, data FROM samples WHERE id IN ({marks})", tuple(chunk)))
                 for sid in chunk:
                     raw, review = rows[sid], self._review.get(sid)
-                    held = memo.MEMO.sample(sid, raw) if memo.MEMO is not None else None
+                    held = memo.MEMO.take(sid, raw) if memo.MEMO is not None else None
                     if held is not None and not (review or {}).get("edits"):
                         # the same Sample as below, validated ahead (apply_review reads only the edits)
                         split, sha = self._split[sid], held.sample.image_sha256
