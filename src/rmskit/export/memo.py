@@ -1,14 +1,13 @@
 """The export's per-sample work done ahead: the finish worker follows the ledger while the run goes on
 and keeps, for each kept sample, what the finish would otherwise compute after the last response (issue
-13 §6): the validated `Sample`, its Parquet row, and its query's MinHash sketches for curation and for
-the near-duplicate probe. The finish then only does that for the samples kept in the
+13 §6): its Parquet row and its query's MinHash sketch for curation's near-duplicate pass. The finish then only does that for the samples kept in the
 run's last moments, and the steps that need the final set (curation's decisions, the Parquet write,
 Vendi, the card).
 
 Nothing here decides anything: each entry is checked against what the finish reads (the sample's stored
 JSON, by digest) and a mismatch is computed again, so a finish with a memo writes the same dataset as one
-without (tested). Bounded, so a long run's worker stays small: `SAMPLES` samples (~12 KB each with their
-rows and sketches, traced) and the sketches of `minhash.SketchMemo`; past a bound the finish does the rest itself, as it did
+without (tested). Bounded, so a long run's worker stays small: `SAMPLES` samples (~3 KB each with
+their sketches, traced) and the sketches of `minhash.SketchMemo`; past a bound the finish does the rest itself, as it did
 before. Not the image bytes: held, they cost the worker their size (+50 MB PSS at 1k images in
 bench/rss_scale.py) to save reading them from the page cache (~10 ms per 400)."""
 
@@ -23,8 +22,8 @@ from typing import Any
 
 from rmskit.records import Sample
 
-# 2,000: ~24 MB. 5,000 (~60 MB) and the image bytes (capped at 48 MB) held the worker at 195 MB PSS at the
-# finish of a 10k-image run (bench/rss_scale.py, 62 MB without them).
+# 2,000: ~6 MB. 5,000 validated samples with their rows (~60 MB) and the image bytes (capped at 48 MB)
+# held the worker at 195 MB PSS at the finish of a 10k-image run (bench/rss_scale.py, 62 MB without them).
 SAMPLES = 2_000
 POLL_S = 0.25  # how often the follower looks for newly kept samples
 BATCH = 128  # samples per read: the follower lets go of the ledger between reads
@@ -37,8 +36,8 @@ def digest(raw: str) -> bytes:
 @dataclass(slots=True)
 class Entry:
     digest: bytes  # of the sample's stored JSON
-    sample: Sample  # validated, with no split and no image (the export sets both)
-    row: dict[str, Any]  # its Parquet row but the image
+    row: dict[str, Any]  # its Parquet row but the image (~2 KB; the validated `Sample` was ~8.6 KB more
+    # for ~11 ms of a 400-sample finish: the export validates each sample again)
 
 
 class ExportMemo:
@@ -58,7 +57,7 @@ class ExportMemo:
             s = Sample.model_validate({**apply_review(json.loads(raw), None), "split": None, "image": ""})
         except ValueError:
             return None
-        self.samples[sid] = Entry(digest(raw), s, base_row(s))
+        self.samples[sid] = Entry(digest(raw), base_row(s))
         return s
 
     def full(self) -> bool:
@@ -75,7 +74,7 @@ class ExportMemo:
 MEMO: ExportMemo | None = None
 
 
-def enable(samples: int = SAMPLES, sketches: int = 2 * SAMPLES) -> ExportMemo:
+def enable(samples: int = SAMPLES, sketches: int = SAMPLES) -> ExportMemo:
     """Give this process its memos (the finish worker's)."""
     global MEMO
     from rmskit.curate import minhash
@@ -134,11 +133,12 @@ class Follower(threading.Thread):
 
 
 def _sketchers(led: Any) -> list[Any]:
-    """The two near-duplicate passes' sketch fills, at this run's thresholds."""
+    """Curation's near-duplicate sketch fill, at this run's threshold. Not the probe's: the build probes
+    a run of up to 2,000 samples itself (pipeline/finish.py `PROBES_HERE`), and past that the memo
+    would hold its first 2,000 only."""
     from rmskit.config import BuildConfig
     from rmskit.curate import minhash
     from rmskit.curate.dedup import NUM_PERM, shingles
-    from rmskit.scoring.probes import PROBE_DUP_THRESHOLD, PROBE_NUM_PERM, probe_shingles
 
     memo = minhash.MEMO
     if memo is None:
@@ -148,9 +148,5 @@ def _sketchers(led: Any) -> list[Any]:
     if threshold is None:
         threshold = BuildConfig.model_fields["query_dup_threshold"].default
     cur = minhash.lsh_params(float(threshold), NUM_PERM)
-    probe = minhash.lsh_params(PROBE_DUP_THRESHOLD, PROBE_NUM_PERM)
-    return [
-        # the texts each pass reads: curation `str(query or "")`, the probe `str(query)`
-        lambda qs: memo.fill([str(q or "") for q in qs], shingles, *cur, 1),
-        lambda qs: memo.fill([str(q) for q in qs], probe_shingles, *probe, 1),
-    ]
+    # the texts curation reads: `str(query or "")`
+    return [lambda qs: memo.fill([str(q or "") for q in qs], shingles, *cur, 1)]

@@ -118,13 +118,9 @@ class KeptSamples:
                     raw, review = rows[sid], self._review.get(sid)
                     held = memo.MEMO.take(sid, raw) if memo.MEMO is not None else None
                     if held is not None and not (review or {}).get("edits"):
-                        # the same Sample as below, validated ahead (apply_review reads only the edits)
-                        split, sha = self._split[sid], held.sample.image_sha256
-                        self.memo_rows[sid] = held.row
-                        yield held.sample.model_copy(
-                            update={"split": split, "image": f"images/{self._image_name(sha)}"}
-                        )
-                        continue
+                        self.memo_rows[sid] = (
+                            held.row
+                        )  # made from this very sample (apply_review reads only the edits)
                     s = apply_review(json.loads(raw), review)
                     s["split"] = self._split[sid]
                     yield Sample.model_validate(
