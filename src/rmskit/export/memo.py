@@ -1,15 +1,15 @@
 """The export's per-sample work done ahead: the finish worker follows the ledger while the run goes on
 and keeps, for each kept sample, what the finish would otherwise compute after the last response (issue
-13 §6): its Parquet row and its query's MinHash sketch for curation's near-duplicate pass. The finish then only does that for the samples kept in the
-run's last moments, and the steps that need the final set (curation's decisions, the Parquet write,
-Vendi, the card).
+13 §6): its Parquet row and its query's MinHash sketch for curation's near-duplicate pass. The finish
+then does that only for the samples kept in the run's last moments, and the steps that need the final
+set (curation's decisions, the Parquet and JSONL writes, the card).
 
 Nothing here decides anything: each entry is checked against what the finish reads (the sample's stored
 JSON, by digest) and a mismatch is computed again, so a finish with a memo writes the same dataset as one
-without (tested). Bounded, so a long run's worker stays small: `SAMPLES` samples (~3 KB each with
-their sketches, traced) and the sketches of `minhash.SketchMemo`; past a bound the finish does the rest itself, as it did
-before. Not the image bytes: held, they cost the worker their size (+50 MB PSS at 1k images in
-bench/rss_scale.py) to save reading them from the page cache (~10 ms per 400)."""
+without (tested). Bounded, so a long run's worker stays small: `SAMPLES` samples, ~3 KB each with their
+sketch (traced); past that the finish does the rest itself, as it did before. Not the image bytes: held,
+they cost the worker their size (+50 MB PSS at 1k images in bench/rss_scale.py) to save reading them
+from the page cache (~10 ms per 400)."""
 
 from __future__ import annotations
 
