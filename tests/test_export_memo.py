@@ -133,3 +133,43 @@ def test_a_follower_that_fails_only_stops_following(tmp_path: Path, no_memo: Non
     f.start()
     f.join(timeout=30)
     assert not f.is_alive() and f.error is not None
+
+
+def test_the_follower_keeps_up_with_a_ledger_being_written(run: Any, no_memo: None) -> None:
+    """As in a build: samples stored while the follower reads, one of them stored again (INSERT OR
+    REPLACE: a new rowid). The memo ends with every sample, each entry made from its latest JSON."""
+    with Ledger(run.run_dir) as led:
+        rows = led.query(
+            "SELECT id, image_sha, kind, category, data FROM samples WHERE status='ok' ORDER BY id"
+        )
+        led.execute("UPDATE samples SET status='pending'")  # as at a run's start: nothing kept yet
+    m = memo.enable()
+    f = memo.Follower(run.run_dir, m, poll_s=0.01)
+    f.start()
+
+    def wait_for(n: int) -> None:
+        deadline = time.monotonic() + 60
+        while f.seen < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert f.seen >= n, (f.seen, n, f.error)
+
+    try:
+        with Ledger(run.run_dir) as led:
+            half = len(rows) // 2
+            for sid, sha, kind, cat, data in rows[:half]:
+                led.put_sample(sid, sha, kind, cat, "ok", json.loads(data))
+            wait_for(half)
+            first = rows[0]
+            changed = {**json.loads(first[4]), "response": "Stored again with a new response."}
+            led.put_sample(*first[:4], "ok", changed)
+            for sid, sha, kind, cat, data in rows[half:]:
+                led.put_sample(sid, sha, kind, cat, "ok", json.loads(data))
+            wait_for(len(rows) + 1)
+    finally:
+        f.stop.set()
+        f.join()
+    assert f.error is None and set(m.samples) == {r[0] for r in rows}
+    with Ledger(run.run_dir, readonly=True) as led:
+        stored = dict(led.query("SELECT id, data FROM samples"))
+    assert all(m.samples[sid].digest == memo.digest(stored[sid]) for sid in m.samples)
+    assert m.samples[rows[0][0]].row["response"] == "Stored again with a new response."

@@ -178,10 +178,10 @@ def sketch(sets: Iterable[Collection[str]], bands: int, rows: int, seed: int = 1
 
 class SketchMemo:
     """Each text's sketch row (band keys, token fingerprints) computed ahead: the finish worker fills it
-    from the ledger while the run goes on, so the finish's two near-duplicate passes only sketch the
-    texts kept in the run's last moments (issue 13 §6). One table per (shingler, bands, rows, seed); at
-    most `limit` texts in all (~0.5 KB each): past it the finish sketches the rest itself. The token
-    fingerprints are `hash()`es: a memo is only ever read in the process that filled it."""
+    from the ledger while the run goes on (export/memo.py), so curation's near-duplicate pass only
+    sketches the texts kept in the run's last moments (issue 13 §6). One table per (shingler, bands,
+    rows, seed); at most `limit` texts in all (~0.6 KB each): past it the finish sketches the rest
+    itself. The token fingerprints are `hash()`es: a memo is only ever read in the process that filled it."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -226,12 +226,14 @@ def sketch_texts(
     texts: list[str], shingle: Callable[[str], Collection[str]], bands: int, rows: int, seed: int = 1
 ) -> Sketch:
     """`sketch` of `shingle(t)` for each text, from `MEMO` where it holds them (the same arrays: the
-    signature of a text does not depend on the others sketched with it)."""
+    signature of a text does not depend on the others sketched with it). The rest are sketched here and
+    not kept: the finish reads each text once."""
     memo = MEMO
     if memo is None:
         return sketch((shingle(t) for t in texts), bands, rows, seed)
     table = memo.table(shingle, bands, rows, seed)
-    fresh = memo.fill((t for t in texts if t not in table), shingle, bands, rows, seed)
+    todo = [t for t in dict.fromkeys(texts) if t not in table]
+    fresh = _rows(sketch((shingle(t) for t in todo), bands, rows, seed), todo)
     parts = [table.get(t) or fresh[t] for t in texts]
     if not parts:
         return sketch((), bands, rows, seed)

@@ -48,7 +48,7 @@ class ExportMemo:
     def add_sample(self, sid: str, raw: str) -> Sample | None:
         """Validate and keep a stored sample (not when full, or when it does not validate: the finish
         then meets it as it would have)."""
-        if len(self.samples) >= self.max_samples and sid not in self.samples:
+        if self.full() and sid not in self.samples:
             return None
         from rmskit.curate import apply_review
         from rmskit.export.parquet import base_row
@@ -92,7 +92,7 @@ class Follower(threading.Thread):
         super().__init__(name="rmskit-follow", daemon=True)
         self.run_dir, self.memo, self.poll_s, self.nice = Path(run_dir), memo, poll_s, nice
         self.stop = threading.Event()
-        self.seen = 0  # samples read (tests, the log)
+        self.seen = 0  # samples read, kept in the memo or not
         self.error: BaseException | None = None
 
     def run(self) -> None:

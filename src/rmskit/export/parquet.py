@@ -77,8 +77,8 @@ def base_row(sample: Sample) -> dict[str, Any]:
 def _row(
     sample: Sample, image_bytes: bytes, image_name: str, base: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """`base`: the sample's `base_row`, made ahead (export/memo.py)."""
-    row = dict(base) if base is not None else base_row(sample)
+    """`base`: the sample's `base_row`, made ahead (export/memo.py) and the caller's to complete."""
+    row = base if base is not None else base_row(sample)
     row["image"] = {"bytes": image_bytes, "path": image_name}
     return row
 

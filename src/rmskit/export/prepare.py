@@ -118,9 +118,8 @@ class KeptSamples:
                     raw, review = rows[sid], self._review.get(sid)
                     held = memo.MEMO.take(sid, raw) if memo.MEMO is not None else None
                     if held is not None and not (review or {}).get("edits"):
-                        self.memo_rows[sid] = (
-                            held.row
-                        )  # made from this very sample (apply_review reads only the edits)
+                        # made from this very sample (apply_review reads only the edits)
+                        self.memo_rows[sid] = held.row
                     s = apply_review(json.loads(raw), review)
                     s["split"] = self._split[sid]
                     yield Sample.model_validate(

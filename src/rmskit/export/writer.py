@@ -155,8 +155,8 @@ def _card_files(data_files: dict[str, list[str]], with_jsonl: bool) -> list[str]
     return files
 
 
-# The card's probe numbers, or a call that waits for them (the finish worker computes them beside the
-# export and the card is written last).
+# The card's probe numbers, or a call that waits for them (a build's finish computes them while its
+# worker exports, and the card is written last).
 Probes = dict[str, Any] | Callable[[], dict[str, Any] | None] | None
 
 

@@ -5,10 +5,11 @@ the taxonomy may already hold), so after the last response only the last few que
 By default it also starts a worker process (finish_worker.py) that imports the probes' and the
 export's modules (numpy, pyarrow, the export: ~0.6 s of CPU, ~62 MB PSS) while the build waits on the
 endpoint, at a lower CPU priority, and follows the run's ledger, doing each kept sample's share of the
-export as it is stored (export/memo.py). At the last response the worker starts curating and exporting;
-the build embeds its last queries and hands them over for the probes, which the worker runs beside the
-export, and the build stores them. If the worker cannot start or fails, the
-same finish runs here.
+export as it is stored (export/memo.py). At the last response the worker starts curating and exporting,
+while the build embeds its last queries and runs the probes (up to `PROBES_HERE` kept samples; past
+that it hands the embeddings over and the worker probes beside its export); the card, written last,
+waits for the numbers, which the build stores. If the worker cannot start or fails, the same finish
+runs here.
 
 `RMSKIT_FINISH=inline` keeps the finish in the build's process: its modules are imported after the
 last response (~1 s; a job (b) finish of 1.07-1.14 s instead of 0.24-0.55, bench/peers) and the build
@@ -27,10 +28,13 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rmskit.ledger import Ledger
 from rmskit.scoring.probes import QueryEmbeddings, release_embedder
+
+if TYPE_CHECKING:
+    from rmskit.export.writer import Probes  # not at run time: the build does not import the export
 
 log = logging.getLogger("rmskit.build")
 
@@ -286,9 +290,7 @@ def one_blas_thread() -> Iterator[None]:
         yield
 
 
-def write_export(
-    run_dir: Path, probes: dict[str, Any] | Callable[[], dict[str, Any] | None] | None
-) -> dict[str, Any]:
+def write_export(run_dir: Path, probes: Probes) -> dict[str, Any]:
     """The dataset export (`probes`: the card's numbers, or a call that waits for them). A failure is
     reported, never loses the ledger's work."""
     try:

@@ -11,16 +11,18 @@ took ~1 s of the finish, and importing them in a thread during the run's tail sl
 it saved (the GIL).
 
 During the run the worker also follows the ledger (a thread at nice 10, export/memo.py): each kept
-sample is validated, its Parquet row made, its image read and its query sketched for both near-duplicate
-passes as it is stored, so the finish redoes that only for the samples kept last. After the last
-response the build sends the request at once and the worker starts curating and exporting; the build
-embeds its last queries meanwhile (it may hold MiniLM for its taxonomy already) and hands them over; the
-probes run in a thread beside the export, which writes the card last; the worker answers with the
-probes, which the build stores (it holds the run's write lock).
+sample's Parquet row is made and its query sketched for curation as it is stored, so the finish redoes
+that only for the samples kept last. After the last response the build sends the request at once and
+the worker starts curating and exporting, while the build embeds its last queries (it may hold MiniLM
+for its taxonomy already). Up to `finish.PROBES_HERE` kept samples the build runs the probes itself, on
+the other core, and sends the numbers; past that it hands the embeddings over and the probes run in a
+thread here beside the export, and the worker answers with them for the build to store (it holds the
+run's write lock). Either way the card is written last, with the numbers.
 
-Protocol, stdin, one JSON line each: {"follow": run_dir} (optional, at the start), {"finish": run_dir}
-after the last response, then {"embeddings": npz path | null}; a {"finish"} line holding "embeddings"
-itself needs no third line. stdout, one JSON line {"probes": {...} | null, "result": {...},
+Protocol, stdin, one JSON line each: {"follow": run_dir} (optional, at the start); after the last
+response {"finish": run_dir, "probes": "follow"} then {"probes": {...} | null}, or {"finish": run_dir}
+then {"embeddings": npz path | null}; a {"finish"} line holding "embeddings" itself needs no further
+line. stdout, one JSON line {"probes": {...} | null, "result": {...},
 "embeddings_read": bool, "ahead": samples prepared during the run, "seconds": {phase: [wall, cpu]}}.
 Anything else the libraries print goes to stderr, which the build forwards to its log. End of stdin
 before a finish request (the build was cancelled, or its process died) ends the worker at once."""
