@@ -71,31 +71,74 @@ def _wait_past_interpreter_startup(proc: subprocess.Popen) -> None:
         time.sleep(0.01)
 
 
+def _staging(out: Path) -> list[Path]:
+    exports = out / "exports"
+    return [p for p in exports.iterdir() if p.name.startswith(".")] if exports.exists() else []
+
+
+def _export(out: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "rmskit.cli", "export", str(out), "--format", "llava"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _interrupt_stopped(proc: subprocess.Popen) -> tuple[int, str, str]:
+    """SIGINT a child held by SIGSTOP, then let it go: the signal is handled at the point where it
+    was stopped, whatever the speed of the machine (fixed delays raced a 0.3 s export on CI)."""
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGCONT)
+    return _finish(proc, timeout=60)
+
+
 @pytest.mark.slow
 def test_sigint_during_export(tmp_path: Path, photo_dir: Path) -> None:
     out = tmp_path / "run"
     with OpenAITestServer(responder=responder, latency=0.01) as srv:
         rc, _, stderr = _finish(_build(photo_dir, out, srv.base_url, "--embedder", "hashing", "--limit", "3"))
     assert rc == 0, stderr
-    interrupted = 0
-    for delay in (0.2, 0.6, 1.0, 1.5, 2.0):  # through start-up, curation and writing
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "rmskit.cli", "export", str(out), "--format", "llava"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+
+    # During start-up and curation: the child is stopped once its Ctrl-C handler is in place.
+    proc = _export(out)
+    _wait_past_interpreter_startup(proc)
+    proc.send_signal(signal.SIGSTOP)
+    assert proc.poll() is None and not _staging(out)
+    rc, _, stderr = _interrupt_stopped(proc)
+    assert rc == 130, stderr
+    assert MESSAGE in stderr and "Traceback" not in stderr
+
+    # While the export's folder is being written: stopped with its temp folder present (a few
+    # tries, as the folder lives ~0.1 s and the stop may land just after the final rename).
+    for _ in range(20):
+        proc = _export(out)
+        while proc.poll() is None and not _staging(out):
+            time.sleep(0.001)
+        proc.send_signal(signal.SIGSTOP)
+        if proc.poll() is None and _staging(out):
+            break
+        proc.send_signal(signal.SIGCONT)
+        assert _finish(proc, timeout=60)[0] == 0
+    else:
+        pytest.fail("never caught the export while it wrote its folder")
+    rc, _, stderr = _interrupt_stopped(proc)
+    assert rc == 130, stderr
+    assert MESSAGE in stderr and "Traceback" not in stderr and "ProgrammingError" not in stderr
+
+    # At any other moment: either interrupted cleanly or finished first.
+    for delay in (0.05, 0.2, 0.6):
+        proc = _export(out)
         _wait_past_interpreter_startup(proc)
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
         rc, stdout, stderr = _finish(proc, timeout=60)
         assert "Traceback" not in stderr and "ProgrammingError" not in stderr
         if rc == 130:
-            interrupted += 1
             assert MESSAGE in stderr
         else:  # finished first; a SIGINT during interpreter shutdown (handlers reset) gives -2
             assert rc in (0, -signal.SIGINT) and stdout.startswith("wrote "), stderr
-    assert interrupted > 0
+
     # nothing half-written is left where the export goes, and the next export works
     r = subprocess.run(
         [sys.executable, "-m", "rmskit.cli", "export", str(out), "--format", "llava"],
@@ -103,4 +146,4 @@ def test_sigint_during_export(tmp_path: Path, photo_dir: Path) -> None:
         text=True,
     )
     assert r.returncode == 0, r.stderr
-    assert not [p for p in (out / "exports").iterdir() if p.name.startswith(".")]
+    assert not _staging(out)
