@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -154,7 +155,7 @@ def test_ray_matches_local_executor(tmp_path: Path, photos: Path, ray_cluster: s
         )
         ex = ExecutorConfig(kind="ray", workers=2)
         dist = asyncio.run(
-            run_build_ray(_cfg(photos, tmp_path / "ray", srv.base_url, **kw), ex, quiet=True, export=False)
+            run_build_ray(_cfg(photos, tmp_path / "ray", srv.base_url, **kw), ex, quiet=True, export=True)
         )
     assert local.images_done == dist.images_done == 18
     assert _scratch_dirs() <= before  # the actors' private ledgers are gone with the run
@@ -166,6 +167,10 @@ def test_ray_matches_local_executor(tmp_path: Path, photos: Path, ray_cluster: s
         assert {c["name"] for c in led.taxonomy()} >= {
             s["category"] for s in b.values() if s["kind"] == "risky"
         }
+    # the ray build's own dataset card names when the run finished (stored after the export, it said
+    # "finished unknown")
+    card = (tmp_path / "ray" / "dataset" / "README.md").read_text()
+    assert re.search(r"finished \d{4}-\d\d-\d\d", card) and "finished unknown" not in card
 
 
 def _run_in_thread(coro_fn) -> tuple[threading.Thread, dict]:

@@ -316,10 +316,11 @@ async def run_build_ray(
         )
         with ProgressView(stats, quiet=quiet):
             await driver.run(items)
+        # the run's end, before the export: its card shows it (as the local executor does)
+        ledger.set_meta("finished_at", time.time())
         summary_export: dict[str, Any] = {}
         if export:
             summary_export = await asyncio.to_thread(finish_dataset, run_dir, ledger)
-        ledger.set_meta("finished_at", time.time())
         usage = ledger.usage_by_stage()
         counts = ledger.image_counts()
         samples = ledger.sample_counts()
