@@ -146,7 +146,10 @@ def _scratch_dirs() -> set[Path]:
 
 
 @pytest.mark.slow  # a local Ray cluster takes ~10 s to start on a small machine
-def test_ray_matches_local_executor(tmp_path: Path, photos: Path, ray_cluster: str) -> None:
+def test_ray_matches_local_executor(
+    tmp_path: Path, photos: Path, ray_cluster: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RMSKIT_FINISH", "worker")  # the default for users (the suite's is inline)
     before = _scratch_dirs()
     with OpenAITestServer(responder=responder, latency=0.005) as srv:
         kw = {"scenarios_per_image": 3}
@@ -171,6 +174,16 @@ def test_ray_matches_local_executor(tmp_path: Path, photos: Path, ray_cluster: s
     # "finished unknown")
     card = (tmp_path / "ray" / "dataset" / "README.md").read_text()
     assert re.search(r"finished \d{4}-\d\d-\d\d", card) and "finished unknown" not in card
+    # exported by the local executor's finish: a worker that followed the driver's ledger
+    log = (tmp_path / "ray" / "build.log").read_text()
+    assert re.search(r"finish: last queries embedded in .*worker's export", log), log[-2000:]
+    assert "finish worker failed" not in log and "export failed" not in log
+    # the same samples as an export of the finished run made afterwards
+    from rmskit.export import export
+
+    again = export(tmp_path / "ray", "jsonl")
+    written = (tmp_path / "ray" / "dataset" / "samples.jsonl").read_text()
+    assert written and written == (again / "samples.jsonl").read_text()
 
 
 def _run_in_thread(coro_fn) -> tuple[threading.Thread, dict]:

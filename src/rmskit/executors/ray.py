@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -23,7 +24,7 @@ from rmskit.executors.progress import ClusterStats
 from rmskit.ledger import Ledger
 from rmskit.ledger.sync import RowBatch, apply_rows, seed_rows
 from rmskit.pipeline.feed import admitted
-from rmskit.pipeline.finish import finish_dataset
+from rmskit.pipeline.finish import Finish
 from rmskit.pipeline.progress import ProgressView
 from rmskit.pipeline.runner import (
     BuildSummary,
@@ -85,6 +86,7 @@ class RayDriver:
         self.stop = asyncio.Event()
         self.shipped = 0  # images shipped, re-shipments included (the kill test bounds these)
         self.restarts: dict[str, int] = dict.fromkeys(self.names, 0)
+        self.finish: Finish | None = None  # told each kept sample, as the local pipeline tells it
 
     def _worker_of(self, sha: str) -> str:
         return self.names[shard_of(sha, self.ex.shards) % len(self.names)]
@@ -252,6 +254,9 @@ class RayDriver:
         for sha, _status, _error in batch.images:
             self.sent[w].pop(sha, None)
         kept = [s for s in batch.dicts("samples") if s["status"] == "ok"]
+        if self.finish is not None:
+            for s in kept:  # its query embedded in the background, not after the last response
+                self.finish.kept(json.loads(s["data"]))
         cats = [s["category"] for s in kept if s["kind"] == "risky"]
         if cats:
             self.state.commit.remote(w, cats)
@@ -314,13 +319,21 @@ async def run_build_ray(
         log.info(
             "build started on Ray (%d workers): %d source(s) -> %s", ex.workers, len(cfg.sources), run_dir
         )
-        with ProgressView(stats, quiet=quiet):
-            await driver.run(items)
+        # The local executor's finish: a worker process follows the ledger the driver writes and
+        # exports at the end, while the kept queries are embedded here as they come.
+        finish = driver.finish = Finish() if export else None
+        if finish is not None:
+            await finish.start(run_dir)
+        try:
+            with ProgressView(stats, quiet=quiet):
+                await driver.run(items)
+        except BaseException:
+            if finish is not None:
+                await finish.cancel()
+            raise
         # the run's end, before the export: its card shows it (as the local executor does)
         ledger.set_meta("finished_at", time.time())
-        summary_export: dict[str, Any] = {}
-        if export:
-            summary_export = await asyncio.to_thread(finish_dataset, run_dir, ledger)
+        summary_export = await finish.finish(run_dir, ledger) if finish is not None else {}
         usage = ledger.usage_by_stage()
         counts = ledger.image_counts()
         samples = ledger.sample_counts()
