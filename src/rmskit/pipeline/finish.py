@@ -7,7 +7,7 @@ export's modules (numpy, pyarrow, the export: ~0.6 s of CPU, ~62 MB PSS) while t
 endpoint, at a lower CPU priority, and follows the run's ledger, doing each kept sample's share of the
 export as it is stored (export/memo.py). At the last response the worker starts curating and exporting,
 while the build embeds its last queries and runs the probes (up to `PROBES_HERE` kept samples; past
-that it hands the embeddings over and the worker probes beside its export); the card, written last,
+that it hands the embeddings over and the worker probes, then exports); the card, written last,
 waits for the numbers, which the build stores. If the worker cannot start or fails, the same finish
 runs here.
 
@@ -42,8 +42,9 @@ MODES = ("worker", "inline")
 
 # Up to this many kept samples in the run, the build probes them itself while its worker exports (two
 # processes on two cores: the probes in a thread of the worker contended with the export for its GIL);
-# past it the worker probes from handed-over embeddings, so a long run's build holds no probe rows
-# beside the worker's export (at 10k samples the build's peak was 225 MB PSS with them, 191 without).
+# past it the worker probes from handed-over embeddings and exports after them, so a long run's finish
+# never holds the probes' rows beside the export's curation (at 10k samples the build's peak was 225 MB
+# PSS with them, 191 without; at 100k, probes beside the export in the worker: 376 MB for both processes).
 PROBES_HERE = 2_000
 
 
@@ -118,10 +119,10 @@ class Finish:
             self._stderr = None
 
     async def finish(self, run_dir: Path, ledger: Ledger) -> dict[str, Any]:
-        """The run is over: the worker starts curating and exporting at once, while the queries still
-        queued are embedded here (a batch already running is not wasted) and the probes run, here when
-        the run is small enough (`PROBES_HERE`: two processes, two cores), else in the worker beside its
-        export, from the embeddings handed over; without a worker, probes and export run here."""
+        """The run is over: the queries still queued are embedded here (a batch already running is not
+        wasted) and the probes run here while the worker curates and exports at once, when the run is
+        small enough (`PROBES_HERE`: two processes, two cores); else the worker probes from the
+        embeddings handed over, then exports; without a worker, probes and export run here."""
         t0 = time.perf_counter()
         here = False
         if self._proc is not None:

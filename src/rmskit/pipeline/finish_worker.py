@@ -15,9 +15,10 @@ sample's Parquet row is made and its query sketched for curation as it is stored
 that only for the samples kept last. After the last response the build sends the request at once and
 the worker starts curating and exporting, while the build embeds its last queries (it may hold MiniLM
 for its taxonomy already). Up to `finish.PROBES_HERE` kept samples the build runs the probes itself, on
-the other core, and sends the numbers; past that it hands the embeddings over and the probes run in a
-thread here beside the export, and the worker answers with them for the build to store (it holds the
-run's write lock). Either way the card is written last, with the numbers.
+the other core, and sends the numbers; past that (a long run, where memory matters more than the
+finish's last 0.1 s) it hands the embeddings over, the probes run here and then the export, and the
+worker answers with the numbers for the build to store (it holds the run's write lock). Either way the
+card is written last, with the numbers.
 
 Protocol, stdin, one JSON line each: {"follow": run_dir} (optional, at the start); after the last
 response {"finish": run_dir, "probes": "follow"} then {"probes": {...} | null}, or {"finish": run_dir}
@@ -70,7 +71,6 @@ def _warm() -> None:
     heap.fix_mmap_threshold()  # curation's large arrays go back to the system before the Parquet write
     # No scipy: the leakage probe's solver, the normal quantile and the LSH split are numpy and the
     # standard library (scipy.special + scipy.optimize + datasketch were ~55 MB and ~0.6 s of CPU here).
-    import concurrent.futures.thread  # noqa: F401  (the probes' thread beside the export)
     import encodings.cp437  # noqa: F401  (np.load reads the hand-over .npz through zipfile)
 
     import numpy.ma  # noqa: F401  (numpy imports these lazily; scipy used to import them here)
@@ -104,12 +104,11 @@ def _warm_niced() -> None:
 
 def serve(request: dict[str, Any], next_line: Callable[[], str] | None = None) -> dict[str, Any]:
     """The finish of `request["finish"]`. With "probes": "follow" the build probes and sends the numbers
-    as the next line, which the export waits for only to write the card, last. Otherwise the probes run
-    here in a thread beside the export, from the embeddings in `request["embeddings"]` or, without
-    that key, named by the next line (the build sends them once it has embedded its last queries: the
-    export starts without them)."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    as the next line, which the export waits for only to write the card, last. Otherwise (a long run)
+    the probes run here first, from the embeddings in `request["embeddings"]` or, without that key,
+    named by the next line, and the export after them: beside the export, in a thread, they took a
+    100k-image finish from 329 to 376 MB PSS (the probes' rows and model on top of the export's
+    curation) for no time saved (two threads of one GIL: 18 s of wall for 6.6 s of CPU)."""
     from rmskit.export import memo
     from rmskit.ledger import Ledger
     from rmskit.pipeline.finish import probe_run, write_export
@@ -138,12 +137,10 @@ def serve(request: dict[str, Any], next_line: Callable[[], str] | None = None) -
         clock.lap("probes", laps)
         return out
 
-    with ThreadPoolExecutor(1, thread_name_prefix="rmskit-probes") as pool:
-        job = pool.submit(probes)
-        clock = _Clock()
-        result = write_export(run_dir, job.result)  # the card waits for the probes
-        clock.lap("export", laps)
-        found = job.result()
+    found = probes()  # its rows and embeddings are gone when it returns; the model is released in it
+    clock = _Clock()
+    result = write_export(run_dir, found)
+    clock.lap("export", laps)
     return {
         "probes": found,
         "result": result,
