@@ -106,9 +106,10 @@ def serve(request: dict[str, Any], next_line: Callable[[], str] | None = None) -
     """The finish of `request["finish"]`. With "probes": "follow" the build probes and sends the numbers
     as the next line, which the export waits for only to write the card, last. Otherwise (a long run)
     the probes run here first, from the embeddings in `request["embeddings"]` or, without that key,
-    named by the next line, and the export after them: beside the export, in a thread, they took a
-    100k-image finish from 329 to 376 MB PSS (the probes' rows and model on top of the export's
-    curation) for no time saved (two threads of one GIL: 18 s of wall for 6.6 s of CPU)."""
+    named by the next line, and the export after them. Beside the export, in a thread, they took a
+    100k-image build and worker from 329 to 376 MB PSS (the probes' rows and model on top of the
+    export's curation) to save 0-5 s of a 47-minute run's finish (two threads of one GIL: the probes
+    took 18 s of wall for 6.6 s of CPU; bench/results/rss_scale.txt)."""
     from rmskit.export import memo
     from rmskit.ledger import Ledger
     from rmskit.pipeline.finish import probe_run, write_export
