@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import os
 import sys
 import tempfile
@@ -28,12 +27,12 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("RMSKIT_FINISH", "worker")
     import ray
+    from run_rmskit import image_records
 
     from bench import make_photos  # bench/peers/bench.py
     from rmskit.config import BackendConfig, BuildConfig
     from rmskit.executors import ExecutorConfig
     from rmskit.executors.ray import run_build_ray
-    from rmskit.records import ImageRecord
     from rmskit.testing.openai_server import OpenAITestServer
     from rmskit.testing.rms_script import varied_responder
 
@@ -41,18 +40,6 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     for rep in range(args.repeat):
         out = Path(tempfile.mkdtemp(prefix="rmskit-ray-finish-")) / "run"
-        items = [
-            ImageRecord(
-                sha256=hashlib.sha256(f"{rep}-{i}".encode()).hexdigest(),
-                phash=hashlib.sha256(f"phash-{rep}-{i}".encode()).hexdigest()[:16],  # far apart
-                source_root="/bench",
-                source_path=Path(p).name,
-                path=p,
-                width=320,
-                height=240,
-            )
-            for i, p in enumerate(photos)
-        ]
         with OpenAITestServer(responder=varied_responder(), latency=0.05, capacity=64) as srv:
             cfg = BuildConfig(
                 sources=["/bench"],
@@ -63,7 +50,9 @@ def main() -> None:
                 model=BackendConfig(spec="openai:m", base_url=srv.base_url, concurrency=64),
             )
             ex = ExecutorConfig(kind="ray", workers=2)
-            summary = asyncio.run(run_build_ray(cfg, ex, quiet=True, items=items, export=True))
+            summary = asyncio.run(
+                run_build_ray(cfg, ex, quiet=True, items=image_records(photos, f"ray-{rep}-"), export=True)
+            )
             t_end = time.time()
             last = srv.stats().last_end_unix or t_end
         lines = [x for x in (out / "build.log").read_text().splitlines() if " finish: " in x]

@@ -11,6 +11,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,20 @@ async def job_a(paths: list[str]) -> int:
     return len(paths)
 
 
+def image_records(paths: list[str], tag: str = "") -> Iterator[ImageRecord]:
+    """The bench photos as ingested images, each its own (`tag`: another set of the same photos)."""
+    for i, p in enumerate(paths):
+        yield ImageRecord(
+            sha256=hashlib.sha256(f"peer-{tag}{i}".encode()).hexdigest(),
+            phash=hashlib.sha256(f"phash-{tag}{i}".encode()).hexdigest()[:16],  # distinct photos: far apart
+            source_root="/bench",
+            source_path=Path(p).name,
+            path=p,
+            width=320,
+            height=240,
+        )
+
+
 def job_b(paths: list[str]) -> tuple[int, str | None]:
     """(images, the build's log line on where its finish's time went, printed per run by --timeline)"""
     cfg = BuildConfig(
@@ -65,19 +80,7 @@ def job_b(paths: list[str]) -> tuple[int, str | None]:
         controls=False,
         model=backend_cfg(),
     )
-    items = (
-        ImageRecord(
-            sha256=hashlib.sha256(f"peer-{i}".encode()).hexdigest(),
-            phash=hashlib.sha256(f"phash-{i}".encode()).hexdigest()[:16],  # distinct photos: far apart
-            source_root="/bench",
-            source_path=Path(p).name,
-            path=p,
-            width=320,
-            height=240,
-        )
-        for i, p in enumerate(paths)
-    )
-    asyncio.run(run_build(cfg, quiet=True, items=items, export=True))
+    asyncio.run(run_build(cfg, quiet=True, items=image_records(paths), export=True))
     lines = [x for x in (cfg.out / "build.log").read_text().splitlines() if " finish: " in x]
     return len(paths), lines[-1].split(" finish: ", 1)[1] if lines else None
 
