@@ -71,6 +71,17 @@ def page(server: str) -> Iterator[tuple]:
         browser.close()
 
 
+def wait_until(pg, expression: str, timeout_s: float = 20.0) -> None:  # noqa: ANN001
+    """Poll `expression` from here until it is true. Not `page.wait_for_function`: once its first check
+    is false it polls inside the page through `eval`, which the review page's CSP (no 'unsafe-eval')
+    refuses, so it failed exactly when there was something to wait for (a CI run, 2026-12-04)."""
+    deadline = time.monotonic() + timeout_s
+    while not pg.evaluate(expression):
+        if time.monotonic() > deadline:
+            pytest.fail(f"still false after {timeout_s} s: {expression}")
+        pg.wait_for_timeout(50)
+
+
 def selected_id(pg) -> str | None:  # noqa: ANN001
     return pg.evaluate("document.querySelector('article.card.selected')?.dataset.id ?? null")
 
@@ -85,7 +96,7 @@ def test_reject_in_browser_then_export_leaves_it_out(
     assert set(order) == set(run.ok_ids)
     # all thumbnails load from the dataset folder (waited for: the cards can show before their images
     # have finished loading, which failed one CI run)
-    pg.wait_for_function("Array.from(document.images).every(i => i.complete)")
+    wait_until(pg, "Array.from(document.images).every(i => i.complete)")
     assert pg.evaluate("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
 
     # keyboard: j moves the selection, r rejects the selected sample (then the selection advances)
