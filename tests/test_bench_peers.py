@@ -35,6 +35,7 @@ def _row(peer: str, wall: float, rss: float, requests: int = 100) -> dict:
         "first_request_s": 0.25,
         "wall_s": wall,
         "job_wall_s": wall - 1,
+        "chain_levels": 6,
         "limit_s": 5.0,
     }
 
@@ -215,3 +216,48 @@ def test_rmskit_requests_still_get_rmskit_script_answers() -> None:
     assert set(json.loads(respond(rms))) == {"query", "why_safe_alone", "why_risky_with_image"}
     peer = _peer_request("compose", "Previous answer (discover): {}", curator_style=False)
     assert common.Query.model_validate(respond(peer))
+
+
+def test_the_limit_counts_the_deepest_chain_a_row_went_through() -> None:
+    """A row composed three times waits for ten answers in turn: the limit adds ten latencies for a
+    client whose rows went that deep, six when every query passed at once."""
+    _bench()
+    import common
+
+    assert common.chain_levels(1, True) == common.CHAIN_LEVELS
+    assert common.chain_levels(3, True) == 10
+    assert common.chain_levels(3, False) == 8  # failed in its last round: no response written
+
+
+def test_rmskit_deepest_chain_is_read_from_the_builds_records(tmp_path: Path) -> None:
+    """Per sample: perceive and discover, then per round its writer and (one level) its checks; a round
+    whose checks were not sent (a repeated text) is one level."""
+    _bench()
+    import run_rmskit
+
+    from rmskit.ledger import Ledger
+
+    with Ledger(tmp_path, lock=True) as led:
+        for rnd in (1, 2, 3):  # three query rounds, each checked, then one response round
+            led.put_record("img-a", "compose", f"a/r{rnd}", {})
+            for check in ("check_text_only", "check_combined", "check_leakage"):
+                led.put_record("img-a", check, f"a/r{rnd}", {})
+        led.put_record("img-a", "respond", "a/r1", {})
+        led.put_record("img-a", "check_response", "a/r1", {})
+        led.put_record("img-b", "perceive", "", {})
+        led.put_record("img-b", "compose", "b/r1", {})
+        led.put_record("img-b", "check_combined", "b/r1", {})
+        led.put_record("img-b", "compose", "b/r2", {})  # a repeat: not checked again
+    assert run_rmskit.deepest_chain(tmp_path) == 2 + 6 + 2
+    with Ledger(tmp_path, lock=True) as led:
+        led.execute("DELETE FROM records WHERE image_sha = 'img-a'")
+    assert run_rmskit.deepest_chain(tmp_path) == 2 + 2 + 1
+
+
+def test_rmskit_deepest_chain_of_a_real_build(run_template) -> None:  # noqa: ANN001
+    """The session's scripted build: its refined sample (two query rounds, then a response) and its
+    never-passing one (every round checked) each waited for eight answers in turn."""
+    _bench()
+    import run_rmskit
+
+    assert run_rmskit.deepest_chain(run_template.run_dir) == 8

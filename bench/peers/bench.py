@@ -165,6 +165,7 @@ def run_one(
         work.cleanup()
     span = (st["last_end"] or 0) - (st["first_start"] or 0) or 1e-9
     req = st["requests"]
+    levels = 1 if job == "a" else int(res.get("chain_levels", CHAIN_LEVELS))
     return {
         **res,
         "requests": req,
@@ -187,8 +188,11 @@ def run_one(
         # set-up. From the job's start instead, curator came out negative: its LLMs send requests when
         # they are made, before its job starts.
         "first_request_s": st["last_end_unix"] - span - t0,
-        # The physical limit of a chained job: all requests through C slots, plus one chain's latency.
-        "limit_s": req * latency / capacity + (1 if job == "a" else CHAIN_LEVELS) * latency,
+        # The physical limit of a chained job: all requests through C slots, plus one chain's latency,
+        # the deepest chain of dependent calls the client's rows went through (a row composed three times
+        # waits for ten answers in turn; six when every query passes at once).
+        "chain_levels": levels,
+        "limit_s": req * latency / capacity + levels * latency,
         "in_service": in_service(spans),
     }
 
@@ -300,7 +304,8 @@ def table(rows: list[dict[str, Any]], peers: list[str], latency: float, capacity
         if job == "b":
             line("wall time, whole client run (s)", job, ".1f", "wall_s")
             line("wall time, job only (after imports/set-up) (s)", job, ".1f", "job_wall_s")
-            line("physical limit: req x L / C + chain latency (s)", job, ".1f", "limit_s")
+            line("deepest chain: dependent calls in turn", job, "d", "chain_levels")
+            line("physical limit: req x L / C + chain x L (s)", job, ".1f", "limit_s")
     return "\n".join(out)
 
 

@@ -85,6 +85,14 @@ MAX_ROUNDS = 3
 RETRY_MARK = "Earlier attempts failed"  # leads a second round's compose prompt (the endpoint reads it)
 
 
+def chain_levels(rounds: int, responded: bool) -> int:
+    """The dependent calls of a row that ran `rounds` query rounds (compose, then its checks side by side):
+    perceive and discover before, respond and the response check after when it passed. One round is
+    `CHAIN_LEVELS`; a row composed three times waits for ten answers one after another, so no client
+    can end sooner than ten latencies after such a row starts, however many slots it has."""
+    return 2 + 2 * rounds + 2 * responded
+
+
 def data_url(path: str) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(Path(path).read_bytes()).decode()
 

@@ -15,7 +15,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiktoken  # noqa: E402
-from common import MAX_ROUNDS, QUERY_STAGES, STAGES, cpu_now, image_paths, query_failed, report, user_text  # noqa: E402
+from common import (  # noqa: E402
+    MAX_ROUNDS,
+    QUERY_STAGES,
+    STAGES,
+    chain_levels,
+    cpu_now,
+    image_paths,
+    query_failed,
+    report,
+    user_text,
+)
 
 
 class _ApproxEncoding:
@@ -60,20 +70,23 @@ def stage_llm(name: str, schema: Any, system: str) -> curator.LLM:
     )
 
 
-def chain(llms: dict[str, curator.LLM], rows: list[dict[str, Any]]) -> Any:
+def chain(llms: dict[str, curator.LLM], rows: list[dict[str, Any]]) -> tuple[Any, int]:
     """Job b: perceive and discover, rounds of compose + checks over the rows still failing, then
-    respond and the response check over the rows that passed."""
+    respond and the response check over the rows that passed. Also the deepest chain of dependent
+    calls a row went through (`chain_levels`)."""
     data: Any = rows
     for name in ("perceive", "discover"):
         data = llms[name](data).dataset
     passed: list[dict[str, Any]] = []
-    for _ in range(MAX_ROUNDS):
+    levels = 0
+    for k in range(MAX_ROUNDS):
         for name in QUERY_STAGES:
             data = llms[name](data).dataset
         todo = []
         for row in data:
             why = query_failed(row)
             (todo if why else passed).append({**row, "failed": why})
+        levels = chain_levels(k + 1, len(todo) < len(data))  # a row that passed this round responds
         if not todo:
             break
         data = todo
@@ -81,7 +94,7 @@ def chain(llms: dict[str, curator.LLM], rows: list[dict[str, Any]]) -> Any:
     for name in ("respond", "check_response"):
         if data:
             data = llms[name](data).dataset
-    return data
+    return data, levels
 
 
 def main() -> None:
@@ -93,8 +106,12 @@ def main() -> None:
     llms = {s[0]: stage_llm(*s) for s in stages}
     setup = cpu_now()
     t0 = time.time()
-    data = llms["perceive"](rows).dataset if job == "a" else chain(llms, rows)
-    report("curator", job, setup, {"items": len(data), "t_job_start": t0})
+    extra: dict[str, Any] = {"t_job_start": t0}
+    if job == "a":
+        data = llms["perceive"](rows).dataset
+    else:
+        data, extra["chain_levels"] = chain(llms, rows)
+    report("curator", job, setup, {"items": len(data), **extra})
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from common import (  # noqa: E402
     PREV,
     QUERY_STAGES,
     STAGES,
+    chain_levels,
     cpu_now,
     data_url,
     image_paths,
@@ -91,11 +92,13 @@ def run(name: str, stages: list[str], rows: list[dict[str, Any]]) -> list[dict[s
     return [{k: v for k, v in r.items() if k in keep} for r in ds["default"]["train"]] if ds else []
 
 
-def chain(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def chain(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
     """Job b: perceive to the query checks, rounds of compose + checks over the rows whose query failed,
-    then respond and the response check over the rows that passed."""
+    then respond and the response check over the rows that passed. Also the deepest chain of dependent
+    calls a row went through (`chain_levels`)."""
     todo = run("peer-b", ["perceive", "discover", *QUERY_STAGES], rows)
     passed: list[dict[str, Any]] = []
+    levels = 0
     for k in range(MAX_ROUNDS):
         if k:
             todo = run(f"peer-b-round-{k + 1}", list(QUERY_STAGES), todo)
@@ -103,15 +106,17 @@ def chain(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for row in todo:
             row["failed"] = query_failed(row)
             (failed if row["failed"] else passed).append(row)
+        levels = chain_levels(k + 1, len(failed) < len(todo))  # a row that passed this round responds
         if not failed:
             break
         todo = failed
-    return run("peer-b-respond", ["respond", "check_response"], passed) if passed else []
+    return (run("peer-b-respond", ["respond", "check_response"], passed) if passed else []), levels
 
 
 def main() -> None:
     job = sys.argv[1]
     rows: list[dict[str, Any]] = [{"image": p} for p in image_paths()]
+    extra: dict[str, Any] = {}
     if job == "a":
         pipe = build("peer-a", ["perceive"], rows)
         setup = cpu_now()
@@ -121,8 +126,9 @@ def main() -> None:
     else:
         setup = cpu_now()
         t0 = time.time()
-        n = len(chain([{**r, "failed": ""} for r in rows]))
-    report("distilabel", job, setup, {"items": n, "t_job_start": t0})
+        done, extra["chain_levels"] = chain([{**r, "failed": ""} for r in rows])
+        n = len(done)
+    report("distilabel", job, setup, {"items": n, "t_job_start": t0, **extra})
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from common import STAGES, cpu_now, image_paths, report  # noqa: E402
 
 from rmskit.config import BackendConfig, BuildConfig  # noqa: E402
 from rmskit.models import GenParams, ImageInput, Message, load_backend  # noqa: E402
+from rmskit.pipeline.registry import STAGES as STAGES_BY_NAME  # noqa: E402
 from rmskit.pipeline.runner import run_build  # noqa: E402
 from rmskit.records import ImageRecord  # noqa: E402
 
@@ -69,8 +70,34 @@ def image_records(paths: list[str], tag: str = "") -> Iterator[ImageRecord]:
         )
 
 
-def job_b(paths: list[str]) -> tuple[int, str | None]:
-    """(images, the build's log line on where its finish's time went, printed per run by --timeline)"""
+# The calls each of a sample's rounds waits for, as (phase, step): its writer, then its checks side by side.
+ROUND_STEP = {
+    s.name: (s.unit, 1 if s.check else 0)
+    for s in STAGES_BY_NAME.values()
+    if s.check or s.role in ("compose", "respond")
+}
+
+
+def deepest_chain(run_dir: Path) -> int:
+    """The most calls one after another that a sample of the run waited for: perceive and discover, then
+    a writer and its checks per round (the build's records, keyed `<sample>/r<round>`), as the peers
+    count theirs (common.chain_levels). A check answered from the request cache counts too; in job (b)
+    each round's check_combined, which reads the photo, is a request of its own."""
+    from rmskit.ledger import Ledger
+
+    with Ledger(run_dir, readonly=True) as led:
+        rows = led.query("SELECT stage, key FROM records")
+    steps: dict[str, set[tuple[str, int, str]]] = {}
+    for stage, key in rows:
+        if stage in ROUND_STEP and "/r" in key:
+            sid, rnd = key.rsplit("/r", 1)
+            steps.setdefault(sid, set()).add((*ROUND_STEP[stage], rnd))
+    return 2 + max((len(s) for s in steps.values()), default=0)
+
+
+def job_b(paths: list[str]) -> tuple[int, str | None, int]:
+    """(images, the build's log line on where its finish's time went, printed per run by --timeline,
+    the deepest chain of dependent calls)"""
     cfg = BuildConfig(
         sources=["/bench"],
         out=Path(tempfile.mkdtemp(prefix="rmskit-peer-")),
@@ -82,7 +109,7 @@ def job_b(paths: list[str]) -> tuple[int, str | None]:
     )
     asyncio.run(run_build(cfg, quiet=True, items=image_records(paths), export=True))
     lines = [x for x in (cfg.out / "build.log").read_text().splitlines() if " finish: " in x]
-    return len(paths), lines[-1].split(" finish: ", 1)[1] if lines else None
+    return len(paths), lines[-1].split(" finish: ", 1)[1] if lines else None, deepest_chain(cfg.out)
 
 
 def main() -> None:
@@ -94,7 +121,7 @@ def main() -> None:
     if job == "a":
         extra["items"] = asyncio.run(job_a(paths))
     else:
-        extra["items"], finish_log = job_b(paths)
+        extra["items"], finish_log, extra["chain_levels"] = job_b(paths)
         if finish_log:
             extra["finish_log"] = finish_log
     report("rmskit", job, setup, extra)
