@@ -82,7 +82,8 @@ def test_the_worker_finish_equals_the_inline_finish_and_the_worker_is_gone(
     # where the finish's time went, in the build's log: the build's part, then the worker's wall and CPU
     if probes_here:
         phases = (
-            r"finish: last queries embedded in [\d.]+ s, probed in [\d.]+ s, embedder released in [\d.]+ s, "
+            r"finish: last queries embedded in [\d.]+ s, probed in [\d.]+ s, checkpointed in [\d.]+ s, "
+            r"embedder released in [\d.]+ s, "
         )
         worker_part = r"worker's export [\d.]+ s wall / [\d.]+ s CPU"
     else:
@@ -554,3 +555,19 @@ def test_a_worker_told_the_probes_follow_writes_the_card_with_what_comes(run: An
     assert asked == [line] and set(answer["seconds"]) == {"export"}
     card = (run.run_dir / "dataset" / "README.md").read_text(encoding="utf-8")
     assert ("| vendi | 2.5 |" in card) == line.startswith('{"probes": {')
+
+
+def test_a_failed_checkpoint_before_the_close_only_leaves_it_to_the_close(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import sqlite3
+
+    from rmskit.pipeline.finish import _checkpoint
+
+    class Full:
+        def checkpoint(self, truncate: bool = False) -> bool:
+            raise sqlite3.OperationalError("database or disk is full")
+
+    with caplog.at_level("WARNING", logger="rmskit.build"):
+        _checkpoint(Full())  # type: ignore[arg-type]
+    assert "WAL checkpoint before the close failed" in caplog.text

@@ -350,3 +350,24 @@ def test_a_build_checkpoints_its_ledger_in_the_background(
     )
     assert seen and all(seen)  # every stage call ran with the thread checkpointing
     assert not any(t.name == "ledger-checkpoints" for t in threading.enumerate())
+
+
+def test_checkpoint_copies_the_wal_and_truncate_empties_it(tmp_path: Path) -> None:
+    """A build's finish checkpoints while its worker exports, so that closing the ledger has nothing left
+    to copy or delete; a reader of an older snapshot holds a PASSIVE checkpoint back, not TRUNCATE's
+    (which waits for it)."""
+    wal = tmp_path / "run" / f"{LEDGER_NAME}-wal"
+    with Ledger(tmp_path / "run", lock=True) as led:
+        for i in range(200):
+            led.set_meta(f"k{i}", "x" * 3000)
+        reader = sqlite3.connect(tmp_path / "run" / LEDGER_NAME, check_same_thread=False)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM meta").fetchone()  # a snapshot of the WAL as it is now
+        led.set_meta("late", "y" * 3000)
+        assert led.checkpoint() is False  # the late frames wait for the reader
+        threading.Timer(0.2, reader.rollback).start()  # the reader ends while TRUNCATE waits for it
+        assert led.checkpoint(truncate=True) is True
+        assert wal.stat().st_size == 0
+        reader.close()
+    with Ledger(tmp_path / "run", readonly=True) as again:
+        assert again.get_meta("late") == "y" * 3000

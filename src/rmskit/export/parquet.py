@@ -18,6 +18,10 @@ SPLITS = ("train", "test")
 ROW_GROUP = 100  # rows per row group, as the Hub's own image datasets use
 SHARD_BYTES = 500_000_000  # start a new shard past this many image bytes
 JSON_FIELDS = ("checks", "models", "prompt_versions", "scenario", "edited")
+# Dictionary-encoded columns: the ones whose values repeat across samples. pyarrow's default tries every
+# column, hashing each photo's bytes and each distinct text to learn they do not repeat (331 rows, 8 MB:
+# 20.3 -> 16.8 ms per write).
+DICTIONARY = ("kind", "label", "category", "license", "source_url", "rounds", "models", "prompt_versions")
 TEXT_FIELDS = (
     "id",
     "image_sha256",
@@ -154,7 +158,8 @@ class _SplitWriter:
         self.shards.append(path)
         self.shard_bytes = 0
         codecs: Any = compression(self.schema)  # pyarrow takes a per-column dict; its stubs say str
-        return self._pq.ParquetWriter(path, self.schema, compression=codecs)
+        dictionary: Any = list(DICTIONARY)  # a list of columns, which pyarrow takes; its stubs say bool
+        return self._pq.ParquetWriter(path, self.schema, compression=codecs, use_dictionary=dictionary)
 
     def _flush(self) -> None:
         if self.batch:
@@ -199,7 +204,8 @@ class ParquetSink:
         out = self.writers.get(sample.split)
         if out is None:
             out = self.writers[sample.split] = _SplitWriter(self.data_dir, sample.split, self.schema)
-        data = Path(self.prep.image_files[sample.image_sha256]).read_bytes()
+        with open(self.prep.image_files[sample.image_sha256], "rb") as fh:  # not a Path: ~5 ms per 400
+            data = fh.read()
         base = self.prep.samples.memo_rows.pop(sample.id, None)
         out.add(_row(sample, data, self.prep.image_name(sample.image_sha256), base), len(data))
 

@@ -90,8 +90,9 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 def _link_images(prep: Prepared, images_dir: Path) -> None:
     """Content-addressed copies of the kept samples' images: hard links when on the same filesystem."""
     images_dir.mkdir(parents=True, exist_ok=True)
+    folder = str(images_dir)
     for sha, src in prep.image_files.items():
-        dst = images_dir / prep.image_name(sha)
+        dst = os.path.join(folder, prep.image_name(sha))  # strs, not Paths: ~4 ms per 400 images
         try:
             os.link(src, dst)
         except OSError:

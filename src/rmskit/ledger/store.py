@@ -155,6 +155,17 @@ class Ledger(LedgerReads):
         self._checkpointer = (stop, thread)
         thread.start()
 
+    def checkpoint(self, truncate: bool = False) -> bool:
+        """One checkpoint on this connection now; True when it copied the whole WAL into the database.
+        PASSIVE by default: a reader of an older snapshot holds back the frames written since. With
+        `truncate`, it waits for such readers (up to the busy timeout) and empties the WAL file: closing
+        the last connection deletes the WAL, and deleting a large one took ~16 ms at 40 MB (the
+        background checkpoints let it grow to `writer_pages`), which a finish then waited for."""
+        mode = "TRUNCATE" if truncate else "PASSIVE"
+        with self._sql():
+            busy, frames, copied = self._con.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+        return not busy and frames == copied
+
     def _stop_checkpointer(self) -> None:
         if self._checkpointer is not None:
             stop, thread = self._checkpointer

@@ -170,7 +170,16 @@ class Finish:
         if probes is not None:
             ledger.set_meta("probes", probes)
         self.queries = QueryEmbeddings()  # the probes copied out what they read
-        done = await self._worker_finish({"probes": probes})
+        # The run's last writes into the database file, and the WAL emptied, while the worker exports
+        # (this core is idle then): the ledger's close has nothing left to copy, sync or free (it took
+        # 17-28 ms, the finish's last step, bench/peers job (b)).
+        copied = asyncio.create_task(
+            asyncio.to_thread(self._timed, "checkpointed", lambda: _checkpoint(ledger))
+        )
+        try:
+            done = await self._worker_finish({"probes": probes})
+        finally:
+            await copied
         if done is not None:
             return done[1]
         log.warning("finish worker failed: the finish runs in this process")
@@ -200,7 +209,7 @@ class Finish:
                     os.unlink(npz)
             return None
 
-    def _timed(self, name: str, step: Callable[[], None]) -> None:
+    def _timed(self, name: str, step: Callable[[], object]) -> None:
         t = time.perf_counter()
         step()
         self._timing[name] = time.perf_counter() - t
@@ -241,9 +250,23 @@ class Finish:
         return probes, result
 
 
+def _checkpoint(ledger: Ledger) -> None:
+    """`Ledger.checkpoint` ahead of the close; a failure (a full disk, a reader past the busy timeout)
+    only leaves the work to the close, as before."""
+    try:
+        ledger.checkpoint(truncate=True)
+    except Exception as exc:  # noqa: BLE001 - the close checkpoints anyway
+        log.warning("WAL checkpoint before the close failed: %r", exc)
+
+
+PHASES = ("last_queries_embedded", "handed_over", "probed", "checkpointed", "embedder_released")
+
+
 def _timing_line(build: dict[str, float], worker: Any) -> str:
     """The finish's phases after the last response, for the build's log: where its time went."""
-    parts = [f"{k.replace('_', ' ')} in {v:.3f} s" for k, v in build.items()]
+    # in the phases' order, not their ends' (the checkpoint and the embedder's release run side by side)
+    ordered = sorted(build.items(), key=lambda kv: PHASES.index(kv[0]) if kv[0] in PHASES else len(PHASES))
+    parts = [f"{k.replace('_', ' ')} in {v:.3f} s" for k, v in ordered]
     with contextlib.suppress(AttributeError, TypeError, ValueError):  # only ever a log line
         parts += [f"worker's {k} {wall:.3f} s wall / {cpu:.3f} s CPU" for k, (wall, cpu) in worker.items()]
     return ", ".join(parts)

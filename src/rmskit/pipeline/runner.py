@@ -401,14 +401,26 @@ async def run_build(
             raise
         # the run's end, before the export: its card shows it (set after, a fresh build's card said "unknown")
         ledger.set_meta("finished_at", time.time())
-        summary_export = await finish.finish(run_dir, ledger) if finish is not None else {}
-        usage = ledger.usage_by_stage()
-        counts = ledger.image_counts()
-        samples = ledger.sample_counts()
+        # The finish sends its worker the request at once; the summary's reads (~5 ms, which the finish
+        # does not change) run here while it exports, not after.
+        finishing = asyncio.ensure_future(finish.finish(run_dir, ledger)) if finish is not None else None
+        try:
+            await asyncio.sleep(0)
+            usage = ledger.usage_by_stage()
+            counts = ledger.image_counts()
+            samples = ledger.sample_counts()
+            rejected = len(ledger.rejections())
+        except BaseException:
+            if finish is not None and finishing is not None:
+                finishing.cancel()
+                await asyncio.gather(finishing, return_exceptions=True)
+                await finish.cancel()
+            raise
+        summary_export = await finishing if finishing is not None else {}
         summary = BuildSummary(
             run_dir=str(run_dir),
             images_accepted=sum(counts.values()),
-            images_rejected=len(ledger.rejections()),
+            images_rejected=rejected,
             images_done=counts.get("done", 0),
             images_failed=counts.get("failed", 0),
             images_pending=counts.get("pending", 0),
