@@ -218,9 +218,8 @@ def test_rmskit_requests_still_get_rmskit_script_answers() -> None:
     assert common.Query.model_validate(respond(peer))
 
 
-def test_the_limit_counts_the_deepest_chain_a_row_went_through() -> None:
-    """A row composed three times waits for ten answers in turn: the limit adds ten latencies for a
-    client whose rows went that deep, six when every query passed at once."""
+def test_chain_levels_count_a_rows_dependent_calls() -> None:
+    """A row composed three times waits for ten answers in turn, six when its query passed at once."""
     _bench()
     import common
 

@@ -88,8 +88,8 @@ RETRY_MARK = "Earlier attempts failed"  # leads a second round's compose prompt 
 def chain_levels(rounds: int, responded: bool) -> int:
     """The dependent calls of a row that ran `rounds` query rounds (compose, then its checks side by side):
     perceive and discover before, respond and the response check after when it passed. One round is
-    `CHAIN_LEVELS`; a row composed three times waits for ten answers one after another, so no client
-    can end sooner than ten latencies after such a row starts, however many slots it has."""
+    `CHAIN_LEVELS`; a row composed three times waits for ten answers one after another (no client can
+    end sooner than ten latencies after such a row starts; the bench prints each client's deepest)."""
     return 2 + 2 * rounds + 2 * responded
 
 
