@@ -45,6 +45,7 @@ bench: setup
 	HF_HUB_OFFLINE=1 $(PY) bench/peers/bench.py --jobs a --images 10000 --out bench/results/peers.txt
 	HF_HUB_OFFLINE=1 $(PY) bench/startup.py
 	HF_HUB_OFFLINE=1 $(PY) bench/rss_scale.py --out bench/results/rss_scale.txt
+	HF_HUB_OFFLINE=1 $(PY) bench/ray_finish.py --out bench/results/ray_finish.txt
 	HF_HUB_OFFLINE=1 $(PY) bench/orchestration.py
 	HF_HUB_OFFLINE=1 $(PY) bench/scale.py
 	HF_HUB_OFFLINE=1 $(PY) bench/local_backend.py

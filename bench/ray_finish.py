@@ -3,7 +3,7 @@
 own `finish:` log line. A local Ray with 2 workers, the HTTP test server in this process with rmskit's
 varied scripted answers (L = 0.05 s, C = 64), one scenario per image, the bench/peers photos.
 
-    python bench/ray_finish.py --images 300 --repeat 2
+    python bench/ray_finish.py --images 300 --repeat 2 [--out bench/results/ray_finish.txt]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=300)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--out", type=Path, help="also append the runs here, under a dated line")
     args = ap.parse_args()
     os.environ.setdefault("RMSKIT_FINISH", "worker")
     import ray
@@ -38,6 +39,10 @@ def main() -> None:
 
     photos = make_photos(args.images)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    lines_out = [
+        f"\n# bench/ray_finish.py --images {args.images} --repeat {args.repeat} at "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs"
+    ]
     for rep in range(args.repeat):
         out = Path(tempfile.mkdtemp(prefix="rmskit-ray-finish-")) / "run"
         with OpenAITestServer(responder=varied_responder(), latency=0.05, capacity=64) as srv:
@@ -59,7 +64,12 @@ def main() -> None:
         detail = (
             lines[-1].split(" finish: ", 1)[1] if lines else "(no finish line: the finish ran in the driver)"
         )
-        print(f"{summary.samples_ok} samples kept; finish {t_end - last:.2f} s; {detail}", flush=True)
+        line = f"{summary.samples_ok} samples kept; finish {t_end - last:.2f} s; {detail}"
+        print(line, flush=True)
+        lines_out.append(line)
+    if args.out is not None:
+        with args.out.open("a", encoding="utf-8") as fh:
+            fh.write("\n".join(lines_out) + "\n")
 
 
 if __name__ == "__main__":
