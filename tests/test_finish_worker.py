@@ -571,3 +571,19 @@ def test_a_failed_checkpoint_before_the_close_only_leaves_it_to_the_close(
     with caplog.at_level("WARNING", logger="rmskit.build"):
         _checkpoint(Full())  # type: ignore[arg-type]
     assert "WAL checkpoint before the close failed" in caplog.text
+
+
+def test_a_failed_summary_read_beside_the_export_ends_the_worker_and_raises(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, photo_dir: Path
+) -> None:
+    """The build reads its summary's counts while the worker exports; if a read fails (e.g. a damaged
+    ledger), the error reaches the caller and the worker is not left running."""
+    procs = _spawned(monkeypatch)
+
+    def broken(self: Ledger) -> dict[str, Any]:
+        raise RuntimeError("the summary's read failed")
+
+    monkeypatch.setattr(Ledger, "usage_by_stage", broken)
+    with pytest.raises(RuntimeError, match="summary's read failed"):
+        _build(tmp_path, "worker", monkeypatch, photo_dir)
+    assert len(procs) == 1 and procs[0].returncode is not None  # ended and reaped

@@ -403,7 +403,9 @@ async def run_build(
         ledger.set_meta("finished_at", time.time())
         # The finish sends its worker the request at once; the summary's reads (~5 ms, which the finish
         # does not change) run here while it exports, not after.
-        finishing = asyncio.ensure_future(finish.finish(run_dir, ledger)) if finish is not None else None
+        finishing = asyncio.ensure_future(
+            finish.finish(run_dir, ledger) if finish is not None else _no_export()
+        )
         try:
             await asyncio.sleep(0)
             usage = ledger.usage_by_stage()
@@ -411,12 +413,12 @@ async def run_build(
             samples = ledger.sample_counts()
             rejected = len(ledger.rejections())
         except BaseException:
-            if finish is not None and finishing is not None:
-                finishing.cancel()
-                await asyncio.gather(finishing, return_exceptions=True)
-                await finish.cancel()
+            finishing.cancel()
+            await asyncio.gather(finishing, return_exceptions=True)
+            if finish is not None:
+                await finish.cancel()  # its worker is a process of its own
             raise
-        summary_export = await finishing if finishing is not None else {}
+        summary_export = await finishing
         summary = BuildSummary(
             run_dir=str(run_dir),
             images_accepted=sum(counts.values()),
@@ -442,6 +444,10 @@ async def run_build(
         logging.getLogger("rmskit").removeHandler(handler)
         handler.close()
         ledger.close()
+
+
+async def _no_export() -> dict[str, Any]:
+    return {}
 
 
 def build(cfg: BuildConfig, *, quiet: bool = False, executor: ExecutorConfig | None = None) -> BuildSummary:
