@@ -16,6 +16,7 @@ import pytest
 from rmskit.curate import minhash
 from rmskit.curate.dedup import NUM_PERM, near_duplicate_queries, shingles
 from rmskit.export import memo
+from rmskit.export.prepare import HeldSample, KeptSamples
 from rmskit.export.writer import write_dataset
 from rmskit.ledger import Ledger
 from rmskit.scoring.probes import PROBE_DUP_THRESHOLD, PROBE_NUM_PERM, near_duplicate_rate, probe_shingles
@@ -39,6 +40,20 @@ def _dataset(run_dir: Path) -> dict[str, Any]:
         "images": sorted(p.name for p in (root / "images").iterdir()),
         "card": [line for line in card.splitlines() if "exported" not in line.lower()],
     }
+
+
+def _spy_pass(mp: pytest.MonkeyPatch) -> list[type]:
+    """The types of what the dataset pass yields (a `HeldSample`: made during the run)."""
+    yielded: list[type] = []
+    real = KeptSamples.digesting
+
+    def spy(self: KeptSamples) -> Any:
+        for s in real(self):
+            yielded.append(type(s))
+            yield s
+
+    mp.setattr(KeptSamples, "digesting", spy)
+    return yielded
 
 
 def _follow(run_dir: Path, m: memo.ExportMemo) -> memo.Follower:
@@ -74,11 +89,43 @@ def test_a_finish_from_the_memos_writes_the_same_dataset(run: Any, no_memo: None
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(memo.ExportMemo, "take", spy)
+        yielded = _spy_pass(mp)
         write_dataset(run.run_dir)
     assert _dataset(run.run_dir) == plain
     kept = len(plain["jsonl"].splitlines())
     assert kept >= 6 and len(hits) == kept  # every kept sample came from the memo
+    assert yielded == [HeldSample] * kept  # as made during the run: not parsed or validated again
     assert len(m.samples) == ok - kept  # and left it (the curated-out ones stay)
+
+
+def test_a_sample_made_with_another_image_name_or_split_is_made_again(run: Any, no_memo: None) -> None:
+    """The follower names each image from its record and splits it with the run's settings; a finish
+    that finds them otherwise (the file now a .png, the run's test fraction changed) does not use the
+    line made ahead, and writes what a finish without memos writes."""
+    m = memo.enable()
+    _follow(run.run_dir, m)
+    with Ledger(run.run_dir) as led:
+        sha, raw = led.query("SELECT sha256, data FROM images ORDER BY seq LIMIT 1")[0]
+        rec = json.loads(raw)
+        # a copy in this run (the record may point into the fixture's template, shared by other tests)
+        moved = run.run_dir / "images" / f"{sha}.png"
+        moved.parent.mkdir(exist_ok=True)
+        moved.write_bytes(Path(rec["path"]).read_bytes())
+        led.execute("UPDATE images SET data=? WHERE sha256=?", (json.dumps({**rec, "path": str(moved)}), sha))
+        config = led.get_meta("config") or {}
+        led.set_meta("config", {**config, "test_fraction": 0.5})
+    with pytest.MonkeyPatch.context() as mp:
+        yielded = _spy_pass(mp)
+        write_dataset(run.run_dir)
+    with_memo = _dataset(run.run_dir)
+    assert 0 < yielded.count(HeldSample) < len(yielded)  # the ones still named and split alike, only
+    memo.MEMO = None
+    minhash.MEMO = None
+    write_dataset(run.run_dir)
+    assert _dataset(run.run_dir) == with_memo
+    lines = [json.loads(x) for x in with_memo["jsonl"].splitlines()]
+    assert any(r["image"] == f"images/{sha}.png" for r in lines)
+    assert {r["split"] for r in lines} == {"train", "test"}
 
 
 def test_a_changed_sample_is_read_again(run: Any, no_memo: None) -> None:

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from test_build_pipeline import STAGES, ScriptedBackend, _cfg, _images
 
 from rmskit.ledger import Ledger
@@ -224,6 +225,49 @@ def test_embedding_probes_read_a_bounded_order_free_sample(monkeypatch) -> None:
     assert (rep.n, rep.n_embedded, rep.leakage.n) == (200, 50, 50) and calls == []
 
 
+def test_every_kept_query_is_sketched_during_the_run_and_the_probe_reads_those_sketches(monkeypatch) -> None:
+    """The near-duplicate probe reads every row, not the embedded sample: each kept query is sketched in
+    the embedder's thread as it comes (outside the bottom-k and repeated ones too), so at the finish the
+    probe sketches nothing, and its rate is the rate computed from scratch."""
+    from rmskit.curate import minhash
+
+    monkeypatch.setattr(probes, "embed", lambda texts: np.ones((len(texts), 384), dtype=np.float32))
+    rng = np.random.default_rng(3)
+    words = [f"w{i}" for i in range(30)]
+    base = [" ".join(rng.choice(words, size=int(rng.integers(2, 12)))) for _ in range(120)]
+    texts = base + base[:20] + [t + " again" for t in base[20:50]]  # repeats and near repeats
+
+    async def go() -> QueryEmbeddings:
+        q = QueryEmbeddings(idle_s=0.01, limit=40)
+        task = asyncio.create_task(q.run())
+        for t in texts:
+            q.add(t)
+            await asyncio.sleep(0)
+        q.close()
+        await task
+        return q
+
+    q = asyncio.run(go())
+    assert q.sketches is not None and q.sketches.size == len(set(texts)) > 40  # not only the embedded 40
+    sketched: list[int] = []
+    real = minhash.sketch
+
+    def counting(sets, *a, **k):
+        sets = list(sets)
+        sketched.append(len(sets))
+        return real(sets, *a, **k)
+
+    monkeypatch.setattr(minhash, "sketch", counting)
+    rows = [{"query": t, "kind": "risky", "category": "c"} for t in texts]
+    rep = run_probes(rows, embeddings=q, embed_limit=40, n_resamples=20)
+    assert sum(sketched) == 0  # every text's sketch came from the run
+    assert q.sketches is None  # let go with the rows
+    n = len(texts)
+    expected = round(probes.near_duplicate_rate(texts) * n)
+    assert sum(sketched) > 0  # the reference sketched them itself
+    assert rep.near_duplicates.value == pytest.approx(expected / n) and expected > 20
+
+
 def test_an_image_is_encoded_once_and_its_encoding_dropped_when_its_stages_are_done(
     tmp_path: Path, photo_dir: Path, monkeypatch
 ) -> None:
@@ -308,3 +352,32 @@ def test_finish_drains_the_background_embedder_and_cancel_drops_it(tmp_path: Pat
     assert got["queries"] is f.queries
     assert sorted(got["done"]) == [f"may I stack these boxes number {i}" for i in range(3)]  # type: ignore[arg-type]
     assert [len(c) for c in calls] == [3]  # one background batch, drained by finish
+
+
+def test_the_probes_limit_blas_through_the_libraries_found_during_the_run(monkeypatch) -> None:
+    """A build finds the BLAS libraries when its run starts (`find_blas`, a thread); its finish limits
+    them to one thread without scanning again (threadpool_limits scanned for 11.8 ms of a job (b)
+    finish)."""
+    import threadpoolctl
+
+    monkeypatch.setattr(finish_mod, "blas_limited", False)
+    monkeypatch.setattr(finish_mod, "_blas", None)
+    finish_mod.find_blas()
+
+    def scan(*a, **k):
+        raise AssertionError("scanned the libraries again")
+
+    monkeypatch.setattr(threadpoolctl, "threadpool_limits", scan)
+    with finish_mod.one_blas_thread():
+        inside = [i["num_threads"] for i in finish_mod._blas.info() if i["user_api"] == "blas"]
+    assert inside and set(inside) == {1}
+
+    async def go() -> None:
+        monkeypatch.setattr(finish_mod, "_blas", None)
+        f = finish_mod.Finish(worker=False)
+        await f.start()
+        await f.cancel()
+        assert f._blas is None  # found, and its task awaited
+
+    asyncio.run(go())
+    assert finish_mod._blas is not None

@@ -218,17 +218,23 @@ def _rows(sk: Sketch, texts: list[str]) -> dict[str, tuple[np.ndarray, np.ndarra
     }
 
 
-# Set in the finish worker (`SketchMemo`); None elsewhere: no process but the worker holds sketches.
+# Set in the finish worker (`SketchMemo`); None elsewhere. A build's own probe sketches are held by its
+# `QueryEmbeddings` and passed in (`sketch_texts(memo=)`), not set here.
 MEMO: SketchMemo | None = None
 
 
 def sketch_texts(
-    texts: list[str], shingle: Callable[[str], Collection[str]], bands: int, rows: int, seed: int = 1
+    texts: list[str],
+    shingle: Callable[[str], Collection[str]],
+    bands: int,
+    rows: int,
+    seed: int = 1,
+    memo: SketchMemo | None = None,
 ) -> Sketch:
-    """`sketch` of `shingle(t)` for each text, from `MEMO` where it holds them (the same arrays: the
-    signature of a text does not depend on the others sketched with it). The rest are sketched here and
-    not kept: the finish reads each text once."""
-    memo = MEMO
+    """`sketch` of `shingle(t)` for each text, from `memo` (default: this process's `MEMO`) where it
+    holds them (the same arrays: the signature of a text does not depend on the others sketched with
+    it). The rest are sketched here and not kept: the finish reads each text once."""
+    memo = memo if memo is not None else MEMO
     if memo is None:
         return sketch((shingle(t) for t in texts), bands, rows, seed)
     table = memo.table(shingle, bands, rows, seed)

