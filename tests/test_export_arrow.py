@@ -77,3 +77,42 @@ def test_every_column_but_the_image_bytes_is_compressed(tmp_path) -> None:
     codecs = {meta.column(i).path_in_schema: meta.column(i).compression for i in range(meta.num_columns)}
     assert codecs.pop("image.bytes") == "UNCOMPRESSED"
     assert set(codecs.values()) == {"ZSTD"} and len(codecs) == len(TEXT_FIELDS) + len(JSON_FIELDS) + 2
+
+
+def test_image_bytes_read_into_one_buffer_make_the_column_from_pylist_makes(tmp_path: Path) -> None:
+    """`_Images`: each row group's image files read into one reused buffer, grown past its first size
+    (2 MB) within a group; empty files; a file shorter than its stated size gives what it has; the
+    column equals `from_pylist`'s. A column is a view of the buffer, valid until `clear` (the writer
+    writes each group before the next is read)."""
+    import os
+
+    from rmskit.export.parquet import _Images
+
+    typ = arrow_schema().field("image").type
+    blobs = [os.urandom(n) for n in (0, 1, 700_000, 1_500_000, 3_000_000, 5)]
+    paths = []
+    for i, b in enumerate(blobs):
+        p = tmp_path / f"{i}.bin"
+        p.write_bytes(b)
+        paths.append(p)
+
+    def add(images: _Images, i: int, size: int | None = None) -> int:
+        fd = os.open(paths[i], os.O_RDONLY)
+        try:
+            return images.add(fd, len(blobs[i]) if size is None else size, f"img{i}.jpg")
+        finally:
+            os.close(fd)
+
+    images = _Images()
+    assert [add(images, i) for i in range(3)] == [len(b) for b in blobs[:3]]
+    first = images.column(typ)
+
+    def want(idx: list[int]) -> pa.Array:
+        return pa.array([{"bytes": blobs[i], "path": f"img{i}.jpg"} for i in idx], type=typ)
+
+    assert first.equals(want([0, 1, 2]))
+    del first
+    images.clear()
+    assert [add(images, i) for i in range(3, 6)] == [len(b) for b in blobs[3:]]  # grows: a new buffer
+    assert add(images, 1, size=10) == 1  # the file holds less than was said: what it has
+    assert images.column(typ).equals(want([3, 4, 5, 1]))

@@ -8,6 +8,7 @@ thousands of photos; the schema carries the `datasets` features metadata, so
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -78,15 +79,6 @@ def base_row(sample: Sample) -> dict[str, Any]:
     return row
 
 
-def _row(
-    sample: Sample, image_bytes: bytes, image_name: str, base: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """`base`: the sample's `base_row`, made ahead (export/memo.py) and the caller's to complete."""
-    row = base if base is not None else base_row(sample)
-    row["image"] = {"bytes": image_bytes, "path": image_name}
-    return row
-
-
 def _column(values: list[Any], typ: Any) -> Any:
     """One Arrow column built from its buffers. `pa.array` (and `Table.from_pylist`) import pandas the
     first time they run, only to ask whether the values are a pandas object: ~0.35 s of CPU and ~35 MB
@@ -119,13 +111,83 @@ def _column(values: list[Any], typ: Any) -> Any:
     return pa.array(values, type=typ)
 
 
-def arrow_table(rows: list[dict[str, Any]], schema: Any) -> Any:
-    """`pa.Table.from_pylist(rows, schema=schema)`, column by column from buffers (see `_column`)."""
+def arrow_table(rows: list[dict[str, Any]], schema: Any, image: Any = None) -> Any:
+    """`pa.Table.from_pylist(rows, schema=schema)`, column by column from buffers (see `_column`);
+    `image`: the image column made already (`_Images.column`), the rows' own "image" then unread."""
     import pyarrow as pa
 
-    return pa.Table.from_arrays(
-        [_column([r.get(f.name) for r in rows], f.type) for f in schema], schema=schema
-    )
+    cols = [
+        image if image is not None and f.name == "image" else _column([r.get(f.name) for r in rows], f.type)
+        for f in schema
+    ]
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def _read_into(fd: int, view: memoryview) -> int:
+    if hasattr(os, "readv"):
+        return os.readv(fd, [view])
+    with open(fd, "rb", buffering=0, closefd=False) as fh:  # no readv (Windows)
+        return fh.readinto(view) or 0
+
+
+class _Images:
+    """The image bytes of one row group, read from their files straight into one buffer that is kept
+    for the next group: no bytes object per image, no join into a second copy (the image column was
+    5.8 of the 9.4 ms the export's Arrow tables took for 384 rows of ~20 KB photos). The buffer is a
+    numpy array: unlike a bytearray it is not zero-filled when made or grown."""
+
+    def __init__(self) -> None:
+        import numpy as np
+
+        self._np = np
+        self._buf = np.empty(0, dtype=np.uint8)
+        self._ends: list[int] = [0]
+        self._names: list[str] = []
+
+    def add(self, fd: int, size: int, name: str) -> int:
+        """Append `size` bytes (its fstat's) of the open file `fd`; returns how many were read (fewer only
+        when it shrank since)."""
+        start = at = self._ends[-1]
+        if start + size > len(self._buf):
+            # grown (rare): the used part copied into a new, larger one
+            new = self._np.empty(max(2 * len(self._buf), start + size, 1 << 21), dtype=self._np.uint8)
+            new[:start] = self._buf[:start]
+            self._buf = new
+        view = self._buf.data  # a memoryview
+        while at < start + size and (got := _read_into(fd, view[at : start + size])):
+            at += got
+        self._ends.append(at)
+        self._names.append(name)
+        return at - start
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def column(self, typ: Any) -> Any:
+        """The group's `image` struct column (bytes, path), its bytes a view of the buffer: written
+        before the buffer is reused (`clear`)."""
+        import pyarrow as pa
+
+        np = self._np
+        n = len(self._names)
+        ends = np.asarray(self._ends, dtype=np.int64)
+        body = self._buf[: int(ends[-1])]
+        kids = []
+        for f in typ:
+            if f.name == "bytes" and ends[-1] < 2**31:
+                offsets = pa.py_buffer(ends.astype(np.int32).tobytes())
+                kids.append(pa.Array.from_buffers(f.type, n, [None, offsets, pa.py_buffer(body.data)]))
+            elif f.name == "bytes":
+                kids.append(
+                    _column([body[a:b].tobytes() for a, b in zip(ends[:-1], ends[1:], strict=True)], f.type)
+                )
+            else:
+                kids.append(_column(list(self._names) if f.name == "path" else [None] * n, f.type))
+        return pa.StructArray.from_arrays(kids, fields=list(typ))
+
+    def clear(self) -> None:
+        self._ends = [0]
+        self._names = []
 
 
 def compression(schema: Any) -> dict[str, str]:
@@ -166,6 +228,7 @@ class _SplitWriter:
         self.data_dir, self.split, self.schema = data_dir, split, schema
         self.shards: list[Path] = []
         self.batch: list[dict[str, Any]] = []
+        self.images = _Images()
         self.shard_bytes = 0
         self.writer = self._open()
 
@@ -179,16 +242,25 @@ class _SplitWriter:
 
     def _flush(self) -> None:
         if self.batch:
-            self.writer.write_table(arrow_table(self.batch, self.schema))
+            image = self.images.column(self.schema.field("image").type)
+            self.writer.write_table(arrow_table(self.batch, self.schema, image))
+            del image  # the buffer's view, before the buffer is reused
         self.batch = []
+        self.images.clear()
 
-    def add(self, row: dict[str, Any], nbytes: int) -> None:
-        if self.shard_bytes and self.shard_bytes + nbytes > SHARD_BYTES:
-            self._flush()
-            self.writer.close()
-            self.writer = self._open()
-        self.batch.append(row)
-        self.shard_bytes += nbytes
+    def add(self, row: dict[str, Any], image: str, name: str) -> None:
+        """`row` but its image, whose file `image` is read here, named `name` in the dataset."""
+        fd = os.open(image, os.O_RDONLY)  # a str, not a Path: ~5 ms per 400
+        try:
+            size = os.fstat(fd).st_size
+            if self.shard_bytes and self.shard_bytes + size > SHARD_BYTES:
+                self._flush()
+                self.writer.close()
+                self.writer = self._open()
+            self.batch.append(row)
+            self.shard_bytes += self.images.add(fd, size, name)
+        finally:
+            os.close(fd)
         if len(self.batch) >= ROW_GROUP:
             self._flush()
 
@@ -220,15 +292,12 @@ class ParquetSink:
         out = self.writers.get(sample.split)
         if out is None:
             out = self.writers[sample.split] = _SplitWriter(self.data_dir, sample.split, self.schema)
-        with open(self.prep.image_files[sample.image_sha256], "rb") as fh:  # not a Path: ~5 ms per 400
-            data = fh.read()
-        name = self.prep.image_name(sample.image_sha256)
         if isinstance(sample, HeldSample):
             row = sample.row
-            row["image"] = {"bytes": data, "path": name}
         else:
-            row = _row(sample, data, name, self.prep.samples.memo_rows.pop(sample.id, None))
-        out.add(row, len(data))
+            row = self.prep.samples.memo_rows.pop(sample.id, None) or base_row(sample)
+        sha = sample.image_sha256
+        out.add(row, self.prep.image_files[sha], self.prep.image_name(sha))
 
     def close(self) -> dict[str, list[str]]:
         """Split -> file names, in SPLITS order."""
