@@ -151,6 +151,47 @@ def test_a_build_embeds_each_kept_query_once_and_its_probes_are_unchanged(
         assert stored[key] == fresh[key]
 
 
+def test_a_build_hands_each_query_to_the_embedder_before_its_response_is_written(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A query that passed its checks is embedded while its response is written and checked, not after
+    the sample's last response: the last samples' queries are not left to the finish."""
+    from rmskit.pipeline.sample import SampleLoop
+
+    handed: list[str] = []
+    real_ready = finish_mod.Finish.query_ready
+
+    def ready(self, query: str) -> None:
+        handed.append(query)
+        real_ready(self, query)
+
+    late: list[str] = []
+    responded: list[str] = []
+    real_rounds = SampleLoop._rounds
+
+    async def rounds(self, unit, query=""):
+        if unit == "response":
+            responded.append(query)
+            if query not in handed:
+                late.append(query)
+        return await real_rounds(self, unit, query)
+
+    monkeypatch.setattr(finish_mod.Finish, "query_ready", ready)
+    monkeypatch.setattr(SampleLoop, "_rounds", rounds)
+    backend = ScriptedBackend()
+    summary = asyncio.run(
+        run_build(
+            _cfg(tmp_path, perceive="model"),
+            quiet=True,
+            items=_images(6),
+            backends=dict.fromkeys(STAGES, backend),
+            export=True,
+        )
+    )
+    assert summary.samples_ok == 18 and len(responded) == 18 and late == []
+    assert sorted(set(handed)) == sorted({s["query"] for s in Ledger(tmp_path / "run").iter_samples("ok")})
+
+
 def test_a_build_embeds_with_one_thread_and_leaves_the_setting_as_it_was(tmp_path: Path, monkeypatch) -> None:
     """README: the build's background MiniLM runs one intra-op thread (less CPU per query beside the
     event loop); a session made after the build, e.g. a standalone probe's, gets two again."""

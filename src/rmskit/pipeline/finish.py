@@ -99,9 +99,16 @@ class Finish:
             if run_dir is not None:
                 await self._send({"follow": str(run_dir)})
 
+    def query_ready(self, query: str) -> None:
+        """A query passed its checks: embed it now, while its response is written and checked (two more
+        answers, ~0.6 s in bench/peers job (b)), so the last samples' queries are not embedded after the
+        last response (7-33 ms of a job (b) finish). A sample whose response then fails leaves an
+        unused row (and a slot of the bottom-k sample, past `EMBED_LIMIT` texts)."""
+        self.queries.add(query)
+
     def kept(self, sample: dict[str, Any]) -> None:
         if isinstance(q := sample.get("query"), str):
-            self.queries.add(q)
+            self.queries.add(q)  # embedded already when `query_ready` saw it: a no-op then
 
     async def cancel(self) -> None:
         """The run failed or was interrupted: drop the worker and the background embedding (the

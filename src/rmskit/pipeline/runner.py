@@ -264,7 +264,8 @@ class Pipeline:
     ) -> None:
         if self.ledger.get_sample(sid) is not None:  # finished (kept or failed for good) earlier
             return
-        loop = SampleLoop(ctx, self.cfg, self.callers, perception, sid, kind, category, scenario)
+        ready = self.finish.query_ready if self.finish is not None else None
+        loop = SampleLoop(ctx, self.cfg, self.callers, perception, sid, kind, category, scenario, ready)
         status, data = await loop.run()  # a transient failure propagates: nothing is written
         if caps := self._adjustments(ctx.rec.sha256, sid):
             data["checks"]["caps"] = {

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 from rmskit.config import BuildConfig
@@ -34,6 +35,7 @@ class SampleLoop:
         kind: str,
         category: str,
         scenario: dict[str, Any] | None,
+        on_query: Callable[[str], None] | None = None,
     ) -> None:
         self.ctx = ctx
         self.cfg = cfg
@@ -44,6 +46,9 @@ class SampleLoop:
         self.category = category
         self.scenario = scenario
         self.final_round: Round | None = None  # written with the sample (Ledger.put_sample_with_round)
+        # Called with the query once it passed its checks (before its response is written): the build's
+        # finish embeds it then, not after the sample's last response.
+        self.on_query = on_query
 
     async def run(self) -> tuple[str, dict[str, Any]]:
         """('ok' | 'failed', sample data). Raises StageFailed only for transient failures."""
@@ -56,6 +61,8 @@ class SampleLoop:
                 return self._failed(
                     f"{self.kind} query failed checks after {rounds} rounds: {fb}", query, checks
                 )
+            if self.on_query is not None:
+                self.on_query(query)
             response, rchecks, r_rounds, passed = await self._rounds("response", query=query)
         except StageFailed as exc:
             if exc.transient:
