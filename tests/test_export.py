@@ -9,6 +9,7 @@ import io
 import json
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -774,3 +775,30 @@ def test_malformed_image_rows_drop_their_samples_instead_of_failing_the_export(
     assert shas[2] in before and shas[3] in kept
     rules = {d.rule for d in prepare(moved).result.dropped if shas[2] in d.reason}
     assert rules == {RULE_IMAGE_UNAVAILABLE}
+
+
+@pytest.mark.parametrize("fails", ["link", "pass"])
+def test_a_failure_beside_the_image_links_keeps_the_previous_dataset(
+    run: Run, monkeypatch: pytest.MonkeyPatch, fails: str
+) -> None:
+    """The images are linked in a thread beside the Parquet/JSONL pass: a failure in either reaches
+    the caller (the pass's own error when both fail) and the previous dataset stays."""
+    from rmskit.export import writer
+
+    ds = run.run_dir / "dataset"
+    before = (ds / "samples.jsonl").read_text()
+
+    def no_link(*_a: object, **_k: object) -> None:
+        raise OSError("no space left for links")
+
+    def no_pass(*_a: object, **_k: object) -> None:
+        raise RuntimeError("the pass failed")
+
+    monkeypatch.setattr(writer, "_link_images", no_link)
+    if fails == "pass":
+        monkeypatch.setattr(writer.ParquetSink, "add", no_pass)
+    with pytest.raises(OSError if fails == "link" else RuntimeError):
+        write_dataset(run.run_dir)
+    assert (ds / "samples.jsonl").read_text() == before and (ds / "README.md").is_file()
+    assert not [p for p in run.run_dir.iterdir() if p.name.startswith(".dataset.")]
+    assert not [t for t in threading.enumerate() if t.name == "rmskit-link-images"]
