@@ -18,7 +18,7 @@ from rmskit.config import BuildConfig
 from rmskit.curate import CurateResult, PhashIndex, apply_review, curate
 from rmskit.export import memo
 from rmskit.ledger.store import LEDGER_NAME, Ledger
-from rmskit.pipeline.quality import pass_rates_by_category
+from rmskit.pipeline.pass_rates import pass_rates_by_category
 from rmskit.records import Sample
 
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}

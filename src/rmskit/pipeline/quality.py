@@ -4,8 +4,9 @@
   report Cohen's kappa per check (issue: is "safe alone, risky together" judged consistently?).
   The second verifier is `stage_models.verify2` when configured, else the verify model at another
   temperature with the instruction paragraphs of each check prompt in a shuffled order.
-- `pass_rates_by_category`: share of risky samples kept per taxonomy category, with a Wilson
-  interval: which hazards the model can encode without leakage, and which it cannot."""
+- `pass_rates_by_category` (pipeline/pass_rates.py, re-exported here): share of risky samples kept per
+  taxonomy category, with a Wilson interval: which hazards the model can encode without leakage, and
+  which it cannot."""
 
 from __future__ import annotations
 
@@ -23,10 +24,13 @@ from rmskit.ledger import Ledger
 from rmskit.models import ModelBackend, load_backend
 from rmskit.models.base import ImageInput, Message
 from rmskit.pipeline.caller import Caller, StageFailed
+from rmskit.pipeline.pass_rates import CategoryRate, pass_rates_by_category
 from rmskit.pipeline.progress import Stats
 from rmskit.pipeline.registry import STAGES, StageSpec
 from rmskit.pipeline.stages import StageInputs, render_stage
 from rmskit.stats import Estimate, classifier_metric, wilson
+
+__all__ = ["CategoryRate", "pass_rates_by_category"]  # their home is light: the export reads them
 
 log = logging.getLogger("rmskit.pipeline")
 SECOND_TEMPERATURE = 1.0  # when the same model re-checks: another temperature ...
@@ -167,25 +171,3 @@ async def measure_agreement(
     result = await verifier_agreement(ledger, second, cfg.verify_agreement, cfg.seed, shuffle=shuffle)
     ledger.set_meta("agreement", result.model_dump(mode="json"))
     log.info("verifier agreement: %s", result.model_dump_json())
-
-
-class CategoryRate(BaseModel):
-    category: str
-    n: int  # risky samples finished (kept or failed for good)
-    kept: int
-    rate: Estimate  # kept / n with a 95% Wilson interval
-
-
-def pass_rates_by_category(ledger: Ledger) -> list[CategoryRate]:
-    """Kept / finished risky samples per category, most-attempted first: which hazards the model
-    can encode without leakage, and which it cannot."""
-    # counted by SQLite: the finish's read of every sample's JSON for this was its largest transient
-    # (~180 MB at 96k samples)
-    counts = ledger.query(
-        "SELECT COALESCE(NULLIF(json_extract(data, '$.category'), ''), 'unknown') AS cat, COUNT(*),"
-        " SUM(status = 'ok') FROM samples WHERE json_extract(data, '$.kind') = 'risky' GROUP BY cat"
-    )
-    out = [
-        CategoryRate(category=cat, n=n, kept=k, rate=wilson(k, n, metric="pass rate")) for cat, n, k in counts
-    ]
-    return sorted(out, key=lambda r: (-r.n, r.category))
