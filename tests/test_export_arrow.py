@@ -79,7 +79,10 @@ def test_every_column_but_the_image_bytes_is_compressed(tmp_path) -> None:
     assert set(codecs.values()) == {"ZSTD"} and len(codecs) == len(TEXT_FIELDS) + len(JSON_FIELDS) + 2
 
 
-def test_image_bytes_read_into_one_buffer_make_the_column_from_pylist_makes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("readv", [True, False])
+def test_image_bytes_read_into_one_buffer_make_the_column_from_pylist_makes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, readv: bool
+) -> None:
     """`_Images`: each row group's image files read into one reused buffer, grown past its first size
     (2 MB) within a group; empty files; a file shorter than its stated size gives what it has; the
     column equals `from_pylist`'s. A column is a view of the buffer, valid until `clear` (the writer
@@ -88,6 +91,8 @@ def test_image_bytes_read_into_one_buffer_make_the_column_from_pylist_makes(tmp_
 
     from rmskit.export.parquet import _Images
 
+    if not readv:  # as on Windows: a file object's readinto instead
+        monkeypatch.delattr(os, "readv")
     typ = arrow_schema().field("image").type
     blobs = [os.urandom(n) for n in (0, 1, 700_000, 1_500_000, 3_000_000, 5)]
     paths = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,6 +27,22 @@ def _counting_embed(monkeypatch, calls: list[list[str]]) -> None:
         return real(texts)
 
     monkeypatch.setattr(probes, "embed", counting)
+
+
+def _embedded_in_background(texts: list[str], **options: Any) -> QueryEmbeddings:
+    """`texts` added one per event-loop turn to a running `QueryEmbeddings(**options)`, then closed."""
+
+    async def go() -> QueryEmbeddings:
+        q = QueryEmbeddings(**options)
+        task = asyncio.create_task(q.run())
+        for t in texts:
+            q.add(t)
+            await asyncio.sleep(0)
+        q.close()
+        await task
+        return q
+
+    return asyncio.run(go())
 
 
 def test_query_embeddings_embed_in_the_background_once_per_text(monkeypatch) -> None:
@@ -242,17 +259,7 @@ def test_embedding_probes_read_a_bounded_order_free_sample(monkeypatch) -> None:
     rows = embedded_rows(repeated, 50)
     assert len(rows) == 50 and rows == sorted(rows) and len({repeated[i] for i in rows}) <= 7
 
-    async def go() -> QueryEmbeddings:
-        q = QueryEmbeddings(batch=16, idle_s=0.01, limit=50)
-        task = asyncio.create_task(q.run())
-        for t in shuffled:
-            q.add(t)
-            await asyncio.sleep(0)
-        q.close()
-        await task
-        return q
-
-    q = asyncio.run(go())
+    q = _embedded_in_background(shuffled, batch=16, idle_s=0.01, limit=50)
     assert set(q._slot) == picked  # nothing outside the sample is kept
     # in one matrix of `limit` rows, slots of pushed-out texts reused: no model batch kept alive
     assert q._x is not None and q._x.shape == (50, 384) and q._x.base is None
@@ -278,17 +285,7 @@ def test_every_kept_query_is_sketched_during_the_run_and_the_probe_reads_those_s
     base = [" ".join(rng.choice(words, size=int(rng.integers(2, 12)))) for _ in range(120)]
     texts = base + base[:20] + [t + " again" for t in base[20:50]]  # repeats and near repeats
 
-    async def go() -> QueryEmbeddings:
-        q = QueryEmbeddings(idle_s=0.01, limit=40)
-        task = asyncio.create_task(q.run())
-        for t in texts:
-            q.add(t)
-            await asyncio.sleep(0)
-        q.close()
-        await task
-        return q
-
-    q = asyncio.run(go())
+    q = _embedded_in_background(texts, idle_s=0.01, limit=40)
     assert q.sketches is not None and q.sketches.size == len(set(texts)) > 40  # not only the embedded 40
     sketched: list[int] = []
     real = minhash.sketch
@@ -418,7 +415,7 @@ def test_the_probes_limit_blas_through_the_libraries_found_during_the_run(monkey
         f = finish_mod.Finish(worker=False)
         await f.start()
         await f.cancel()
-        assert f._blas is None  # found, and its task awaited
+        assert f._finding_blas is None  # found, and its task awaited
 
     asyncio.run(go())
     assert finish_mod._blas is not None

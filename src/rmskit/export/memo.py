@@ -113,7 +113,6 @@ class Follower(threading.Thread):
         self.stop = threading.Event()
         self.seen = 0  # samples read, kept in the memo or not
         self.error: BaseException | None = None
-        self._placing: Any = None  # image sha -> split, at the run's settings
 
     def run(self) -> None:
         from rmskit import childproc
@@ -124,7 +123,7 @@ class Follower(threading.Thread):
         try:
             with Ledger(self.run_dir, readonly=True) as led:
                 sketchers = _sketchers(led)
-                self._placing = _placing(led)
+                placing = _placing(led)
                 last = 0
                 while not self.stop.is_set():
                     rows = led.query(
@@ -134,7 +133,7 @@ class Follower(threading.Thread):
                     )
                     if rows:
                         last = rows[-1][0]
-                        self._take(rows, sketchers, _image_names(led, rows))
+                        self._take(rows, sketchers, _image_names(led, rows), placing)
                     if self.memo.full():
                         return  # a long run: the finish does the rest, as it did before
                     if len(rows) < BATCH:
@@ -142,12 +141,14 @@ class Follower(threading.Thread):
         except Exception as exc:  # noqa: BLE001 - a hint lost, nothing else
             self.error = exc
 
-    def _take(self, rows: list[tuple[Any, ...]], sketchers: list[Any], names: dict[str, str]) -> None:
+    def _take(
+        self, rows: list[tuple[Any, ...]], sketchers: list[Any], names: dict[str, str], placing: Any
+    ) -> None:
         queries: list[Any] = []
         for _, sid, raw, sha in rows:
             self.seen += 1
             name = names.get(sha) if isinstance(sha, str) else None
-            split = self._placing(sha) if name is not None else None
+            split = placing(sha) if name is not None else None
             s = self.memo.add_sample(sid, raw, split, f"images/{name}" if name is not None else None)
             if s is not None:
                 queries.append(s.query)

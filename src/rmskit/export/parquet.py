@@ -160,9 +160,6 @@ class _Images:
         self._names.append(name)
         return at - start
 
-    def __len__(self) -> int:
-        return len(self._names)
-
     def column(self, typ: Any) -> Any:
         """The group's `image` struct column (bytes, path), its bytes a view of the buffer: written
         before the buffer is reused (`clear`)."""

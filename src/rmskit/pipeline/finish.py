@@ -60,7 +60,7 @@ class Finish:
         self.worker = mode() == "worker" if worker is None else worker
         self.queries = QueryEmbeddings()
         self._embedding: asyncio.Task[None] | None = None
-        self._blas: asyncio.Task[None] | None = None
+        self._finding_blas: asyncio.Task[None] | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._stderr: asyncio.Task[None] | None = None
         self._timing: dict[str, float] = {}
@@ -72,7 +72,7 @@ class Finish:
         # The probes run here (inline, or up to PROBES_HERE samples): find the BLAS libraries now, off
         # the event loop, not after the last response (threadpool_limits scanned them for 11.8 ms of a
         # job (b) finish, bench/peers).
-        self._blas = asyncio.create_task(asyncio.to_thread(find_blas))
+        self._finding_blas = asyncio.create_task(asyncio.to_thread(find_blas))
         if not self.worker:
             return
         # What the probes import beyond what the build has, now rather than after the last response
@@ -126,9 +126,9 @@ class Finish:
         await self._blas_found()
 
     async def _blas_found(self) -> None:
-        if self._blas is not None:
-            await asyncio.gather(self._blas, return_exceptions=True)  # a failure: the probes scan then
-            self._blas = None
+        if self._finding_blas is not None:
+            await asyncio.gather(self._finding_blas, return_exceptions=True)  # failed: the probes scan
+            self._finding_blas = None
 
     async def _close_stderr(self) -> None:
         if self._stderr is not None:

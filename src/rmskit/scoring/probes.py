@@ -156,9 +156,9 @@ class QueryEmbeddings:
         self._to_sketch: list[str] = []
 
     def add(self, text: str) -> None:
-        self._to_sketch.append(text)
         if text in self._in:
-            return
+            return  # queued already, for its sketch too (a build adds each query twice: ready, then kept)
+        self._to_sketch.append(text)  # outside the bottom-k too: the near-duplicate probe reads every row
         key = text_key(text)
         if len(self._kept) >= self._limit:
             if key >= -self._kept[0][0]:
