@@ -322,19 +322,35 @@ def test_curate_owned_records_give_the_same_result_without_copies(photos: dict[s
     assert unedited and all(id(s) in ids for s in unedited)
 
 
-def test_curate_is_deterministic(photos: dict[str, ImageRecord]) -> None:
+def test_curate_is_deterministic_and_the_order_given_is_the_priority(photos: dict[str, ImageRecord]) -> None:
+    """The same samples in the same order give the same result; the order is the priority (a build's
+    stored order): of two near-duplicates the earlier is kept, and an image ranks by its first sample,
+    whatever order `images` lists them in."""
     samples, images = _corpus(photos)
     kwargs = dict(seed=1, test_fraction=0.3, phash_distance=4, query_dup_threshold=0.8)
     first = curate(samples, images, **kwargs)
-    shuffled = list(samples)
-    random.Random(5).shuffle(shuffled)
-    second = curate(shuffled, images, **kwargs)
-    assert first.model_dump() == second.model_dump()
-    # which of two near-duplicate images survives follows the given image order
+    assert first.model_dump() == curate(list(samples), images, **kwargs).model_dump()
+    assert [s["id"] for s in first.kept] == [
+        s["id"] for s in samples if s["id"] in {k["id"] for k in first.kept}
+    ]
+    assert {"c1", "c2"} <= {s["id"] for s in first.kept}
+    assert not {"d1", "d2"} & {s["id"] for s in first.kept}
     flipped = dict(reversed(list(images.items())))
-    third = curate(samples, flipped, **kwargs)
+    assert curate(samples, flipped, **kwargs).model_dump() == first.model_dump()
+    # the copy's samples stored first: the copy is kept, the original's samples go
+    copy_first = [s for s in samples if s["id"] in ("d1", "d2")] + [
+        s for s in samples if s["id"] not in ("d1", "d2")
+    ]
+    third = curate(copy_first, images, **kwargs)
     assert {"d1", "d2"} <= {s["id"] for s in third.kept}
     assert not {"c1", "c2"} & {s["id"] for s in third.kept}
+    # k1 (a near-duplicate query of c1) stored before c1: k1 is kept and c1 goes as its duplicate
+    k1_first = [s for s in samples if s["id"] == "k1"] + [s for s in samples if s["id"] != "k1"]
+    fourth = curate(k1_first, images, **kwargs)
+    assert "k1" in {s["id"] for s in fourth.kept}
+    assert [d.reason for d in fourth.dropped if d.id == "c1"] == [
+        next(d.reason for d in first.dropped if d.id == "k1").replace("of c1", "of k1")
+    ]
 
 
 def test_rejected_image_does_not_shadow_its_near_duplicate(photos: dict[str, ImageRecord]) -> None:

@@ -553,7 +553,7 @@ def test_crash_keeps_previous_dataset(run: Run, monkeypatch: pytest.MonkeyPatch)
     def boom(*_a: object, **_k: object) -> None:
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(writer, "render_card", boom)
+    monkeypatch.setattr(writer, "assemble_card", boom)
     with pytest.raises(RuntimeError):
         write_dataset(run.run_dir)
     assert (ds / "samples.jsonl").read_text() == before and (ds / "README.md").is_file()

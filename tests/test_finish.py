@@ -146,9 +146,9 @@ def test_a_build_embeds_each_kept_query_once_and_its_probes_are_unchanged(
     handed: list[str] = []
     real_kept = finish_mod.Finish.kept
 
-    def spying(self, sample):
+    def spying(self, sample, *stored):
         handed.append(sample["id"])
-        return real_kept(self, sample)
+        return real_kept(self, sample, *stored)
 
     monkeypatch.setattr(finish_mod.Finish, "kept", spying)
     backend = ScriptedBackend()
@@ -178,9 +178,9 @@ def test_a_build_hands_each_query_to_the_embedder_before_its_response_is_written
     handed: list[str] = []
     real_ready = finish_mod.Finish.query_ready
 
-    def ready(self, query: str) -> None:
+    def ready(self, query: str, *sample: str) -> None:
         handed.append(query)
-        real_ready(self, query)
+        real_ready(self, query, *sample)
 
     late: list[str] = []
     responded: list[str] = []
@@ -296,9 +296,18 @@ def test_every_kept_query_is_sketched_during_the_run_and_the_probe_reads_those_s
         return real(sets, *a, **k)
 
     monkeypatch.setattr(minhash, "sketch", counting)
+    bucketed: list[int] = []
+    real_buckets = minhash.Buckets
+
+    def buckets(keys: Any) -> Any:
+        bucketed.append(len(keys))
+        return real_buckets(keys)
+
+    monkeypatch.setattr(minhash, "Buckets", buckets)
     rows = [{"query": t, "kind": "risky", "category": "c"} for t in texts]
     rep = run_probes(rows, embeddings=q, embed_limit=40, n_resamples=20)
     assert sum(sketched) == 0  # every text's sketch came from the run
+    assert bucketed == []  # and its near-duplicate pairs: the probe only counted
     assert q.sketches is None  # let go with the rows
     n = len(texts)
     expected = round(probes.near_duplicate_rate(texts) * n)

@@ -69,8 +69,18 @@ def test_the_worker_finish_equals_the_inline_finish_and_the_worker_is_gone(
     with Ledger(inline, readonly=True) as a, Ledger(worker, readonly=True) as b:
         pa, pb = a.get_meta("probes"), b.get_meta("probes")
     assert pa["n"] >= 6 and _without_seconds(pa) == _without_seconds(pb)
+    # the same samples; each build's in the order it stored them, and each dataset the one its ledger
+    # gives (the worker's written as samples came)
     jsonl = (worker / "dataset" / "samples.jsonl").read_text()
-    assert len(jsonl.splitlines()) >= 6 and jsonl == (inline / "dataset" / "samples.jsonl").read_text()
+    lines = sorted((inline / "dataset" / "samples.jsonl").read_text().splitlines())
+    assert len(jsonl.splitlines()) >= 6 and sorted(jsonl.splitlines()) == lines
+    log = (worker / "build.log").read_text()
+    assert "the dataset written as samples came" in log
+    for run in (inline, worker):
+        with Ledger(run, readonly=True) as led:
+            stored = [sid for (sid,) in led.query("SELECT id FROM samples WHERE status='ok' ORDER BY rowid")]
+        ids = [json.loads(x)["id"] for x in (run / "dataset" / "samples.jsonl").read_text().splitlines()]
+        assert ids == [sid for sid in stored if sid in set(ids)]
     files = sorted(str(p.relative_to(worker)) for p in (worker / "dataset").rglob("*"))
     assert files == sorted(str(p.relative_to(inline)) for p in (inline / "dataset").rglob("*"))
     card = (worker / "dataset" / "README.md").read_text(encoding="utf-8")
@@ -81,19 +91,15 @@ def test_the_worker_finish_equals_the_inline_finish_and_the_worker_is_gone(
     assert "finish worker" not in (worker / "build.log").read_text()  # nothing went wrong
     # where the finish's time went, in the build's log: the build's part, then the worker's wall and CPU
     if probes_here:
-        phases = (
-            r"finish: last queries embedded in [\d.]+ s, probed in [\d.]+ s, checkpointed in [\d.]+ s, "
-            r"embedder released in [\d.]+ s, "
-        )
+        phases = r"finish: last queries embedded in [\d.]+ s, probed in [\d.]+ s, checkpointed in [\d.]+ s, "
         worker_part = r"worker's export [\d.]+ s wall / [\d.]+ s CPU"
     else:
         phases = r"finish: last queries embedded in [\d.]+ s, handed over in [\d.]+ s, embedder released in [\d.]+ s, "
         worker_part = (
             r"worker's probes [\d.]+ s wall / [\d.]+ s CPU, worker's export [\d.]+ s wall / [\d.]+ s CPU"
         )
-    ahead = (
-        r"(, \d+ samples prepared during the run)?"  # a scripted build may end before the worker reads any
-    )
+    # a scripted build may end before the worker reads any sample
+    ahead = r"(, probes computed ahead \(\d+ runs?\))?, the dataset written as samples came \(\d+ during the run\)"
     assert re.search(phases + worker_part + ahead + "$", (worker / "build.log").read_text(), re.M)
 
 
@@ -587,3 +593,40 @@ def test_a_failed_summary_read_beside_the_export_ends_the_worker_and_raises(
     with pytest.raises(RuntimeError, match="summary's read failed"):
         _build(tmp_path, "worker", monkeypatch, photo_dir)
     assert len(procs) == 1 and procs[0].returncode is not None  # ended and reaped
+
+
+def test_the_build_probes_the_rows_it_saw_stored_without_reading_them_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, photo_dir: Path
+) -> None:
+    """The build hands its probes each kept sample's row as it stored it, which are the rows
+    `Ledger.probe_rows` reads (the same values, in stored order), and computes them in the run's tail
+    once it knows those rows (`Ahead`): the finish then only reads the result, and it is the result
+    the probes give from the ledger's rows."""
+    asked: list[Any] = []
+    real_result = finish_mod.Ahead.result
+
+    async def result(self: Any, rows: list[dict[str, Any]]) -> Any:
+        got = await real_result(self, rows)
+        asked.append((list(rows), got, self.runs))
+        return got
+
+    probed: list[Any] = []
+    real_probe = finish_mod.probe_run
+
+    def probe(ledger: Ledger, *a: Any, **k: Any) -> Any:
+        probed.append(k.get("rows"))
+        return real_probe(ledger, *a, **k)
+
+    monkeypatch.setattr(finish_mod.Ahead, "result", result)
+    monkeypatch.setattr(finish_mod, "probe_run", probe)
+    run = _build(tmp_path, "worker", monkeypatch, photo_dir)
+    with Ledger(run, readonly=True) as led:
+        stored_rows, stored = led.probe_rows("ok"), led.get_meta("probes")
+    assert len(asked) == 1 and len(stored_rows) >= 6
+    rows, ahead, runs = asked[0]
+    assert rows == stored_rows
+    assert ahead is not None and runs >= 1 and probed == []  # computed ahead, not at the finish
+    monkeypatch.setattr(finish_mod, "probe_run", real_probe)
+    with Ledger(run, readonly=True) as led:
+        fresh = finish_mod.probe_run(led, release=False)
+    assert fresh is not None and _without_seconds(fresh) == _without_seconds(stored)

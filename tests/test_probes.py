@@ -150,7 +150,7 @@ def test_probe_cli_json(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["probe", str(f), "--format", "generic", "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
-    assert out["n"] == 40 and out["leakage"]["balanced_accuracy"]["value"] > 0.8
+    assert out["n"] == 40 and out["leakage"]["balanced_accuracy"]["value"] >= 0.75  # chance is 0.5
     assert out["leakage"]["balanced_accuracy"]["n_per_class"] == {"risky": 20, "control": 20}
     res = CliRunner().invoke(app, ["probe", str(f), "--format", "generic"], env={"COLUMNS": "250"})
     assert res.exit_code == 0 and "n=40" in res.stdout and "majority baseline" in res.stdout
@@ -255,6 +255,39 @@ def test_near_duplicate_rate_equals_the_pairwise_definition(seed: int) -> None:
     rng.shuffle(texts)
     assert near_duplicate_rate(texts) == pytest.approx(_near_duplicate_rate_pairwise(texts))
     assert near_duplicate_rate([]) == 0.0
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_pairs_found_as_texts_come_give_the_rate(seed: int) -> None:
+    """`NearPairs` fed sketch rows a few texts at a time, some texts never among the final rows (a sample
+    whose response then failed) and some final ones repeated: the rate of the final rows is the
+    pairwise definition's; a text it never saw, or a full one, gives None (the probe computes it)."""
+    from rmskit.curate.minhash import SketchMemo, lsh_params
+    from rmskit.scoring.probes import (
+        PROBE_DUP_THRESHOLD,
+        PROBE_NUM_PERM,
+        PROBE_SEED,
+        NearPairs,
+        probe_shingles,
+    )
+
+    rng = np.random.default_rng(seed)
+    words = [f"w{i}" for i in range(30)]
+    base = [" ".join(rng.choice(words, size=int(rng.integers(1, 12)))) for _ in range(80)]
+    base += [t + " again" for t in base[:30]] + [""]
+    order = list(rng.permutation(len(base)))
+    memo, pairs = SketchMemo(1000), NearPairs(1000)
+    bands, rows = lsh_params(PROBE_DUP_THRESHOLD, PROBE_NUM_PERM)
+    for a in range(0, len(order), 7):
+        pairs.add(memo.fill([base[i] for i in order[a : a + 7]], probe_shingles, bands, rows, PROBE_SEED))
+    final = [t for i, t in enumerate(base) if i % 5] + base[1:9]  # every fifth gone, a few repeated
+    assert pairs.rate(final) == pytest.approx(_near_duplicate_rate_pairwise(final))
+    assert near_duplicate_rate(final, pairs=pairs) == near_duplicate_rate(final)
+    assert 0 < pairs.rate(final) < 1 and pairs.rate([]) == 0.0
+    assert pairs.rate([*final, "never seen"]) is None
+    small = NearPairs(3)
+    small.add(SketchMemo(10).fill(base[:5], probe_shingles, bands, rows, PROBE_SEED))
+    assert small.full and small.rate(base[:2]) is None
 
 
 def test_mean_distance_of_a_resample_without_copying_it() -> None:

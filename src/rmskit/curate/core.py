@@ -1,7 +1,10 @@
 """curate(): review state -> near-duplicate images -> near-duplicate queries -> optional balance -> split.
 
-Deterministic: samples are processed in id order and images in the order given (the ledger's ingest
-order), so rerunning on the same ledger gives the same result."""
+Samples are taken in the order given, the order the build stored them (the ledger's rowid), and of two
+near-duplicates the earlier one is kept: an image ranks by its first sample. Every decision about a
+sample then depends only on the samples stored before it, so a build's finish worker can curate and
+write the dataset as samples are stored (export/online.py) and the last response leaves it only the
+last few (issue 13 §6). Deterministic: the same ledger gives the same result."""
 
 from __future__ import annotations
 
@@ -36,6 +39,26 @@ class Dropped:
     id: str
     reason: str  # human-readable, names what it duplicates
     rule: str  # one of the RULE_* names, for counting
+
+
+def unavailable(sid: str, sha: object) -> Dropped:
+    return Dropped(
+        id=sid,
+        rule=RULE_IMAGE_UNAVAILABLE,
+        reason=f"image {sha} unavailable (not in the ledger, its record unreadable, or its file missing)",
+    )
+
+
+def near_duplicate_image(sid: str, kept_sha: str, kept_source: str, distance: int) -> Dropped:
+    return Dropped(
+        id=sid,
+        rule=RULE_NEAR_DUP_IMAGE,
+        reason=f"near-duplicate image of {kept_sha}/{kept_source} (distance {distance})",
+    )
+
+
+def near_duplicate_query(sid: str, of: str) -> Dropped:
+    return Dropped(id=sid, rule=RULE_NEAR_DUP_QUERY, reason=f"near-duplicate query of {of}")
 
 
 class CurateStats(BaseModel):
@@ -109,8 +132,9 @@ def curate(
 ) -> CurateResult:
     """Curate ledger samples (status ok) into the exported set.
 
-    `images` maps sha256 -> ImageRecord in priority order (ledger ingest order): of two near-duplicate
-    images the earlier one is kept and every sample of the later one is dropped. `review` is
+    `samples` are in priority order (a build's: the order it stored them). `images` maps sha256 ->
+    ImageRecord; of two near-duplicate images the one with the earlier sample is kept and every sample
+    of the other is dropped. `review` is
     `Ledger.review_state()`. `balance` caps risky samples per category (seeded choice; controls are not
     capped). Samples whose image is not in `images` are dropped as unavailable. `owned`: the caller
     hands the sample dicts over (the export's light records), so a kept one without review edits is
@@ -119,13 +143,12 @@ def curate(
     traced at the query pass on 96k images, ~5 MB of RSS); otherwise the inputs are never changed."""
     dropped: list[Dropped] = []
     review = review or {}
-    stats = CurateStats(input=len(samples))
 
     # 1. review decisions and edits
     live: list[dict[str, Any]] = []
     seen_ids: set[str] = set()
     fields = _sample_fields()
-    for raw in sorted(samples, key=lambda s: s["id"]):
+    for raw in samples:
         if raw["id"] in seen_ids:
             raise ValueError(f"duplicate sample id {raw['id']!r}")
         seen_ids.add(raw["id"])
@@ -134,21 +157,13 @@ def curate(
             dropped.append(Dropped(id=raw["id"], reason="rejected in review", rule=RULE_REJECTED))
             continue
         if raw.get("image_sha256") not in images:
-            dropped.append(
-                Dropped(
-                    id=raw["id"],
-                    rule=RULE_IMAGE_UNAVAILABLE,
-                    reason=f"image {raw.get('image_sha256')} unavailable (not in the ledger, "
-                    "its record unreadable, or its file missing)",
-                )
-            )
+            dropped.append(unavailable(raw["id"], raw.get("image_sha256")))
             continue
         live.append(raw if owned and state is None and raw.keys() <= fields else apply_review(raw, state))
     del seen_ids
 
-    # 2. perceptual near-duplicate images, among images that still have samples
-    used = {s["image_sha256"] for s in live}
-    ordered = [(sha, rec.phash) for sha, rec in images.items() if sha in used]
+    # 2. perceptual near-duplicate images, among images that still have samples, in their first one's order
+    ordered = [(sha, images[sha].phash) for sha in dict.fromkeys(s["image_sha256"] for s in live)]
     image_dups = near_duplicate_images(ordered, phash_distance)
     after_images: list[dict[str, Any]] = []
     for s in live:
@@ -157,16 +172,9 @@ def curate(
             after_images.append(s)
             continue
         kept_sha, distance = hit
-        dropped.append(
-            Dropped(
-                id=s["id"],
-                rule=RULE_NEAR_DUP_IMAGE,
-                reason=f"near-duplicate image of {kept_sha}/{images[kept_sha].source_path} "
-                f"(distance {distance})",
-            )
-        )
+        dropped.append(near_duplicate_image(s["id"], kept_sha, images[kept_sha].source_path, distance))
     # not held through the query pass, the finish's peak (~15 MB at 96k samples)
-    del used, ordered, image_dups, live
+    del ordered, image_dups, live
     if owned and callable(clear := getattr(images, "clear", None)):
         clear()  # read for the last time: not held through the query pass
 
@@ -178,13 +186,7 @@ def curate(
     after_queries: list[dict[str, Any]] = []
     for s in after_images:
         if s["id"] in query_dups:
-            dropped.append(
-                Dropped(
-                    id=s["id"],
-                    rule=RULE_NEAR_DUP_QUERY,
-                    reason=f"near-duplicate query of {query_dups[s['id']]}",
-                )
-            )
+            dropped.append(near_duplicate_query(s["id"], query_dups[s["id"]]))
         else:
             after_queries.append(s)
 
@@ -217,7 +219,13 @@ def curate(
     for s in kept:
         s["split"] = split_of(s["image_sha256"], seed=seed, test_fraction=test_fraction)
 
+    return curated(len(samples), kept, dropped)
+
+
+def curated(n_input: int, kept: list[dict[str, Any]], dropped: list[Dropped]) -> CurateResult:
+    """The result of a curation of `n_input` samples (`dropped` sorted here), with its counts."""
     dropped.sort(key=lambda d: d.id)
+    stats = CurateStats(input=n_input)
     stats.kept = len(kept)
     stats.dropped_by_rule = dict(sorted(Counter(d.rule for d in dropped).items()))
     stats.edited = sum(1 for s in kept if s.get("edited"))

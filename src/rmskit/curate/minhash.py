@@ -75,7 +75,10 @@ def _mix(h: np.ndarray) -> np.ndarray:
     return h
 
 
+@lru_cache(maxsize=8)
 def _permutations(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b) of `n` permutations; cached (never written to): a sketch of a few texts at a time (the
+    finish worker's, as samples come) spent most of its time making them."""
     rng = np.random.default_rng(seed)
     a = rng.integers(0, 2**64, size=n, dtype=np.uint64, endpoint=False) | np.uint64(1)
     b = rng.integers(0, 2**64, size=n, dtype=np.uint64, endpoint=False)

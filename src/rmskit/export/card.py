@@ -179,6 +179,33 @@ def render_card(
     files: list[str],
     exported_at: float,
 ) -> str:
+    head, tail = card_parts(prep, data_files=data_files, files=files, exported_at=exported_at)
+    return assemble_card(head, tail, probes)
+
+
+def assemble_card(head: str, tail: str, probes: dict[str, Any] | None) -> str:
+    """The card from its parts and the probe numbers (a build's finish renders the parts while its
+    probes run, then only this)."""
+    return redact_text(head + probes_section(probes) + tail)
+
+
+def probes_section(probes: dict[str, Any] | None) -> str:
+    if not probes:
+        return ""
+    return (
+        "\n## Probes\n\n"
+        "CPU probes measured on this dataset (text-only leakage: a classifier on the queries "
+        "alone; balanced accuracy near 0.5 means the text does not give the risk away; plain "
+        "accuracy is only meaningful against the majority baseline). Figures read `value [95% "
+        "interval], n=items`; below 20 items per class a figure is withheld as `insufficient`.\n\n"
+        + _table(["probe", "value"], _flatten(probes))
+    )
+
+
+def card_parts(
+    prep: Prepared, *, data_files: dict[str, list[str]], files: list[str], exported_at: float
+) -> tuple[str, str]:
+    """The card before and after its probes section (not yet redacted: `assemble_card` does)."""
     st = prep.result.stats
     splits = ["train", "test"]
     fm = safe_dump(front_matter(prep, data_files), sort_keys=False, allow_unicode=True, width=1000)
@@ -330,19 +357,10 @@ def render_card(
     )
 
     out.extend(_quality_sections(prep.meta))
+    head = "".join(out)
 
-    # -- probes
-    if probes:
-        out.append("\n## Probes\n\n")
-        out.append(
-            "CPU probes measured on this dataset (text-only leakage: a classifier on the queries "
-            "alone; balanced accuracy near 0.5 means the text does not give the risk away; plain "
-            "accuracy is only meaningful against the majority baseline). Figures read `value [95% "
-            "interval], n=items`; below 20 items per class a figure is withheld as `insufficient`.\n\n"
-        )
-        out.append(_table(["probe", "value"], _flatten(probes)))
-
-    out.append("\n## Fields\n\n")
+    # -- the probes section goes here
+    out = ["\n## Fields\n\n"]
     out.append(
         _table(
             ["field", "meaning"],
@@ -368,7 +386,7 @@ def render_card(
             ],
         )
     )
-    return redact_text("".join(out))
+    return head, "".join(out)
 
 
 def _quality_sections(meta: dict[str, Any]) -> list[str]:

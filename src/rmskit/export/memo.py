@@ -1,5 +1,7 @@
-"""The export's per-sample work done ahead: the finish worker follows the ledger while the run goes on
-and keeps, for each kept sample, what the finish would otherwise compute after the last response (issue
+"""The finish worker's follower, and the export's per-sample work done ahead. The follower reads each
+kept sample as the build stores it and hands it to the dataset written online (export/online.py);
+once that cannot go on (e.g. past its `LIMIT` samples) it fills the memos instead, which keep, for
+each kept sample, what the finish would otherwise compute after the last response (issue
 13 §6): its Parquet row, its samples.jsonl line (made with the split and image name the sample will
 have, both known from its image), the card's per-sample counts, and its query's MinHash sketch for
 curation's near-duplicate pass. The finish
@@ -25,12 +27,15 @@ from typing import TYPE_CHECKING, Any
 from rmskit.records import Sample
 
 if TYPE_CHECKING:
+    from rmskit.export.online import Online
     from rmskit.export.prepare import HeldSample
 
 # 2,000: ~6 MB. 5,000 validated samples with their rows (~60 MB) and the image bytes (capped at 48 MB)
 # held the worker at 195 MB PSS at the finish of a 10k-image run (bench/rss_scale.py, 62 MB without them).
 SAMPLES = 2_000
-POLL_S = 0.25  # how often the follower looks for newly kept samples
+POLL_S = (
+    0.05  # how often the follower looks for newly kept samples (each left at the finish costs ~1 ms there)
+)
 BATCH = 128  # samples per read: the follower lets go of the ledger between reads
 
 
@@ -107,15 +112,26 @@ class Follower(threading.Thread):
     """Reads each newly kept sample of a run as the build stores it and fills the memos, until `stop`.
     A failure ends the following, never the finish (which then does the work itself)."""
 
-    def __init__(self, run_dir: Path, memo: ExportMemo, poll_s: float = POLL_S, nice: int = 0) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        memo: ExportMemo,
+        poll_s: float = POLL_S,
+        nice: int = 0,
+        online: Online | None = None,
+    ) -> None:
         super().__init__(name="rmskit-follow", daemon=True)
         self.run_dir, self.memo, self.poll_s, self.nice = Path(run_dir), memo, poll_s, nice
+        # the dataset written as samples come (export/online.py); the memos are filled only once it
+        # cannot go on (it then removed what it wrote, and the finish writes from the ledger)
+        self.online = online
         self.stop = threading.Event()
         self.seen = 0  # samples read, kept in the memo or not
         self.error: BaseException | None = None
 
     def run(self) -> None:
         from rmskit import childproc
+        from rmskit.export.online import COLUMNS
         from rmskit.ledger import Ledger
 
         if self.nice:
@@ -127,13 +143,18 @@ class Follower(threading.Thread):
                 last = 0
                 while not self.stop.is_set():
                     rows = led.query(
-                        "SELECT rowid, id, data, image_sha FROM samples WHERE status = 'ok' AND rowid > ?"
+                        f"SELECT {COLUMNS}, image_sha FROM samples WHERE status = 'ok' AND rowid > ?"
                         " ORDER BY rowid LIMIT ?",
                         (last, BATCH),
                     )
                     if rows:
                         last = rows[-1][0]
-                        self._take(rows, sketchers, _image_names(led, rows), placing)
+                        if self.online is not None and self.online.usable:
+                            self.seen += len(rows)
+                            self.online.take(led, [r[:-1] for r in rows])
+                        else:
+                            memo_rows = [(r[0], r[1], r[2], r[-1]) for r in rows]
+                            self._take(memo_rows, sketchers, _image_names(led, memo_rows), placing)
                     if self.memo.full():
                         return  # a long run: the finish does the rest, as it did before
                     if len(rows) < BATCH:

@@ -261,15 +261,17 @@ class _SplitWriter:
         if len(self.batch) >= ROW_GROUP:
             self._flush()
 
+    def names(self) -> list[str]:
+        """The shards' final `<split>-NNNNN-of-MMMMM.parquet` names (fixed once the last row is added)."""
+        return [f"{self.split}-{i:05d}-of-{len(self.shards):05d}.parquet" for i in range(len(self.shards))]
+
     def close(self) -> list[str]:
-        """Finish and give the shards their final `<split>-NNNNN-of-MMMMM.parquet` names."""
+        """Finish and give the shards their final names."""
         self._flush()
         self.writer.close()
-        names = []
-        for i, path in enumerate(self.shards):
-            final = self.data_dir / f"{self.split}-{i:05d}-of-{len(self.shards):05d}.parquet"
-            path.rename(final)
-            names.append(final.name)
+        names = self.names()
+        for path, name in zip(self.shards, names, strict=True):
+            path.rename(self.data_dir / name)
         return names
 
 

@@ -105,7 +105,7 @@ class HeldSample:
 
 
 class KeptSamples:
-    """The curated samples in id order, as `Sample`s read back from the ledger on each pass (the review's
+    """The curated samples in stored order, as `Sample`s read back from the ledger on each pass (the review's
     edits applied again, the curated split set, `image` = "images/<sha><ext>")."""
 
     def __init__(
@@ -116,7 +116,7 @@ class KeptSamples:
         image_name: Callable[[str], str],
     ) -> None:
         self.run_dir = run_dir
-        self._split = split  # id -> split, in id order
+        self._split = split  # id -> split, in stored order
         self._review = review
         self._image_name = image_name
         # sid -> the Parquet row (but its image) made ahead for the sample a pass just yielded from the
@@ -137,7 +137,7 @@ class KeptSamples:
         return d
 
     def digesting(self) -> Iterator[Sample | HeldSample]:
-        """Every sample once, in id order, counting the digest on the way (a writer that reads every
+        """Every sample once, in stored order, counting the digest on the way (a writer that reads every
         sample anyway saves the card its own pass over the ledger); a sample the finish worker made
         ahead comes as its `HeldSample`."""
         d = SampleDigest()
@@ -226,8 +226,7 @@ class _ImageView:
 
 
 class ImageTable(Mapping[str, _ImageView]):
-    """What curation reads of the available images, in ingest order (curation keeps the earlier of two
-    near-duplicates): sha -> phash held, each view made when read. Its source path, which only the
+    """What curation reads of the available images: sha -> phash held, each view made when read. Its source path, which only the
     reason of a near-duplicate image drop names, is read from the ledger then. Held for every image with
     the record's path (both strs and a tuple), they were 25 MB more traced at the image pass's start at
     96k images, and the finish's peak 294 instead of 271 MB (bench/finish_profile.py)."""
@@ -253,7 +252,7 @@ class ImageTable(Mapping[str, _ImageView]):
 
 
 def _available_images(led: Ledger, used: set[str], run_dir: Path) -> tuple[dict[str, str], dict[str, str]]:
-    """The used images whose normalised file exists, as sha -> phash in ingest order, and the files found
+    """The used images whose normalised file exists, as sha -> phash, and the files found
     elsewhere than recorded (a moved run directory) as sha -> path; the kept ones' recorded paths are
     read again after curation (`_image_files`), so no path is held for every image through it."""
     rows = led.stream(
@@ -321,6 +320,42 @@ def curate_params(stored: object) -> dict[str, Any]:
     return params
 
 
+@dataclass
+class RunFacts:
+    """What the dataset card reads of a run besides its samples."""
+
+    meta: dict[str, Any]
+    taxonomy: list[dict[str, Any]]
+    usage: dict[str, dict[str, int]]
+    ingest: dict[str, int]
+    ledger_samples: dict[str, int]
+
+
+def run_facts(led: Ledger) -> RunFacts:
+    meta = {
+        k: led.get_meta(k)
+        for k in (
+            "config",
+            "prompt_versions",
+            "rmskit_version",
+            "started_at",
+            "finished_at",
+            "probes",
+            "agreement",
+            "prompt_regression",
+        )
+    }
+    meta["pass_rates"] = [r.model_dump(mode="json") for r in pass_rates_by_category(led)]
+    counts = led.image_counts()
+    return RunFacts(
+        meta=meta,
+        taxonomy=[{k: v for k, v in t.items() if k != "embedding"} for t in led.taxonomy()],
+        usage=led.usage_by_stage(),
+        ingest={"accepted": sum(counts.values()), "refused": len(led.rejections()), **counts},
+        ledger_samples=led.sample_counts(),
+    )
+
+
 def prepare(run_dir: Path, *, balance: int | None = None) -> Prepared:
     """Read the ledger of `run_dir` and curate it with the run's own config (seed, test fraction,
     dedup thresholds) and the review decisions."""
@@ -328,30 +363,12 @@ def prepare(run_dir: Path, *, balance: int | None = None) -> Prepared:
     if not is_run_dir(run_dir):
         raise NotARunError(f"{run_dir} is not a run directory (no {LEDGER_NAME})")
     with Ledger(run_dir, readonly=True) as led:
-        meta = {
-            k: led.get_meta(k)
-            for k in (
-                "config",
-                "prompt_versions",
-                "rmskit_version",
-                "started_at",
-                "finished_at",
-                "probes",
-                "agreement",
-                "prompt_regression",
-            )
-        }
-        meta["pass_rates"] = [r.model_dump(mode="json") for r in pass_rates_by_category(led)]
+        facts = run_facts(led)
         review = led.review_state()
         raw = _light_samples(led, review)
         # only images whose normalised file exists can be exported; curate drops the others' samples
         phash, moved = _available_images(led, {s["image_sha256"] for s in raw}, run_dir)
-        taxonomy = [{k: v for k, v in t.items() if k != "embedding"} for t in led.taxonomy()]
-        usage = led.usage_by_stage()
-        counts = led.image_counts()
-        ingest = {"accepted": sum(counts.values()), "refused": len(led.rejections()), **counts}
-        ledger_samples = led.sample_counts()
-        params = curate_params(meta.get("config"))
+        params = curate_params(facts.meta.get("config"))
 
         def source_path(sha: str) -> str:
             row = led.query("SELECT json_extract(data, '$.source_path') FROM images WHERE sha256=?", (sha,))
@@ -365,11 +382,11 @@ def prepare(run_dir: Path, *, balance: int | None = None) -> Prepared:
         result=result,
         samples=KeptSamples(run_dir, {}, review, lambda sha: sha),
         image_files=image_files,
-        meta=meta,
-        taxonomy=taxonomy,
-        usage=usage,
-        ingest=ingest,
-        ledger_samples=ledger_samples,
+        meta=facts.meta,
+        taxonomy=facts.taxonomy,
+        usage=facts.usage,
+        ingest=facts.ingest,
+        ledger_samples=facts.ledger_samples,
         curate_params={**params, "balance": balance},
     )
     prep.samples = KeptSamples(run_dir, {s["id"]: s["split"] for s in result.kept}, review, prep.image_name)
@@ -382,7 +399,7 @@ def _light_samples(led: Ledger, review: dict[str, dict[str, Any]]) -> list[dict[
     cols = ", ".join(f"json_extract(data, '$.{k}')" for k in _LIGHT)
     out: list[dict[str, Any]] = []
     edited = {sid for sid, st in review.items() if st.get("edits")}
-    for row in led.stream(f"SELECT id, {cols} FROM samples WHERE status='ok' ORDER BY id"):
+    for row in led.stream(f"SELECT id, {cols} FROM samples WHERE status='ok' ORDER BY rowid"):
         # one str object per distinct sha, kind, category and label, not one per row (the worker's
         # curation peak at 96k samples: 419 -> 399 MB)
         light: dict[str, Any] = {

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 import rmskit
-from rmskit.export.card import render_card
+from rmskit.export.card import assemble_card, card_parts
 from rmskit.export.convo import write_conversations
 from rmskit.export.judge import write_judge
 from rmskit.export.parquet import ParquetSink
@@ -64,9 +64,8 @@ def _clean_stale(parent: Path, name: str) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield an empty temp folder beside `final`; on success it replaces `final` in two renames."""
+def staging_dir(final: Path) -> tuple[Path, str]:
+    """An empty temp folder beside `final` and its tag, for `swap_in`."""
     final = Path(final)
     parent = final.parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -76,13 +75,26 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = parent / f".{final.name}.tmp-{tag}"
     tmp.mkdir()
+    return tmp, tag
+
+
+def swap_in(final: Path, tmp: Path, tag: str) -> None:
+    """`tmp` replaces `final` in two renames."""
+    final = Path(final)
+    old = final.parent / f".{final.name}.old-{tag}"
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield an empty temp folder beside `final`; on success it replaces `final` in two renames."""
+    tmp, tag = staging_dir(final)
     try:
         yield tmp
-        old = parent / f".{final.name}.old-{tag}"
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_in(final, tmp, tag)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -208,17 +220,21 @@ def _write_hf(prep: Prepared, root: Path, probes: Probes, *, with_jsonl: bool) -
         raise
     if linking is not None:
         linking.join()
+    write_card(prep, root, probes, data_files, with_jsonl=with_jsonl)
+
+
+def write_card(
+    prep: Prepared, root: Path, probes: Probes, data_files: dict[str, list[str]], *, with_jsonl: bool
+) -> None:
+    """README.md, last: a callable `probes` is waited for here (its None: the run's stored numbers),
+    once the rest of the card is rendered (a build's finish: while the build's probes run)."""
+    head, tail = card_parts(
+        prep, data_files=data_files, files=_card_files(data_files, with_jsonl), exported_at=time.time()
+    )
     numbers = probes() if callable(probes) else probes
     if numbers is None and callable(probes):
         numbers = prep.meta.get("probes")
-    card = render_card(
-        prep,
-        data_files=data_files,
-        probes=numbers,
-        files=_card_files(data_files, with_jsonl),
-        exported_at=time.time(),
-    )
-    (root / "README.md").write_text(card, encoding="utf-8")
+    (root / "README.md").write_text(assemble_card(head, tail, numbers), encoding="utf-8")
 
 
 def write_dataset(run_dir: Path, *, probes: Probes = None, balance: int | None = None) -> DatasetSummary:

@@ -110,11 +110,11 @@ class LedgerReads:
         }
 
     def probe_rows(self, status: str = "ok") -> list[dict[str, Any]]:
-        """{query, kind, label, category} of each sample with `status`: what the text probes read,
-        without decoding every sample's full record (11 KB each in memory)."""
+        """{query, kind, label, category} of each sample with `status`, in stored order (the dataset's):
+        what the text probes read, without decoding every sample's full record (11 KB each in memory)."""
         rows = self.stream(
             "SELECT json_extract(data, '$.query'), kind, json_extract(data, '$.label'), category"
-            " FROM samples WHERE status=? ORDER BY created, id",
+            " FROM samples WHERE status=? ORDER BY rowid",
             (status,),
         )
         # one str per distinct kind, label and category, not one per row (47 -> 31 MB at 96k samples)

@@ -25,6 +25,7 @@ from rmskit.ledger.reads import LedgerReads
 from rmskit.records import ImageRecord, Rejection
 
 LEDGER_NAME = "rms.sqlite"
+BUSY_TIMEOUT_MS = 10_000  # how long a statement waits for another connection's lock
 log = logging.getLogger("rmskit.ledger")
 
 
@@ -79,7 +80,7 @@ class Ledger(LedgerReads):
         else:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             con = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        con.execute("PRAGMA busy_timeout=10000")
+        con.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         return con
 
     def _open(self, readonly: bool) -> sqlite3.Connection:
@@ -155,15 +156,24 @@ class Ledger(LedgerReads):
         self._checkpointer = (stop, thread)
         thread.start()
 
-    def checkpoint(self, truncate: bool = False) -> bool:
+    def checkpoint(self, truncate: bool = False, wait: bool = True) -> bool:
         """One checkpoint on this connection now; True when it copied the whole WAL into the database.
         PASSIVE by default: a reader of an older snapshot holds back the frames written since. With
-        `truncate`, it waits for such readers (up to the busy timeout) and empties the WAL file: closing
+        `truncate`, it waits for readers (up to the busy timeout) and empties the WAL file: closing
         the last connection deletes the WAL, and deleting a large one took ~16 ms at 40 MB (the
-        background checkpoints let it grow to `writer_pages`), which a finish then waited for."""
+        background checkpoints let it grow to `writer_pages`), which a finish then waited for.
+        `wait=False`: no busy wait; False when a reader or writer was in the way (what it could copy,
+        it copied). SQLite's own wait sleeps in growing steps (1, 2, 5, 10, 15, 20, 25 ms...): a
+        caller that polls finds a reader gone sooner."""
         mode = "TRUNCATE" if truncate else "PASSIVE"
         with self._sql():
-            busy, frames, copied = self._con.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+            if not wait:
+                self._con.execute("PRAGMA busy_timeout=0")
+            try:
+                busy, frames, copied = self._con.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+            finally:
+                if not wait:
+                    self._con.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         return not busy and frames == copied
 
     def _stop_checkpointer(self) -> None:

@@ -11,10 +11,10 @@ took ~1 s of the finish, and importing them in a thread during the run's tail sl
 it saved (the GIL).
 
 During the run the worker also follows the ledger (a thread at nice 10, export/memo.py): each kept
-sample's Parquet row is made and its query sketched for curation as it is stored, so the finish redoes
-that only for the samples kept last. After the last response the build sends the request at once and
-the worker starts curating and exporting, while the build embeds its last queries (it may hold MiniLM
-for its taxonomy already). Up to `finish.PROBES_HERE` kept samples the build runs the probes itself, on
+sample is curated and written into the staged dataset as it is stored (export/online.py), so the
+finish takes only the samples kept last, checks the ledger, closes the files and writes the card; when
+that cannot be vouched for, it writes the dataset from the ledger as before (the memos, filled from
+then on, spare it part of the work). After the last response the build sends the request at once. Up to `finish.PROBES_HERE` kept samples the build runs the probes itself, on
 the other core, and sends the numbers; past that (a long run, where memory matters more than the
 finish's last 0.1 s) it hands the embeddings over, the probes run here and then the export, and the
 worker answers with the numbers for the build to store (it holds the run's write lock). Either way the
@@ -24,13 +24,15 @@ Protocol, stdin, one JSON line each: {"follow": run_dir} (optional, at the start
 response {"finish": run_dir, "probes": "follow"} then {"probes": {...} | null}, or {"finish": run_dir}
 then {"embeddings": npz path | null}; a {"finish"} line holding "embeddings" itself needs no further
 line. stdout, one JSON line {"probes": {...} | null, "result": {...},
-"embeddings_read": bool, "ahead": samples prepared during the run, "seconds": {phase: [wall, cpu]}}.
+"embeddings_read": bool, "ahead": samples prepared during the run, "online": whether the dataset was
+written as samples came (export/online.py), "seconds": {phase: [wall, cpu]}}.
 Anything else the libraries print goes to stderr, which the build forwards to its log. End of stdin
 before a finish request (the build was cancelled, or its process died) ends the worker at once."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import logging
@@ -46,6 +48,7 @@ from rmskit import childproc, heap
 
 if TYPE_CHECKING:
     from rmskit.export.memo import Follower
+    from rmskit.export.online import Online
 
 log = logging.getLogger("rmskit.finish")
 
@@ -104,7 +107,9 @@ def _warm_niced() -> None:
     _warm()
 
 
-def serve(request: dict[str, Any], next_line: Callable[[], str] | None = None) -> dict[str, Any]:
+def serve(
+    request: dict[str, Any], next_line: Callable[[], str] | None = None, online: Online | None = None
+) -> dict[str, Any]:
     """The finish of `request["finish"]`. With "probes": "follow" the build probes and sends the numbers
     as the next line, which the export waits for only to write the card, last. Otherwise (a long run)
     the probes run here first, from the embeddings in `request["embeddings"]` or, without that key,
@@ -121,11 +126,24 @@ def serve(request: dict[str, Any], next_line: Callable[[], str] | None = None) -
     read: list[bool] = []
     laps: dict[str, list[float]] = {}
     ahead = len(memo.MEMO.samples) if memo.MEMO is not None else 0
+    if online is not None and online.usable:
+        ahead = len(online.taken)
     if request.get("probes") == "follow":
         clock = _Clock()
-        result = write_export(run_dir, lambda: _line_field(next_line, "probes", dict))
+        numbers = functools.cache(lambda: _line_field(next_line, "probes", dict))  # one line, read once
+        result = _online_finish(online, numbers)
+        written = result is not None
+        if result is None:
+            result = write_export(run_dir, numbers)
         clock.lap("export", laps)
-        return {"probes": None, "result": result, "embeddings_read": False, "ahead": ahead, "seconds": laps}
+        return {
+            "probes": None,
+            "result": result,
+            "embeddings_read": False,
+            "ahead": ahead,
+            "online": written,
+            "seconds": laps,
+        }
 
     def probes() -> dict[str, Any] | None:
         clock = _Clock()
@@ -142,15 +160,31 @@ def serve(request: dict[str, Any], next_line: Callable[[], str] | None = None) -
 
     found = probes()  # its rows and embeddings are gone when it returns; the model is released in it
     clock = _Clock()
-    result = write_export(run_dir, found)
+    result = _online_finish(online, found)
+    written = result is not None
+    if result is None:
+        result = write_export(run_dir, found)
     clock.lap("export", laps)
     return {
         "probes": found,
         "result": result,
         "embeddings_read": bool(read and read[0]),
         "ahead": ahead,
+        "online": written,
         "seconds": {k: laps[k] for k in ("probes", "export") if k in laps},
     }
+
+
+def _online_finish(online: Online | None, probes: Any) -> dict[str, Any] | None:
+    """The dataset written during the run, completed (export/online.py); None: write it from the ledger."""
+    if online is None:
+        return None
+    result = online.finish(probes)
+    if result is None:
+        log.warning(
+            "the dataset was not written as samples came (%s): written from the ledger", online.broken
+        )
+    return result
 
 
 class _Clock:
@@ -169,9 +203,10 @@ class _Clock:
 def _follow(run_dir: str, warming: threading.Thread) -> Follower:
     """Start filling the export's memos from the run's ledger (export/memo.py), once the imports are in."""
     from rmskit.export import memo
+    from rmskit.export.online import Online
 
     warming.join()
-    follower = memo.Follower(Path(run_dir), memo.enable(), nice=NICE)
+    follower = memo.Follower(Path(run_dir), memo.enable(), nice=NICE, online=Online(Path(run_dir)))
     follower.start()
     return follower
 
@@ -201,7 +236,7 @@ def main() -> None:
                 if follower.error is not None:
                     log.warning("following the ledger stopped: %r", follower.error)
             warming.join()  # the finish needs its imports (a wait only when the run was shorter than them)
-            answer = serve(request, sys.stdin.readline)
+            answer = serve(request, sys.stdin.readline, follower.online if follower is not None else None)
             out.write(json.dumps(answer) + "\n")
             out.flush()
         break

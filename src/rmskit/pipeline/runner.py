@@ -11,7 +11,7 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +128,8 @@ class Pipeline:
             tasks.add(task)
             task.add_done_callback(lambda t: (tasks.discard(t), slots.release(), self._settled(t)))
         self.stats.ingest_finished = True
+        if self.finish is not None:
+            self.finish.feed_done()
         if self.stop.is_set():
             for t in tasks:
                 t.cancel()
@@ -144,6 +146,9 @@ class Pipeline:
 
     async def _image_stages(self, rec: ImageRecord) -> None:
         ctx = StageContext(rec, self.ledger, self.callers, self.cfg.perceive, self.cfg.stage_max_tokens)
+        planning = self.finish is not None
+        if self.finish is not None:
+            self.finish.image_planning(+1)
         try:
             plan = self._plan(rec)
             perception = await ctx.perceive()
@@ -157,6 +162,10 @@ class Pipeline:
             ]
             if self.cfg.controls:
                 jobs.append(self._control(ctx, perception))
+            if self.finish is not None:
+                self.finish.samples_started(len(jobs))  # each one's `_sample` ends it
+                planning = False
+                self.finish.image_planning(-1)
             results = await _gather_finished(jobs)
             for r in results:  # every sample ran to its end or to a transient failure
                 if isinstance(r, BaseException):
@@ -180,6 +189,9 @@ class Pipeline:
             log.exception("image %s crashed", rec.source_path)
             self.ledger.set_image_status(rec.sha256, "failed", f"internal error: {exc!r}")
             self.stats.images_failed += 1
+        finally:
+            if planning and self.finish is not None:
+                self.finish.image_planning(-1)
 
     def _adjustments(self, sha: str, sid: str) -> list[str]:
         """Truncations of this sample's answers and of its image's perceive/discover answers."""
@@ -262,9 +274,33 @@ class Pipeline:
         category: str,
         scenario: dict | None,
     ) -> None:
-        if self.ledger.get_sample(sid) is not None:  # finished (kept or failed for good) earlier
+        finish = self.finish
+        if finish is None:
+            if self.ledger.get_sample(sid) is None:  # else finished (kept or failed for good) earlier
+                await self._run_sample(ctx, perception, sid, kind, category, scenario, None)
             return
-        ready = self.finish.query_ready if self.finish is not None else None
+        readied: list[tuple[str, str, str]] = []
+
+        def ready(query: str) -> None:
+            readied.append((query, kind, category))
+            finish.query_ready(query, kind, category)
+
+        try:
+            if self.ledger.get_sample(sid) is None:
+                await self._run_sample(ctx, perception, sid, kind, category, scenario, ready)
+        finally:
+            finish.sample_ended(readied)
+
+    async def _run_sample(
+        self,
+        ctx: StageContext,
+        perception: dict,
+        sid: str,
+        kind: str,
+        category: str,
+        scenario: dict | None,
+        ready: Callable[[str], None] | None,
+    ) -> None:
         loop = SampleLoop(ctx, self.cfg, self.callers, perception, sid, kind, category, scenario, ready)
         status, data = await loop.run()  # a transient failure propagates: nothing is written
         if caps := self._adjustments(ctx.rec.sha256, sid):
@@ -282,7 +318,7 @@ class Pipeline:
         self.stats.samples_ok += 1
         self.kept += 1
         if self.finish is not None:
-            self.finish.kept(data)
+            self.finish.kept(data, kind, category)  # before `sample_ended`: its row is in, not in flight
         if kind == "risky":
             self.coverage.add(category)
         if self._target_reached():
@@ -404,8 +440,11 @@ async def run_build(
         ledger.set_meta("finished_at", time.time())
         # The finish sends its worker the request at once; the summary's reads (~5 ms, which the finish
         # does not change) run here while it exports, not after.
+        # the model clients' connections closed beside the finish (its probes), not after it
         finishing = asyncio.ensure_future(
-            finish.finish(run_dir, ledger) if finish is not None else _no_export()
+            finish.finish(run_dir, ledger, meanwhile=lambda: _close_backends(created))
+            if finish is not None
+            else _no_export()
         )
         try:
             await asyncio.sleep(0)
@@ -439,12 +478,17 @@ async def run_build(
         return summary
     finally:
         embedding.set_shared_threads(threads)
-        for backend in created:
-            with contextlib.suppress(Exception):
-                await backend.aclose()
+        await _close_backends(created)
         logging.getLogger("rmskit").removeHandler(handler)
         handler.close()
         ledger.close()
+
+
+async def _close_backends(created: list[Any]) -> None:
+    """Close the backends this build made, once (the list is emptied)."""
+    while created:
+        with contextlib.suppress(Exception):
+            await created.pop().aclose()
 
 
 async def _no_export() -> dict[str, Any]:

@@ -19,6 +19,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,7 +63,7 @@ class ProbeReport(BaseModel):
     seconds: float = 0.0
 
 
-def _fields(s: Any) -> tuple[str, bool, str]:
+def probe_fields(s: Any) -> tuple[str, bool, str]:
     """(query, risky, category) from a BenchSample, an rmskit Sample or a dict."""
     get = s.get if isinstance(s, dict) else lambda k, d=None: getattr(s, k, d)
     kind, label = get("kind"), get("label")
@@ -153,6 +154,7 @@ class QueryEmbeddings:
         # probe reads all rows, not the embedded sample): the finish then sketches only the last few
         # (14.7 of the probes' 62 ms of CPU at 384 samples). Up to PROBE_SKETCHES texts.
         self.sketches: SketchMemo | None = None
+        self.pairs: NearPairs | None = None
         self._to_sketch: list[str] = []
 
     def add(self, text: str) -> None:
@@ -221,9 +223,14 @@ class QueryEmbeddings:
 
             if self.sketches is None:
                 self.sketches = SketchMemo(PROBE_SKETCHES)
+                self.pairs = NearPairs(PROBE_SKETCHES)
             if self.sketches.size < self.sketches.limit:
                 bands, rows = lsh_params(PROBE_DUP_THRESHOLD, PROBE_NUM_PERM)
-                self.sketches.fill(sketch, probe_shingles, bands, rows, PROBE_SEED)
+                fresh = self.sketches.fill(sketch, probe_shingles, bands, rows, PROBE_SEED)
+                if self.pairs is not None:
+                    self.pairs.add(fresh)
+            elif self.pairs is not None:
+                self.pairs.full = True
         return embed(todo) if todo else None
 
     def clear(self) -> None:
@@ -232,6 +239,7 @@ class QueryEmbeddings:
         self._free.clear()
         self._x = None
         self.sketches = None
+        self.pairs = None
         self._to_sketch = []
 
     def save(self, path: Path) -> None:
@@ -257,6 +265,10 @@ class QueryEmbeddings:
         q._x, q._slot = x, dict(zip(texts, slots, strict=True))
         q._free = sorted(set(range(len(x))) - set(slots))
         return q
+
+    def embedded(self) -> Any:
+        """The texts embedded so far (a live view)."""
+        return self._slot.keys()
 
     def rows(self, texts: list[str]) -> np.ndarray:
         """The stored rows of `texts` (all embedded), as one array."""
@@ -453,11 +465,69 @@ def probe_shingles(t: str) -> set[str]:
     return {" ".join(w[i : i + 3]) for i in range(len(w) - 2)} if len(w) >= 3 else {" ".join(w)}
 
 
+def _jaccard(mine: np.ndarray, theirs: np.ndarray) -> float:
+    """`Sketch.jaccard` of two sorted token arrays: the float64 ratio of the counts (two empty sets 1)."""
+    inter = int(np.isin(theirs, mine, assume_unique=True).sum()) if len(mine) and len(theirs) else 0
+    union = len(mine) + len(theirs) - inter
+    return float(np.float64(inter) / np.float64(union)) if union > 0 else 1.0
+
+
+class NearPairs:
+    """The near-duplicate probe's pairs, found as a build's queries are sketched (its embedder's thread):
+    each new text is compared, by exact Jaccard, with the earlier texts in its LSH buckets, so at the
+    finish the probe only counts (8.5 ms of a 384-sample finish's CPU, bench/peers job (b)). The same
+    candidates (a shared bucket) and test as `near_duplicate_rate`, so the same rate; texts that are
+    not in the final rows (a sample whose response then failed) only add pairs that are not counted.
+    Up to `limit` texts: past it the probe computes the rate itself."""
+
+    def __init__(self, limit: int, threshold: float = PROBE_DUP_THRESHOLD) -> None:
+        self.limit, self.threshold = limit, threshold
+        self.full = False
+        self._number: dict[str, int] = {}
+        self._tokens: list[np.ndarray] = []  # sorted, per text
+        self._buckets: dict[tuple[int, int], list[int]] = {}  # (band, key) -> texts
+        self._near: dict[int, list[int]] = {}  # text -> texts at Jaccard >= threshold
+
+    def add(self, rows: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        """Texts' sketch rows (band keys, token fingerprints), as `SketchMemo.fill` returns them."""
+        for text, (keys, tokens) in rows.items():
+            if self.full or text in self._number:
+                continue
+            if len(self._number) >= self.limit:
+                self.full = True
+                return
+            i = self._number[text] = len(self._tokens)
+            mine = np.sort(tokens)
+            self._tokens.append(mine)
+            buckets = list(enumerate(keys.tolist()))
+            for c in sorted({c for b in buckets for c in self._buckets.get(b, ())}):
+                if _jaccard(mine, self._tokens[c]) >= self.threshold:
+                    self._near.setdefault(i, []).append(c)
+                    self._near.setdefault(c, []).append(i)
+            for b in buckets:
+                self._buckets.setdefault(b, []).append(i)
+
+    def rate(self, texts: list[str]) -> float | None:
+        """`near_duplicate_rate(texts)` from the pairs; None when a text was not added (or past `limit`)."""
+        counts = Counter(texts)
+        if self.full or any(t not in self._number for t in counts):
+            return None
+        if not texts:
+            return 0.0
+        present = {self._number[t] for t in counts}
+        dup = sum(c for c in counts.values() if c > 1)
+        for t, c in counts.items():
+            if c == 1 and any(o in present for o in self._near.get(self._number[t], ())):
+                dup += 1
+        return dup / len(texts)
+
+
 def near_duplicate_rate(
     texts: list[str],
     threshold: float = PROBE_DUP_THRESHOLD,
     num_perm: int = PROBE_NUM_PERM,
     sketches: SketchMemo | None = None,
+    pairs: NearPairs | None = None,
 ) -> float:
     """Share of texts with another text at Jaccard >= threshold (word 3-shingles): MinHash LSH finds the
     candidates (curate/minhash.py), their exact Jaccard decides. Identical texts are grouped first (each
@@ -468,6 +538,10 @@ def near_duplicate_rate(
 
     if not texts:
         return 0.0
+    if pairs is not None and pairs.threshold == threshold and num_perm == PROBE_NUM_PERM:
+        found = pairs.rate(texts)
+        if found is not None:
+            return found
     counts = Counter(texts)
     distinct = list(counts)
     bands, rows = lsh_params(threshold, num_perm)
@@ -500,7 +574,9 @@ def run_probes(
     Vendi and mean distance read the `embedded_rows` sample (n_embedded); the rest read every row.
     `release`: free the embedding model once the texts are embedded (a build's finish)."""
     t0 = time.perf_counter()
-    rows = [_fields(s) for s in samples]
+    # in a canonical order: the probes (their folds, resamples and sums) depend on the rows, not on
+    # the order they come in, so a build can compute them ahead on the rows it knows it will have
+    rows = sorted(probe_fields(s) for s in samples)
     if not rows:
         raise ValueError("no samples to probe")
     texts = [q for q, _, _ in rows]
@@ -508,32 +584,48 @@ def run_probes(
     sub_texts = [texts[i] for i in sub]
     x = embeddings.embed(sub_texts) if embeddings is not None else embed(sub_texts)
     sketches = embeddings.sketches if embeddings is not None else None
+    pairs = embeddings.pairs if embeddings is not None else None
     if embeddings is not None:
         embeddings.clear()  # the rows are in x now, the sketches held here
     if release:
         release_embedder()
     cats = Counter(c for _, _, c in rows)
     n = len(rows)
-    dup = near_duplicate_rate(texts, dup_threshold, sketches=sketches)
-    del sketches
     boot = {"seed": seed, "n_resamples": n_resamples, "min_n": min_per_class}
     codes = np.unique([c for _, _, c in rows], return_inverse=True)[1]
     xx = np.asarray(x, dtype=np.float32)  # up to EMBED_LIMIT x 384: 30 MB (61 as float64)
+    # Vendi's eigendecomposition in a thread beside the other probes (LAPACK lets the GIL go): a build's
+    # finish waits for the probes, and the other core is free then (25 of 50 ms at 384 samples).
+    with ThreadPoolExecutor(1, thread_name_prefix="rmskit-vendi") as pool:
+        vendi = pool.submit(stats.vendi, xx, seed=seed, n_resamples=n_resamples, min_n=min_per_class)
+        dup = near_duplicate_rate(texts, dup_threshold, sketches=sketches, pairs=pairs)
+        del sketches, pairs
+        leak = leakage(xx, [rows[i][1] for i in sub], folds=folds, seed=seed, min_per_class=min_per_class)
+        rest = _item_probes(xx, len(sub), codes, len(cats), n, boot)
     return ProbeReport(
         n=n,
         n_embedded=len(sub),
-        leakage=leakage(xx, [rows[i][1] for i in sub], folds=folds, seed=seed, min_per_class=min_per_class),
-        vendi=stats.vendi(xx, seed=seed, n_resamples=n_resamples, min_n=min_per_class),
-        mean_pairwise_cosine_distance=stats.item_estimate(
-            "mean_pairwise_cosine_distance", len(sub), lambda idx: _mean_distance_of(xx, idx), **boot
-        ),
+        leakage=leak,
+        vendi=vendi.result(),
+        mean_pairwise_cosine_distance=rest[0],
         near_duplicates=stats.wilson(round(dup * n), n, "near_duplicate_rate"),
         near_duplicate_threshold=dup_threshold,
         n_categories=len(cats),
-        category_entropy_normalized=stats.item_estimate(
-            "category_entropy_normalized", n, lambda idx: _entropy(codes[idx], len(cats)), **boot
-        ),
+        category_entropy_normalized=rest[1],
         seconds=time.perf_counter() - t0,
+    )
+
+
+def _item_probes(
+    x: np.ndarray, n_embedded: int, codes: np.ndarray, k: int, n: int, boot: dict[str, Any]
+) -> tuple[stats.Estimate, stats.Estimate]:
+    """The mean pairwise cosine distance of the embedded rows and the category entropy, each with its
+    bootstrap interval."""
+    return (
+        stats.item_estimate(
+            "mean_pairwise_cosine_distance", n_embedded, lambda idx: _mean_distance_of(x, idx), **boot
+        ),
+        stats.item_estimate("category_entropy_normalized", n, lambda idx: _entropy(codes[idx], k), **boot),
     )
 
 
