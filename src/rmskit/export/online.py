@@ -241,7 +241,9 @@ class Online:
         if s.split in SPLITS:
             out = self._writers.get(s.split)
             if out is None:
-                out = self._writers[s.split] = _SplitWriter(self._tmp / "data", s.split, self._schema)
+                out = self._writers[s.split] = _SplitWriter(
+                    self._tmp / "data", s.split, self._schema, keep_buffer=False
+                )
             out.add(base_row(s), path, name)
         self.digest.add(s)
 

@@ -199,32 +199,21 @@ def compression(schema: Any) -> dict[str, str]:
     return cols
 
 
-def warm(image_bytes: int = 2_000_000) -> None:
-    """One write of a row group like the export's (its schema, codecs, dictionary columns, ~2 MB of image
-    bytes) into memory. The finish worker calls it while the run goes on: the first export in a process
-    took ~25 ms more CPU than the next (median of 5 fresh processes, 99 vs 74 ms, a 384-sample run)."""
-    import io
-
-    import pyarrow.parquet as pq
-
-    schema = arrow_schema()
-    rows = [{"id": "warm", "image": {"bytes": b"\0" * image_bytes, "path": "warm.jpg"}, "rounds": 1}]
-    codecs: Any = compression(schema)
-    dictionary: Any = list(DICTIONARY)
-    with pq.ParquetWriter(io.BytesIO(), schema, compression=codecs, use_dictionary=dictionary) as writer:
-        writer.write_table(arrow_table(rows, schema))
-
-
 class _SplitWriter:
-    """Shards of one split: row groups of ROW_GROUP rows, a new shard past SHARD_BYTES of images."""
+    """Shards of one split: row groups of ROW_GROUP rows, a new shard past SHARD_BYTES of images. A group's
+    image files are read when it is written. `keep_buffer=False` lets their buffer go after each group:
+    a dataset written during a run (export/online.py) would hold a group's worth of photos per split
+    between its writes (2-4 MB each, bench/peers job (b))."""
 
-    def __init__(self, data_dir: Path, split: str, schema: Any) -> None:
+    def __init__(self, data_dir: Path, split: str, schema: Any, keep_buffer: bool = True) -> None:
         import pyarrow.parquet as pq
 
         self._pq = pq
         self.data_dir, self.split, self.schema = data_dir, split, schema
+        self.keep_buffer = keep_buffer
         self.shards: list[Path] = []
         self.batch: list[dict[str, Any]] = []
+        self.files: list[tuple[str, int, str]] = []  # the batch's images: (file, size, dataset name)
         self.images = _Images()
         self.shard_bytes = 0
         self.writer = self._open()
@@ -239,25 +228,32 @@ class _SplitWriter:
 
     def _flush(self) -> None:
         if self.batch:
+            for path, size, name in self.files:
+                fd = os.open(path, os.O_RDONLY)  # a str, not a Path: ~5 ms per 400
+                try:
+                    self.images.add(fd, size, name)
+                finally:
+                    os.close(fd)
             image = self.images.column(self.schema.field("image").type)
             self.writer.write_table(arrow_table(self.batch, self.schema, image))
             del image  # the buffer's view, before the buffer is reused
         self.batch = []
+        self.files = []
         self.images.clear()
+        if not self.keep_buffer:
+            self.images = _Images()
 
     def add(self, row: dict[str, Any], image: str, name: str) -> None:
-        """`row` but its image, whose file `image` is read here, named `name` in the dataset."""
-        fd = os.open(image, os.O_RDONLY)  # a str, not a Path: ~5 ms per 400
-        try:
-            size = os.fstat(fd).st_size
-            if self.shard_bytes and self.shard_bytes + size > SHARD_BYTES:
-                self._flush()
-                self.writer.close()
-                self.writer = self._open()
-            self.batch.append(row)
-            self.shard_bytes += self.images.add(fd, size, name)
-        finally:
-            os.close(fd)
+        """`row` but its image, the file `image` (read when its group is written), named `name` in the
+        dataset."""
+        size = os.stat(image).st_size
+        if self.shard_bytes and self.shard_bytes + size > SHARD_BYTES:
+            self._flush()
+            self.writer.close()
+            self.writer = self._open()
+        self.batch.append(row)
+        self.files.append((image, size, name))
+        self.shard_bytes += size
         if len(self.batch) >= ROW_GROUP:
             self._flush()
 

@@ -86,11 +86,9 @@ def _warm() -> None:
     from rmskit.config import BuildConfig
     from rmskit.curate.dedup import NUM_PERM
     from rmskit.curate.minhash import lsh_params
-    from rmskit.export import parquet
     from rmskit.pipeline import finish
     from rmskit.scoring.probes import PROBE_DUP_THRESHOLD, PROBE_NUM_PERM
 
-    parquet.warm()
     threadpool_limits(limits=1, user_api="blas")  # for good (after the imports that load BLAS)
     finish.blas_limited = True
     # The finish's two LSH indexes at their default thresholds (curation's is a build setting).
