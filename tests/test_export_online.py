@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -176,3 +177,25 @@ def test_a_folder_rmskit_did_not_write_is_not_replaced(run: Any) -> None:
         on.take(led, _rows(led))
     assert not on.usable and "refusing to replace" in str(on.broken)
     assert (run.run_dir / "dataset" / "mine.txt").read_text() == "keep me"
+
+
+def test_the_follower_fills_the_memos_once_the_online_dataset_stops(run: Any) -> None:
+    """Past the online writer's limit the follower goes on as before: the samples from there on are made
+    ahead in the memos (export/memo.py), and the online staging is gone."""
+    from rmskit.export import memo
+
+    _unreviewed(run.run_dir)
+    with Ledger(run.run_dir, readonly=True) as led:
+        ok = led.sample_counts()["ok"]
+    m = memo.ExportMemo()
+    on = Online(run.run_dir, limit=3)
+    f = memo.Follower(run.run_dir, m, poll_s=0.01, online=on)
+    f.start()
+    deadline = time.monotonic() + 60
+    while f.seen < ok and f.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    f.stop.set()
+    f.join()
+    assert f.error is None and not on.usable and "more than 3 samples" in str(on.broken)
+    assert len(m.samples) == ok  # from the batch it stopped in (all of this small run) on
+    assert not list(run.run_dir.glob(".dataset.tmp-*"))

@@ -428,3 +428,51 @@ def test_the_probes_limit_blas_through_the_libraries_found_during_the_run(monkey
 
     asyncio.run(go())
     assert finish_mod._blas is not None
+
+
+def test_the_probes_ahead_are_used_only_for_exactly_their_rows(monkeypatch) -> None:
+    """`Ahead`: no candidate rows until no image will start, none is before its samples and every sample
+    in flight has its query; then the kept rows and those in flight are probed once, and the result
+    is given for exactly those rows (in any order), not when a sample failed since."""
+    from rmskit.pipeline.finish import Ahead
+
+    monkeypatch.setattr(probes, "release_embedder", lambda: None)
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(30)]
+    texts = [" ".join(rng.choice(words, size=8)) for _ in range(30)]
+    q = probes.QueryEmbeddings()
+    x = rng.normal(size=(len(texts), 384)).astype(np.float32)
+    q._put(texts, x / np.linalg.norm(x, axis=1, keepdims=True))
+    kept = [{"query": t, "kind": "risky", "label": "unsafe", "category": "c"} for t in texts[:25]]
+    flying = {(t, "risky", "c"): 1 for t in texts[25:]}
+
+    async def go() -> tuple[Any, ...]:
+        a = Ahead()
+        a.pending.update(flying)
+        a.in_flight = len(flying)
+        assert a.candidates(kept) is None  # the feed may still start images
+        a.feed_done, a.planning = True, 1
+        assert a.candidates(kept) is None  # an image is before its samples
+        a.planning, a.in_flight = 0, len(flying) + 1
+        assert a.candidates(kept) is None  # a sample in flight has no query yet
+        a.in_flight = len(flying)
+        rows = a.candidates(kept)
+        assert rows is not None and len(rows) == 30
+        a.start(rows, q)
+        a.start(list(reversed(rows)), q)  # the same rows: not again
+        final = [
+            *kept,
+            *({"query": t, "kind": "risky", "label": "unsafe", "category": "c"} for t in texts[25:]),
+        ]
+        same = await a.result(list(reversed(final)))
+        failed = await a.result(final[:-1])  # one of those in flight failed
+        return same, failed, a.runs
+
+    same, failed, runs = asyncio.run(go())
+    assert runs == 1 and failed is None and same is not None
+    fresh = run_probes(
+        [*kept, *({"query": t, "kind": "risky", "category": "c"} for t in texts[25:])], embeddings=q
+    )
+    assert {k: v for k, v in same.items() if k != "seconds"} == {
+        k: v for k, v in json.loads(fresh.model_dump_json()).items() if k != "seconds"
+    }

@@ -149,12 +149,15 @@ class Follower(threading.Thread):
                     )
                     if rows:
                         last = rows[-1][0]
-                        if self.online is not None and self.online.usable:
-                            self.seen += len(rows)
+                        online = self.online is not None and self.online.usable
+                        if self.online is not None and online:
                             self.online.take(led, [r[:-1] for r in rows])
-                        else:
+                        if not online or (self.online is not None and not self.online.usable):
+                            # the memos from here (the batch it stopped in too)
                             memo_rows = [(r[0], r[1], r[2], r[-1]) for r in rows]
                             self._take(memo_rows, sketchers, _image_names(led, memo_rows), placing)
+                        else:
+                            self.seen += len(rows)
                     if self.memo.full():
                         return  # a long run: the finish does the rest, as it did before
                     if len(rows) < BATCH:

@@ -273,8 +273,8 @@ class Finish:
             copying[0].start()
 
         # The model is not let go here: its teardown was 7-20 ms of CPU (onnxruntime's, holding the GIL)
-        # on the finish's path, and the worker's light finish no longer makes the two processes' peak
-        # there (the peak is the run's). A later build in this process reuses it; the CLI exits.
+        # on the finish's path. The probes computed ahead let it go in the run's tail; otherwise a later
+        # build in this process reuses it, and the CLI exits.
         try:
             probes = await self.ahead.result(rows) if rows is not None else None
             await self.ahead.cancel()  # a run on other rows is not waited for
