@@ -476,3 +476,18 @@ def test_the_probes_ahead_are_used_only_for_exactly_their_rows(monkeypatch) -> N
     assert {k: v for k, v in same.items() if k != "seconds"} == {
         k: v for k, v in json.loads(fresh.model_dump_json()).items() if k != "seconds"
     }
+
+
+def test_past_probes_here_the_build_holds_no_probe_rows(monkeypatch) -> None:
+    """The rows handed to the probes are held only up to `PROBES_HERE` kept samples (past it the worker
+    probes from the ledger): a long build's memory stays flat."""
+    monkeypatch.setattr(finish_mod, "PROBES_HERE", 3)
+    f = finish_mod.Finish(worker=False)
+    for i in range(3):
+        f.kept({"query": f"q{i}", "label": "unsafe"}, "risky", "c")
+    assert len(f._rows) == 3 and f._rows_seen
+    f.kept({"query": "q3", "label": "unsafe"}, "risky", "c")
+    assert f._rows == [] and not f._rows_seen
+    assert f.queries.sketches is None and f.queries._to_sketch == []  # nor its sketches
+    f.kept({"query": "q4", "label": "unsafe"}, "risky", "c")
+    assert f._rows == [] and f.queries._to_sketch == []

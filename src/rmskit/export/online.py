@@ -282,6 +282,10 @@ class Online:
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+        # what it held for the samples read (its buckets, counts, records), not held on through the run
+        self.taken, self.kept, self.dropped, self.image_files = {}, [], [], {}
+        self._images, self._indexes, self._sources, self._queries = {}, {}, {}, {}
+        self.digest = SampleDigest()
 
     def finish(self, probes: Probes) -> dict[str, Any] | None:
         """Take the last samples, check the ledger holds exactly what was written, complete and swap

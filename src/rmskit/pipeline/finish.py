@@ -155,8 +155,14 @@ class Finish:
             self.queries.add(q)  # embedded already when `query_ready` saw it: a no-op then
         # what the probes read of it (`Ledger.probe_rows`), so they need not read the ledger first; only
         # with the stored columns given (the local runner, which calls this as it stores each one)
+        if len(self._rows) >= PROBES_HERE:
+            # past PROBES_HERE the worker probes (from the ledger): none held, so memory stays flat
+            self._rows_seen, self._rows = False, []
+            self.queries.stop_sketching()
         if kind is None:
-            self._rows_seen = False
+            self._rows_seen, self._rows = False, []
+        if not self._rows_seen:
+            return
         self._rows.append(
             {
                 "query": q,

@@ -156,11 +156,19 @@ class QueryEmbeddings:
         self.sketches: SketchMemo | None = None
         self.pairs: NearPairs | None = None
         self._to_sketch: list[str] = []
+        self._sketching = True
+
+    def stop_sketching(self) -> None:
+        """The build will not probe these queries itself (past `PROBES_HERE` kept samples its worker
+        probes from the ledger): its sketches and pairs go, and no more are made (~5 MB at 2,000)."""
+        self._sketching = False
+        self.sketches, self.pairs, self._to_sketch = None, None, []
 
     def add(self, text: str) -> None:
         if text in self._in:
             return  # queued already, for its sketch too (a build adds each query twice: ready, then kept)
-        self._to_sketch.append(text)  # outside the bottom-k too: the near-duplicate probe reads every row
+        if self._sketching:
+            self._to_sketch.append(text)  # outside the bottom-k too: the near-duplicate probe reads every row
         key = text_key(text)
         if len(self._kept) >= self._limit:
             if key >= -self._kept[0][0]:
@@ -218,7 +226,7 @@ class QueryEmbeddings:
                     self._put([todo[i] for i in kept], x[kept])
 
     def _embed_and_sketch(self, todo: list[str], sketch: list[str]) -> Any:
-        if sketch:
+        if sketch and self._sketching:
             from rmskit.curate.minhash import SketchMemo, lsh_params
 
             if self.sketches is None:
