@@ -146,6 +146,15 @@ class Sketch(NamedTuple):
         return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
 
 
+def jaccard(mine: np.ndarray, theirs: np.ndarray) -> float:
+    """`Sketch.jaccard` of two texts' token fingerprints (sets): the float64 ratio of the counts, two
+    empty sets 1.0; for the passes that compare one pair at a time (export/online.py, the probes'
+    `NearPairs`)."""
+    inter = int(np.isin(theirs, mine, assume_unique=True).sum()) if len(mine) and len(theirs) else 0
+    union = len(mine) + len(theirs) - inter
+    return float(np.float64(inter) / np.float64(union)) if union > 0 else 1.0
+
+
 def sketch(sets: Iterable[Collection[str]], bands: int, rows: int, seed: int = 1) -> Sketch:
     """One key per band of `rows` signature entries (two texts share a band's bucket when their keys
     are equal; a 64-bit key collision only adds a candidate), and the token fingerprints. The token

@@ -33,9 +33,8 @@ if TYPE_CHECKING:
 # 2,000: ~6 MB. 5,000 validated samples with their rows (~60 MB) and the image bytes (capped at 48 MB)
 # held the worker at 195 MB PSS at the finish of a 10k-image run (bench/rss_scale.py, 62 MB without them).
 SAMPLES = 2_000
-POLL_S = (
-    0.05  # how often the follower looks for newly kept samples (each left at the finish costs ~1 ms there)
-)
+# how often the follower looks for newly kept samples (each one left to the finish costs it ~1 ms)
+POLL_S = 0.05
 BATCH = 128  # samples per read: the follower lets go of the ledger between reads
 
 
@@ -149,15 +148,14 @@ class Follower(threading.Thread):
                     )
                     if rows:
                         last = rows[-1][0]
-                        online = self.online is not None and self.online.usable
-                        if self.online is not None and online:
-                            self.online.take(led, [r[:-1] for r in rows])
-                        if not online or (self.online is not None and not self.online.usable):
-                            # the memos from here (the batch it stopped in too)
+                        online = self.online if self.online is not None and self.online.usable else None
+                        if online is not None:
+                            online.take(led, [r[:-1] for r in rows])
+                        if online is not None and online.usable:
+                            self.seen += len(rows)
+                        else:  # the memos from here (the batch it stopped in too)
                             memo_rows = [(r[0], r[1], r[2], r[-1]) for r in rows]
                             self._take(memo_rows, sketchers, _image_names(led, memo_rows), placing)
-                        else:
-                            self.seen += len(rows)
                     if self.memo.full():
                         return  # a long run: the finish does the rest, as it did before
                     if len(rows) < BATCH:

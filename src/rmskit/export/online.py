@@ -27,7 +27,7 @@ import numpy as np
 
 from rmskit.curate import core
 from rmskit.curate.dedup import NUM_PERM, PhashIndex, shingles
-from rmskit.curate.minhash import lsh_params, sketch
+from rmskit.curate.minhash import jaccard, lsh_params, sketch
 from rmskit.curate.split import split_of
 from rmskit.export.parquet import SPLITS, _SplitWriter, arrow_schema, base_row
 from rmskit.export.prepare import (
@@ -118,16 +118,9 @@ class _Queries:
         if not near:
             return None
         mine = np.sort(self._tokens[d])
-        sims = [self._jaccard(mine, self._tokens[c]) for c in near]
+        sims = [jaccard(mine, self._tokens[c]) for c in near]
         best = int(np.argmax(sims))  # the first of equals: the earliest kept
         return self._head[near[best]], sims[best]
-
-    @staticmethod
-    def _jaccard(mine: np.ndarray, theirs: np.ndarray) -> float:
-        # as `Sketch.jaccard`: float64 division of the counts, two empty sets 1.0
-        inter = float(np.isin(theirs, mine).sum()) if len(mine) else 0.0
-        union = len(mine) + len(theirs) - inter
-        return float(np.float64(inter) / np.float64(max(union, 1))) if union > 0 else 1.0
 
 
 class Online:

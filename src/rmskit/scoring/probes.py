@@ -473,13 +473,6 @@ def probe_shingles(t: str) -> set[str]:
     return {" ".join(w[i : i + 3]) for i in range(len(w) - 2)} if len(w) >= 3 else {" ".join(w)}
 
 
-def _jaccard(mine: np.ndarray, theirs: np.ndarray) -> float:
-    """`Sketch.jaccard` of two sorted token arrays: the float64 ratio of the counts (two empty sets 1)."""
-    inter = int(np.isin(theirs, mine, assume_unique=True).sum()) if len(mine) and len(theirs) else 0
-    union = len(mine) + len(theirs) - inter
-    return float(np.float64(inter) / np.float64(union)) if union > 0 else 1.0
-
-
 class NearPairs:
     """The near-duplicate probe's pairs, found as a build's queries are sketched (its embedder's thread):
     each new text is compared, by exact Jaccard, with the earlier texts in its LSH buckets, so at the
@@ -498,6 +491,8 @@ class NearPairs:
 
     def add(self, rows: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
         """Texts' sketch rows (band keys, token fingerprints), as `SketchMemo.fill` returns them."""
+        from rmskit.curate.minhash import jaccard
+
         for text, (keys, tokens) in rows.items():
             if self.full or text in self._number:
                 continue
@@ -509,7 +504,7 @@ class NearPairs:
             self._tokens.append(mine)
             buckets = list(enumerate(keys.tolist()))
             for c in sorted({c for b in buckets for c in self._buckets.get(b, ())}):
-                if _jaccard(mine, self._tokens[c]) >= self.threshold:
+                if jaccard(mine, self._tokens[c]) >= self.threshold:
                     self._near.setdefault(i, []).append(c)
                     self._near.setdefault(c, []).append(i)
             for b in buckets:
