@@ -18,10 +18,10 @@ if TYPE_CHECKING:
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# Builds here finish in the test's own process, where monkeypatched probes and embedders apply (and
-# MiniLM loads once per session). The default, a finish worker process, is what test_finish_worker.py
-# and the kill -9 test in test_build_e2e.py run.
-os.environ.setdefault("RMSKIT_FINISH", "inline")
+# Builds here finish as users' do, in a thread of the test's own process, where monkeypatched probes and
+# embedders apply (and MiniLM loads once per session). A finish worker process is what
+# test_finish_worker.py and the kill -9 test in test_build_e2e.py run.
+os.environ.setdefault("RMSKIT_FINISH", "thread")
 
 
 def _real_photos() -> dict[str, np.ndarray]:

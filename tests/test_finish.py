@@ -379,14 +379,14 @@ def test_finish_drains_the_background_embedder_and_cancel_drops_it(tmp_path: Pat
     monkeypatch.setattr(finish_mod, "finish_dataset", fake_finish)
 
     async def go() -> tuple[dict, finish_mod.Finish]:
-        f = finish_mod.Finish()
+        f = finish_mod.Finish(worker=False)
         await f.start()
         for i in range(3):
             f.kept({"query": f"may I stack these boxes number {i}", "kind": "risky"})
         f.kept({"query": None})  # a sample without a query is ignored
         out = await f.finish(tmp_path, None)  # type: ignore[arg-type]
         assert f._embedding is None
-        g = finish_mod.Finish()
+        g = finish_mod.Finish(worker=False)
         await g.start()
         task = g._embedding
         await g.cancel()

@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -53,19 +54,34 @@ def _without_seconds(probes: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in probes.items() if k != "seconds"}
 
 
+def _finish_threads() -> list[str]:
+    return [
+        t.name for t in threading.enumerate() if t.name in ("rmskit-finish", "rmskit-follow", "rmskit-warm")
+    ]
+
+
+@pytest.mark.parametrize("mode", ["worker", "thread"])
 @pytest.mark.parametrize("probes_here", [True, False])
 def test_the_worker_finish_equals_the_inline_finish_and_the_worker_is_gone(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, photo_dir: Path, probes_here: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, photo_dir: Path, probes_here: bool, mode: str
 ) -> None:
     """Both ways of the worker's finish: the build probes while the worker exports (a run of up to
-    `PROBES_HERE` kept samples), or the worker probes from the handed-over embeddings beside its export."""
+    `PROBES_HERE` kept samples), or the worker probes from the handed-over embeddings beside its export;
+    the worker a process of its own or a thread of the build's (the default): the same dataset."""
+    from rmskit.curate import minhash
+    from rmskit.export import memo
+
     if not probes_here:
         monkeypatch.setattr(finish_mod, "PROBES_HERE", 0)
     procs = _spawned(monkeypatch)
     inline = _build(tmp_path, "inline", monkeypatch, photo_dir)
     assert procs == []
-    worker = _build(tmp_path, "worker", monkeypatch, photo_dir)
-    assert len(procs) == 1 and procs[0].returncode == 0  # it ended, and was reaped
+    worker = _build(tmp_path, mode, monkeypatch, photo_dir)
+    if mode == "worker":
+        assert len(procs) == 1 and procs[0].returncode == 0  # it ended, and was reaped
+    else:  # no process; its threads ended, and nothing of the run stays in the build's process
+        assert procs == [] and _finish_threads() == []
+        assert memo.MEMO is None and minhash.MEMO is None
     with Ledger(inline, readonly=True) as a, Ledger(worker, readonly=True) as b:
         pa, pb = a.get_meta("probes"), b.get_meta("probes")
     assert pa["n"] >= 6 and _without_seconds(pa) == _without_seconds(pb)
@@ -193,7 +209,7 @@ def test_a_cancelled_build_kills_its_worker(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_an_unknown_finish_mode_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RMSKIT_FINISH", "thread")
+    monkeypatch.setenv("RMSKIT_FINISH", "process")
     with pytest.raises(ValueError, match="RMSKIT_FINISH"):
         finish_mod.Finish()
 
@@ -382,6 +398,32 @@ def test_the_warm_worker_has_every_blas_at_one_thread_and_arrow_on_the_system_he
     limited, threads, pool = json.loads(out.strip().splitlines()[-1])
     assert limited is True and threads and set(threads) == {1}
     assert pool == "system"
+
+
+@pytest.mark.parametrize("user_pool", [None, "mimalloc"])
+def test_a_finish_thread_leaves_the_builds_process_as_it_was_but_arrows_pool(
+    monkeypatch: pytest.MonkeyPatch, user_pool: str | None
+) -> None:
+    """In the build's process (the default finish), the warm-up limits no BLAS for good, freezes no
+    objects and sets no environment its subprocesses would inherit; Arrow's default pool is the system
+    heap, unless the user chose one."""
+    code = (
+        "import gc, json, os; from threadpoolctl import threadpool_info; "
+        "from rmskit.pipeline import finish_worker, finish; finish_worker._warm(own_process=False); "
+        "import pyarrow; "
+        "print(json.dumps([finish.blas_limited, "
+        "[i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas'], "
+        "pyarrow.default_memory_pool().backend_name, gc.get_freeze_count(), "
+        "os.environ.get('ARROW_DEFAULT_MEMORY_POOL')]))"
+    )
+    env = {k: v for k, v in finish_worker.environment().items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    env["OPENBLAS_NUM_THREADS"] = "2"
+    if user_pool:
+        env["ARROW_DEFAULT_MEMORY_POOL"] = user_pool
+    out = subprocess.check_output([sys.executable, "-c", code], env=env, text=True)
+    limited, threads, pool, frozen, env_pool = json.loads(out.strip().splitlines()[-1])
+    assert limited is False and threads and set(threads) == {2} and frozen == 0
+    assert pool == (user_pool or "system") and env_pool == user_pool
 
 
 def test_the_workers_finish_imports_nothing_and_never_scipy_or_datasketch(
@@ -630,3 +672,50 @@ def test_the_build_probes_the_rows_it_saw_stored_without_reading_them_back(
     with Ledger(run, readonly=True) as led:
         fresh = finish_mod.probe_run(led, release=False)
     assert fresh is not None and _without_seconds(fresh) == _without_seconds(stored)
+
+
+def test_a_cancelled_build_ends_its_finish_thread_and_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, photo_dir: Path
+) -> None:
+    """The default finish is a thread of the build's process: a cancel ends it (and its follower), removes
+    the dataset it was writing, and lets the memos go; a later build in the process starts clean."""
+    from rmskit.curate import minhash
+    from rmskit.export import memo
+
+    monkeypatch.setenv("RMSKIT_FINISH", "thread")
+    cfg = _cfg(tmp_path / "run", perceive="model").model_copy(update={"sources": [str(photo_dir)]})
+    asyncio.run(run_build(cfg, quiet=True, backends=dict.fromkeys(STAGES, ScriptedBackend()), export=False))
+    run = cfg.out
+    with Ledger(run, readonly=True) as led:
+        assert led.sample_counts()["ok"] >= 6
+
+    async def go() -> None:
+        f = finish_mod.Finish()
+        assert f.thread and f.worker
+        await f.start(run)
+        for _ in range(1000):  # the follower writes the stored samples into a staged dataset
+            if list(run.glob(".dataset.tmp-*/samples.jsonl")) and memo.MEMO is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert list(run.glob(".dataset.tmp-*")) and "rmskit-follow" in _finish_threads()
+        await f.cancel()
+        await f.cancel()  # twice is fine
+
+    asyncio.run(go())
+    assert _finish_threads() == [] and list(run.glob(".dataset*")) == []
+    assert memo.MEMO is None and minhash.MEMO is None
+
+
+def test_a_failed_finish_thread_leaves_the_finish_to_the_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, photo_dir: Path
+) -> None:
+    def boom(*args: Any, **kw: Any) -> Any:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(finish_worker, "serve", boom)
+    run = _build(tmp_path, "thread", monkeypatch, photo_dir)
+    _probed_and_exported(run)
+    log = (run / "build.log").read_text()
+    assert "finish thread failed" in log and "RuntimeError: boom" in log
+    assert "finish worker failed: the finish runs in this process" in log
+    assert _finish_threads() == []

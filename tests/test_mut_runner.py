@@ -391,9 +391,16 @@ def test_export_and_probes_run_after_the_build_and_their_failures_are_reported(
     assert "CPU probes measured" in (tmp_path / "run" / "dataset" / "README.md").read_text()  # stored ones
     log = (tmp_path / "run" / "build.log").read_text()
     assert re.search(r"WARNING rmskit\.\w+: probes skipped: 'disk gone'", log)
+    # the disk gone both for the dataset written as samples came (export/online.py) and for the write
+    # from the ledger that then follows
+    monkeypatch.setattr("rmskit.export.online.swap_in", broken)
     monkeypatch.setattr("rmskit.export.write_dataset", broken)
     summary = run()
     assert summary.dataset_dir is None and summary.export_error == "RuntimeError: disk gone"
+    assert (
+        "the dataset was not written as samples came (RuntimeError: disk gone)"
+        in (tmp_path / "run" / "build.log").read_text()
+    )
     assert re.search(r"ERROR rmskit\.\w+: export failed", (tmp_path / "run" / "build.log").read_text())
 
 

@@ -110,8 +110,14 @@ def job_b(paths: list[str]) -> tuple[int, float, str | None, int]:
     )
     asyncio.run(run_build(cfg, quiet=True, items=image_records(paths), export=True))
     built = time.time()
-    lines = [x for x in (cfg.out / "build.log").read_text().splitlines() if " finish: " in x]
-    return len(paths), built, lines[-1].split(" finish: ", 1)[1] if lines else None, deepest_chain(cfg.out)
+    log = (cfg.out / "build.log").read_text().splitlines()
+    lines = [x for x in log if " finish: " in x]
+    note = lines[-1].split(" finish: ", 1)[1] if lines else None
+    # what went wrong, if anything (e.g. why the dataset was not written as samples came), with it
+    warned = [x.split(" ", 2)[-1] for x in log if " WARNING " in x or " ERROR " in x]
+    if warned:
+        note = "; ".join([note or "no finish line", *warned])
+    return len(paths), built, note, deepest_chain(cfg.out)
 
 
 def main() -> None:

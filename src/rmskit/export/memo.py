@@ -107,6 +107,15 @@ def enable(samples: int = SAMPLES, sketches: int = SAMPLES) -> ExportMemo:
     return MEMO
 
 
+def disable() -> None:
+    """No memos in this process from now on (a finish run by a thread of the build's process is over)."""
+    global MEMO
+    from rmskit.curate import minhash
+
+    MEMO = None
+    minhash.MEMO = None
+
+
 class Follower(threading.Thread):
     """Reads each newly kept sample of a run as the build stores it and fills the memos, until `stop`.
     A failure ends the following, never the finish (which then does the work itself)."""

@@ -285,6 +285,7 @@ class Online:
         in the dataset; {"dataset_dir": ...}, or None (and the staging removed) when it cannot."""
         if not self.usable:
             return None
+        pool: ThreadPoolExecutor | None = None
         try:
             with Ledger(self.run_dir, readonly=True) as led:
                 while rows := led.query(
@@ -296,6 +297,12 @@ class Online:
                         return None
                 if self._tmp is None:
                     self.start(led)
+                # Every row is written: the Parquet files completed in threads, one per split (pyarrow's
+                # writes let the GIL go), while the ledger is checked and the card rendered here.
+                writers, self._writers = self._writers, {}
+                data_files = {split: writers[split].names() for split in SPLITS if split in writers}
+                pool = ThreadPoolExecutor(max(1, len(writers)), thread_name_prefix="rmskit-parquet")
+                closed = [pool.submit(w.close) for w in writers.values()]
                 self._check(led)
                 facts = run_facts(led)
             if curate_params(facts.meta.get("config")) != self._params:
@@ -303,14 +310,8 @@ class Online:
             assert self._tmp is not None and self._jsonl is not None
             self._jsonl.close()
             self._jsonl = None
-            writers, self._writers = self._writers, {}
-            data_files = {split: writers[split].names() for split in SPLITS if split in writers}
-            # the Parquet files completed in a thread (pyarrow's writes let the GIL go) while the card is
-            # rendered here: the build's core is free (its probes were computed ahead)
-            with ThreadPoolExecutor(1, thread_name_prefix="rmskit-parquet") as pool:
-                closed = [pool.submit(w.close) for w in writers.values()]
-                prep = self._prepared(facts)
-                write_card(prep, self._tmp, probes, data_files, with_jsonl=True)
+            prep = self._prepared(facts)
+            write_card(prep, self._tmp, probes, data_files, with_jsonl=True)
             for done in closed:
                 done.result()  # raises what the close raised
             _marker(self._tmp, "dataset", prep)
@@ -318,8 +319,13 @@ class Online:
             self._tmp = None
             return {"dataset_dir": str(self.final)}
         except Exception as exc:  # noqa: BLE001 - the finish writes it from the ledger
+            if pool is not None:
+                pool.shutdown()  # the files closed before their folder is removed
             self.abandon(f"{type(exc).__name__}: {exc}")
             return None
+        finally:
+            if pool is not None:
+                pool.shutdown()
 
     def _check(self, led: Ledger) -> None:
         """The ledger's kept samples are the ones read, each as it was read (a sample stored again has

@@ -2,22 +2,24 @@
 
 `Finish` starts with the run. It embeds each query that passed its checks in the background (with the
 MiniLM the taxonomy may already hold), so after the last response only the last few are embedded.
-By default it also starts a worker process (finish_worker.py) that imports the probes' and the
-export's modules (numpy, pyarrow, the export: ~0.6 s of CPU, ~62 MB PSS) while the build waits on the
-endpoint, at a lower CPU priority, and follows the run's ledger: it curates each kept sample as it is
-stored and writes it into the staged dataset (export/online.py). Once the run's tail is reached (no
-image will start, every sample in flight has its query) the build probes the rows it will have in a
-thread (`Ahead`); at the last response the worker completes the dataset and the build hands it the
-probe numbers computed ahead (or computes them then, when a sample failed meanwhile, up to
+By default it also starts the finish worker (finish_worker.py) as a thread of the build's process
+(`InProcess`, over two pipes): it imports the export's modules (pyarrow, the export) while the build
+waits on the endpoint, at a lower CPU priority, and follows the run's ledger: it curates each kept
+sample as it is stored and writes it into the staged dataset (export/online.py). Once the run's tail is
+reached (no image will start, every sample in flight has its query) the build probes the rows it will
+have in a thread (`Ahead`); at the last response the worker completes the dataset and the build hands
+it the probe numbers computed ahead (or computes them then, when a sample failed meanwhile, up to
 `PROBES_HERE` kept samples; past that it hands the embeddings over and the worker probes, then
 exports); the card, written last, carries them. If the worker cannot start or fails, the same finish
 runs here.
 
-`RMSKIT_FINISH=inline` keeps the finish in the build's process: its modules are imported after the
-last response (~1 s; a job (b) finish of 1.07-1.14 s instead of 0.24-0.55, bench/peers) and the build
-holds ~80 MB less (PSS of the two processes together: 230 vs 314 MB). Importing them in a thread during
-the run's tail instead cost as much as it saved: the imports held the GIL while the last chains waited
-for the event loop (the tail grew by ~0.8 s)."""
+`RMSKIT_FINISH=worker` makes the worker a process of its own (the default until 2026-12-04): its own
+GIL and core, but numpy, pyarrow and the export imported twice, so bench/peers job (b) summed 296 MB of
+RSS (248 PSS) against the thread's 243 (211), for a finish of 0.05 s against 0.06. `RMSKIT_FINISH=inline`
+keeps everything after the last response: its modules are imported then and the whole dataset written
+(a job (b) finish of ~0.4 s). Importing them in a thread during the run's tail instead cost as much as
+it saved: the imports held the GIL while the last chains waited for the event loop (the tail grew by
+~0.8 s); the finish thread imports them at the run's start, where the build mostly waits."""
 
 from __future__ import annotations
 
@@ -39,10 +41,11 @@ from rmskit.scoring.probes import QueryEmbeddings, release_embedder
 
 if TYPE_CHECKING:
     from rmskit.export.writer import Probes  # not at run time: the build does not import the export
+    from rmskit.pipeline.finish_worker import InProcess
 
 log = logging.getLogger("rmskit.build")
 
-MODES = ("worker", "inline")
+MODES = ("thread", "worker", "inline")
 
 # Up to this many kept samples in the run, the build probes them itself while its worker exports (two
 # processes on two cores: the probes in a thread of the worker contended with the export for its GIL);
@@ -53,25 +56,27 @@ PROBES_HERE = 2_000
 
 
 def mode() -> str:
-    m = os.environ.get("RMSKIT_FINISH", "worker")
+    m = os.environ.get("RMSKIT_FINISH", "thread")
     if m not in MODES:
         raise ValueError(f"RMSKIT_FINISH={m!r}: choose one of {', '.join(MODES)}")
     return m
 
 
 class Finish:
-    def __init__(self, worker: bool | None = None) -> None:
-        self.worker = mode() == "worker" if worker is None else worker
+    def __init__(self, worker: bool | None = None, thread: bool | None = None) -> None:
+        self.worker = mode() in ("worker", "thread") if worker is None else worker
+        self.thread = mode() == "thread" if thread is None else thread
         self.queries = QueryEmbeddings()
         self._embedding: asyncio.Task[None] | None = None
         self._finding_blas: asyncio.Task[None] | None = None
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: asyncio.subprocess.Process | InProcess | None = None
         self._stderr: asyncio.Task[None] | None = None
         self._timing: dict[str, float] = {}
         self._rows: list[dict[str, Any]] = []  # each kept sample's probe row, in stored order
         self._rows_seen = True  # `_rows` holds them as stored
         self.ahead = Ahead()
         self._ahead_note: str | None = None  # for the finish's log line
+        self._answer: dict[str, Any] | None = None  # the worker's, for the finish's log line
 
     async def start(self, run_dir: Path | None = None) -> None:
         """Call from the running event loop when the run starts. With `run_dir`, the worker follows its
@@ -91,15 +96,18 @@ class Finish:
         from rmskit.pipeline import finish_worker
 
         try:
-            self._proc = await asyncio.create_subprocess_exec(
-                *finish_worker.command(),
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=finish_worker.environment(),
-                limit=1 << 24,  # the answer line holds the probes' report
-                start_new_session=True,  # the terminal's Ctrl-C is the build's to handle, not the worker's
-            )
+            if self.thread:
+                self._proc = await finish_worker.InProcess.start()
+            else:
+                self._proc = await asyncio.create_subprocess_exec(
+                    *finish_worker.command(),
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                    env=finish_worker.environment(),
+                    limit=1 << 24,  # the answer line holds the probes' report
+                    start_new_session=True,  # the terminal's Ctrl-C is the build's, not the worker's
+                )
         except OSError as exc:
             log.warning("finish worker did not start (%r): the finish runs in this process", exc)
         else:
@@ -239,6 +247,7 @@ class Finish:
                 # (at most 20k x 384 float32, 31 MB, plus their texts).
                 self.queries = QueryEmbeddings()
             done = await self._worker_finish({"embeddings": npz})
+            self._log_timing()
             if done is not None:
                 probes, result = done
                 if probes is not None:
@@ -308,6 +317,7 @@ class Finish:
         finally:
             if copying and copying[0].is_alive():
                 await asyncio.to_thread(copying[0].join)
+        self._log_timing()
         if done is not None:
             return done[1]
         log.warning("finish worker failed: the finish runs in this process")
@@ -378,6 +388,17 @@ class Finish:
         except (ValueError, KeyError, TypeError):
             log.warning("finish worker ended (exit %s) without a result", proc.returncode)
             return None
+        self._answer = msg
+        if message is not None and message.get("embeddings") and not msg.get("embeddings_read"):
+            log.warning("finish worker could not read the query embeddings: it embedded the queries again")
+        return probes, result
+
+    def _log_timing(self) -> None:
+        """Where the finish's time went, in the build's log (once the checkpoint's thread is done: its
+        time is in the line)."""
+        msg, self._answer = self._answer, None
+        if msg is None:
+            return
         ahead = msg.get("ahead")
         timing = _timing_line(self._timing, msg.get("seconds"))
         if self._ahead_note:
@@ -387,9 +408,6 @@ class Finish:
         elif ahead:
             timing += f", {ahead} samples prepared during the run"
         log.info("finish: %s", timing)
-        if message is not None and message.get("embeddings") and not msg.get("embeddings_read"):
-            log.warning("finish worker could not read the query embeddings: it embedded the queries again")
-        return probes, result
 
 
 def probe_key(rows: list[dict[str, Any]]) -> tuple[tuple[str, bool, str], ...]:

@@ -1,14 +1,16 @@
-"""The build's finish in its own process: `python -m rmskit.pipeline.finish_worker` (started by `Finish`).
+"""The build's finish worker: a thread of the build's process (`InProcess`, the default), or a process of
+its own (`python -m rmskit.pipeline.finish_worker`, RMSKIT_FINISH=worker), both started by `Finish` and
+speaking the protocol below.
 
-While the run goes on it imports the modules the probes and the export need (numpy, pyarrow, the
-export: ~0.6 s of CPU; no scipy, no datasketch), in a thread at a lower CPU priority
-(nice 10), and never holds the build's GIL. The finish itself runs in the main thread at the build's own
-priority: at nice 10, with two nice-0 busy loops on the machine, its probes and export took 2-3 s of wall
-for ~0.25 s of CPU (0.4-0.6 s at nice 0). Linux's nice is a thread's; elsewhere the whole worker runs at
-nice 10. Where the kernel's autogroup is on, the worker (a session of its own) is a scheduling group of
-its own, and nice only orders its own threads. Issue 13 §6: in the build's own process the same imports
-took ~1 s of the finish, and importing them in a thread during the run's tail slowed the tail as much as
-it saved (the GIL).
+While the run goes on it imports the modules the probes and the export need (pyarrow and the export;
+numpy too, in a process of its own: ~0.6 s of CPU there; no scipy, no datasketch), in a thread at a
+lower CPU priority (nice 10). The finish itself runs at the build's own priority: at nice 10, with two
+nice-0 busy loops on the machine, its probes and export took 2-3 s of wall for ~0.25 s of CPU (0.4-0.6 s
+at nice 0). Linux's nice is a thread's; elsewhere a worker process runs wholly at nice 10 and a finish
+thread at the build's. Where the kernel's autogroup is on, a worker process (a session of its own) is a
+scheduling group of its own, and nice only orders its own threads. As a thread it shares the build's
+GIL: its per-sample work is ~1 ms and the finish's ~0.02 s of CPU, and the imports run at the run's
+start, where the build mostly waits (in the run's tail they slowed it as much as they saved, issue 13 §6).
 
 During the run the worker also follows the ledger (a thread at nice 10, export/memo.py): each kept
 sample is curated and written into the staged dataset as it is stored (export/online.py), so the
@@ -26,8 +28,9 @@ then {"embeddings": npz path | null}; a {"finish"} line holding "embeddings" its
 line. stdout, one JSON line {"probes": {...} | null, "result": {...},
 "embeddings_read": bool, "ahead": samples prepared during the run, "online": whether the dataset was
 written as samples came (export/online.py), "seconds": {phase: [wall, cpu]}}.
-Anything else the libraries print goes to stderr, which the build forwards to its log. End of stdin
-before a finish request (the build was cancelled, or its process died) ends the worker at once."""
+In a process, anything else the libraries print goes to stderr, which the build forwards to its log.
+End of stdin before a finish request (the build was cancelled, or its process died) ends the worker at
+once; a thread then also stops its follower and lets go of what it staged and held."""
 
 from __future__ import annotations
 
@@ -69,8 +72,11 @@ def environment() -> dict[str, str]:
     return childproc.environment(WORKER_ENV)
 
 
-def _warm() -> None:
+def _warm(own_process: bool = True) -> None:
     """Import what the probes and the export use before the run needs them."""
+    # In the build's process: Arrow's pool as the worker's, unless Arrow was in already (someone else's
+    # choice) or the user chose one; set through Arrow, not the environment its subprocesses would inherit.
+    system_pool = not own_process and "pyarrow" not in sys.modules and not _user_pool()
     heap.fix_mmap_threshold()  # curation's large arrays go back to the system before the Parquet write
     # No scipy: the leakage probe's solver, the normal quantile and the LSH split are numpy and the
     # standard library (scipy.special + scipy.optimize + datasketch were ~55 MB and ~0.6 s of CPU here).
@@ -79,6 +85,11 @@ def _warm() -> None:
     import numpy.ma  # noqa: F401  (numpy imports these lazily; scipy used to import them here)
     import numpy.random  # noqa: F401  (the bootstraps, the MinHash permutations)
     import pyarrow.parquet  # noqa: F401
+
+    if system_pool:
+        import pyarrow
+
+        pyarrow.set_memory_pool(pyarrow.system_memory_pool())
     from threadpoolctl import threadpool_limits
 
     import rmskit.embedding  # noqa: F401  (the finish lets the embedder go)
@@ -89,20 +100,27 @@ def _warm() -> None:
     from rmskit.pipeline import finish
     from rmskit.scoring.probes import PROBE_DUP_THRESHOLD, PROBE_NUM_PERM
 
-    threadpool_limits(limits=1, user_api="blas")  # for good (after the imports that load BLAS)
-    finish.blas_limited = True
+    if own_process:  # for good (after the imports that load BLAS); the build's is limited per finish
+        threadpool_limits(limits=1, user_api="blas")
+        finish.blas_limited = True
     # The finish's two LSH indexes at their default thresholds (curation's is a build setting).
     lsh_params(BuildConfig.model_fields["query_dup_threshold"].default, NUM_PERM)
     lsh_params(PROBE_DUP_THRESHOLD, PROBE_NUM_PERM)
 
     # These modules live as long as the worker: keep their objects out of the collections the
     # finish runs (letting an embedder go collects; ~60 ms each over scipy's objects, when it had them).
-    gc.freeze()
+    # Not in the build's process, whose objects are not all for good.
+    if own_process:
+        gc.freeze()
 
 
-def _warm_niced() -> None:
+def _user_pool() -> bool:
+    return any(k in os.environ for k in WORKER_ENV)
+
+
+def _warm_niced(own_process: bool = True) -> None:
     childproc.lower_priority(NICE)  # this thread only, on Linux (and the threads it starts: BLAS's)
-    _warm()
+    _warm(own_process)
 
 
 def serve(
@@ -209,39 +227,119 @@ def _follow(run_dir: str, warming: threading.Thread) -> Follower:
     return follower
 
 
+def serve_lines(readline: Callable[[], str], write: Callable[[str], None], own_process: bool = True) -> None:
+    """The protocol: requests from `readline` until its end, the answer to `write`."""
+    warming = threading.Thread(target=_warm_niced, args=(own_process,), name="rmskit-warm", daemon=True)
+    warming.start()
+    follower: Follower | None = None
+    try:
+        while line := readline():  # its end: cancelled, or the build's process is gone
+            request: Any = None
+            with contextlib.suppress(ValueError):
+                request = json.loads(line)
+            if not isinstance(request, dict):
+                break
+            if "follow" in request and follower is None:
+                follower = _follow(request["follow"], warming)
+                continue
+            if "finish" in request:
+                if follower is not None:
+                    follower.stop.set()
+                    follower.join()  # the memos are the finish's alone from here
+                    if follower.error is not None:
+                        log.warning("following the ledger stopped: %r", follower.error)
+                warming.join()  # the finish needs its imports (a wait only when the run was shorter)
+                answer = serve(request, readline, follower.online if follower is not None else None)
+                write(json.dumps(answer) + "\n")
+            break
+    finally:
+        if not own_process:  # the process goes on: nothing of this run stays in it
+            _let_go(follower)
+
+
+def _let_go(follower: Follower | None) -> None:
+    from rmskit.export import memo
+
+    if follower is not None:
+        follower.stop.set()
+        follower.join()
+        if follower.online is not None:
+            follower.online.abandon("the finish thread ended")  # a no-op on what it swapped in
+    memo.disable()
+
+
 def main() -> None:
     # The protocol owns the real stdout; anything printed (Python or C) goes to stderr instead.
     out = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    warming = threading.Thread(target=_warm_niced, name="rmskit-warm", daemon=True)
-    warming.start()
-    follower: Follower | None = None
-    while line := sys.stdin.readline():  # its end: cancelled, or the build's process is gone
-        request: Any = None
-        with contextlib.suppress(ValueError):
-            request = json.loads(line)
-        if not isinstance(request, dict):
-            break
-        if "follow" in request and follower is None:
-            follower = _follow(request["follow"], warming)
-            continue
-        if "finish" in request:
-            if follower is not None:
-                follower.stop.set()
-                follower.join()  # the memos are the finish's alone from here
-                if follower.error is not None:
-                    log.warning("following the ledger stopped: %r", follower.error)
-            warming.join()  # the finish needs its imports (a wait only when the run was shorter than them)
-            answer = serve(request, sys.stdin.readline, follower.online if follower is not None else None)
-            out.write(json.dumps(answer) + "\n")
-            out.flush()
-        break
+
+    def write(text: str) -> None:
+        out.write(text)
+        out.flush()
+
+    serve_lines(sys.stdin.readline, write)
     # Everything is written and flushed: skip the interpreter's teardown of its modules
     # (~0.3 s that the build would wait for, when the worker held scipy too).
     sys.stderr.flush()
     os._exit(0)
+
+
+class InProcess:
+    """The worker's protocol served by a thread of the build's own process, over two pipes: the
+    subprocess's interface as `Finish` uses it (stdin, stdout, kill, wait, returncode)."""
+
+    stderr = None  # its warnings go to the build's log as they are
+
+    def __init__(self, stdin: Any, stdout: Any, thread: threading.Thread, reading: Any) -> None:
+        self.stdin, self.stdout, self._thread, self._reading = stdin, stdout, thread, reading
+        self.returncode: int | None = None
+
+    @classmethod
+    async def start(cls) -> InProcess:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        to_r, to_w = os.pipe()  # the build's requests
+        from_r, from_w = os.pipe()  # the answer
+
+        def run() -> None:
+            with open(to_r, encoding="utf-8") as fin, open(from_w, "w", encoding="utf-8") as fout:
+
+                def write(text: str) -> None:
+                    fout.write(text)
+                    fout.flush()
+
+                try:
+                    serve_lines(fin.readline, write, own_process=False)
+                except Exception:  # noqa: BLE001 - an empty answer: the build finishes itself
+                    log.exception("finish thread failed")
+
+        thread = threading.Thread(target=run, name="rmskit-finish", daemon=True)
+        reader = asyncio.StreamReader(limit=1 << 24, loop=loop)
+        reading, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), open(from_r, "rb", 0)
+        )
+        transport, protocol = await loop.connect_write_pipe(
+            asyncio.streams.FlowControlMixin, open(to_w, "wb", 0)
+        )
+        writer = asyncio.StreamWriter(transport, protocol, None, loop)
+        thread.start()
+        return cls(writer, reader, thread, reading)
+
+    def kill(self) -> None:
+        """End of its input: the thread stops following and lets its state go."""
+        self.stdin.close()
+
+    async def wait(self) -> int:
+        import asyncio
+
+        self.stdin.close()
+        await asyncio.to_thread(self._thread.join)
+        self._reading.close()
+        self.returncode = 0
+        return 0
 
 
 def _line_field(next_line: Callable[[], str] | None, key: str, kind: type) -> Any:
