@@ -719,3 +719,18 @@ def test_a_failed_finish_thread_leaves_the_finish_to_the_build(
     assert "finish thread failed" in log and "RuntimeError: boom" in log
     assert "finish worker failed: the finish runs in this process" in log
     assert _finish_threads() == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="counts /proc/self/fd")
+def test_a_finish_thread_that_cannot_start_leaves_the_finish_to_the_build_and_no_pipe_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, photo_dir: Path
+) -> None:
+    async def no_pipes(*args: Any, **kw: Any) -> Any:
+        raise NotImplementedError  # as an event loop without pipe support says
+
+    monkeypatch.setattr(asyncio.BaseEventLoop, "connect_write_pipe", no_pipes)
+    before = len(os.listdir("/proc/self/fd"))
+    run = _build(tmp_path, "thread", monkeypatch, photo_dir)
+    _probed_and_exported(run)
+    assert "finish worker did not start (NotImplementedError: )" in (run / "build.log").read_text()
+    assert _finish_threads() == [] and len(os.listdir("/proc/self/fd")) == before

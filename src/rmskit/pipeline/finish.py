@@ -108,8 +108,12 @@ class Finish:
                     limit=1 << 24,  # the answer line holds the probes' report
                     start_new_session=True,  # the terminal's Ctrl-C is the build's, not the worker's
                 )
-        except OSError as exc:
-            log.warning("finish worker did not start (%r): the finish runs in this process", exc)
+        except (OSError, NotImplementedError) as exc:  # the latter: an event loop without pipes
+            log.warning(
+                "finish worker did not start (%s: %s): the finish runs in this process",
+                type(exc).__name__,
+                exc,
+            )
         else:
             self._stderr = asyncio.create_task(_forward(self._proc.stderr))
             if run_dir is not None:

@@ -318,12 +318,20 @@ class InProcess:
 
         thread = threading.Thread(target=run, name="rmskit-finish", daemon=True)
         reader = asyncio.StreamReader(limit=1 << 24, loop=loop)
-        reading, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), open(from_r, "rb", 0)
-        )
-        transport, protocol = await loop.connect_write_pipe(
-            asyncio.streams.FlowControlMixin, open(to_w, "wb", 0)
-        )
+        answers, requests = open(from_r, "rb", 0), open(to_w, "wb", 0)
+        reading = transport = None
+        try:
+            reading, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), answers)
+            transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, requests)
+        except BaseException:  # e.g. an event loop without pipes: the build finishes itself
+            for pipe in (reading, transport):
+                if pipe is not None:
+                    pipe.close()
+            answers.close()
+            requests.close()
+            os.close(to_r)
+            os.close(from_w)
+            raise
         writer = asyncio.StreamWriter(transport, protocol, None, loop)
         thread.start()
         return cls(writer, reader, thread, reading)
