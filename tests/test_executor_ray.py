@@ -149,7 +149,7 @@ def _scratch_dirs() -> set[Path]:
 def test_ray_matches_local_executor(
     tmp_path: Path, photos: Path, ray_cluster: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("RMSKIT_FINISH", "worker")  # the default for users (the suite's is inline)
+    monkeypatch.setenv("RMSKIT_FINISH", "thread")  # the users' default (the process: test_finish_worker.py)
     before = _scratch_dirs()
     with OpenAITestServer(responder=responder, latency=0.005) as srv:
         kw = {"scenarios_per_image": 3}
