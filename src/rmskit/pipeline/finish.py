@@ -14,8 +14,9 @@ exports); the card, written last, carries them. If the worker cannot start or fa
 runs here.
 
 `RMSKIT_FINISH=worker` makes the worker a process of its own (the default until 2026-12-04): its own
-GIL and core, but numpy, pyarrow and the export imported twice, so bench/peers job (b) summed 296 MB of
-RSS (248 PSS) against the thread's 243 (211), for a finish of 0.05 s against 0.06. `RMSKIT_FINISH=inline`
+GIL and core, but numpy, pyarrow and the export imported twice, so bench/peers job (b) summed 297 MB of
+RSS (249 PSS) against the thread's 247 (218), for a finish of 0.07 s against 0.06 (13:36 and 13:31,
+within the noise between runs). `RMSKIT_FINISH=inline`
 keeps everything after the last response: its modules are imported then and the whole dataset written
 (a job (b) finish of ~0.4 s). Importing them in a thread during the run's tail instead cost as much as
 it saved: the imports held the GIL while the last chains waited for the event loop (the tail grew by
