@@ -319,8 +319,8 @@ async def run_build_ray(
         log.info(
             "build started on Ray (%d workers): %d source(s) -> %s", ex.workers, len(cfg.sources), run_dir
         )
-        # The local executor's finish: its worker (a thread of the driver by default) follows the ledger the driver writes and
-        # exports at the end, while the kept queries are embedded here as they come.
+        # The local executor's finish: its worker (a thread of the driver by default) follows the ledger
+        # the driver writes and exports at the end, while the kept queries are embedded here as they come.
         finish = driver.finish = Finish() if export else None
         if finish is not None:
             await finish.start(run_dir)
