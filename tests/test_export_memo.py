@@ -38,6 +38,7 @@ def _dataset(run_dir: Path) -> dict[str, Any]:
         "jsonl": (root / "samples.jsonl").read_text(encoding="utf-8"),
         "tables": tables,
         "images": sorted(p.name for p in (root / "images").iterdir()),
+        "files": sorted(str(p.relative_to(root)) for p in root.rglob("*") if "images" not in p.parts),
         "card": [line for line in card.splitlines() if "exported" not in line.lower()],
     }
 

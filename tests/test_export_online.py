@@ -10,26 +10,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import pytest
+from test_export_memo import _dataset
 
 from rmskit.export.online import COLUMNS, Online
 from rmskit.export.writer import write_dataset
 from rmskit.ledger import Ledger
-
-
-def _dataset(run_dir: Path) -> dict[str, Any]:
-    """What an export wrote, but the card's export time."""
-    root = run_dir / "dataset"
-    tables = {p.name: pq.read_table(p).to_pylist() for p in sorted((root / "data").glob("*.parquet"))}
-    card = (root / "README.md").read_text(encoding="utf-8")
-    return {
-        "jsonl": (root / "samples.jsonl").read_text(encoding="utf-8"),
-        "tables": tables,
-        "images": sorted(p.name for p in (root / "images").iterdir()),
-        "files": sorted(str(p.relative_to(root)) for p in root.rglob("*") if "images" not in p.parts),
-        "card": [line for line in card.splitlines() if "exported" not in line.lower()],
-    }
 
 
 def _rows(led: Ledger, after: int = 0) -> list[tuple[Any, ...]]:

@@ -41,7 +41,7 @@ from rmskit.export.prepare import (
     image_suffix,
     run_facts,
 )
-from rmskit.export.writer import Probes, _marker, staging_dir, swap_in, write_card
+from rmskit.export.writer import Probes, _marker, link_or_copy, staging_dir, swap_in, write_card
 from rmskit.ledger import Ledger
 from rmskit.records import Sample
 
@@ -225,11 +225,7 @@ class Online:
         assert self._tmp is not None and s.split is not None
         if s.image_sha256 not in self.image_files:
             self.image_files[s.image_sha256] = path
-            dst = os.path.join(self._tmp, "images", name)
-            try:
-                os.link(path, dst)
-            except OSError:
-                shutil.copyfile(path, dst)
+            link_or_copy(path, os.path.join(self._tmp, "images", name))
         self._jsonl.write(s.model_dump_json() + "\n")
         if s.split in SPLITS:
             out = self._writers.get(s.split)

@@ -226,8 +226,8 @@ class _ImageView:
 
 
 class ImageTable(Mapping[str, _ImageView]):
-    """What curation reads of the available images: sha -> phash held, each view made when read. Its source path, which only the
-    reason of a near-duplicate image drop names, is read from the ledger then. Held for every image with
+    """What curation reads of the available images: sha -> phash held, each view made when read. Its
+    source path, which only the reason of a near-duplicate image drop names, is read from the ledger then. Held for every image with
     the record's path (both strs and a tuple), they were 25 MB more traced at the image pass's start at
     96k images, and the finish's peak 294 instead of 271 MB (bench/finish_profile.py)."""
 

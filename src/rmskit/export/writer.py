@@ -100,16 +100,20 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         raise
 
 
+def link_or_copy(src: str, dst: str) -> None:
+    """`dst` as a hard link to `src` when on the same filesystem, else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 def _link_images(prep: Prepared, images_dir: Path) -> None:
     """Content-addressed copies of the kept samples' images: hard links when on the same filesystem."""
     images_dir.mkdir(parents=True, exist_ok=True)
     folder = str(images_dir)
     for sha, src in prep.image_files.items():
-        dst = os.path.join(folder, prep.image_name(sha))  # strs, not Paths: ~4 ms per 400 images
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copyfile(src, dst)
+        link_or_copy(src, os.path.join(folder, prep.image_name(sha)))  # strs, not Paths: ~4 ms per 400 images
 
 
 class _Linking(threading.Thread):

@@ -135,7 +135,7 @@ def serve(
     took 18 s of wall for 6.6 s of CPU; bench/results/rss_scale.txt)."""
     from rmskit.export import memo
     from rmskit.ledger import Ledger
-    from rmskit.pipeline.finish import probe_run, write_export
+    from rmskit.pipeline.finish import probe_run
     from rmskit.scoring.probes import QueryEmbeddings
 
     run_dir = Path(request["finish"])
@@ -147,10 +147,7 @@ def serve(
     if request.get("probes") == "follow":
         clock = _Clock()
         numbers = functools.cache(lambda: _line_field(next_line, "probes", dict))  # one line, read once
-        result = _online_finish(online, numbers)
-        written = result is not None
-        if result is None:
-            result = write_export(run_dir, numbers)
+        result, written = _export(run_dir, online, numbers)
         clock.lap("export", laps)
         return {
             "probes": None,
@@ -176,10 +173,7 @@ def serve(
 
     found = probes()  # its rows and embeddings are gone when it returns; the model is released in it
     clock = _Clock()
-    result = _online_finish(online, found)
-    written = result is not None
-    if result is None:
-        result = write_export(run_dir, found)
+    result, written = _export(run_dir, online, found)
     clock.lap("export", laps)
     return {
         "probes": found,
@@ -191,16 +185,19 @@ def serve(
     }
 
 
-def _online_finish(online: Online | None, probes: Any) -> dict[str, Any] | None:
-    """The dataset written during the run, completed (export/online.py); None: write it from the ledger."""
-    if online is None:
-        return None
-    result = online.finish(probes)
-    if result is None:
+def _export(run_dir: Path, online: Online | None, probes: Any) -> tuple[dict[str, Any], bool]:
+    """The dataset written during the run, completed (export/online.py), or else written from the
+    ledger; and whether it was the former."""
+    from rmskit.pipeline.finish import write_export
+
+    if online is not None:
+        result = online.finish(probes)
+        if result is not None:
+            return result, True
         log.warning(
             "the dataset was not written as samples came (%s): written from the ledger", online.broken
         )
-    return result
+    return write_export(run_dir, probes), False
 
 
 class _Clock:

@@ -275,21 +275,19 @@ class Pipeline:
         scenario: dict | None,
     ) -> None:
         finish = self.finish
-        if finish is None:
-            if self.ledger.get_sample(sid) is None:  # else finished (kept or failed for good) earlier
-                await self._run_sample(ctx, perception, sid, kind, category, scenario, None)
-            return
-        readied: list[tuple[str, str, str]] = []
+        readied: list[tuple[str, str, str]] = []  # its query, as the finish saw it
 
         def ready(query: str) -> None:
             readied.append((query, kind, category))
-            finish.query_ready(query, kind, category)
+            if finish is not None:
+                finish.query_ready(query, kind, category)
 
         try:
-            if self.ledger.get_sample(sid) is None:
+            if self.ledger.get_sample(sid) is None:  # else finished (kept or failed for good) earlier
                 await self._run_sample(ctx, perception, sid, kind, category, scenario, ready)
         finally:
-            finish.sample_ended(readied)
+            if finish is not None:
+                finish.sample_ended(readied)
 
     async def _run_sample(
         self,
@@ -299,7 +297,7 @@ class Pipeline:
         kind: str,
         category: str,
         scenario: dict | None,
-        ready: Callable[[str], None] | None,
+        ready: Callable[[str], None],
     ) -> None:
         loop = SampleLoop(ctx, self.cfg, self.callers, perception, sid, kind, category, scenario, ready)
         status, data = await loop.run()  # a transient failure propagates: nothing is written

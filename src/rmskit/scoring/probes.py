@@ -604,31 +604,23 @@ def run_probes(
         dup = near_duplicate_rate(texts, dup_threshold, sketches=sketches, pairs=pairs)
         del sketches, pairs
         leak = leakage(xx, [rows[i][1] for i in sub], folds=folds, seed=seed, min_per_class=min_per_class)
-        rest = _item_probes(xx, len(sub), codes, len(cats), n, boot)
+        distance = stats.item_estimate(
+            "mean_pairwise_cosine_distance", len(sub), lambda idx: _mean_distance_of(xx, idx), **boot
+        )
+        entropy = stats.item_estimate(
+            "category_entropy_normalized", n, lambda idx: _entropy(codes[idx], len(cats)), **boot
+        )
     return ProbeReport(
         n=n,
         n_embedded=len(sub),
         leakage=leak,
         vendi=vendi.result(),
-        mean_pairwise_cosine_distance=rest[0],
+        mean_pairwise_cosine_distance=distance,
         near_duplicates=stats.wilson(round(dup * n), n, "near_duplicate_rate"),
         near_duplicate_threshold=dup_threshold,
         n_categories=len(cats),
-        category_entropy_normalized=rest[1],
+        category_entropy_normalized=entropy,
         seconds=time.perf_counter() - t0,
-    )
-
-
-def _item_probes(
-    x: np.ndarray, n_embedded: int, codes: np.ndarray, k: int, n: int, boot: dict[str, Any]
-) -> tuple[stats.Estimate, stats.Estimate]:
-    """The mean pairwise cosine distance of the embedded rows and the category entropy, each with its
-    bootstrap interval."""
-    return (
-        stats.item_estimate(
-            "mean_pairwise_cosine_distance", n_embedded, lambda idx: _mean_distance_of(x, idx), **boot
-        ),
-        stats.item_estimate("category_entropy_normalized", n, lambda idx: _entropy(codes[idx], k), **boot),
     )
 
 
